@@ -1,0 +1,69 @@
+"""Cheaper backward passes, swapped into a model by module type and restorable.
+
+``apply(model, spec) -> Swap`` installs what ``spec.kind`` needs (``exact``: nothing);
+``Swap.restore()`` puts the original modules back. Each kind lives in its own module
+(wht.py, mesa.py, token_drop.py, checkpoint.py) and registers itself here with
+``register(kind)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from torch import nn
+
+from edgetrain._registry import Registry
+from edgetrain.recipe import Backward
+
+__all__ = ["Swap", "apply", "register"]
+
+
+class Swap:
+    """Undo record of module replacements: (parent, attribute name, original module)."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[nn.Module, str, nn.Module]] = []
+        self._callbacks: list[Callable[[], None]] = []
+
+    def replace(self, parent: nn.Module, name: str, new: nn.Module) -> None:
+        self._undo.append((parent, name, getattr(parent, name)))
+        setattr(parent, name, new)
+
+    def on_restore(self, fn: Callable[[], None]) -> None:
+        self._callbacks.append(fn)
+
+    def restore(self) -> None:
+        while self._undo:
+            parent, name, original = self._undo.pop()
+            setattr(parent, name, original)
+        while self._callbacks:
+            self._callbacks.pop()()
+
+
+_KINDS: Registry = Registry("backward kind")
+_MODULES = {
+    "wht": "edgetrain.backward.wht",
+    "mesa": "edgetrain.backward.mesa",
+    "token_drop": "edgetrain.backward.token_drop",
+    "checkpoint": "edgetrain.backward.checkpoint",
+}
+
+
+def register(kind: str):
+    def deco(fn: Callable[[nn.Module, Backward], Swap]):
+        _KINDS.register(kind, fn)
+        return fn
+
+    return deco
+
+
+def apply(model: nn.Module, spec: Backward) -> Swap:
+    if spec.kind == "exact":
+        return Swap()
+    if spec.kind not in _KINDS and spec.kind in _MODULES:
+        try:
+            importlib.import_module(_MODULES[spec.kind])
+        except ModuleNotFoundError as err:
+            raise NotImplementedError(f"Backward kind {spec.kind!r} is not built yet") from err
+    return _KINDS.get(spec.kind)(model, spec)

@@ -1,0 +1,328 @@
+"""A recipe is one point on five independent axes (see docs/architecture.md).
+
+=========  ================================================================
+axis       question it answers
+=========  ================================================================
+estimator  where the update comes from (backprop, zo, forward_grad, hybrid)
+scope      which parameters train (all, last blocks, blocks, bias, ...)
+backward   how a backward pass is made cheaper (exact, wht, mesa, ...)
+optimizer  what state the update keeps (sgd, momentum, adam, adamw, ...)
+numerics   the arithmetic the step runs in (float32, fixed_point)
+=========  ================================================================
+
+Each axis is a dataclass whose fields are typed, defaulted and validated in
+``__post_init__`` with a message that names the bad value. A ``Recipe`` round-trips
+through JSON (``Recipe.from_json(r.to_json()) == r``), except a ``Scope`` built from a
+Python predicate, which cannot be written down and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Estimator",
+    "Scope",
+    "Backward",
+    "Optimizer",
+    "Numerics",
+    "Recipe",
+    "ESTIMATOR_KINDS",
+    "SCOPE_KINDS",
+    "BACKWARD_KINDS",
+    "OPTIMIZER_KINDS",
+    "NUMERICS_KINDS",
+]
+
+ESTIMATOR_KINDS = ("backprop", "zo", "forward_grad", "hybrid")
+SCOPE_KINDS = ("all", "last_blocks", "blocks", "bias", "channels", "predicate")
+BACKWARD_KINDS = ("exact", "wht", "mesa", "token_drop", "checkpoint")
+OPTIMIZER_KINDS = ("sgd", "momentum", "adam", "adamw", "sign", "galore", "lowrank")
+NUMERICS_KINDS = ("float32", "fixed_point")
+
+
+def _choice(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"Invalid {what}: {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _positive(value: float, what: str) -> None:
+    if not value > 0:  # also rejects NaN
+        raise ValueError(f"Invalid {what}: {value} (must be > 0)")
+
+
+def _in_unit(value: float, what: str, *, closed_low: bool = True, closed_high: bool = True):
+    low_ok = value >= 0 if closed_low else value > 0
+    high_ok = value <= 1 if closed_high else value < 1
+    if not (low_ok and high_ok):
+        lo, hi = "[" if closed_low else "(", "]" if closed_high else ")"
+        raise ValueError(f"Invalid {what}: {value} (must be in {lo}0, 1{hi})")
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """Where the update comes from.
+
+    ``backprop``: reverse-mode autograd. ``zo``: SPSA as in MeZO (Malladi et al. 2023)
+    and its family. ``forward_grad``: forward-mode JVP along random directions (Baydin
+    et al. 2022). ``hybrid``: ZO for the blocks before ``cut``, backprop after (ElasticZO).
+    """
+
+    kind: str = "backprop"
+    eps: float = 1e-3
+    """ZO perturbation scale."""
+    queries: int = 1
+    """Directions per step (q-SPSA / q forward gradients), averaged."""
+    difference: str = "two_sided"
+    """``two_sided``: (l(+eps z) - l(-eps z)) / 2eps; ``one_sided``: (l(+eps z) - l) / eps."""
+    direction: str = "gaussian"
+    """Distribution of z: ``gaussian`` or ``rademacher``."""
+    blockwise: bool = False
+    """Perturb one block per step, in turn, instead of all trainable parameters."""
+    cons: bool = False
+    """ZO-Cons: keep the best of theta, theta - step, theta + step."""
+    sparsity: float = 0.0
+    """Sparse MeZO: fraction of each tensor's weights (the largest) left unperturbed."""
+    mask_on: str = "abs"
+    """Sparse MeZO mask statistic: ``abs`` (|theta| <= threshold) or ``signed``."""
+    cut: int | None = None
+    """Hybrid: index of the first backprop block; blocks before it train by ZO."""
+    chunk_elements: int = 1 << 16
+    """Largest temporary z (elements) while perturbing; bounds transient memory."""
+    train_mode_evals: bool = False
+    """ZO evaluations run in eval() mode (no dropout, BN uses running stats) unless True."""
+
+    def __post_init__(self) -> None:
+        _choice(self.kind, ESTIMATOR_KINDS, "estimator kind")
+        _positive(self.eps, "eps")
+        if not isinstance(self.queries, int) or self.queries < 1:
+            raise ValueError(f"Invalid queries: {self.queries} (must be an integer >= 1)")
+        _choice(self.difference, ("two_sided", "one_sided"), "difference")
+        _choice(self.direction, ("gaussian", "rademacher"), "direction")
+        _in_unit(self.sparsity, "sparsity", closed_high=False)
+        _choice(self.mask_on, ("abs", "signed"), "mask_on")
+        if self.cut is not None and self.cut < 0:
+            raise ValueError(f"Invalid cut: {self.cut} (a block index, >= 0)")
+        if self.kind == "hybrid" and self.cut is None:
+            raise ValueError("A hybrid estimator needs cut= (the first backprop block index)")
+        if self.chunk_elements < 1:
+            raise ValueError(f"Invalid chunk_elements: {self.chunk_elements} (must be >= 1)")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which parameters train, chosen by structure, never by name substrings.
+
+    ``all``; ``last_blocks`` (the last ``k`` of ``model.blocks`` plus the head if
+    ``include_head``); ``blocks`` (``model.blocks[i]`` for i in ``blocks``, plus the head
+    if ``include_head``); ``bias`` (biases and norm affine parameters: tensors of one
+    dimension); ``channels`` (a fraction ``channel_ratio`` of output channels of the
+    selected blocks' weights, plus all biases of them); ``predicate``
+    (``predicate(module_name, module, param_name, param) -> bool``).
+    """
+
+    kind: str = "all"
+    k: int = 1
+    blocks: tuple[int, ...] = ()
+    include_head: bool = True
+    channel_ratio: float = 1.0
+    predicate: Callable[..., bool] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        _choice(self.kind, SCOPE_KINDS, "scope kind")
+        if self.kind == "last_blocks" and self.k < 0:
+            raise ValueError(f"Invalid k: {self.k} (number of last blocks, >= 0)")
+        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+        if self.kind == "blocks" and not self.blocks and not self.include_head:
+            raise ValueError("Scope kind 'blocks' needs block indices, e.g. blocks=(2, 3)")
+        _in_unit(self.channel_ratio, "channel_ratio", closed_low=False)
+        if self.kind == "predicate" and not callable(self.predicate):
+            raise ValueError("Scope kind 'predicate' needs a callable predicate=")
+
+
+@dataclass(frozen=True)
+class Backward:
+    """How the backward pass is made cheaper. The forward is always exact.
+
+    ``exact``; ``wht`` (LBP-WHT low-rank backprop, ``wht_k`` low-pass bases); ``mesa``
+    (``bits``-bit saved activations); ``token_drop`` (BSR: frozen blocks keep a ratio
+    ``keep_ratio`` of tokens); ``checkpoint`` (recompute each block in backward).
+    """
+
+    kind: str = "exact"
+    wht_k: int = 6
+    wht_selection: str = "lp_tri"
+    bits: int = 8
+    keep_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        _choice(self.kind, BACKWARD_KINDS, "backward kind")
+        if not 1 <= self.wht_k <= 15:
+            raise ValueError(f"Invalid wht_k: {self.wht_k} (low-pass order, 1..15)")
+        _choice(self.wht_selection, ("lp_tri", "energy"), "wht_selection")
+        if not 2 <= self.bits <= 16:
+            raise ValueError(f"Invalid bits: {self.bits} (2..16)")
+        _in_unit(self.keep_ratio, "keep_ratio", closed_low=False)
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """What state the update keeps."""
+
+    kind: str = "sgd"
+    lr: float = 1e-2
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    rank: int = 8
+    """GaLore / low-rank gradient rank."""
+    update_gap: int = 50
+    """GaLore: steps between projection refreshes."""
+    galore_scale: float = 0.25
+
+    def __post_init__(self) -> None:
+        _choice(self.kind, OPTIMIZER_KINDS, "optimizer kind")
+        _positive(self.lr, "learning rate")
+        if self.lr > 10:
+            raise ValueError(f"Invalid learning rate: {self.lr} (> 10 always diverges)")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"Invalid momentum: {self.momentum} (must be in [0, 1))")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"Invalid betas: {self.betas} (two values in [0, 1))")
+        if self.weight_decay < 0:
+            raise ValueError(f"Invalid weight_decay: {self.weight_decay} (must be >= 0)")
+        _positive(self.adam_eps, "adam_eps")
+        if self.rank < 1:
+            raise ValueError(f"Invalid rank: {self.rank} (must be >= 1)")
+        if self.update_gap < 1:
+            raise ValueError(f"Invalid update_gap: {self.update_gap} (must be >= 1)")
+        _positive(self.galore_scale, "galore_scale")
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """The arithmetic of the step: ``float32`` or ``fixed_point`` (integer weights and
+    activations of ``weight_bits`` / ``activation_bits``)."""
+
+    kind: str = "float32"
+    weight_bits: int = 16
+    activation_bits: int = 8
+
+    def __post_init__(self) -> None:
+        _choice(self.kind, NUMERICS_KINDS, "numerics kind")
+        for name in ("weight_bits", "activation_bits"):
+            bits = getattr(self, name)
+            if not 4 <= bits <= 16:
+                raise ValueError(f"Invalid {name}: {bits} (4..16)")
+
+
+_AXES: dict[str, type] = {
+    "estimator": Estimator,
+    "scope": Scope,
+    "backward": Backward,
+    "optimizer": Optimizer,
+    "numerics": Numerics,
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training method: a value on each axis, plus its default run length."""
+
+    name: str = "custom"
+    estimator: Estimator = field(default_factory=Estimator)
+    scope: Scope = field(default_factory=Scope)
+    backward: Backward = field(default_factory=Backward)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    numerics: Numerics = field(default_factory=Numerics)
+    steps: int = 200
+    batch_size: int = 32
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        for axis, cls in _AXES.items():
+            value = getattr(self, axis)
+            if isinstance(value, dict):
+                object.__setattr__(self, axis, cls(**value))
+            elif not isinstance(value, cls):
+                raise TypeError(f"Recipe.{axis} must be a {cls.__name__}, got {value!r}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"Invalid steps: {self.steps} (must be an integer >= 1)")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"Invalid batch_size: {self.batch_size} (must be an integer >= 1)")
+        est, opt = self.estimator, self.optimizer
+        if opt.kind in ("galore", "lowrank") and est.kind not in ("backprop", "hybrid"):
+            raise ValueError(f"Optimizer {opt.kind!r} needs a gradient: estimator backprop")
+        if self.backward.kind != "exact" and est.kind in ("zo", "forward_grad"):
+            raise ValueError(
+                f"Backward {self.backward.kind!r} changes a backward pass, and estimator "
+                f"{est.kind!r} runs none"
+            )
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with fields changed. ``"axis.field"`` keys change one field of an axis:
+        ``recipe.replace(**{"optimizer.lr": 1e-3, "steps": 50})``."""
+        top: dict[str, Any] = {}
+        per_axis: dict[str, dict[str, Any]] = {}
+        for key, value in changes.items():
+            axis, dot, name = key.partition(".")
+            if dot:
+                if axis not in _AXES:
+                    raise ValueError(f"Unknown recipe axis {axis!r} in {key!r}")
+                per_axis.setdefault(axis, {})[name] = value
+            else:
+                top[key] = value
+        unknown = set(top) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"Unknown recipe field(s): {', '.join(sorted(unknown))}")
+        for axis, fields_ in per_axis.items():
+            base = top.get(axis, getattr(self, axis))
+            valid = {f.name for f in dataclasses.fields(base)}
+            bad = set(fields_) - valid
+            if bad:
+                raise ValueError(
+                    f"Unknown {axis} field(s): {', '.join(sorted(bad))}; "
+                    f"known: {', '.join(sorted(valid))}"
+                )
+            top[axis] = dataclasses.replace(base, **fields_)
+        return dataclasses.replace(self, **top)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.scope.predicate is not None:
+            raise ValueError(
+                "A Scope with a Python predicate cannot be written as JSON; "
+                "use a structural scope kind to save this recipe"
+            )
+        out = dataclasses.asdict(self)
+        out["scope"].pop("predicate")
+        return out
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        data = dict(data)
+        for axis, axis_cls in _AXES.items():
+            if axis in data and isinstance(data[axis], dict):
+                values = dict(data[axis])
+                for key, val in values.items():
+                    if isinstance(val, list):
+                        values[key] = tuple(val)
+                data[axis] = axis_cls(**values)
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        return cls.from_dict(json.loads(text))
+
+    def digest(self) -> str:
+        """A short stable hash of the recipe (for caches)."""
+        return hashlib.sha256(self.to_json(sort_keys=True).encode()).hexdigest()[:16]
