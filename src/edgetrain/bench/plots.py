@@ -1,0 +1,104 @@
+"""Pictures of a comparison (matplotlib, headless Agg backend).
+
+* ``memory_vs_accuracy``: peak memory of a step (log axis) against final accuracy, one
+  labelled point per preset, the Pareto front (less memory and more accuracy) drawn.
+* ``accuracy_vs_time``: accuracy on the target test set against training wall time, one
+  line per preset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from edgetrain.bench.compare import CompareResult  # noqa: E402
+
+__all__ = ["memory_vs_accuracy", "accuracy_vs_time", "pareto_front"]
+
+
+def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The points no other point beats on both lower memory and higher accuracy, sorted
+    by memory."""
+    front = []
+    best_acc = float("-inf")
+    for mem, acc, name in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best_acc:
+            front.append((mem, acc, name))
+            best_acc = acc
+    return front
+
+
+def _title(result: CompareResult, what: str) -> str:
+    m = result.meta
+    return f"{what}\n{m.get('task')} / {m.get('model')} ({m.get('device')})"
+
+
+def memory_vs_accuracy(result: CompareResult, path: str | Path) -> Path:
+    points = [
+        (r.memory["peak"], 100 * r.accuracy_after, r.preset)
+        for r in result.rows
+        if r.status == "ok" and r.memory and r.accuracy_after is not None
+    ]
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    if points:
+        before = next((r.accuracy_before for r in result.rows if r.accuracy_before), None)
+        ax.scatter([p[0] / 2**20 for p in points], [p[1] for p in points], s=36, zorder=3)
+        for mem, acc, name in points:
+            ax.annotate(
+                name, (mem / 2**20, acc), textcoords="offset points", xytext=(5, 4), fontsize=8
+            )
+        front = pareto_front(points)
+        ax.plot(
+            [p[0] / 2**20 for p in front],
+            [p[1] for p in front],
+            "--",
+            color="tab:red",
+            lw=1.2,
+            label="Pareto front",
+            zorder=2,
+        )
+        if before is not None:
+            ax.axhline(100 * before, color="grey", lw=0.8, ls=":", label="before fine-tuning")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("measured peak memory of one training step (MiB, log scale)")
+    ax.set_ylabel("target test accuracy after fine-tuning (%)")
+    ax.set_title(_title(result, "Memory vs accuracy"), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_time(result: CompareResult, path: str | Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    for row in result.rows:
+        if row.status != "ok" or not row.evals:
+            continue
+        xs = [e["wall_seconds"] for e in row.evals]
+        ys = [100 * e["accuracy"] for e in row.evals]
+        if (
+            row.accuracy_after is not None
+            and row.wall_seconds is not None
+            and (not xs or xs[-1] < row.wall_seconds)
+        ):
+            xs.append(row.wall_seconds)
+            ys.append(100 * row.accuracy_after)
+        ax.plot(xs, ys, marker=".", lw=1.2, label=row.preset)
+    ax.set_xlabel("training wall time (s)")
+    ax.set_ylabel("target test accuracy (%)")
+    ax.set_title(_title(result, "Accuracy vs wall time"), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,251 @@
+"""The ``edgetrain`` command (argparse: no dependency, and subcommands are all we need).
+
+    edgetrain presets
+    edgetrain finetune --task mnist-to-digits --model vit --recipe mezo [--steps N] [--seed S]
+    edgetrain measure  --task mnist-to-digits --model vit --recipe full_bp [--rss]
+    edgetrain compare  [--task T] [--model M] [--presets a,b] [--quick] [--equal-time S]
+    edgetrain compare  --from results/results.json
+
+Errors a user can act on print one line (``edgetrain: error: ...``) and exit with 2;
+a training run that diverges exits with 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+class CLIError(Exception):
+    """An error to print as one line."""
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _recipe_from_args(args):
+    from edgetrain import presets
+
+    overrides = {}
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise CLIError(f"--set expects axis.field=value, got {item!r}")
+        overrides[key.strip()] = _parse_value(value.strip())
+    if getattr(args, "lr", None) is not None:
+        overrides["optimizer.lr"] = args.lr
+    if getattr(args, "batch_size", None) is not None:
+        overrides["batch_size"] = args.batch_size
+    if getattr(args, "steps", None) is not None:
+        overrides["steps"] = args.steps
+    return presets.get(args.recipe, **overrides)
+
+
+def _add_common(p: argparse.ArgumentParser, *, recipe: bool = True) -> None:
+    p.add_argument("--task", default="mnist-to-digits", help="built-in task (default: %(default)s)")
+    p.add_argument("--model", default=None, help="reference model: mlp, cnn, vit (task default)")
+    if recipe:
+        p.add_argument("--recipe", default="full_bp", help="preset name (see `edgetrain presets`)")
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="AXIS.FIELD=VALUE",
+            help="override a recipe field, e.g. --set optimizer.lr=1e-3 (repeatable)",
+        )
+        p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgetrain", description="Fine-tune PyTorch models under a memory budget."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("presets", help="list the named recipes")
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained model on a task")
+    _add_common(p)
+    p.add_argument("--steps", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint/journal here; resumes")
+    p.add_argument("--output", default=None, help="save the fine-tuned weights (state_dict)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("measure", help="measure one training step's memory by category")
+    _add_common(p)
+    p.add_argument("--rss", action="store_true", help="also the peak RSS of a child run")
+
+    p = sub.add_parser("compare", help="run every preset on a task, table + JSON + plots")
+    _add_common(p, recipe=False)
+    p.add_argument("--presets", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--quick", action="store_true", help="a fifth of each preset's steps")
+    p.add_argument(
+        "--equal-time",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give every preset the same training wall-clock budget",
+    )
+    p.add_argument("--out", default="results", help="output directory (default: %(default)s)")
+    p.add_argument(
+        "--from",
+        dest="from_json",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="re-render table and plots from a results file, without running",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _cmd_presets(args) -> int:
+    from edgetrain import presets
+
+    names = presets.names()
+    width = max(len(n) for n in names)
+    for name in names:
+        r = presets.get(name)
+        print(f"{name:<{width}}  {r.estimator.kind:<12} {r.description}")
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    import torch
+
+    from edgetrain import tasks
+    from edgetrain.train import finetune
+
+    recipe = _recipe_from_args(args)
+    task = tasks.get(args.task)
+    model_name = args.model or task.default_model
+    net = task.pretrained(model_name, progress=not args.no_progress)
+    result = finetune(
+        net,
+        task.train,
+        recipe,
+        eval_data=task.test,
+        seed=args.seed,
+        checkpoint_dir=args.checkpoint_dir,
+        progress=not args.no_progress,
+    )
+    print(f"recipe      {recipe.name} on {args.task}/{model_name}, seed {args.seed}")
+    if result.resumed_from:
+        print(f"resumed     from step {result.resumed_from}")
+    print(
+        f"steps       {result.steps} ({result.forward_passes} forward, "
+        f"{result.backward_passes} backward passes)"
+    )
+    print(f"accuracy    {100 * result.accuracy_before:.2f}% -> {100 * result.accuracy_after:.2f}%")
+    print(
+        f"time        {result.wall_seconds:.1f}s, median {1e3 * result.median_step_seconds:.1f}"
+        " ms/step"
+    )
+    if result.memory:
+        print("memory (one step, measured):")
+        print("  " + str(result.memory).replace("\n", "\n  "))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), args.output)
+        print(f"saved       {args.output}")
+    return 0
+
+
+def _cmd_measure(args) -> int:
+    from edgetrain import memory, tasks
+    from edgetrain.train import BatchSampler
+
+    recipe = _recipe_from_args(args)
+    task = tasks.get(args.task)
+    model_name = args.model or task.default_model
+    net = task.pretrained(model_name, progress=True)
+    batch = BatchSampler(task.train, recipe.batch_size, args.seed).batch(0)
+    report = memory.measure(net, recipe, batch, seed=args.seed)
+    inference = memory.measure_inference(net, batch)
+    print(f"{recipe.name} on {args.task}/{model_name}, batch {recipe.batch_size}, {report.device}")
+    print(report)
+    print(f"{'inference peak':<17}  {memory.format_bytes(inference.peak):>12}")
+    if args.rss:
+        rss = memory.peak_rss(args.task, model_name, recipe, seed=args.seed)
+        print(f"{'RSS after load':<17}  {memory.format_bytes(rss['loaded_rss']):>12}")
+        print(f"{'RSS peak (run)':<17}  {memory.format_bytes(rss['peak_rss']):>12}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from edgetrain.bench import plots
+    from edgetrain.bench.compare import CompareResult, compare
+    from edgetrain.bench.report import markdown_table
+
+    out = Path(args.out)
+    if args.from_json:
+        result = CompareResult.load(args.from_json)
+    else:
+        names = [n.strip() for n in args.presets.split(",") if n.strip()] if args.presets else None
+        result = compare(
+            args.task,
+            args.model,
+            names,
+            quick=args.quick,
+            equal_time=args.equal_time,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        result.save(out / "results.json")
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(result)
+    (out / "results.md").write_text(table + "\n")
+    mem_png = plots.memory_vs_accuracy(result, out / "memory_vs_accuracy.png")
+    time_png = plots.accuracy_vs_time(result, out / "accuracy_vs_time.png")
+    print(table)
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {mem_png}, {time_png}")
+    return 0
+
+
+_COMMANDS = {
+    "presets": _cmd_presets,
+    "finetune": _cmd_finetune,
+    "measure": _cmd_measure,
+    "compare": _cmd_compare,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from edgetrain._registry import UnknownNameError
+    from edgetrain.train import TrainingDivergedError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except TrainingDivergedError as err:
+        print(f"edgetrain: training stopped: {err}", file=sys.stderr)
+        return 3
+    except (
+        CLIError,
+        UnknownNameError,
+        ValueError,
+        IndexError,
+        TypeError,
+        FileNotFoundError,
+        NotImplementedError,
+        json.JSONDecodeError,
+    ) as err:
+        print(f"edgetrain: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgetrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

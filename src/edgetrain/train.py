@@ -1,0 +1,393 @@
+"""``finetune()``: the one training loop every recipe runs through.
+
+What it guarantees:
+
+* **Determinism.** Batches come from a permutation per epoch drawn from a generator
+  seeded by ``derive_seed(seed, epoch)``; each step runs under ``fork_rng`` seeded by the
+  step seed, so even dropout is a pure function of (seed, step), and the caller's global
+  RNG is left as it was. Same seed, same weights, bit for bit.
+* **Nothing lost on a crash.** With ``checkpoint_dir``, the model, the estimator state and
+  the history are written every ``checkpoint_every`` steps to ``checkpoint.pt`` through a
+  temporary file and an atomic rename; a run started again with the same directory
+  resumes from it and ends with the same weights as an uninterrupted run. Checkpoints
+  hold only tensors and plain containers and load with ``torch.load(weights_only=True)``.
+  Zeroth-order estimators also keep a journal (see edgetrain.journal): the run resumes
+  from whichever of the two is further along.
+* **Clear stops.** A NaN or infinite loss stops training with a message naming the step;
+  the update of that step is not applied and the last good checkpoint stays. A loss that
+  has not moved for ``stall_steps`` steps gives a warning naming the hyperparameters to
+  change.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from edgetrain import estimators
+from edgetrain.estimators.base import LossFn, NonFiniteLossError
+from edgetrain.evaluate import evaluate as evaluate_model
+from edgetrain.memory.measure import MemoryReport
+from edgetrain.memory.measure import measure as measure_memory
+from edgetrain.recipe import Recipe
+from edgetrain.seeding import derive_seed, make_generator
+from edgetrain.tasks import atomic_torch_save
+
+__all__ = ["finetune", "FitResult", "TrainingDivergedError", "BatchSampler", "check_data"]
+
+_CHECKPOINT_FORMAT = 1
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/inf. ``step`` is the step; the last good checkpoint stays."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    recipe: Recipe
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    memory: MemoryReport | None = None
+    wall_seconds: float = 0.0
+    stopped: str | None = None
+    resumed_from: int = 0
+
+    @property
+    def forward_passes(self) -> int:
+        return int(sum(h["forward_passes"] for h in self.history))
+
+    @property
+    def backward_passes(self) -> int:
+        return int(sum(h["backward_passes"] for h in self.history))
+
+    @property
+    def median_step_seconds(self) -> float:
+        secs = sorted(h["seconds"] for h in self.history)
+        return secs[len(secs) // 2] if secs else float("nan")
+
+
+class BatchSampler:
+    """Step -> batch, a pure function of (seed, step): a fresh permutation each epoch."""
+
+    def __init__(self, data: Dataset, batch_size: int, seed: int) -> None:
+        self.data = data
+        self.n = len(data)
+        self.batch_size = min(batch_size, self.n)
+        self.seed = seed
+        self.steps_per_epoch = math.ceil(self.n / self.batch_size)
+        self._epoch = -1
+        self._perm: torch.Tensor | None = None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            gen = make_generator(derive_seed(self.seed, epoch, 0xBA7C4))
+            self._perm = torch.randperm(self.n, generator=gen)
+            self._epoch = epoch
+        assert self._perm is not None
+        return self._perm[within * self.batch_size : (within + 1) * self.batch_size]
+
+    def batch(self, step: int) -> Any:
+        idx = self.indices(step)
+        if isinstance(self.data, TensorDataset):
+            return tuple(t[idx] for t in self.data.tensors)
+        items = [self.data[int(i)] for i in idx]
+        return tuple(torch.stack(col) for col in zip(*items, strict=True))
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x[:1])
+    model.train(was)
+    from edgetrain.estimators.base import model_output_logits
+
+    return int(model_output_logits(out).shape[-1])
+
+
+def check_data(model: nn.Module, data: Dataset, what: str = "training data") -> None:
+    """Raise a ValueError naming the problem if ``data`` cannot train ``model``."""
+    if len(data) == 0:
+        raise ValueError(f"The {what} is empty: nothing to train on")
+    x, y = data[0]
+    shape = getattr(model, "input_shape", None)
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(
+            f"The {what} has examples of shape {tuple(x.shape)}, but the model expects "
+            f"{tuple(shape)}"
+        )
+    labels = (
+        data.tensors[1]
+        if isinstance(data, TensorDataset)
+        else torch.stack([data[i][1] for i in range(len(data))])
+    )
+    if labels.dtype.is_floating_point:
+        raise ValueError(f"The {what} has float labels ({labels.dtype}); expected class ids")
+    n_classes = _num_classes(model, x.unsqueeze(0))
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= n_classes:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"The {what} has label {bad}, outside the model's class range 0..{n_classes - 1}"
+        )
+
+
+def _shape_error(err: RuntimeError, batch: Any) -> ValueError:
+    shapes = [tuple(t.shape) for t in batch if isinstance(t, torch.Tensor)]
+    return ValueError(
+        f"The model cannot run a batch of shape {shapes[0] if shapes else '?'}: {err}"
+    )
+
+
+def finetune(
+    model: nn.Module,
+    train_data: Dataset,
+    recipe: Recipe,
+    *,
+    steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int | None = None,
+    eval_data: Dataset | None = None,
+    seed: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+    loss_fn: LossFn | None = None,
+    eval_every: int | None = None,
+    evaluate: bool = True,
+    measure: bool = True,
+    time_budget: float | None = None,
+    stall_steps: int = 200,
+) -> FitResult:
+    """Fine-tune ``model`` in place with ``recipe`` and return a :class:`FitResult`.
+
+    ``steps`` (or ``epochs``) defaults to the recipe's; ``batch_size`` likewise.
+    ``eval_data`` gives accuracy before, after and every ``eval_every`` steps.
+    ``time_budget`` (seconds of training) stops early, for equal-time comparisons.
+    """
+    if steps is not None and epochs is not None:
+        raise ValueError("Give steps or epochs, not both")
+    batch_size = batch_size or recipe.batch_size
+    if batch_size < 1:
+        raise ValueError(f"Invalid batch_size: {batch_size} (must be >= 1)")
+    if checkpoint_every < 1:
+        raise ValueError(f"Invalid checkpoint_every: {checkpoint_every} (must be >= 1)")
+    if loss_fn is None:
+        check_data(model, train_data)
+        if eval_data is not None:
+            check_data(model, eval_data, "evaluation data")
+    elif len(train_data) == 0:
+        raise ValueError("The training data is empty: nothing to train on")
+    sampler = BatchSampler(train_data, batch_size, seed)
+    if epochs is not None:
+        if epochs <= 0:
+            raise ValueError(f"Invalid epochs: {epochs} (must be > 0)")
+        steps = max(1, round(epochs * sampler.steps_per_epoch))
+    steps = steps if steps is not None else recipe.steps
+    if steps < 1:
+        raise ValueError(f"Invalid steps: {steps} (must be >= 1)")
+
+    result = FitResult(model=model, recipe=recipe, steps=0)
+    if evaluate and eval_data is not None:
+        result.accuracy_before = evaluate_model(model, eval_data)["accuracy"]
+    if measure:
+        try:
+            result.memory = measure_memory(model, recipe, sampler.batch(0), loss_fn, seed=seed)
+        except RuntimeError as err:
+            if "shape" in str(err) or "size" in str(err):
+                raise _shape_error(err, sampler.batch(0)) from err
+            raise
+
+    est = estimators.build(model, recipe, loss_fn, seed=seed)
+    ckpt_path = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
+    start_step = 0
+    try:
+        if ckpt_path is not None:
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            start_step = _resume(ckpt_path, model, est, recipe, seed, result)
+            start_step = _resume_journal(Path(checkpoint_dir), model, est, start_step, result)
+        result.resumed_from = start_step
+        model.train()
+        _loop(
+            model,
+            est,
+            sampler,
+            result,
+            start_step,
+            steps,
+            ckpt_path,
+            checkpoint_every,
+            progress,
+            eval_data if evaluate else None,
+            eval_every,
+            time_budget,
+            stall_steps,
+        )
+    finally:
+        est.close()
+    if evaluate and eval_data is not None:
+        result.accuracy_after = evaluate_model(model, eval_data)["accuracy"]
+    return result
+
+
+def _loop(
+    model,
+    est,
+    sampler,
+    result,
+    start_step,
+    steps,
+    ckpt_path,
+    checkpoint_every,
+    progress,
+    eval_data,
+    eval_every,
+    time_budget,
+    stall_steps,
+) -> None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=steps,
+        initial=start_step,
+        desc=result.recipe.name,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+        leave=False,
+    )
+    wall_start = time.perf_counter() - result.wall_seconds
+    stall_warned = False
+    last_saved = start_step
+    step = start_step
+    try:
+        for step in range(start_step, steps):
+            batch = sampler.batch(step)
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(derive_seed(est.seed, step, 0xD0))
+                    stats = est.step(batch)
+            except NonFiniteLossError as err:
+                where = (
+                    f"; the last good checkpoint (step {last_saved}) stays at {ckpt_path}"
+                    if ckpt_path is not None and ckpt_path.exists()
+                    else ""
+                )
+                raise TrainingDivergedError(f"{err}{where}", step) from err
+            except RuntimeError as err:
+                if step == start_step and ("shape" in str(err) or "size" in str(err)):
+                    raise _shape_error(err, batch) from err
+                raise
+            result.history.append(
+                {
+                    "step": step,
+                    "loss": stats.loss,
+                    "seconds": stats.seconds,
+                    "forward_passes": stats.forward_passes,
+                    "backward_passes": stats.backward_passes,
+                }
+            )
+            result.steps = step + 1
+            result.wall_seconds = time.perf_counter() - wall_start
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+            if eval_data is not None and eval_every and (step + 1) % eval_every == 0:
+                acc = evaluate_model(model, eval_data)["accuracy"]
+                result.evals.append(
+                    {"step": step + 1, "accuracy": acc, "wall_seconds": result.wall_seconds}
+                )
+            if ckpt_path is not None and (step + 1) % checkpoint_every == 0:
+                _save(ckpt_path, model, est, result, step + 1)
+                last_saved = step + 1
+            if not stall_warned and _stalled(result.history, stall_steps):
+                stall_warned = True
+                warnings.warn(
+                    f"{result.recipe.name}: the loss has not moved in {stall_steps} steps "
+                    f"(step {step + 1}, loss {stats.loss:.4f}). The learning rate "
+                    f"({result.recipe.optimizer.lr:g}) may be too small, or for zeroth-order "
+                    f"methods eps ({result.recipe.estimator.eps:g}) too small or too large.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            if time_budget is not None and result.wall_seconds >= time_budget:
+                result.stopped = f"time budget of {time_budget:g}s reached at step {step + 1}"
+                break
+    finally:
+        bar.close()
+    if ckpt_path is not None and result.steps > last_saved:
+        _save(ckpt_path, model, est, result, result.steps)
+
+
+def _stalled(history: list[dict[str, float]], window: int) -> bool:
+    """True when the mean loss of the last ``window`` steps is within 0.5% of the mean
+    loss of the ``window`` steps before them (and both exist)."""
+    if len(history) < 2 * window or len(history) % window:
+        return False
+    recent = sum(h["loss"] for h in history[-window:]) / window
+    before = sum(h["loss"] for h in history[-2 * window : -window]) / window
+    return abs(recent - before) <= 0.005 * max(abs(before), 1e-12)
+
+
+def _save(path: Path, model: nn.Module, est, result: FitResult, step: int) -> None:
+    atomic_torch_save(
+        {
+            "format": _CHECKPOINT_FORMAT,
+            "step": step,
+            "recipe": result.recipe.to_json(sort_keys=True),
+            "seed": est.seed,
+            "model": model.state_dict(),
+            "estimator": est.state_dict(),
+            "history": result.history,
+            "evals": result.evals,
+            "wall_seconds": result.wall_seconds,
+        },
+        path,
+    )
+
+
+def _resume(path: Path, model, est, recipe: Recipe, seed: int, result: FitResult) -> int:
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=True)
+    if state.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an edgetrain checkpoint of format {_CHECKPOINT_FORMAT}")
+    if state["recipe"] != recipe.to_json(sort_keys=True) or state["seed"] != seed:
+        raise ValueError(
+            f"{path} was written by another recipe or seed; use a fresh checkpoint_dir "
+            "or the same recipe and seed to resume"
+        )
+    model.load_state_dict(state["model"])
+    est.load_state_dict(state["estimator"])
+    result.history = list(state["history"])
+    result.evals = list(state["evals"])
+    result.wall_seconds = float(state["wall_seconds"])
+    return int(state["step"])
+
+
+def _resume_journal(directory: Path, model, est, start_step: int, result: FitResult) -> int:
+    """Zeroth-order estimators: attach the journal, and if it is further along than the
+    checkpoint, replay the missing records (see edgetrain.journal)."""
+    attach = getattr(est, "attach_journal", None)
+    if attach is None:
+        return start_step
+    return attach(directory, start_step, result)
