@@ -1,0 +1,105 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgetrain.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "edgetrain", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_presets_lists_every_preset(capsys):
+    from edgetrain import presets
+
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in presets.names())
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["finetune", "--recipe", "ful_bp"], "Did you mean 'full_bp'"),
+        (["finetune", "--task", "nope"], "Unknown task 'nope'"),
+        (["finetune", "--model", "resnet"], "Unknown model 'resnet'"),
+        (["finetune", "--model", "mlp", "--lr", "-1"], "Invalid learning rate: -1"),
+        (["finetune", "--model", "mlp", "--set", "optimizer.kind=rmsprop"], "'rmsprop'"),
+        (["finetune", "--model", "mlp", "--set", "lr"], "axis.field=value"),
+        (["measure", "--model", "mlp", "--batch-size", "0"], "batch_size: 0"),
+        (["compare", "--from", "/nonexistent/results.json"], "No results file"),
+        (["compare", "--presets", "full_bp,mezzo", "--model", "mlp"], "Unknown preset"),
+    ],
+)
+def test_bad_input_prints_one_line_and_exits_non_zero(args, needle):
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgetrain: error:"), proc.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_finetune_and_measure_commands(capsys, tmp_path):
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                "mlp",
+                "--recipe",
+                "last_layers",
+                "--steps",
+                "5",
+                "--no-progress",
+                "--output",
+                str(tmp_path / "w.pt"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "saved_activations" in out and (tmp_path / "w.pt").exists()
+    assert main(["measure", "--model", "mlp", "--recipe", "full_bp"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer_state" in out and "inference peak" in out
+
+
+def test_compare_quick_writes_json_table_and_two_pngs_and_rerenders(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert (
+        main(
+            [
+                "compare",
+                "--model",
+                "mlp",
+                "--presets",
+                "full_bp,bias_only",
+                "--quick",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    data = json.loads((out / "results.json").read_text())
+    assert [r["preset"] for r in data["rows"]] == ["full_bp", "bias_only"]
+    for key in ("git_commit", "date", "versions", "device", "seed"):
+        assert key in data["meta"]
+    row = data["rows"][0]
+    assert row["status"] == "ok" and row["memory"]["peak"] > 0 and row["flops_per_step"] > 0
+    assert row["recipe"]["optimizer"]["kind"] == "adam"
+    for png in ("memory_vs_accuracy.png", "accuracy_vs_time.png"):
+        blob = (out / png).read_bytes()
+        assert blob.startswith(b"\x89PNG") and len(blob) > 5000
+    table = (out / "results.md").read_text()
+    assert "| full_bp |" in table
+    capsys.readouterr()
+    rerender = tmp_path / "again"
+    assert main(["compare", "--from", str(out / "results.json"), "--out", str(rerender)]) == 0
+    assert (rerender / "results.md").read_text() == table
