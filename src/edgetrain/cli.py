@@ -3,6 +3,8 @@
     edgetrain presets
     edgetrain finetune --task mnist-to-digits --model vit --recipe mezo [--steps N] [--seed S]
     edgetrain measure  --task mnist-to-digits --model vit --recipe full_bp [--rss]
+    edgetrain plan     --task mnist-to-digits --model vit --budget 3MB
+    edgetrain finetune --budget 3MB                     # the planner's best recipe
     edgetrain compare  [--task T] [--model M] [--presets a,b] [--quick] [--equal-time S]
     edgetrain compare  --from results/results.json
 
@@ -79,11 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint/journal here; resumes")
     p.add_argument("--output", default=None, help="save the fine-tuned weights (state_dict)")
+    p.add_argument("--budget", default=None, help="e.g. 3MB: use the planner's best recipe")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("measure", help="measure one training step's memory by category")
     _add_common(p)
     p.add_argument("--rss", action="store_true", help="also the peak RSS of a child run")
+
+    p = sub.add_parser("plan", help="the recipes whose measured step fits a memory budget")
+    _add_common(p, recipe=False)
+    p.add_argument("--budget", required=True, help="e.g. 3MB, 512KiB, 1.5GB")
+    p.add_argument("--presets", default=None, help="comma-separated subset (default: all)")
+    p.add_argument(
+        "--results",
+        default="results/results.json",
+        help="compare results to rank by (default: %(default)s)",
+    )
+    p.add_argument("--top", type=int, default=10)
 
     p = sub.add_parser("compare", help="run every preset on a task, table + JSON + plots")
     _add_common(p, recipe=False)
@@ -119,15 +133,59 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from edgetrain.memory import format_bytes
+    from edgetrain.plan import plan
+
+    names = [n.strip() for n in args.presets.split(",") if n.strip()] if args.presets else None
+    result = plan(
+        args.task,
+        args.model,
+        args.budget,
+        preset_names=names,
+        results=args.results,
+        seed=args.seed,
+        progress=True,
+    )
+    print(
+        f"budget {format_bytes(result.budget)}: {len(result.fits)} candidate recipes fit; "
+        f"ranked by {result.source}"
+    )
+    print(f"{'#':>3}  {'measured peak':>13}  {'accuracy':>8}  recipe")
+    for i, cand in enumerate(result.fits[: args.top], 1):
+        acc = "-" if cand.accuracy is None else f"{100 * cand.accuracy:.1f}%"
+        print(f"{i:>3}  {format_bytes(cand.peak):>13}  {acc:>8}  {cand.describe()}")
+    return 0
+
+
+def _planned_recipe(args, model_name: str):
+    from edgetrain.memory import format_bytes
+    from edgetrain.plan import plan
+
+    best = plan(args.task, model_name, args.budget, seed=args.seed).best
+    print(
+        f"planner     {best.describe()}: measured peak {format_bytes(best.peak)} "
+        f"within {args.budget}"
+    )
+    return best.recipe
+
+
 def _cmd_finetune(args) -> int:
     import torch
 
     from edgetrain import tasks
     from edgetrain.train import finetune
 
-    recipe = _recipe_from_args(args)
     task = tasks.get(args.task)
     model_name = args.model or task.default_model
+    if args.budget is not None:
+        if args.recipe != "full_bp" or args.set:
+            raise CLIError("Give --budget or --recipe/--set, not both")
+        recipe = _planned_recipe(args, model_name)
+        if args.steps is not None:
+            recipe = recipe.replace(steps=args.steps)
+    else:
+        recipe = _recipe_from_args(args)
     net = task.pretrained(model_name, progress=not args.no_progress)
     result = finetune(
         net,
@@ -216,6 +274,7 @@ _COMMANDS = {
     "presets": _cmd_presets,
     "finetune": _cmd_finetune,
     "measure": _cmd_measure,
+    "plan": _cmd_plan,
     "compare": _cmd_compare,
 }
 

@@ -1,0 +1,278 @@
+"""The budget planner: which recipes fit a memory budget, best first.
+
+``plan(task, model, budget)`` expands every preset over its knobs (number of trained
+blocks, hybrid cut point, low-rank rank, Sparse MeZO sparsity, batch size), measures the
+peak of a real dry-run step of each (``edgetrain.memory.measure``: nothing is estimated
+from a formula), keeps those whose peak fits, and ranks them.
+
+Ranking is one fixed total order over candidates, independent of the budget, so a larger
+budget (whose feasible set contains the smaller one's) never makes the best choice worse:
+
+1. the preset's accuracy from the latest compare results (``results/results.json`` or
+   ``results=``), when the file has that preset for this task and model; otherwise its
+   place in ``PRIOR`` (a documented prior: the ordering the literature and our own runs
+   suggest, best first);
+2. then more capacity: more trained blocks, an earlier hybrid cut (more backprop),
+   a larger rank, less sparsity, a larger batch (closer to the preset's tuned setting);
+3. then less memory; then the name, so ties break the same way every time.
+
+Dry runs are cached on disk (``cache_dir()/plan-cache.json``) by task, model, batch shape
+and recipe digest, so a second plan over the same candidates is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgetrain import presets, tasks
+from edgetrain.memory.measure import format_bytes, measure
+from edgetrain.recipe import Recipe
+from edgetrain.scope import find_blocks
+from edgetrain.train import BatchSampler
+
+__all__ = ["parse_budget", "plan", "Candidate", "Plan", "NoRecipeFitsError", "PRIOR"]
+
+PRIOR = (
+    "full_bp",
+    "galore",
+    "lowrank_grad",
+    "mesa",
+    "lbp_wht",
+    "last_layers",
+    "bsr",
+    "elastic_zo",
+    "sparse_update",
+    "elastic_zo_int8",
+    "bias_only",
+    "forward_grad",
+    "zo_adam",
+    "zo_momentum",
+    "sparse_mezo",
+    "mezo",
+    "zo_cons",
+    "zo_sign",
+    "fixed_point_zo",
+)
+"""Prior ranking used when no compare results exist: backprop through everything first,
+then cheaper-backprop methods that keep its accuracy, partial backprop, hybrids, and the
+zeroth-order family last (they need far more steps for the same accuracy)."""
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+_BUDGET_RE = re.compile(r"^\s*([+-]?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_budget(text: str | int | float) -> int:
+    """Bytes from ``"3MB"``, ``"512 KiB"``, ``"1.5GiB"`` or a number of bytes. KB/MB/GB
+    are powers of 1000, KiB/MiB/GiB powers of 1024."""
+    if isinstance(text, (int, float)):
+        value, unit = float(text), ""
+    else:
+        m = _BUDGET_RE.match(str(text))
+        if not m:
+            raise ValueError(
+                f"Invalid budget {text!r}: expected a number and a unit, e.g. 3MB, 512KiB, 1.5GB"
+            )
+        value, unit = float(m.group(1)), m.group(2)
+    scale = _UNITS.get(unit.lower())
+    if scale is None:
+        raise ValueError(
+            f"Invalid budget unit {unit!r} in {text!r}: use B, KB, MB, GB, KiB, MiB or GiB"
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Invalid budget {text!r}: it must be greater than zero")
+    return int(value * scale)
+
+
+class NoRecipeFitsError(ValueError):
+    """No candidate's measured peak fits the budget."""
+
+
+@dataclass
+class Candidate:
+    preset: str
+    recipe: Recipe
+    knobs: dict[str, Any]
+    peak: int | None = None
+    error: str | None = None
+    accuracy: float | None = None
+    score: tuple = ()
+
+    def describe(self) -> str:
+        knobs = ", ".join(f"{k}={v}" for k, v in self.knobs.items())
+        return f"{self.preset}({knobs})" if knobs else self.preset
+
+
+@dataclass
+class Plan:
+    budget: int
+    fits: list[Candidate]
+    rejected: list[Candidate]
+    source: str  # where the ranking came from
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> Candidate:
+        return self.fits[0]
+
+
+def _capacity(knobs: dict[str, Any]) -> tuple:
+    """More capacity ranks first (bigger is better in every entry)."""
+    return (
+        knobs.get("trained_blocks", 0),
+        -knobs.get("cut", 0),
+        knobs.get("rank", 0),
+        -knobs.get("sparsity", 0.0),
+        knobs.get("batch_size", 0),
+    )
+
+
+def expand(recipe: Recipe, n_blocks: int) -> list[tuple[Recipe, dict[str, Any]]]:
+    """The preset and its knob variants."""
+    variants: list[tuple[Recipe, dict[str, Any]]] = [(recipe, {})]
+    if recipe.scope.kind == "last_blocks":
+        variants = [
+            (r.replace(**{"scope.k": k}), {**kn, "trained_blocks": k})
+            for r, kn in variants
+            for k in range(n_blocks + 1)
+        ]
+    if recipe.estimator.kind == "hybrid":
+        variants = [
+            (r.replace(**{"estimator.cut": c}), {**kn, "cut": c})
+            for r, kn in variants
+            for c in range(n_blocks + 1)
+        ]
+    if recipe.optimizer.kind in ("galore", "lowrank"):
+        variants = [
+            (r.replace(**{"optimizer.rank": rank}), {**kn, "rank": rank})
+            for r, kn in variants
+            for rank in (2, 4, 8, 16)
+        ]
+    if recipe.estimator.sparsity > 0:
+        variants = [
+            (r.replace(**{"estimator.sparsity": s}), {**kn, "sparsity": s})
+            for r, kn in variants
+            for s in (0.5, 0.75, 0.9)
+        ]
+    sizes = sorted(
+        {recipe.batch_size, max(1, recipe.batch_size // 2), max(1, recipe.batch_size // 4)},
+        reverse=True,
+    )
+    return [(r.replace(batch_size=b), {**kn, "batch_size": b}) for r, kn in variants for b in sizes]
+
+
+def _load_accuracies(path: Path | None, task: str, model: str) -> dict[str, float]:
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    meta = data.get("meta", {})
+    if meta.get("task") != task or meta.get("model") != model:
+        return {}
+    return {
+        r["preset"]: r["accuracy_after"]
+        for r in data.get("rows", [])
+        if r.get("status") == "ok" and r.get("accuracy_after") is not None
+    }
+
+
+class _DryRunCache:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            self.data = {}
+        self.dirty = False
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self.data[key] = value
+        self.dirty = True
+
+    def save(self) -> None:
+        if self.dirty:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data))
+            tmp.replace(self.path)
+
+
+def plan(
+    task: str = "mnist-to-digits",
+    model: str | None = None,
+    budget: str | int = "3MB",
+    *,
+    preset_names: list[str] | None = None,
+    results: str | Path | None = "results/results.json",
+    seed: int = 0,
+    progress: bool = False,
+) -> Plan:
+    """Measure every candidate's dry-run peak and rank those that fit ``budget``."""
+    from tqdm.auto import tqdm
+
+    budget_bytes = parse_budget(budget)
+    task_obj = tasks.get(task)
+    model = model or task_obj.default_model
+    net = task_obj.pretrained(model)
+    n_blocks = len(find_blocks(net))
+    accuracies = _load_accuracies(Path(results) if results else None, task, model)
+    source = f"accuracy from {results}" if accuracies else "the documented prior (plan.PRIOR)"
+    names = preset_names or presets.names()
+    candidates = [
+        Candidate(name, r, kn) for name in names for r, kn in expand(presets.get(name), n_blocks)
+    ]
+    cache = _DryRunCache(tasks.cache_dir() / "plan-cache.json")
+    x_shape = tuple(task_obj.train.tensors[0].shape[1:])
+    for cand in tqdm(candidates, desc="dry runs", disable=not progress):
+        key = f"{task}|{model}|{x_shape}|{cand.recipe.batch_size}|{cand.recipe.digest()}"
+        hit = cache.get(key)
+        if hit is None:
+            batch = BatchSampler(task_obj.train, cand.recipe.batch_size, seed).batch(0)
+            try:
+                hit = {"peak": measure(net, cand.recipe, batch, seed=seed).peak}
+            except Exception as err:  # noqa: BLE001 - a candidate that cannot run is skipped
+                hit = {"error": f"{type(err).__name__}: {err}"}
+            cache.put(key, hit)
+        cand.peak, cand.error = hit.get("peak"), hit.get("error")
+    cache.save()
+
+    prior_rank = {name: i for i, name in enumerate(PRIOR)}
+    for cand in candidates:
+        cand.accuracy = accuracies.get(cand.preset)
+        primary = (
+            (1, cand.accuracy)
+            if cand.accuracy is not None
+            else (0, -prior_rank.get(cand.preset, len(PRIOR)))
+        )
+        cand.score = (*primary, *_capacity(cand.knobs), -(cand.peak or 0), cand.describe())
+    measured = [c for c in candidates if c.peak is not None]
+    fits = sorted(
+        (c for c in measured if c.peak <= budget_bytes), key=lambda c: c.score, reverse=True
+    )
+    rejected = [c for c in candidates if c not in fits]
+    if not fits:
+        if not measured:
+            raise NoRecipeFitsError("No candidate recipe could run a dry-run step")
+        smallest = min(measured, key=lambda c: c.peak)
+        raise NoRecipeFitsError(
+            f"Nothing fits a budget of {format_bytes(budget_bytes)}: the smallest measured "
+            f"footprint is {format_bytes(smallest.peak)}, reached by {smallest.describe()}"
+        )
+    return Plan(budget=budget_bytes, fits=fits, rejected=rejected, source=source)
