@@ -158,6 +158,13 @@ def applicable(recipe: Recipe, model: torch.nn.Module) -> str | None:
     """Why ``recipe`` cannot run on ``model``, or None if it can."""
     if recipe.backward.kind in ("wht", "token_drop") and not hasattr(model, "grid_size"):
         return f"backward {recipe.backward.kind!r} needs a token-grid model (the ViT)"
+    if recipe.numerics.kind == "fixed_point" and recipe.estimator.kind == "zo":
+        from edgetrain.numerics.fixed_point import convert
+
+        try:
+            convert(copy.deepcopy(model).eval(), torch.zeros(2, *model.input_shape))
+        except (TypeError, ValueError, NotImplementedError) as err:
+            return f"fixed-point numerics need a chain of Linear/Conv/ReLU/pool layers: {err}"
     return None
 
 

@@ -37,7 +37,22 @@ _MODULES = {
     "zo": "edgetrain.estimators.zo",
     "forward_grad": "edgetrain.estimators.forward_grad",
     "hybrid": "edgetrain.estimators.hybrid",
+    "fixed_point_zo": "edgetrain.estimators.fixed_point_zo",
 }
+
+
+def _kind_of(recipe: Recipe) -> str:
+    """The estimator that runs ``recipe``: integer numerics route zeroth-order recipes to
+    the fixed-point estimator (the arithmetic changes the whole step, not one layer)."""
+    kind = recipe.estimator.kind
+    if recipe.numerics.kind == "fixed_point":
+        if kind == "zo":
+            return "fixed_point_zo"
+        if kind != "hybrid":
+            raise ValueError(
+                f"Fixed-point numerics run with estimator 'zo' or 'hybrid', not {kind!r}"
+            )
+    return kind
 
 
 def register(kind: str):
@@ -51,7 +66,7 @@ def register(kind: str):
 def build(
     model: nn.Module, recipe: Recipe, loss_fn: LossFn | None = None, *, seed: int = 0
 ) -> Estimator:
-    kind = recipe.estimator.kind
+    kind = _kind_of(recipe)
     if kind not in _KINDS and kind in _MODULES:
         try:
             importlib.import_module(_MODULES[kind])

@@ -2,8 +2,12 @@
 
 One forward, one backward, one optimizer step over the scope's parameters. Frozen
 parameters have ``requires_grad=False``, so autograd records no graph in front of the
-first trainable module. A channel-sparse scope masks the gradient rows of the
-unselected output channels, so they receive exactly zero update from SGD/Adam.
+first trainable module. A channel-sparse scope (``Selection.channel_masks``) swaps each
+masked layer for its sparse-update version (edgetrain.backward.sparse_update, Lin et al.
+2022) before the optimizer is built: the trainable tensor is only the selected output
+channels, whose weight gradient alone is computed, so the unselected channels are never
+touched by any optimizer. Order: scope, sparse-update swap, optimizer, backward swap (a
+backward kind such as token_drop sees which blocks are frozen).
 """
 
 from __future__ import annotations
@@ -29,15 +33,17 @@ class Backprop(Estimator):
         self, model: nn.Module, recipe: Recipe, loss_fn: LossFn | None = None, *, seed: int = 0
     ) -> None:
         super().__init__(model, recipe, loss_fn, seed=seed)
-        self.optimizer = optim_mod.build(self.params, recipe.optimizer)
-        self._swap = backward_mod.apply(model, recipe.backward)
-        self._hooks = []
-        params_by_name = dict(self.selection.named)
-        for name, mask in self.selection.channel_masks.items():
-            param = params_by_name[name]
-            shape = (-1,) + (1,) * (param.dim() - 1)
-            row_mask = mask.to(param.dtype).reshape(shape)  # (C_out, 1, ...)
-            self._hooks.append(param.register_hook(lambda g, m=row_mask: g * m))
+        self._sparse_swap = backward_mod.Swap()
+        if self.selection.channel_masks:
+            from edgetrain.backward.sparse_update import apply_sparse_update
+
+            self._sparse_swap, self.selection = apply_sparse_update(model, self.selection)
+        try:
+            self.optimizer = optim_mod.build(self.params, recipe.optimizer)
+            self._swap = backward_mod.apply(model, recipe.backward)
+        except Exception:
+            self._sparse_swap.restore()
+            raise
 
     def _step(self, batch: Any) -> tuple[float, int, int]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -62,7 +68,5 @@ class Backprop(Estimator):
         self.optimizer.load_state_dict(state["optimizer"])
 
     def close(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
         self._swap.restore()
+        self._sparse_swap.restore()

@@ -1,0 +1,416 @@
+"""Fixed-point zeroth-order training: "Stepping Forward on the Last Mile" (Feng et al.,
+NeurIPS 2024, arXiv:2411.04036), the quantized forward-gradient method the paper calls
+QZO-FF.
+
+Sources: the paper's abstract, its figure and table captions (QZO-FF; the 16w8a working
+point; sign-m-SPSA averaging m directions; 8-bit weights failing to converge) and the
+standard SPSA estimator. The equations below are written out from those; the full text
+of the paper was not at hand, so equation numbers are not cited.
+
+The model lives on a fixed-point inference accelerator as an integer model
+(``edgetrain.numerics.fixed_point.IntModel``: ``weight_bits`` integer weights, 16 by
+default, ``activation_bits`` activations, 8 by default, int32 accumulators). A step only
+runs that integer forward: two calls per direction, at ``w_q + delta`` and
+``w_q - delta``, then adds an integer update to ``w_q``. No gradient and no float weight
+copy exist.
+
+The step, for ``m = recipe.estimator.queries`` directions ``i`` (on each trainable
+integer tensor, one scale ``s`` per tensor or per output channel):
+
+1. Perturbation, in integer grid steps: ``delta_i = eps_q * z_i`` with
+   ``eps_q = max(1, round(eps / s))`` (``eps = recipe.estimator.eps`` is the real
+   perturbation size) and ``z_i`` integer: Rademacher ``{-1, +1}``, or ("gaussian") an
+   8-bit quantized standard normal ``clamp(round(32 n), -127, 127) / 32``, for which
+   ``delta_i = round(eps_q * z_int / 32)``. ``z_i`` is regenerated from the per-step seed
+   (never stored; MeZO's trick) and applied in place in chunks; ``+delta, -2 delta,
+   +delta`` restores ``w_q`` exactly (integer arithmetic).
+2. The two losses ``l_i^+ = L(w_q + delta_i)`` and ``l_i^- = L(w_q - delta_i)``: cross
+   entropy of the integer model's logits, dequantized to float on the host (the int32
+   output accumulator times its scale). The loss is the only float quantity of the
+   step, and with sign-m-SPSA only the sign of ``l_i^+ - l_i^-`` is used.
+3. The projected gradient of SPSA (Spall 1992; the paper's two-forward zeroth-order
+   estimate) ``p_i = (l_i^+ - l_i^-) / (2 eps)``; with sign-m-SPSA, the paper's
+   enhancement, ``p_i = sign(l_i^+ - l_i^-)`` and the estimate is the average over the
+   ``m`` directions, ``g = (1/m) sum_i p_i z_i``.
+4. The integer update ``w_q <- sat(w_q - SR(lr * g / s))``, where the real coefficient
+   ``lr * p_i / s`` is turned into a fixed-point integer ``K_i = round(lr p_i / s * 2^16)``
+   once per step and the update of each weight is the integer
+   ``SR(sum_i K_i z_i / (m * 2^16 * zden))``: stochastic rounding with an integer uniform
+   ``r in [0, D)``, ``floor((num + r) / D)``, so that ``E[update] = lr g / s`` exactly even
+   when it is below one grid step. ``sat`` saturates at the bit range and counts.
+
+Why weight bits matter: with 8-bit weights the grid step ``s = max|w| / 127`` is about
+250 times coarser than with 16 bits, so ``lr g / s`` is a fraction of a step; round to
+nearest then rounds every update to 0 and training stalls, which is the paper's finding
+that 8-bit weights do not converge (its loss-landscape figures). Stochastic rounding keeps
+the expected update (``rounding="stochastic"``, the default); ``rounding="nearest"``
+reproduces the stall.
+
+Sparse perturbation (``recipe.estimator.sparsity``): a fraction of each tensor's weights
+is left unperturbed, hence not updated: the largest by ``|w_q|`` (``sparse_mode=
+"magnitude"``, the Sparse-MeZO reading of the recipe field; the mask is taken once per
+step from the unperturbed weights) or a fresh random subset per direction (``"random"``:
+ternary ``z``, regenerated from the seed with ``z``).
+
+``recipe.estimator.difference == "one_sided"`` uses ``l(w_q + delta_i) - l(w_q)`` with
+one unperturbed forward per step (``m + 1`` forwards instead of ``2m``).
+
+Not implemented: the paper's other enhancements shown in its ablations (momentum-guided
+sampling, a sharpness-aware perturbation): their exact definitions were not available to
+us when this was written. Blockwise and ZO-Cons variants of the ``zo`` axis are rejected
+with a clear error. The loss is computed from dequantized logits on the host in float32;
+an integer-only device would need only the comparison of two such scalars for
+sign-m-SPSA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgetrain.estimators import register
+from edgetrain.estimators.base import Estimator, LossFn
+from edgetrain.numerics.export import int_model_arrays, int_model_from_arrays
+from edgetrain.numerics.fixed_point import (
+    INT32_MAX,
+    INT32_MIN,
+    IntModel,
+    IntModule,
+    attach_sources,
+    convert,
+    write_back,
+)
+from edgetrain.numerics.quant import qrange
+from edgetrain.recipe import Recipe
+from edgetrain.seeding import make_generator
+
+__all__ = ["FixedPointZO", "FRACTION_BITS", "GAUSSIAN_DENOMINATOR"]
+
+FRACTION_BITS = 16
+"""Fractional bits of the fixed-point update coefficient ``K_i``."""
+GAUSSIAN_DENOMINATOR = 32
+"""Quantized Gaussian directions are integers ``round(32 n)`` in [-127, 127] (8 bits)."""
+
+_Z_PATH = 1  # seed sub-paths: (1, query, tensor) for z; (2, tensor) for rounding
+_ROUND_PATH = 2
+
+
+@dataclass
+class _Trainable:
+    """One trainable integer tensor: a weight (grid ``w_scale``) or a bias (grid
+    ``in_scale * w_scale``); ``eps_q`` and ``grid`` are per output channel."""
+
+    name: str
+    tensor: torch.Tensor  # int32 (weights) or int64 (biases) storage, contiguous
+    grid: torch.Tensor  # float64 (C,)
+    eps_q: torch.Tensor  # int64 (C,)
+    inner: int  # elements per output channel
+    lo: int
+    hi: int
+
+    def channels(self, start: int, end: int) -> torch.Tensor:
+        return torch.arange(start, end) // self.inner  # (n,) channel of each element
+
+
+@register("fixed_point_zo")
+class FixedPointZO(Estimator):
+    """Zeroth-order training of an integer model (Feng et al. 2024), see the module doc.
+
+    ``calibration``: a float input batch for the activation scales; if None, the inputs
+    of the first ``step`` batch calibrate. ``sign``: sign-m-SPSA (None: from the recipe,
+    True when ``recipe.optimizer.kind == "sign"``). ``rounding``: ``"stochastic"`` or
+    ``"nearest"`` for the weight update. ``sparse_mode``: ``"magnitude"`` or ``"random"``.
+    ``per_channel``: one weight scale per output channel. ``weight_headroom``: the weight
+    grid spans this multiple of the largest weight (2.0: one bit of room for the largest
+    weights to grow instead of saturating). ``sync_float``: after each step,
+    write the dequantized integer weights into the float model (so that evaluating
+    ``model`` sees the training; the deployed model is ``int_model``).
+    """
+
+    kind = "fixed_point_zo"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: Recipe,
+        loss_fn: LossFn | None = None,
+        *,
+        seed: int = 0,
+        calibration: torch.Tensor | None = None,
+        sign: bool | None = None,
+        rounding: str = "stochastic",
+        sparse_mode: str = "magnitude",
+        per_channel: bool = True,
+        weight_headroom: float = 2.0,
+        sync_float: bool = True,
+    ) -> None:
+        super().__init__(model, recipe, loss_fn, seed=seed)
+        est, opt, num = recipe.estimator, recipe.optimizer, recipe.numerics
+        if num.kind != "fixed_point":
+            raise ValueError(
+                f"FixedPointZO trains in fixed point; recipe.numerics.kind is {num.kind!r}. "
+                "Use Numerics(kind='fixed_point', weight_bits=16, activation_bits=8)"
+            )
+        if opt.kind not in ("sgd", "sign"):
+            raise ValueError(
+                f"FixedPointZO's integer update supports optimizer kinds 'sgd' (m-SPSA) and "
+                f"'sign' (sign-m-SPSA); got {opt.kind!r}"
+            )
+        if opt.weight_decay:
+            raise ValueError(f"FixedPointZO has no weight decay; got {opt.weight_decay}")
+        if est.blockwise or est.cons:
+            raise ValueError("FixedPointZO supports neither blockwise nor cons (ZO-Cons) steps")
+        if est.sparsity and est.mask_on != "abs" and sparse_mode == "magnitude":
+            raise ValueError(f"Sparse magnitude masks support mask_on='abs', not {est.mask_on!r}")
+        if rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"Invalid rounding: {rounding!r}; expected 'stochastic' or 'nearest'")
+        if sparse_mode not in ("magnitude", "random"):
+            raise ValueError(
+                f"Invalid sparse_mode: {sparse_mode!r}; expected 'magnitude' or 'random'"
+            )
+        self.sign = (opt.kind == "sign") if sign is None else bool(sign)
+        self.rounding = rounding
+        self.sparse_mode = sparse_mode
+        self.per_channel = per_channel
+        self.weight_headroom = weight_headroom
+        self.sync_float = sync_float
+        self.int_model: IntModel | None = None
+        self.int_module: IntModule | None = None
+        self._trainables: list[_Trainable] = []
+        self._masks: list[torch.Tensor | None] = []
+        self.update_saturations = 0
+        self.last_projected: list[float] = []
+        if calibration is not None:
+            self.calibrate(calibration)
+
+    # ------------------------------------------------------------------ setup
+
+    def calibrate(self, calibration: torch.Tensor) -> IntModel:
+        """Convert the float model to its integer model, calibrated on ``calibration``."""
+        num = self.recipe.numerics
+        self._set_int_model(
+            convert(
+                self.model,
+                calibration,
+                weight_bits=num.weight_bits,
+                activation_bits=num.activation_bits,
+                per_channel=self.per_channel,
+                weight_headroom=self.weight_headroom,
+            )
+        )
+        return self.int_model
+
+    def _set_int_model(self, int_model: IntModel) -> None:
+        self.int_model = int_model
+        self.int_module = IntModule(int_model)
+        selected = {id(p) for p in self.params}
+        eps = self.recipe.estimator.eps
+        trainables: list[_Trainable] = []
+        for i, op in enumerate(int_model.affine_ops()):
+            affine, bn = op.source
+            c_out = op.weight.shape[0]
+            w_grid = op.w_scale.expand(c_out) if op.w_scale.dim() == 0 else op.w_scale
+            parts = []
+            if id(affine.weight) in selected:
+                qmin, qmax = qrange(op.weight_bits)
+                parts.append((f"op{i}.weight", op.weight, w_grid, qmin, qmax))
+            bias_selected = (affine.bias is not None and id(affine.bias) in selected) or (
+                bn is not None and bn.bias is not None and id(bn.bias) in selected
+            )
+            if op.bias is not None and bias_selected:
+                parts.append((f"op{i}.bias", op.bias, w_grid * op.in_scale, INT32_MIN, INT32_MAX))
+            for name, tensor, grid, lo, hi in parts:
+                eps_q = torch.round(eps / grid).clamp(min=1, max=(hi - lo) // 8).to(torch.int64)
+                trainables.append(
+                    _Trainable(name, tensor, grid.clone(), eps_q, tensor.numel() // c_out, lo, hi)
+                )
+        if not trainables:
+            raise ValueError(
+                "No integer tensor trains: the scope selects no Linear/Conv2d weight or bias "
+                "(BatchNorm scales are folded into the conv weight; select the conv)"
+            )
+        self._trainables = trainables
+
+    @property
+    def overflow_count(self) -> int:
+        """Saturations so far: int32 accumulators and requantization shifts, weights read
+        out of range during perturbations, and updates clamped at the bit range."""
+        base = 0 if self.int_model is None else self.int_model.stats.overflows
+        return base + self.update_saturations
+
+    def overflow_stats(self) -> dict[str, int]:
+        stats = {} if self.int_model is None else self.int_model.stats.as_dict()
+        return {**stats, "update_saturations": self.update_saturations}
+
+    # ------------------------------------------------------------- directions
+
+    def _z_chunks(self, t: int, query: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """The integer direction of tensor ``t`` for ``query``, chunk by chunk
+        (regenerated identically from the step seed on every call)."""
+        tr = self._trainables[t]
+        gen = make_generator(self.step_seed(_Z_PATH, query, t))
+        est = self.recipe.estimator
+        n, chunk = tr.tensor.numel(), est.chunk_elements
+        mask = self._masks[t] if self._masks else None
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            if est.direction == "rademacher":
+                z = torch.randint(0, 2, (end - start,), generator=gen, dtype=torch.int64) * 2 - 1
+            else:
+                normal = torch.randn(end - start, generator=gen, dtype=torch.float64)
+                z = torch.round(normal * GAUSSIAN_DENOMINATOR).clamp(-127, 127).to(torch.int64)
+            if est.sparsity and self.sparse_mode == "random":
+                keep = torch.rand(end - start, generator=gen, dtype=torch.float64) >= est.sparsity
+                z = z * keep
+            elif mask is not None:
+                z = z * mask[start:end]
+            yield start, end, z
+
+    @property
+    def _zden(self) -> int:
+        return 1 if self.recipe.estimator.direction == "rademacher" else GAUSSIAN_DENOMINATOR
+
+    def _delta(self, tr: _Trainable, start: int, end: int, z: torch.Tensor) -> torch.Tensor:
+        eps_q = tr.eps_q[tr.channels(start, end)]  # (n,)
+        if self._zden == 1:
+            return eps_q * z
+        half = self._zden // 2
+        return torch.div(eps_q * z + half, self._zden, rounding_mode="floor")
+
+    def _perturb(self, query: int, factor: int) -> None:
+        for t, tr in enumerate(self._trainables):
+            flat = tr.tensor.view(-1)
+            for start, end, z in self._z_chunks(t, query):
+                flat[start:end] += (factor * self._delta(tr, start, end, z)).to(flat.dtype)
+
+    def _make_masks(self) -> None:
+        sparsity = self.recipe.estimator.sparsity
+        self._masks = []
+        if not sparsity or self.sparse_mode != "magnitude":
+            return
+        for tr in self._trainables:
+            mag = tr.tensor.view(-1).abs()
+            keep = max(1, int(round((1 - sparsity) * mag.numel())))
+            threshold = mag.kthvalue(keep).values
+            self._masks.append((mag <= threshold).to(torch.int64))
+
+    # ------------------------------------------------------------------- step
+
+    def _loss(self, batch: Any) -> float:
+        return float(self.loss_fn(self.int_module, batch).detach())
+
+    def _step(self, batch: Any) -> tuple[float, int, int]:
+        if self.int_model is None:
+            if isinstance(batch, dict):
+                raise ValueError("A dict batch needs FixedPointZO(..., calibration=x)")
+            self.calibrate(batch[0])
+        est = self.recipe.estimator
+        m, eps = est.queries, est.eps
+        self._make_masks()
+        projected: list[float] = []
+        losses: list[float] = []
+        forwards = 0
+        base = None
+        if est.difference == "one_sided":
+            base = self._loss(batch)
+            forwards += 1
+            self.check_finite(base)
+        for q in range(m):
+            self._perturb(q, +1)
+            try:
+                plus = self._loss(batch)
+                if base is None:
+                    self._perturb(q, -2)
+                    minus = self._loss(batch)
+                    self._perturb(q, +1)
+                else:
+                    minus = base
+                    self._perturb(q, -1)
+            except BaseException:
+                self._masks = []
+                raise
+            forwards += 1 if base is not None else 2
+            for value in (plus, minus):
+                self.check_finite(value)  # weights are restored: nothing applied
+            diff = plus - minus
+            scale = 1.0 if base is not None else 2.0
+            projected.append(float(np.sign(diff)) if self.sign else diff / (scale * eps))
+            losses.append(0.5 * (plus + minus) if base is None else plus)
+        self._update(projected)
+        self._masks = []
+        self.last_projected = projected
+        if self.sync_float:
+            write_back(self.int_model)
+        loss = base if base is not None else float(np.mean(losses))
+        return loss, forwards, 0
+
+    @torch.no_grad()
+    def _update(self, projected: list[float]) -> None:
+        """``w_q <- sat(w_q - SR(sum_i K_i z_i / D))`` in integer arithmetic."""
+        m, lr = len(projected), self.recipe.optimizer.lr
+        denominator = m * self._zden * (1 << FRACTION_BITS)
+        for t, tr in enumerate(self._trainables):
+            # K_i per output channel: lr * p_i / s as a fixed-point integer.
+            coeffs = [
+                torch.round(lr * p / tr.grid * (1 << FRACTION_BITS)).to(torch.int64)
+                for p in projected
+            ]
+            if all(not bool(k.any()) for k in coeffs):
+                continue
+            streams = [self._z_chunks(t, q) for q in range(m)]
+            rounding_gen = make_generator(self.step_seed(_ROUND_PATH, t))
+            flat = tr.tensor.view(-1)
+            for chunks in zip(*streams, strict=True):
+                start, end = chunks[0][0], chunks[0][1]
+                channel = tr.channels(start, end)
+                numerator = torch.zeros(end - start, dtype=torch.int64)
+                for k, (_, _, z) in zip(coeffs, chunks, strict=True):
+                    numerator += k[channel] * z
+                if self.rounding == "stochastic":
+                    offset = torch.randint(
+                        0, denominator, (end - start,), generator=rounding_gen, dtype=torch.int64
+                    )
+                else:
+                    offset = torch.full((end - start,), denominator // 2, dtype=torch.int64)
+                step = torch.div(numerator + offset, denominator, rounding_mode="floor")
+                new = flat[start:end].to(torch.int64) - step
+                outside = int(((new < tr.lo) | (new > tr.hi)).sum())
+                if outside:
+                    self.update_saturations += outside
+                    new = new.clamp(tr.lo, tr.hi)
+                flat[start:end] = new.to(flat.dtype)
+
+    # ------------------------------------------------------------------ state
+
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        """The integer model's weights and biases: the simulator's copy of the model."""
+        if self.int_model is None:
+            return iter(())
+        return iter(
+            [t for op in self.int_model.affine_ops() for t in (op.weight, op.bias) if t is not None]
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {**super().state_dict(), "update_saturations": self.update_saturations}
+        if self.int_model is not None:
+            manifest, arrays = int_model_arrays(self.int_model)
+            state["int_model"] = {"manifest": manifest, "arrays": arrays}
+            state["stats"] = self.int_model.stats.as_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.update_saturations = int(state.get("update_saturations", 0))
+        if "int_model" in state:
+            int_model = int_model_from_arrays(
+                state["int_model"]["manifest"], state["int_model"]["arrays"]
+            )
+            attach_sources(int_model, self.model)
+            for key, value in state.get("stats", {}).items():
+                setattr(int_model.stats, key, int(value))
+            self._set_int_model(int_model)

@@ -1,0 +1,301 @@
+"""Zeroth-order estimator: MeZO (Malladi et al. 2023, Algorithm 1) and its family.
+
+``ZO(model, recipe)`` builds an ``edgetrain.optim.zo.ZOSGD`` from the recipe's estimator
+axis (eps, queries, difference, direction, blockwise, cons, sparsity, mask_on,
+chunk_elements) and optimizer axis (``sgd``/``sign``/``momentum``/``adam`` become the
+update rule; lr, weight_decay, momentum, betas, adam_eps). Each step evaluates
+``loss_fn(model, batch)`` under ``torch.no_grad()`` two or more times; no backward pass
+and no gradient tensor exist.
+
+Evaluation mode (said, not silent): by default the evaluations run with the model in
+``eval()`` (no dropout, BatchNorm normalises with its running statistics, which therefore
+do not move), and each module's own mode is restored afterwards. With
+``estimator.train_mode_evals=True`` they run in train mode: every buffer is snapshotted
+before the step and restored before each evaluation and after the step, so BatchNorm
+running statistics never drift between (or because of) the evaluations, and the global
+RNG is forked and seeded from the step seed around each evaluation, so that dropout draws
+the same mask for theta + eps z and theta - eps z (the user's RNG stream is left as it was).
+
+Blocks for ``blockwise``: contiguous runs of the trainable parameters (in
+``model.named_parameters()`` order) that fall in the same ``model.blocks[i]`` form one
+group; parameters outside the blocks (embeddings before, norm and head after) form their
+own groups. One group is perturbed and updated per step, in turn.
+
+Journal: ``attach_journal(path)`` appends each step's record; ``ZO.resume(model, path)``
+loads a model holding the base weights, replays the journal bit for bit and continues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgetrain import scope as scope_mod
+from edgetrain.estimators import register
+from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
+from edgetrain.journal import JournalWriter, read_journal
+from edgetrain.optim.zo import ZOSGD, NonFiniteLoss, ZORecord
+from edgetrain.recipe import Recipe
+from edgetrain.seeding import derive_seed
+
+__all__ = ["ZO", "RULE_OF_OPTIMIZER", "JOURNAL_NAME", "block_groups"]
+
+JOURNAL_NAME = "zo_journal.jsonl"
+"""File name of the journal when ``attach_journal`` is given a directory."""
+
+RULE_OF_OPTIMIZER = {"sgd": "sgd", "sign": "sign", "momentum": "momentum", "adam": "adam"}
+"""Recipe optimizer kind -> ZOSGD update rule."""
+
+_DROPOUT_STREAM = 1 << 40  # seed path for the forked global RNG of train-mode evaluations
+
+
+def block_groups(
+    model: nn.Module, named: list[tuple[str, nn.Parameter]]
+) -> list[list[tuple[str, nn.Parameter]]]:
+    """Split trainable ``named`` parameters into contiguous runs by block (see module doc)."""
+    try:
+        blocks = scope_mod.find_blocks(model)
+    except ValueError:
+        return [named]
+    block_of: dict[int, int] = {}
+    for index, block in enumerate(blocks):
+        for p in block.parameters():
+            block_of.setdefault(id(p), index)
+    groups: list[list[tuple[str, nn.Parameter]]] = []
+    current_key: object = object()
+    for name, p in named:
+        key = block_of.get(id(p), "outside")
+        if key != current_key:
+            groups.append([])
+            current_key = key
+        groups[-1].append((name, p))
+    return groups
+
+
+@register("zo")
+class ZO(Estimator):
+    kind = "zo"
+
+    def __init__(
+        self, model: nn.Module, recipe: Recipe, loss_fn: LossFn | None = None, *, seed: int = 0
+    ) -> None:
+        super().__init__(model, recipe, loss_fn, seed=seed)
+        est, opt = recipe.estimator, recipe.optimizer
+        if self.selection.channel_masks:
+            raise NotImplementedError(
+                "Scope 'channels' with channel_ratio < 1 is not supported by the ZO estimator "
+                "yet; use scope 'blocks'/'last_blocks' or channel_ratio=1"
+            )
+        if opt.kind not in RULE_OF_OPTIMIZER:
+            raise ValueError(
+                f"Optimizer {opt.kind!r} cannot drive a zeroth-order estimator; "
+                f"use one of {', '.join(RULE_OF_OPTIMIZER)}"
+            )
+        if recipe.numerics.kind != "float32":
+            raise NotImplementedError(
+                f"Numerics {recipe.numerics.kind!r} is not handled by the float ZO estimator"
+            )
+        named = self.selection.named
+        if est.blockwise:
+            groups = [{"params": [p for _, p in run]} for run in block_groups(model, named)]
+        else:
+            groups = [{"params": [p for _, p in named]}]
+        self.optimizer = ZOSGD(
+            groups,
+            lr=opt.lr,
+            eps=est.eps,
+            queries=est.queries,
+            difference=est.difference,
+            direction=est.direction,
+            rule=RULE_OF_OPTIMIZER[opt.kind],
+            momentum=opt.momentum,
+            betas=opt.betas,
+            adam_eps=opt.adam_eps,
+            weight_decay=opt.weight_decay,
+            blockwise=est.blockwise,
+            cons=est.cons,
+            sparsity=est.sparsity,
+            mask_on=est.mask_on,
+            chunk_elements=est.chunk_elements,
+            seed=self.seed,
+        )
+        names = {id(p): n for n, p in named}
+        self._description = self.optimizer.describe(names)  # at the base weights
+        self._journal: JournalWriter | None = None
+
+    # -- the step ----------------------------------------------------------------------
+    @property
+    def last_record(self) -> ZORecord | None:
+        """The record of the last step (what a journal line holds)."""
+        return self.optimizer.last_record
+
+    def _step(self, batch: Any) -> tuple[float, int, int]:
+        step_seed = self.step_seed()
+        train_mode = self.recipe.estimator.train_mode_evals
+        with self._evaluation_mode(train_mode) as snapshot:
+
+            def closure() -> torch.Tensor:
+                if not train_mode:
+                    return self.loss_fn(self.model, batch)
+                for buffer, saved in snapshot:
+                    buffer.copy_(saved)
+                with self._forked_rng(derive_seed(step_seed, _DROPOUT_STREAM)):
+                    return self.loss_fn(self.model, batch)
+
+            try:
+                record = self.optimizer.estimate(closure, seed=step_seed)
+            except NonFiniteLoss as err:
+                raise NonFiniteLossError(self.step_count, err.value) from err
+        self.optimizer.apply_record(record)
+        if self._journal is not None:
+            self._journal.append(record)
+        return record.loss, record.evaluations, 0
+
+    @contextlib.contextmanager
+    def _evaluation_mode(
+        self, train_mode: bool
+    ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        modes = [(m, m.training) for m in self.model.modules()]
+        snapshot: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if train_mode:
+            self.model.train()
+            snapshot = [(b, b.detach().clone()) for b in self.model.buffers()]
+        else:
+            self.model.eval()
+        try:
+            yield snapshot
+        finally:
+            for module, training in modes:
+                module.training = training
+            with torch.no_grad():
+                for buffer, saved in snapshot:
+                    buffer.copy_(saved)
+
+    @contextlib.contextmanager
+    def _forked_rng(self, seed: int) -> Iterator[None]:
+        """The global RNG (which dropout uses) seeded with ``seed`` inside, and restored on
+        exit, so the user's random stream is not advanced."""
+        devices = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    # -- journal -------------------------------------------------------------------
+    def journal_header(self) -> dict[str, Any]:
+        """What a journal of this run starts with (JSON-able)."""
+        return {
+            "estimator": self.kind,
+            "recipe": self.recipe.to_dict(),
+            "seed": self.seed,
+            "param_names": self.selection.names,
+            "optimizer": self._description,
+            "torch": torch.__version__,
+        }
+
+    def attach_journal(
+        self,
+        path: str | os.PathLike,
+        start_step: int | None = None,
+        result: Any = None,
+        *,
+        fsync: bool = False,
+    ) -> int:
+        """Append every following step's record to the journal at ``path`` (a file, or a
+        directory that gets ``JOURNAL_NAME``); returns the step the run continues from.
+
+        A new journal starts here. An existing journal of this run (same header) must hold
+        at least ``start_step`` records (default: this estimator's ``step_count``), and the
+        model and estimator must be at that step (base weights for 0, else a checkpoint of
+        it): records beyond it are replayed bit for bit first, so a checkpoint older than
+        the journal loses nothing. ``result`` (the trainer's FitResult) gets a history
+        entry per replayed step.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / JOURNAL_NAME
+        start = self.step_count if start_step is None else int(start_step)
+        if start != self.step_count:
+            raise ValueError(
+                f"attach_journal(start_step={start}) but this estimator is at step "
+                f"{self.step_count}; load the checkpoint of step {start} first"
+            )
+        writer = JournalWriter(path, self.journal_header(), fsync=fsync)
+        if writer.next_step < start:
+            writer.close()
+            raise ValueError(
+                f"Journal {path} holds {writer.next_step} steps but this run is at step "
+                f"{start}; a journal cannot skip steps. Start from a checkpoint of step "
+                f"{writer.next_step} or earlier, or use ZO.resume(model, path)"
+            )
+        if writer.next_step > start:
+            records = read_journal(path).records[start:]
+            with torch.no_grad():
+                for record in records:
+                    self.optimizer.apply_record(record)
+                    if result is not None and hasattr(result, "history"):
+                        result.history.append(
+                            {
+                                "step": record.step,
+                                "loss": record.loss,
+                                "seconds": 0.0,
+                                "forward_passes": record.evaluations,
+                                "backward_passes": 0,
+                            }
+                        )
+            self.step_count = writer.next_step
+        if self._journal is not None:
+            self._journal.close()
+        self._journal = writer
+        return self.step_count
+
+    @classmethod
+    def resume(
+        cls,
+        model: nn.Module,
+        journal_path: str | os.PathLike,
+        loss_fn: LossFn | None = None,
+        *,
+        attach: bool = True,
+    ) -> ZO:
+        """Continue a journaled run: ``model`` must hold the run's base weights. Replays
+        every record (bit-exact), then (``attach``) appends further steps to the journal."""
+        journal = read_journal(journal_path)
+        header = journal.header
+        estimator = cls(model, Recipe.from_dict(header["recipe"]), loss_fn, seed=header["seed"])
+        if estimator.selection.names != header["param_names"]:
+            raise ValueError(
+                f"{journal_path}: the model's trainable parameters differ from the journal's"
+            )
+        named = dict(estimator.selection.named)
+        for name, threshold in header["optimizer"].get("thresholds", {}).items():
+            estimator.optimizer.state[named[name]]["threshold"] = float(threshold)
+        estimator._description = header["optimizer"]
+        with torch.no_grad():
+            for record in journal.records:
+                estimator.optimizer.apply_record(record)
+        estimator.step_count = len(journal.records)
+        if attach:
+            estimator.attach_journal(journal_path)
+        return estimator
+
+    # -- state ---------------------------------------------------------------------
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        return self.optimizer.state_tensors()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None

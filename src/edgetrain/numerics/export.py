@@ -1,0 +1,254 @@
+"""Export an integer model for an integer-only runtime, and a reference runtime that runs it.
+
+The fixed-point training of "Stepping Forward on the Last Mile" (Feng et al., NeurIPS
+2024, arXiv:2411.04036) ends with weights that already are integers on the accelerator's
+grid; deployment is writing them down with what the runtime needs to requantize.
+
+File format (``numpy.savez``, readable with ``allow_pickle=False``; safetensors is not a
+dependency of edgetrain):
+
+* ``manifest``: a JSON string: format name and version, ``input_scale``,
+  ``input_signed``, ``weight_bits``, ``activation_bits``, ``per_channel`` and the list of
+  ops (``kind`` and its configuration: stride, padding, fused ReLU, output range ...).
+* per affine op ``i``: ``op{i}.weight`` (int8 when ``weight_bits <= 8``, else int16),
+  ``op{i}.bias`` (int32, scale ``in_scale * w_scale``), ``op{i}.w_scale`` (float64, per
+  output channel or a scalar), ``op{i}.multiplier`` (int32 ``M0``) and ``op{i}.shift``
+  (int32; ``M = M0 * 2^(shift - 31)``), ``op{i}.input_zero_point`` and
+  ``op{i}.output_zero_point`` (int32, always 0: the quantizers are symmetric);
+* ``input_zero_point`` (0).
+
+``run_integer_reference(path, x_q)`` executes an exported file with numpy int64
+arithmetic only (no floating point on the integer path) and must agree bit for bit with
+``IntModel.forward_int`` (tests/test_export.py checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgetrain.numerics.fixed_point import (
+    INT32_MAX,
+    INT32_MIN,
+    OP_TYPES,
+    IntAvgPool,
+    IntConv2d,
+    IntFlatten,
+    IntLinear,
+    IntModel,
+    IntOp,
+    IntReLU,
+    _IntAffine,
+)
+from edgetrain.numerics.quant import qrange
+
+__all__ = [
+    "FORMAT",
+    "export_int",
+    "load_int",
+    "int_model_arrays",
+    "int_model_from_arrays",
+    "run_integer_reference",
+]
+
+FORMAT = "edgetrain-int"
+_VERSION = 1
+
+
+def int_model_arrays(model: IntModel) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The manifest and the arrays that ``export_int`` writes."""
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "version": _VERSION,
+        "input_scale": model.input_scale,
+        "input_signed": model.input_signed,
+        "weight_bits": model.weight_bits,
+        "activation_bits": model.activation_bits,
+        "per_channel": model.per_channel,
+        "ops": [],
+    }
+    arrays: dict[str, np.ndarray] = {"input_zero_point": np.zeros((), dtype=np.int32)}
+    w_dtype = np.int8 if model.weight_bits <= 8 else np.int16
+    for i, op in enumerate(model.ops):
+        manifest["ops"].append({"kind": op.kind, "config": op.config()})
+        if not isinstance(op, _IntAffine):
+            continue
+        qmin, qmax = qrange(op.weight_bits)
+        w = op.weight
+        if bool((w < qmin).any() or (w > qmax).any()):
+            raise ValueError(
+                f"op {i}: weights outside the {op.weight_bits}-bit range (export called while "
+                "a perturbation was applied?)"
+            )
+        arrays[f"op{i}.weight"] = w.numpy().astype(w_dtype)
+        if op.bias is not None:
+            b = op.bias.clamp(INT32_MIN, INT32_MAX)
+            arrays[f"op{i}.bias"] = b.numpy().astype(np.int32)
+        arrays[f"op{i}.w_scale"] = op.w_scale.numpy().astype(np.float64)
+        arrays[f"op{i}.multiplier"] = op.multiplier.numpy().astype(np.int32)
+        arrays[f"op{i}.shift"] = op.shift.numpy().astype(np.int32)
+        arrays[f"op{i}.input_zero_point"] = np.zeros((), dtype=np.int32)
+        arrays[f"op{i}.output_zero_point"] = np.zeros((), dtype=np.int32)
+    return manifest, arrays
+
+
+def export_int(model: IntModel, path: str | os.PathLike[str]) -> None:
+    """Write ``model``'s integer weights, scales, multipliers and zero points to ``path``
+    (an ``.npz`` file; see the module docstring for the layout)."""
+    manifest, arrays = int_model_arrays(model)
+    with open(path, "wb") as fh:  # a file handle keeps numpy from appending ".npz"
+        np.savez(fh, manifest=np.array(json.dumps(manifest)), **arrays)
+
+
+def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    manifest = json.loads(str(arrays.pop("manifest")))
+    if manifest.get("format") != FORMAT or manifest.get("version") != _VERSION:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not an {FORMAT} v{_VERSION} file "
+            f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})"
+        )
+    return manifest, arrays
+
+
+def load_int(path: str | os.PathLike[str]) -> IntModel:
+    """Read a file written by ``export_int`` back into an IntModel (without the link to a
+    float model; ``fixed_point.attach_sources`` restores it for ``write_back``)."""
+    return int_model_from_arrays(*_read(path))
+
+
+def int_model_from_arrays(manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> IntModel:
+    """The inverse of ``int_model_arrays``."""
+    ops: list[IntOp] = []
+    for i, spec in enumerate(manifest["ops"]):
+        kind, cfg = spec["kind"], dict(spec["config"])
+        if kind not in OP_TYPES:
+            raise ValueError(f"Unknown op kind {kind!r} in an {FORMAT} manifest")
+        if kind in ("linear", "conv2d"):
+            has_bias = cfg.pop("has_bias")
+            common = dict(
+                weight=torch.from_numpy(arrays[f"op{i}.weight"].astype(np.int32)),
+                bias=(
+                    torch.from_numpy(arrays[f"op{i}.bias"].astype(np.int64)) if has_bias else None
+                ),
+                w_scale=torch.from_numpy(arrays[f"op{i}.w_scale"].astype(np.float64)),
+                multiplier=torch.from_numpy(arrays[f"op{i}.multiplier"].astype(np.int64)),
+                shift=torch.from_numpy(arrays[f"op{i}.shift"].astype(np.int64)),
+                in_scale=cfg["in_scale"],
+                out_scale=cfg["out_scale"],
+                weight_bits=cfg["weight_bits"],
+                relu=cfg["relu"],
+                out_qmin=cfg["out_qmin"],
+                out_qmax=cfg["out_qmax"],
+            )
+            if kind == "linear":
+                ops.append(IntLinear(**common))
+            else:
+                ops.append(
+                    IntConv2d(
+                        **common,
+                        stride=tuple(cfg["stride"]),
+                        padding=tuple(cfg["padding"]),
+                        dilation=tuple(cfg["dilation"]),
+                    )
+                )
+        elif kind == "avgpool":
+            k = cfg["kernel"]
+            ops.append(IntAvgPool(kernel=None if k is None else (int(k[0]), int(k[1]))))
+        elif kind == "flatten":
+            ops.append(IntFlatten(start_dim=int(cfg["start_dim"])))
+        else:
+            ops.append(IntReLU())
+    return IntModel(
+        ops,
+        input_scale=manifest["input_scale"],
+        input_signed=manifest["input_signed"],
+        weight_bits=manifest["weight_bits"],
+        activation_bits=manifest["activation_bits"],
+        per_channel=manifest["per_channel"],
+    )
+
+
+# ------------------------------------------------------------ reference integer runtime
+
+
+def _np_saturate(x: np.ndarray, lo: int, hi: int, count: list[int]) -> np.ndarray:
+    count[0] += int(((x < lo) | (x > hi)).sum())
+    return np.clip(x, lo, hi)
+
+
+def _np_requantize(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray, count: list[int]):
+    """gemmlowp MultiplyByQuantizedMultiplier in numpy int64."""
+    left = np.maximum(shift, 0)
+    right = np.clip(-shift, 0, 62)
+    x = _np_saturate(acc << left, INT32_MIN, INT32_MAX, count)
+    ab = x * m0
+    nudge = np.where(ab >= 0, np.int64(1 << 30), np.int64(1 - (1 << 30)))
+    num = ab + nudge
+    high = np.sign(num) * (np.abs(num) // np.int64(1 << 31))  # C division (truncation)
+    mask = (np.int64(1) << right) - 1
+    remainder = high & mask
+    threshold = (mask >> 1) + (high < 0).astype(np.int64)
+    return (high >> right) + (remainder > threshold).astype(np.int64)
+
+
+def _np_conv(x: np.ndarray, w: np.ndarray, stride, padding, dilation) -> np.ndarray:
+    ph, pw = padding
+    x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    c_out, c_in, kh, kw = w.shape
+    dh, dw = dilation
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    win = np.lib.stride_tricks.sliding_window_view(x, (span_h, span_w), axis=(2, 3))
+    win = win[:, :, :: stride[0], :: stride[1], ::dh, ::dw]  # (B, C_in, H', W', kh, kw)
+    return np.einsum("bchwij,ocij->bohw", win, w, dtype=np.int64)  # (B, C_out, H', W')
+
+
+def run_integer_reference(path: str | os.PathLike[str], x_q: np.ndarray) -> tuple[np.ndarray, int]:
+    """Run an exported model on integer input ``x_q`` using numpy int64 arithmetic only.
+    Returns the integer output and the number of int32 saturations on the way."""
+    manifest, arrays = _read(path)
+    x = np.asarray(x_q, dtype=np.int64)
+    count = [0]
+    for i, spec in enumerate(manifest["ops"]):
+        kind, cfg = spec["kind"], spec["config"]
+        if kind in ("linear", "conv2d"):
+            w = arrays[f"op{i}.weight"].astype(np.int64)
+            if kind == "linear":
+                acc = x @ w.T  # (B, C_out), exact int64
+                view = (1, -1)
+            else:
+                acc = _np_conv(x, w, cfg["stride"], cfg["padding"], cfg["dilation"])
+                view = (1, -1, 1, 1)
+            if cfg["has_bias"]:
+                acc = acc + arrays[f"op{i}.bias"].astype(np.int64).reshape(view)
+            acc = _np_saturate(acc, INT32_MIN, INT32_MAX, count)
+            if cfg["out_scale"] is None:
+                x = np.maximum(acc, 0) if cfg["relu"] else acc
+                continue
+            m0 = arrays[f"op{i}.multiplier"].astype(np.int64).reshape(view)
+            shift = arrays[f"op{i}.shift"].astype(np.int64).reshape(view)
+            y = _np_requantize(acc, m0, shift, count)
+            if cfg["relu"]:
+                y = np.maximum(y, 0)
+            x = np.clip(y, cfg["out_qmin"], cfg["out_qmax"])
+        elif kind == "avgpool":
+            B, C, H, W = x.shape
+            kh, kw = (H, W) if cfg["kernel"] is None else cfg["kernel"]
+            x = x[:, :, : H - H % kh, : W - W % kw]
+            total = x.reshape(B, C, H // kh, kh, W // kw, kw).sum(axis=(3, 5))
+            total = _np_saturate(total, INT32_MIN, INT32_MAX, count)
+            n = kh * kw
+            x = np.sign(total) * ((np.abs(total) + n // 2) // n)
+        elif kind == "flatten":
+            start = cfg["start_dim"]
+            x = x.reshape(x.shape[:start] + (-1,))
+        elif kind == "relu":
+            x = np.maximum(x, 0)
+        else:
+            raise ValueError(f"Unknown op kind {kind!r}")
+    return x, count[0]

@@ -1,0 +1,193 @@
+"""GaLore: AdamW whose moments live in a low-rank projection of each 2-D gradient.
+
+Paper: J. Zhao, Z. Zhang, B. Chen, Z. Wang, A. Anandkumar, Y. Tian, "GaLore:
+Memory-Efficient LLM Training by Gradient Low-Rank Projection", ICML 2024
+(arXiv:2403.03507); reference code github.com/jiaweizzhao/GaLore
+(``galore_torch/galore_projector.py``, ``galore_torch/adamw.py``).
+
+For a 2-D weight ``W`` (m x n) with gradient ``G_t``, Algorithm 2 of the paper (Adam with
+GaLore), with ``r`` = ``rank``, ``T`` = ``update_gap``, ``alpha`` = ``galore_scale``:
+
+* every ``T`` steps (t mod T == 0) take the SVD ``G_t = U S V^T`` and keep the top-``r``
+  singular vectors of the *smaller* side as the projector: ``P = U[:, :r]`` (m x r) when
+  m < n, else ``Q = V[:, :r]`` (n x r), as the reference's ``proj_type="std"`` does;
+* project: ``R_t = P^T G_t`` (r x n), or ``R_t = G_t Q`` (m x r);
+* Adam on ``R_t`` (the paper's ``rho_t``)::
+
+      M_t = b1 M_{t-1} + (1 - b1) R_t
+      V_t = b2 V_{t-1} + (1 - b2) R_t^2
+      N_t = (M_t / (1 - b1^t)) / (sqrt(V_t / (1 - b2^t)) + eps)
+
+* project back and scale (the paper's ``G~_t = alpha P N_t``)::
+
+      W_t = W_{t-1} - lr * alpha * P N_t        (or  - lr * alpha * N_t Q^T)
+
+* decoupled weight decay ``W <- W (1 - lr * weight_decay)`` (applied before the update,
+  as torch.optim.AdamW does; the reference applies it after).
+
+As in the reference, the moments are not reset when the projector is refreshed. Every
+parameter that is not 2-D (biases, norms, conv kernels, embeddings of other ranks) gets
+plain AdamW. The projector is optimizer state (``state["projector"]``), so
+``state_dict()`` / ``load_state_dict()`` resume exactly, in the middle of a projection
+period.
+
+Optimizer state of a projected m x n weight: two moments of r x max(m, n) plus the
+projector r x min(m, n), against Adam's 2 m n: the moments are r / min(m, n) of Adam's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from edgetrain.optim import register
+from edgetrain.recipe import Optimizer as OptimizerSpec
+
+__all__ = ["GaLoreAdamW", "galore_projector", "project", "project_back", "adamw_direction"]
+
+
+def galore_projector(grad: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` singular vectors of ``grad``'s smaller side: (m, r) if m < n, else (n, r)."""
+    m, n = grad.shape
+    U, _, Vh = torch.linalg.svd(grad.float(), full_matrices=False)  # (m, k), (k,), (k, n)
+    basis = U[:, :rank] if m < n else Vh[:rank].t()  # (m, r) or (n, r)
+    return basis.to(grad.dtype).contiguous()
+
+
+def project(grad: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:
+    """``P^T G`` (r, n) for a left projector, ``G Q`` (m, r) for a right one."""
+    m, n = grad.shape
+    return projector.t() @ grad if m < n else grad @ projector
+
+
+def project_back(low_rank: torch.Tensor, projector: torch.Tensor, shape: torch.Size):
+    """``P N`` (m, n) for a left projector, ``N Q^T`` (m, n) for a right one."""
+    m, n = shape
+    return projector @ low_rank if m < n else low_rank @ projector.t()
+
+
+def adamw_direction(
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> torch.Tensor:
+    """Update the moments in place and return Adam's bias-corrected direction
+    ``(M / (1 - b1^t)) / (sqrt(V) / sqrt(1 - b2^t) + eps)`` for step ``t = step``."""
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    bias1 = 1.0 - beta1**step
+    bias2_sqrt = (1.0 - beta2**step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
+    return (exp_avg / bias1).div_(denom)
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW with GaLore projection of every 2-D parameter (see the module docstring).
+
+    Hyperparameters (all per param group): ``lr``, ``betas``, ``eps``, ``weight_decay``,
+    ``rank`` (r), ``update_gap`` (T, steps between projector refreshes) and
+    ``galore_scale`` (alpha).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 8,
+        update_gap: int = 50,
+        galore_scale: float = 0.25,
+    ) -> None:
+        if not lr > 0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"Invalid betas: {betas} (two values in [0, 1))")
+        if not eps > 0:
+            raise ValueError(f"Invalid eps: {eps}")
+        if weight_decay < 0:
+            raise ValueError(f"Invalid weight_decay: {weight_decay}")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"Invalid rank: {rank} (an integer >= 1)")
+        if not isinstance(update_gap, int) or update_gap < 1:
+            raise ValueError(f"Invalid update_gap: {update_gap} (an integer >= 1)")
+        if not galore_scale > 0:
+            raise ValueError(f"Invalid galore_scale: {galore_scale}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            rank=rank,
+            update_gap=update_gap,
+            galore_scale=galore_scale,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                projected = p.dim() == 2
+                if projected:
+                    t = int(state["step"])
+                    if "projector" not in state or t % group["update_gap"] == 0:
+                        state["projector"] = galore_projector(grad, group["rank"])
+                    grad = project(grad, state["projector"])  # (r, n) or (m, r)
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(
+                        grad, memory_format=torch.preserve_format
+                    )
+                state["step"] += 1
+                direction = adamw_direction(
+                    grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    int(state["step"]),
+                    beta1,
+                    beta2,
+                    group["eps"],
+                )
+                if projected:
+                    direction = project_back(direction, state["projector"], p.shape)
+                    direction.mul_(group["galore_scale"])
+                if wd != 0:
+                    p.mul_(1.0 - lr * wd)
+                p.add_(direction, alpha=-lr)
+        return loss
+
+
+@register("galore")
+def _build_galore(params: list[torch.nn.Parameter], spec: OptimizerSpec) -> GaLoreAdamW:
+    return GaLoreAdamW(
+        params,
+        lr=spec.lr,
+        betas=spec.betas,
+        eps=spec.adam_eps,
+        weight_decay=spec.weight_decay,
+        rank=spec.rank,
+        update_gap=spec.update_gap,
+        galore_scale=spec.galore_scale,
+    )

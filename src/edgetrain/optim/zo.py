@@ -1,0 +1,628 @@
+"""Zeroth-order SGD (MeZO) and its family, as a ``torch.optim.Optimizer``.
+
+MeZO (Malladi et al. 2023, "Fine-Tuning Language Models with Just Forward Passes",
+Algorithm 1) estimates the gradient by SPSA (Spall 1992) along a random direction z that
+is regenerated from a seed instead of stored::
+
+    theta += eps z;        l+ = L(theta)        # perturb in place
+    theta -= 2 eps z;      l- = L(theta)
+    theta += eps z                              # restore
+    g = (l+ - l-) / (2 eps)                     # projected gradient: one scalar
+    theta -= lr (g z + weight_decay theta)      # update, z regenerated again
+
+Here the restore and the update are one pass, ``theta += ((eps - lr g) z)`` (three
+regenerations of z per step instead of four). The family, each selectable:
+
+* ``queries=q``: q-SPSA, ``g_hat = (1/q) sum_i g_i z_i`` (MeZO eq. 1 with n = q).
+* ``difference``: ``two_sided`` as above; ``one_sided`` ``g = (L(theta + eps z) - L(theta)) / eps``
+  (one extra evaluation at theta per step, shared by the queries).
+* ``direction``: ``gaussian`` z ~ N(0, I) (MeZO); ``rademacher`` z in {-1, +1}^d.
+* ``rule``: ``sgd`` (MeZO); ``sign`` (ZO-SignSGD, Liu et al. 2019: theta -= lr sign(g_hat));
+  ``momentum`` (heavy ball on g_hat); ``adam`` (ZO-Adam, Chen et al. 2019 / MeZO-Adam);
+  momentum and Adam keep model-size state.
+* ``cons``: ZO-SGD-Cons (Zhang et al. 2024, "Revisiting Zeroth-Order Optimization for
+  Memory-Efficient LLM Fine-Tuning: A Benchmark"): after computing the step s = -lr d,
+  evaluate L(theta + s) and L(theta - s) and keep the best of theta, theta + s, theta - s.
+* ``blockwise``: perturb and update one param group per step, in turn (block coordinate
+  ZO; MeZO-BCD, Park et al. 2025).
+* ``sparsity``: Sparse MeZO (Liu et al. 2024, "Sparse MeZO: Less Parameters for Better
+  Performance in Zeroth-Order LLM Fine-Tuning", Algorithm 1): a per-tensor threshold h is
+  set once, at construction, as the percentile of the weights for the target sparsity; at
+  every step the mask m = [stat(theta) <= h] is recomputed from the current weights and
+  both the perturbation and the update touch only m: theta +- eps (m * z),
+  theta -= lr g (m * z). ``mask_on="abs"`` uses stat = |theta| (the paper's stated intent:
+  perturb the small-magnitude weights, which it finds less hurt by ZO noise);
+  ``mask_on="signed"`` uses stat = theta itself, the comparison as the paper's mask
+  formula and released code write it (theta <= h, no absolute value), which also
+  selects every large negative weight.
+
+  The mask of a step must be the same for its three passes, or the restore would not
+  return to theta (a weight that crosses h while perturbed would be left displaced), and
+  no rule on the perturbed values alone can recover it in general. So the mask is
+  computed from theta at the step's first pass and kept, packed at one bit per element
+  (1/32 of the float32 weights it covers), until the step ends; it is never kept across
+  steps, and only the thresholds persist.
+
+Structure: ``estimate(closure) -> ZORecord`` runs every loss evaluation and returns a
+small record (seed, projected gradient(s), lrs, block, cons choice); ``apply_record``
+applies the update. ``step(closure) = estimate + apply_record``. A journal replays a run
+by calling ``apply_record`` on each record from the base weights: the step's parameter
+arithmetic (perturb, restore, update) is one fixed program of the record, run with or
+without evaluations, so replay reproduces the trained weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from edgetrain.optim.perturb import (
+    DIRECTIONS,
+    Chunk,
+    Perturber,
+    flat_view,
+    pack_mask,
+    plan_chunks,
+    unpack_mask,
+)
+from edgetrain.seeding import derive_seed
+
+__all__ = [
+    "ZOSGD",
+    "ZORecord",
+    "NonFiniteLoss",
+    "RULES",
+    "DIFFERENCES",
+    "MASK_ON",
+    "query_seeds",
+]
+
+RULES = ("sgd", "sign", "momentum", "adam")
+DIFFERENCES = ("two_sided", "one_sided")
+MASK_ON = ("abs", "signed")
+_GLOBAL_KEYS = (
+    "eps",
+    "queries",
+    "difference",
+    "direction",
+    "rule",
+    "blockwise",
+    "cons",
+    "chunk_elements",
+    "seed",
+)
+_GROUP_KEYS = ("lr", "weight_decay", "momentum", "betas", "adam_eps", "sparsity", "mask_on")
+_ESTIMATED = "estimated"  # program marker: every evaluation of the step has run
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss evaluation returned NaN or inf; the perturbation was undone, no update."""
+
+    def __init__(self, step: int, value: float, where: str) -> None:
+        super().__init__(f"ZO loss evaluation {where!r} of step {step} returned {value}")
+        self.step = step
+        self.value = value
+        self.where = where
+
+
+@dataclass
+class ZORecord:
+    """Everything one ZO step's update used; enough to replay it bit for bit."""
+
+    step: int
+    seed: int
+    grads: list[float] = field(default_factory=list)
+    """Projected gradient of each query."""
+    lrs: list[float] = field(default_factory=list)
+    """Learning rate of each param group at this step."""
+    group: int | None = None
+    """Block-wise: the param group perturbed and updated."""
+    cons: int | None = None
+    """ZO-Cons: 1 kept theta - lr d (the step), 0 kept theta, -1 kept theta + lr d."""
+    loss: float = math.nan
+    """Loss at theta (one-sided/cons) or the mean of the two-sided pair (information)."""
+    evaluations: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ZORecord:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def query_seeds(seed: int, queries: int) -> list[int]:
+    """The direction seed of each query of a step whose seed is ``seed``."""
+    return [derive_seed(seed, i) for i in range(queries)]
+
+
+@dataclass
+class _Context:
+    record: ZORecord
+    active: list[int]
+    """Indices of the param groups this step perturbs and updates."""
+    seeds: list[int]
+    masks: dict[int, list[torch.Tensor]]
+    """Sparse MeZO: group index -> one packed mask per chunk of the group's plan."""
+
+
+class ZOSGD(torch.optim.Optimizer):
+    """Zeroth-order optimizer: ``step(closure)`` evaluates ``closure()`` (the loss) two or
+    more times under ``torch.no_grad()`` and updates in place. No gradient is read.
+
+    Per-group hyperparameters (``defaults``): lr, weight_decay, momentum, betas, adam_eps,
+    sparsity, mask_on. Run-wide settings: eps, queries, difference, direction, rule,
+    blockwise, cons, chunk_elements, seed (the base of the per-step seeds).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        *,
+        eps: float = 1e-3,
+        queries: int = 1,
+        difference: str = "two_sided",
+        direction: str = "gaussian",
+        rule: str = "sgd",
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        blockwise: bool = False,
+        cons: bool = False,
+        sparsity: float = 0.0,
+        mask_on: str = "abs",
+        chunk_elements: int = 1 << 16,
+        seed: int = 0,
+    ) -> None:
+        if not lr > 0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not eps > 0:
+            raise ValueError(f"Invalid eps: {eps} (must be > 0)")
+        if not isinstance(queries, int) or queries < 1:
+            raise ValueError(f"Invalid queries: {queries} (must be an integer >= 1)")
+        if difference not in DIFFERENCES:
+            raise ValueError(f"Invalid difference: {difference!r}; expected one of {DIFFERENCES}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"Invalid direction: {direction!r}; expected one of {DIRECTIONS}")
+        if rule not in RULES:
+            raise ValueError(f"Invalid rule: {rule!r}; expected one of {RULES}")
+        if cons and rule not in ("sgd", "sign"):
+            raise ValueError(
+                f"ZO-Cons compares theta +- one step, which needs a stateless rule; got "
+                f"rule={rule!r}. Use rule='sgd' or 'sign' with cons=True"
+            )
+        if cons and weight_decay:
+            raise ValueError("ZO-Cons with weight_decay is not supported; set weight_decay=0")
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            betas=tuple(betas),
+            adam_eps=adam_eps,
+            sparsity=sparsity,
+            mask_on=mask_on,
+        )
+        super().__init__(params, defaults)
+        self.eps = float(eps)
+        self.queries = queries
+        self.difference = difference
+        self.direction = direction
+        self.rule = rule
+        self.blockwise = bool(blockwise)
+        self.cons = bool(cons)
+        self.chunk_elements = int(chunk_elements)
+        self.seed = int(seed)
+        self.perturber = Perturber(direction, chunk_elements)
+        self._pid: dict[int, int] = {}
+        for group in self.param_groups:
+            self._check_group(group)
+            for p in group["params"]:
+                flat_view(p)  # contiguous check, with an actionable message
+                self._pid[id(p)] = len(self._pid)
+        self._plans: list[list[Chunk]] = [
+            plan_chunks(
+                [p.numel() for p in group["params"]],
+                [self._pid[id(p)] for p in group["params"]],
+                self.perturber.chunk_elements,
+            )
+            for group in self.param_groups
+        ]
+        self.state["zo"] = {"step": 0, "last": None}
+        self._pending: tuple[_Context, Iterator[tuple[str, int | None]]] | None = None
+        self.last_record: ZORecord | None = None
+        self._set_thresholds()
+
+    # -- configuration ------------------------------------------------------------------
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        if not 0 <= group["sparsity"] < 1:
+            raise ValueError(f"Invalid sparsity: {group['sparsity']} (must be in [0, 1))")
+        if group["mask_on"] not in MASK_ON:
+            raise ValueError(f"Invalid mask_on: {group['mask_on']!r}; expected one of {MASK_ON}")
+        if group["weight_decay"] < 0:
+            raise ValueError(f"Invalid weight_decay: {group['weight_decay']}")
+        if not 0 <= group["momentum"] < 1:
+            raise ValueError(f"Invalid momentum: {group['momentum']} (must be in [0, 1))")
+
+    def config(self) -> dict[str, Any]:
+        """Run-wide settings (JSON-able): what a replay must rebuild identically."""
+        return {key: getattr(self, key) for key in _GLOBAL_KEYS}
+
+    def describe(self, names: dict[int, str]) -> dict[str, Any]:
+        """Config, groups (parameter names + hyperparameters) and sparsity thresholds, keyed
+        by parameter name (``names`` maps ``id(param)`` to its name): a journal header."""
+        groups, thresholds = [], {}
+        for group in self.param_groups:
+            entry = {key: group[key] for key in _GROUP_KEYS}
+            entry["betas"] = list(entry["betas"])
+            entry["params"] = [names[id(p)] for p in group["params"]]
+            groups.append(entry)
+            for p in group["params"]:
+                if "threshold" in self.state[p]:
+                    thresholds[names[id(p)]] = self.state[p]["threshold"]
+        return {"config": self.config(), "groups": groups, "thresholds": thresholds}
+
+    @classmethod
+    def from_description(
+        cls, named_params: dict[str, torch.Tensor], description: dict[str, Any]
+    ) -> ZOSGD:
+        """Rebuild the optimizer a ``describe()`` came from, over ``named_params``."""
+        groups = []
+        for entry in description["groups"]:
+            missing = [n for n in entry["params"] if n not in named_params]
+            if missing:
+                raise KeyError(f"The model has no parameter(s) {missing[:5]} named in the journal")
+            group = {k: v for k, v in entry.items() if k != "params"}
+            group["betas"] = tuple(group["betas"])
+            group["params"] = [named_params[n] for n in entry["params"]]
+            groups.append(group)
+        opt = cls(groups, **description["config"])
+        for name, threshold in description.get("thresholds", {}).items():
+            opt.state[named_params[name]]["threshold"] = float(threshold)
+        return opt
+
+    def _set_thresholds(self) -> None:
+        """Sparse MeZO: h = the ceil((1 - sparsity) n)-th smallest statistic of each tensor,
+        so the mask stat <= h keeps (at least) that fraction of its elements."""
+        with torch.no_grad():
+            for group in self.param_groups:
+                if group["sparsity"] <= 0:
+                    continue
+                for p in group["params"]:
+                    flat = flat_view(p)
+                    values = flat.abs() if group["mask_on"] == "abs" else flat.clone()
+                    k = max(1, math.ceil((1.0 - group["sparsity"]) * flat.numel()))
+                    self.state[p]["threshold"] = float(values.float().kthvalue(k).values)
+
+    # -- the public step ---------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        return int(self.state["zo"]["step"])
+
+    def step(self, closure: Callable[[], Any], seed: int | None = None) -> float:  # type: ignore[override]
+        """One ZO step: ``estimate(closure, seed)`` then ``apply_record``. Returns the loss
+        of the record (at theta, or the mean of the two-sided pair)."""
+        if closure is None:
+            raise ValueError("ZOSGD.step needs a closure returning the loss (as LBFGS does)")
+        record = self.estimate(closure, seed)
+        self.apply_record(record)
+        return record.loss
+
+    def estimate(self, closure: Callable[[], Any], seed: int | None = None) -> ZORecord:
+        """Run every loss evaluation of a step; return its record. The weights are left
+        mid-step until ``apply_record(record)`` (or ``discard()``) finishes it."""
+        if self._pending is not None:
+            raise RuntimeError("estimate() called twice: apply_record() or discard() the first")
+        step = self.step_count
+        seed = derive_seed(self.seed, step) if seed is None else int(seed)
+        record = ZORecord(
+            step=step,
+            seed=seed,
+            lrs=[float(g["lr"]) for g in self.param_groups],
+            group=step % len(self.param_groups) if self.blockwise else None,
+        )
+        ctx = self._context(record)
+        program = self._program(ctx)
+        losses: dict[str, float] = {}
+        two_sided = self.difference == "two_sided"
+        for where, query in program:
+            if where == _ESTIMATED:
+                break
+            value = self._evaluate(closure)
+            record.evaluations += 1
+            if not math.isfinite(value):
+                if where.startswith("cons"):
+                    value = math.inf  # a non-finite candidate is never kept
+                else:
+                    program.close()
+                    self._undo(ctx, where, query)
+                    raise NonFiniteLoss(step, value, where)
+            losses[where] = value
+            if where == "minus":
+                record.grads.append((losses["plus"] - value) / (2 * self.eps))
+                if query == 0:
+                    record.loss = 0.5 * (losses["plus"] + value)
+            elif where == "plus" and not two_sided:
+                record.grads.append((value - losses["base"]) / self.eps)
+            elif where == "base":
+                record.loss = value
+            elif where == "cons_minus":
+                candidates = [(losses["cons_plus"], 1), (losses["base"], 0), (value, -1)]
+                record.cons = min(candidates, key=lambda c: c[0])[1]
+        self._pending = (ctx, program)
+        return record
+
+    def apply_record(self, record: ZORecord) -> None:
+        """Apply a step's update. After ``estimate`` this finishes the pending step; with
+        no step pending (journal replay) it runs the step's whole parameter arithmetic
+        without evaluations, from the weights at the start of that step."""
+        if self._pending is not None:
+            ctx, program = self._pending
+            if ctx.record is not record and ctx.record.to_dict() != record.to_dict():
+                raise RuntimeError("apply_record got a different record than estimate() made")
+            self._pending = None
+        else:
+            self._validate(record)
+            ctx = self._context(record)
+            program = self._program(ctx)
+        for _ in program:
+            pass  # on replay the evaluation points are skipped: values come from the record
+        self.state["zo"]["step"] = record.step + 1
+        self.state["zo"]["last"] = record.to_dict()
+        self.last_record = record
+
+    def discard(self) -> None:
+        """Undo a pending ``estimate`` without updating (weights back within a few ulp)."""
+        if self._pending is None:
+            return
+        ctx, program = self._pending
+        self._pending = None
+        program.close()
+        if self.cons:
+            self._update(ctx, restore=0.0, step_coef=1.0)  # from theta - s back to theta
+        else:
+            restore = self.eps if self.difference == "two_sided" else -self.eps
+            self._move(ctx, ctx.seeds[-1], restore)
+
+    # -- internals -------------------------------------------------------------------
+    def _validate(self, record: ZORecord) -> None:
+        if len(record.grads) != self.queries:
+            raise ValueError(
+                f"Record of step {record.step} has {len(record.grads)} projected gradients; "
+                f"this optimizer runs {self.queries} queries"
+            )
+        if len(record.lrs) != len(self.param_groups):
+            raise ValueError(f"Record of step {record.step} has lrs for {len(record.lrs)} groups")
+        if self.cons and record.cons not in (-1, 0, 1):
+            raise ValueError(f"Record of step {record.step} lacks the ZO-Cons choice")
+        if self.blockwise and record.group is None:
+            raise ValueError(f"Record of step {record.step} lacks the block index")
+
+    @staticmethod
+    def _evaluate(closure: Callable[[], Any]) -> float:
+        with torch.no_grad():
+            loss = closure()
+        return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+    def _context(self, record: ZORecord) -> _Context:
+        if record.group is None:
+            active = list(range(len(self.param_groups)))
+        else:
+            active = [record.group]
+        seeds = query_seeds(record.seed, self.queries)
+        return _Context(record, active, seeds, {})
+
+    def _program(self, ctx: _Context) -> Iterator[tuple[str, int | None]]:
+        """The parameter arithmetic of one step. Yields at each evaluation point (the
+        driver evaluates there, or skips on replay) and once at ``_ESTIMATED``."""
+        ctx.masks = self._masks(ctx)  # Sparse MeZO: from theta at the step's start
+        eps, two_sided = self.eps, self.difference == "two_sided"
+        if not two_sided or self.cons:
+            yield "base", None
+        last = len(ctx.seeds) - 1
+        for i, seed in enumerate(ctx.seeds):
+            self._move(ctx, seed, eps)
+            yield "plus", i
+            if two_sided:
+                self._move(ctx, seed, -2 * eps)
+                yield "minus", i
+            if i < last:
+                self._move(ctx, seed, eps if two_sided else -eps)
+        restore = eps if two_sided else -eps
+        if not self.cons:
+            yield _ESTIMATED, None
+            self._update(ctx, restore=restore, step_coef=1.0)
+            return
+        self._update(ctx, restore=restore, step_coef=1.0)  # theta + s, s = -lr d
+        yield "cons_plus", None
+        self._update(ctx, restore=0.0, step_coef=-2.0)  # theta - s
+        yield "cons_minus", None
+        yield _ESTIMATED, None
+        if ctx.record.cons == 0:
+            self._update(ctx, restore=0.0, step_coef=1.0)  # theta
+        elif ctx.record.cons == 1:
+            self._update(ctx, restore=0.0, step_coef=2.0)  # theta + s
+
+    def _undo(self, ctx: _Context, where: str, query: int | None) -> None:
+        if where == "plus":
+            self._move(ctx, ctx.seeds[query], -self.eps)
+        elif where == "minus":
+            self._move(ctx, ctx.seeds[query], self.eps)
+
+    def _segments(self, gi: int, chunk: Chunk) -> list[torch.Tensor]:
+        params = self.param_groups[gi]["params"]
+        return [flat_view(params[seg.index])[seg.start : seg.end] for seg in chunk.segments]
+
+    @staticmethod
+    def _pieces(buffer: torch.Tensor, chunk: Chunk) -> list[torch.Tensor]:
+        return [buffer[seg.offset : seg.offset + seg.end - seg.start] for seg in chunk.segments]
+
+    def _direction(self, seed: int, chunk: Chunk, gi: int, slot: int = 0) -> torch.Tensor:
+        device = self.param_groups[gi]["params"][chunk.segments[0].index].device
+        return self.perturber.direction(
+            seed, chunk.key, chunk.number, chunk.numel, device, slot=slot
+        )
+
+    def _masks(self, ctx: _Context) -> dict[int, list[torch.Tensor]]:
+        """Sparse MeZO mask of each active group with sparsity > 0, from the current
+        weights: stat(theta) <= h per tensor, packed to one bit per element per chunk."""
+        masks: dict[int, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for gi in ctx.active:
+                group = self.param_groups[gi]
+                if group["sparsity"] <= 0:
+                    continue
+                params, packed = group["params"], []
+                for chunk in self._plans[gi]:
+                    device = params[chunk.segments[0].index].device
+                    bits = self.perturber.scratch(device, "mask", chunk.numel, torch.bool)
+                    stat = self.perturber.scratch(device, "stat", chunk.numel)
+                    for seg, values in zip(chunk.segments, self._segments(gi, chunk), strict=True):
+                        out = stat[seg.offset : seg.offset + seg.end - seg.start]
+                        if group["mask_on"] == "abs":
+                            torch.abs(values, out=out)
+                        else:
+                            out.copy_(values)
+                        threshold = self.state[params[seg.index]]["threshold"]
+                        torch.le(out, threshold, out=bits[seg.offset : seg.offset + out.numel()])
+                    packed.append(pack_mask(bits))
+                masks[gi] = packed
+        return masks
+
+    def _move(self, ctx: _Context, seed: int, alpha: float) -> None:
+        """theta += alpha * (m * z(seed)) over the active groups."""
+        with torch.no_grad():
+            for gi in ctx.active:
+                masks = ctx.masks.get(gi)
+                for c, chunk in enumerate(self._plans[gi]):
+                    z = self._direction(seed, chunk, gi)
+                    if masks is not None:
+                        z.mul_(unpack_mask(masks[c], chunk.numel))
+                    torch._foreach_add_(
+                        self._segments(gi, chunk), self._pieces(z, chunk), alpha=alpha
+                    )
+
+    def _update(self, ctx: _Context, *, restore: float, step_coef: float) -> None:
+        """theta += restore * (m * z_last) (finishing the last query), then theta += step_coef
+        * s with s = -lr * rule(g_hat + weight_decay * theta), g_hat = (1/q) sum_i g_i m z_i.
+        Momentum/Adam state advances on each call (ZO-Cons, the only caller that applies
+        s more than once, is restricted to stateless rules)."""
+        grads, seeds, q = ctx.record.grads, ctx.seeds, len(ctx.seeds)
+        rule = self.rule
+        with torch.no_grad():
+            for gi in ctx.active:
+                group = self.param_groups[gi]
+                lr, wd = ctx.record.lrs[gi], group["weight_decay"]
+                masks = ctx.masks.get(gi)
+                bias1 = bias2 = 1.0
+                if rule in ("momentum", "adam"):
+                    for p in group["params"]:
+                        bias1, bias2 = self._advance_state(p, self.state[p], group)
+                fused = rule == "sgd" and q == 1 and masks is None
+                for c, chunk in enumerate(self._plans[gi]):
+                    targets = self._segments(gi, chunk)
+                    if fused:
+                        # (theta + r z)(1 - k lr wd) - k lr g z: one pass (two with decay)
+                        z = self._direction(seeds[0], chunk, gi)
+                        decay = 1.0 - step_coef * lr * wd
+                        if wd:
+                            torch._foreach_mul_(targets, decay)
+                        alpha = restore * decay - step_coef * lr * grads[0]
+                        torch._foreach_add_(targets, self._pieces(z, chunk), alpha=alpha)
+                        continue
+                    device = targets[0].device
+                    m = None if masks is None else unpack_mask(masks[c], chunk.numel)
+                    d = self.perturber.scratch(device, "ghat", chunk.numel)
+                    for i in range(q):
+                        z = self._direction(seeds[i], chunk, gi)
+                        if m is not None:
+                            z.mul_(m)
+                        if i == q - 1 and restore:
+                            torch._foreach_add_(targets, self._pieces(z, chunk), alpha=restore)
+                        if i == 0:
+                            torch.mul(z, grads[0] / q, out=d)
+                        else:
+                            d.add_(z, alpha=grads[i] / q)
+                    pieces = self._pieces(d, chunk)
+                    if wd:
+                        torch._foreach_add_(pieces, targets, alpha=wd)
+                        if m is not None:
+                            d.mul_(m)
+                    if rule == "sgd":
+                        torch._foreach_add_(targets, pieces, alpha=-step_coef * lr)
+                    elif rule == "sign":
+                        d.sign_()
+                        torch._foreach_add_(targets, pieces, alpha=-step_coef * lr)
+                    elif rule == "momentum":
+                        bufs = self._state_pieces(gi, chunk, "momentum_buffer")
+                        torch._foreach_mul_(bufs, group["momentum"])
+                        torch._foreach_add_(bufs, pieces)
+                        torch._foreach_add_(targets, bufs, alpha=-lr)
+                    else:  # adam
+                        beta1, beta2 = group["betas"]
+                        exp_avg = self._state_pieces(gi, chunk, "exp_avg")
+                        exp_avg_sq = self._state_pieces(gi, chunk, "exp_avg_sq")
+                        torch._foreach_lerp_(exp_avg, pieces, 1 - beta1)
+                        torch._foreach_mul_(exp_avg_sq, beta2)
+                        torch._foreach_addcmul_(exp_avg_sq, pieces, pieces, value=1 - beta2)
+                        denom = self.perturber.scratch(device, "denom", chunk.numel)
+                        denoms = self._pieces(denom, chunk)
+                        for out, v in zip(denoms, exp_avg_sq, strict=True):
+                            torch.sqrt(v, out=out)
+                        denom.div_(math.sqrt(bias2)).add_(group["adam_eps"])
+                        torch._foreach_addcdiv_(targets, exp_avg, denoms, value=-lr / bias1)
+
+    def _state_pieces(self, gi: int, chunk: Chunk, key: str) -> list[torch.Tensor]:
+        params = self.param_groups[gi]["params"]
+        return [
+            self.state[params[seg.index]][key].view(-1)[seg.start : seg.end]
+            for seg in chunk.segments
+        ]
+
+    def _advance_state(self, p: torch.Tensor, state: dict, group: dict) -> tuple[float, float]:
+        if self.rule == "momentum":
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.contiguous_format
+                )
+            return 1.0, 1.0
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        return 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        """Model-size state (momentum, Adam moments) for the memory meter."""
+        for key, state in self.state.items():
+            if key == "zo":
+                continue
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    yield value
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._pending is not None:
+            raise RuntimeError("state_dict() in the middle of a step: apply_record() first")
+        out = super().state_dict()
+        out["zo_config"] = self.config()
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        config = state_dict.get("zo_config")
+        if config is not None and config != self.config():
+            diff = {k: (config.get(k), v) for k, v in self.config().items() if config.get(k) != v}
+            raise ValueError(f"ZO state_dict was saved with other settings: {diff}")
+        state_dict = {k: v for k, v in state_dict.items() if k != "zo_config"}
+        super().load_state_dict(state_dict)
+        last = self.state["zo"].get("last")
+        self.last_record = None if last is None else ZORecord.from_dict(last)

@@ -1,0 +1,111 @@
+"""Activation checkpointing as a backward option (edgetrain.backward.checkpoint)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgetrain import backward as backward_mod
+from edgetrain.backward.checkpoint import apply_checkpoint
+from edgetrain.models import MLP, ViT
+from edgetrain.recipe import Backward
+
+
+def saved_activation_bytes(model: nn.Module, loss_fn) -> tuple[torch.Tensor, int]:
+    """Bytes of the unique non-parameter storages autograd saves while ``loss_fn()`` runs
+    (non-reentrant checkpoint saves each block's inputs through these same hooks)."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    return loss, sum(storages.values())
+
+
+def make_vit() -> ViT:
+    torch.manual_seed(0)
+    return ViT(image_size=28, patch_size=4, in_channels=1, dim=64, depth=4, num_heads=4)
+
+
+def batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+def grads_of(model: nn.Module, x, y) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_same_gradients_as_exact():
+    model = make_vit()
+    x, y = batch()
+    exact = grads_of(model, x, y)
+    swap = backward_mod.apply(model, Backward(kind="checkpoint"))
+    checkpointed = grads_of(model, x, y)
+    swap.restore()
+    for a, b in zip(exact, checkpointed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_fewer_saved_bytes():
+    model = make_vit()
+    x, y = batch()
+    _, exact_bytes = saved_activation_bytes(model, lambda: F.cross_entropy(model(x), y))
+    swap = apply_checkpoint(model, Backward(kind="checkpoint"))
+    loss, ckpt_bytes = saved_activation_bytes(model, lambda: F.cross_entropy(model(x), y))
+    loss.backward()
+    swap.restore()
+    # What stays: each block's (B, N, dim) input, kept by the checkpoint for recomputation;
+    # outside the blocks, the final LayerNorm's input and output (the head reads a view of
+    # it), the image for the patch embedding, and a few small tensors (norm statistics,
+    # logits).
+    tokens = 8 * 50 * 64 * 4
+    expected = 4 * tokens + 2 * tokens + 8 * 28 * 28 * 4
+    assert expected <= ckpt_bytes < expected + 10_000
+    assert ckpt_bytes < 0.1 * exact_bytes
+
+
+def test_restore_and_state_dict_unchanged():
+    model = make_vit()
+    keys = list(model.state_dict())
+    blocks = list(model.blocks)
+    swap = apply_checkpoint(model, Backward(kind="checkpoint"))
+    assert list(model.state_dict()) == keys
+    assert list(model.blocks) == blocks  # the same module objects, wrapped forward
+    assert all("forward" in vars(b) for b in model.blocks)
+    with pytest.raises(RuntimeError, match="already"):
+        apply_checkpoint(model, Backward(kind="checkpoint"))
+    swap.restore()
+    assert all("forward" not in vars(b) for b in model.blocks)
+
+
+def test_keyword_arguments_and_no_grad_pass_through():
+    model = make_vit()
+    x, _ = batch(2)
+    tokens = model.embed(x)
+    out_exact, attn_exact = model.blocks[0](tokens, return_attention=True)
+    swap = apply_checkpoint(model, Backward(kind="checkpoint"))
+    out, attn = model.blocks[0](tokens, return_attention=True)
+    assert torch.equal(out, out_exact) and torch.equal(attn, attn_exact)
+    with torch.no_grad():
+        assert torch.equal(model.blocks[0](tokens), out_exact)
+    swap.restore()
+
+
+def test_model_without_blocks_gets_an_actionable_error():
+    with pytest.raises(ValueError, match="ModuleList"):
+        apply_checkpoint(nn.Sequential(nn.Linear(3, 3)), Backward(kind="checkpoint"))
+    # the reference MLP has blocks and works
+    mlp = MLP()
+    swap = apply_checkpoint(mlp, Backward(kind="checkpoint"))
+    swap.restore()

@@ -1,0 +1,181 @@
+"""GaLore AdamW (edgetrain.optim.galore): projection, state size, exact resume, training."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from edgetrain import optim as optim_mod
+from edgetrain.optim.galore import GaLoreAdamW, galore_projector, project, project_back
+from edgetrain.recipe import Optimizer as OptimizerSpec
+
+
+def regression_problem(m: int = 24, n: int = 32, samples: int = 256):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(samples, n, generator=gen)  # (S, n)
+    W_true = torch.randn(m, n, generator=gen)  # (m, n)
+    return X, X @ W_true.t()  # (S, m)
+
+
+def train(W: nn.Parameter, opt: torch.optim.Optimizer, X, Y, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (X @ W.t() - Y).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12), (16, 16)])
+def test_projector_is_orthonormal_on_the_smaller_side(shape):
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(*shape, generator=gen)
+    P = galore_projector(G, rank=5)
+    m, n = shape
+    assert P.shape == ((m, 5) if m < n else (n, 5))
+    torch.testing.assert_close(P.t() @ P, torch.eye(5), atol=1e-5, rtol=0)
+    R = project(G, P)
+    assert R.shape == ((5, n) if m < n else (m, 5))
+    # the projection keeps the top-5 singular directions: P P^T G is the best rank-5 fit
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    best = U[:, :5] @ torch.diag(S[:5]) @ Vh[:5]
+    torch.testing.assert_close(project_back(R, P, G.shape), best, atol=1e-4, rtol=1e-4)
+
+
+def test_update_is_low_rank_and_scaled():
+    W = nn.Parameter(torch.randn(24, 32))
+    W0 = W.detach().clone()
+    opt = GaLoreAdamW([W], lr=1e-2, rank=3, update_gap=10, galore_scale=0.5)
+    X, Y = regression_problem()
+    train(W, opt, X, Y, steps=1)
+    delta = W.detach() - W0
+    assert torch.linalg.matrix_rank(delta, atol=1e-5) == 3  # float noise from W - W0 aside
+    # step 1: N = M^/(sqrt(V^)+eps) = R/(|R|+eps) ~ sign(R), so |dW| = lr * alpha * |Q sign(R)^T|
+    R = project(W.grad, opt.state[W]["projector"])
+    expected = -1e-2 * 0.5 * project_back(R / (R.abs() + 1e-8), opt.state[W]["projector"], W.shape)
+    torch.testing.assert_close(delta, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_optimizer_state_is_r_over_min_side_of_adam():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 192), nn.GELU(), nn.Linear(192, 64))
+    x = torch.randn(32, 64)
+    rank = 8
+
+    def state_bytes(opt, keys):
+        total = {}
+        for p, st in opt.state.items():
+            total[p] = sum(st[k].numel() * st[k].element_size() for k in keys if k in st)
+        return total
+
+    for build in ("adam", "galore"):
+        model.zero_grad()
+        model(x).square().mean().backward()
+        if build == "adam":
+            adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+            adam.step()
+        else:
+            galore = GaLoreAdamW(model.parameters(), lr=1e-3, rank=rank)
+            galore.step()
+    adam_moments = state_bytes(adam, ("exp_avg", "exp_avg_sq"))
+    galore_moments = state_bytes(galore, ("exp_avg", "exp_avg_sq"))
+    galore_all = state_bytes(galore, ("exp_avg", "exp_avg_sq", "projector"))
+    for p in model.parameters():
+        if p.dim() == 2:
+            m, n = p.shape
+            assert galore_moments[p] * min(m, n) == adam_moments[p] * rank
+            # with the projector: r (2 max + min) of Adam's 2 m n
+            assert galore_all[p] == 4 * rank * (2 * max(m, n) + min(m, n))
+            assert galore_all[p] < 0.19 * adam_moments[p]
+        else:  # biases: plain AdamW state
+            assert galore_moments[p] == adam_moments[p]
+
+
+def _model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
+    gen = torch.Generator().manual_seed(3)
+    xs = torch.randn(12, 20, 16, generator=gen)
+    ys = torch.randn(12, 20, 8, generator=gen)
+    return model, xs, ys
+
+
+def _steps(model, opt, xs, ys, start, stop):
+    for i in range(start, stop):
+        opt.zero_grad()
+        (model(xs[i]) - ys[i]).square().mean().backward()
+        opt.step()
+
+
+def test_state_dict_round_trip_mid_period_is_bit_identical():
+    kwargs = dict(lr=1e-2, rank=4, update_gap=4, weight_decay=0.1, galore_scale=0.5)
+    model, xs, ys = _model_and_data()
+    opt = GaLoreAdamW(model.parameters(), **kwargs)
+    _steps(model, opt, xs, ys, 0, 6)  # 6 = mid-way through the second period (refresh at 4)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    _steps(model, opt, xs, ys, 6, 12)  # uninterrupted run: crosses the refresh at step 8
+
+    resumed, _, _ = _model_and_data()
+    with torch.no_grad():
+        for p in resumed.parameters():
+            p.add_(1.0)  # make sure everything really comes from the checkpoint
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = GaLoreAdamW(resumed.parameters(), **kwargs)
+    resumed_opt.load_state_dict(saved["opt"])
+    _steps(resumed, resumed_opt, xs, ys, 6, 12)
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_full_rank_projection_lowers_a_loss_like_adamw():
+    X, Y = regression_problem()
+    m, n = 24, 32
+    W = nn.Parameter(torch.zeros(m, n))
+    adamw = train(W, torch.optim.AdamW([W], lr=3e-2, weight_decay=0.0), X, Y, 200)
+    results = {}
+    for gap in (1, 1000):  # refreshed every step / fixed
+        W = nn.Parameter(torch.zeros(m, n))
+        opt = GaLoreAdamW([W], lr=3e-2, rank=min(m, n), update_gap=gap, galore_scale=1.0)
+        results[gap] = train(W, opt, X, Y, 200)
+    assert results[1][-1] < 0.15 * results[1][0]  # refreshed each step: still descends
+    # fixed full basis: AdamW-like descent (AdamW itself: 33.5 -> 2.7 at step 50 -> 0.002)
+    assert results[1000][49] < 2 * adamw[49]
+    assert results[1000][-1] < 0.005 * results[1000][0]
+    # a low rank learns more slowly than full rank, but learns
+    W = nn.Parameter(torch.zeros(m, n))
+    low = train(W, GaLoreAdamW([W], lr=3e-2, rank=4, update_gap=10, galore_scale=1.0), X, Y, 200)
+    assert results[1000][-1] < low[-1] < 0.5 * low[0]
+
+
+def test_non_matrix_parameters_follow_adamw():
+    torch.manual_seed(0)
+    bias_a = nn.Parameter(torch.randn(7))
+    bias_b = nn.Parameter(bias_a.detach().clone())
+    galore = GaLoreAdamW([bias_a], lr=1e-2, weight_decay=0.1)
+    adamw = torch.optim.AdamW([bias_b], lr=1e-2, weight_decay=0.1, foreach=False)
+    for i in range(5):
+        for p, opt in ((bias_a, galore), (bias_b, adamw)):
+            opt.zero_grad()
+            ((p - i) ** 3).sum().backward()
+            opt.step()
+    torch.testing.assert_close(bias_a, bias_b, atol=1e-6, rtol=1e-6)
+
+
+def test_built_from_recipe_and_validates():
+    spec = OptimizerSpec(kind="galore", lr=2e-3, rank=4, update_gap=7, galore_scale=0.5)
+    opt = optim_mod.build(nn.Linear(8, 8).parameters(), spec)
+    assert isinstance(opt, GaLoreAdamW)
+    assert opt.defaults["rank"] == 4 and opt.defaults["update_gap"] == 7
+    assert opt.defaults["galore_scale"] == 0.5 and opt.defaults["lr"] == 2e-3
+    with pytest.raises(ValueError, match="rank"):
+        GaLoreAdamW(nn.Linear(2, 2).parameters(), rank=0)
+    with pytest.raises(ValueError, match="learning rate"):
+        GaLoreAdamW(nn.Linear(2, 2).parameters(), lr=-1.0)

@@ -1,0 +1,178 @@
+"""In-place chunked perturbation (edgetrain.optim.perturb): determinism, restore accuracy,
+the chunk bound on temporaries, directions, masks, and the chunk plan."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from edgetrain.optim.perturb import (
+    Perturber,
+    add_direction_,
+    materialize_directions,
+    pack_mask,
+    plan_chunks,
+    unpack_mask,
+)
+
+DIRECTIONS = ["gaussian", "rademacher"]
+
+
+def _params(seed: int = 0, sizes=((300, 200), (7,), (64,), (50, 3))) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=gen) * 0.05 for s in sizes]
+
+
+class MaxNewStorage(TorchDispatchMode):
+    """Largest storage (bytes) created by any operator while active, ignoring storages
+    that existed before (the parameters being perturbed in place)."""
+
+    def __init__(self, existing: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in existing}
+        self.largest = 0
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self.known:
+                    self.known.add(storage.data_ptr())
+                    self.count += 1
+                    self.largest = max(self.largest, storage.nbytes())
+                    weakref.finalize(storage, self.known.discard, storage.data_ptr())
+        return out
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_same_seed_same_weights_different_seed_different(direction):
+    a, b, c = _params(), _params(), _params()
+    add_direction_(a, seed=7, alpha=1e-2, direction=direction, chunk_elements=1000)
+    add_direction_(b, seed=7, alpha=1e-2, direction=direction, chunk_elements=1000)
+    add_direction_(c, seed=8, alpha=1e-2, direction=direction, chunk_elements=1000)
+    base = _params()
+    for pa, pb, pc, p0 in zip(a, b, c, base, strict=True):
+        assert torch.equal(pa, pb)
+        assert not torch.equal(pa, p0)
+        assert not torch.equal(pa, pc)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_add_direction_matches_materialized_z(direction):
+    params = _params()
+    base = [p.clone() for p in params]
+    add_direction_(params, seed=3, alpha=0.5, direction=direction, chunk_elements=999)
+    zs = materialize_directions(
+        [p.shape for p in params], 3, direction=direction, chunk_elements=999
+    )
+    for p, p0, z in zip(params, base, zs, strict=True):
+        torch.testing.assert_close(p, p0 + 0.5 * z, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_restore_returns_weights_within_a_few_ulp(direction):
+    # +eps z, -2 eps z, +eps z: three float32 roundings, each at most half an ulp of its
+    # result, whose magnitude is at most M = |theta| + 2 eps |z|. The error is therefore at
+    # most 1.5 ulp(M) (ulp(M) bounds every intermediate's ulp), so 2 ulp(M) must hold.
+    params = _params(1, sizes=((400, 300), (33,)))
+    base = [p.clone() for p in params]
+    eps = 1e-3
+    kw = dict(direction=direction, chunk_elements=4096)
+    add_direction_(params, 11, eps, **kw)
+    add_direction_(params, 11, -2 * eps, **kw)
+    add_direction_(params, 11, eps, **kw)
+    zs = materialize_directions([p.shape for p in params], 11, **kw)
+    exact = 0
+    for p, p0, z in zip(params, base, zs, strict=True):
+        magnitude = p0.abs() + 2 * eps * z.abs()
+        ulp = torch.nextafter(magnitude, torch.full_like(magnitude, float("inf"))) - magnitude
+        assert ((p - p0).abs() <= 2 * ulp).all()
+        exact += int((p == p0).sum())
+    assert exact > 0.3 * sum(p.numel() for p in params)  # most come back exactly
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_temporary_z_never_exceeds_the_chunk(direction):
+    big = torch.randn(100_000)  # 25 chunks of 4096
+    with MaxNewStorage([big]) as bounded:
+        add_direction_([big], 5, 1e-3, direction=direction, chunk_elements=4096)
+    assert bounded.count > 0
+    assert bounded.largest <= 4096 * 4  # float32 z; int64 words are 1/4 of that
+
+    # The monitor can fail: one chunk as large as the tensor allocates a full-size z.
+    with MaxNewStorage([big]) as unbounded:
+        add_direction_([big], 5, 1e-3, direction=direction, chunk_elements=1 << 20)
+    assert unbounded.largest >= 100_000 * 4
+
+
+def test_direction_distributions():
+    perturber = Perturber("rademacher", 1 << 16)
+    z = perturber.direction(seed=1, param_id=0, chunk_index=0, n=60_000).clone()
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+    # mean of n signs: sd 1/sqrt(n) = 0.0041; 5 sd
+    assert abs(float(z.mean())) < 5 / 60_000**0.5
+    gauss = Perturber("gaussian", 1 << 16).direction(1, 0, 0, 60_000).clone()
+    assert abs(float(gauss.mean())) < 5 / 60_000**0.5
+    # sample variance of n normals: sd sqrt(2/n) = 0.0058
+    assert abs(float(gauss.var()) - 1) < 5 * (2 / 60_000) ** 0.5
+
+
+def test_chunks_are_independent_of_each_other():
+    perturber = Perturber("gaussian", 1000)
+    first = perturber.direction(9, 2, 3, 1000).clone()
+    perturber.direction(9, 2, 4, 1000)
+    assert torch.equal(perturber.direction(9, 2, 3, 1000), first)
+    assert not torch.equal(perturber.direction(9, 3, 3, 1000), first)
+
+
+def test_masks_touch_only_masked_elements():
+    params = _params(2)
+    base = [p.clone() for p in params]
+    masks = [p.abs() <= p.abs().median() for p in params]
+    add_direction_(params, 4, 1e-2, masks=masks, chunk_elements=512)
+    for p, p0, m in zip(params, base, masks, strict=True):
+        changed = p != p0
+        assert torch.equal(changed, m)
+
+
+def test_pack_unpack_round_trip():
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 8, 13, 1000):
+        mask = torch.rand(n, generator=gen) < 0.3
+        packed = pack_mask(mask)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 8)
+        assert torch.equal(unpack_mask(packed, n), mask)
+
+
+def test_plan_packs_small_tensors_and_splits_large_ones():
+    plan = plan_chunks([10, 2500, 5, 6, 1000, 0, 3], [0, 1, 2, 3, 4, 5, 6], 1000)
+    assert all(c.numel <= 1000 for c in plan)
+    assert [(c.key, c.number, c.numel) for c in plan] == [
+        (0, 0, 10),
+        (1, 0, 1000),
+        (1, 1, 1000),
+        (1, 2, 500),
+        (2, 0, 11),
+        (4, 0, 1000),
+        (6, 0, 3),
+    ]
+    covered = {}
+    for chunk in plan:
+        for seg in chunk.segments:
+            covered[seg.index] = covered.get(seg.index, 0) + seg.end - seg.start
+    assert covered == {0: 10, 1: 2500, 2: 5, 3: 6, 4: 1000, 6: 3}
+    # small tensors pack up to the largest one's size, not to a far larger chunk
+    small = plan_chunks([10, 20, 30], [0, 1, 2], 1 << 16)
+    assert [(c.key, c.numel) for c in small] == [(0, 30), (2, 30)]
+
+
+def test_non_contiguous_parameter_is_refused_with_advice():
+    p = torch.randn(4, 6).t()
+    with pytest.raises(ValueError, match="contiguous"):
+        add_direction_([p], 0, 1.0)
