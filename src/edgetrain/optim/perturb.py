@@ -178,6 +178,17 @@ class Perturber:
         """A reusable buffer of ``n <= chunk_elements`` elements (update arithmetic)."""
         return self._buffer(torch.device(device), name, 0, n, dtype)[:n]
 
+    def z_buffer(self, device: torch.device, n: int) -> torch.Tensor:
+        """The float32 storage that the next ``direction()`` call on ``device`` (slot 0)
+        overwrites, as a scratch of ``n`` elements: free to use until z is drawn."""
+        device = torch.device(device)
+        if self.direction_kind == "gaussian":
+            return self._buffer(device, "z", 0, n, torch.float32)[:n]
+        padded = -(-n // 32) * 32
+        return self._buffer(device, "signs", 0, padded, torch.int32)[:padded].view(torch.float32)[
+            :n
+        ]
+
     def buffer_bytes(self) -> int:
         """Bytes held by the reusable chunk buffers (for the memory meter)."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values())

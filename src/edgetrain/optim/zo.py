@@ -136,6 +136,12 @@ class ZORecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def _apply_mask_(values: torch.Tensor, mask: torch.Tensor) -> None:
+    """values *= mask for a bool mask, without the float32 copy of the mask that an
+    in-place multiplication by a bool tensor would allocate."""
+    values.masked_fill_(mask.logical_not(), 0.0)
+
+
 def query_seeds(seed: int, queries: int) -> list[int]:
     """The direction seed of each query of a step whose seed is ``seed``."""
     return [derive_seed(seed, i) for i in range(queries)]
@@ -483,7 +489,8 @@ class ZOSGD(torch.optim.Optimizer):
                 for chunk in self._plans[gi]:
                     device = params[chunk.segments[0].index].device
                     bits = self.perturber.scratch(device, "mask", chunk.numel, torch.bool)
-                    stat = self.perturber.scratch(device, "stat", chunk.numel)
+                    # z's own buffer holds |theta| until z is drawn: no extra chunk.
+                    stat = self.perturber.z_buffer(device, chunk.numel)
                     for seg, values in zip(chunk.segments, self._segments(gi, chunk), strict=True):
                         out = stat[seg.offset : seg.offset + seg.end - seg.start]
                         if group["mask_on"] == "abs":
@@ -504,7 +511,7 @@ class ZOSGD(torch.optim.Optimizer):
                 for c, chunk in enumerate(self._plans[gi]):
                     z = self._direction(seed, chunk, gi)
                     if masks is not None:
-                        z.mul_(unpack_mask(masks[c], chunk.numel))
+                        _apply_mask_(z, unpack_mask(masks[c], chunk.numel))
                     torch._foreach_add_(
                         self._segments(gi, chunk), self._pieces(z, chunk), alpha=alpha
                     )
@@ -539,11 +546,22 @@ class ZOSGD(torch.optim.Optimizer):
                         continue
                     device = targets[0].device
                     m = None if masks is None else unpack_mask(masks[c], chunk.numel)
-                    d = self.perturber.scratch(device, "ghat", chunk.numel)
-                    for i in range(q):
+                    in_place = q == 1 and not wd
+                    if in_place:
+                        # One direction, no decay: g_hat = g z is z scaled in place, so the
+                        # step needs no buffer beyond z's own.
+                        d = self._direction(seeds[0], chunk, gi)
+                        if m is not None:
+                            _apply_mask_(d, m)
+                        if restore:
+                            torch._foreach_add_(targets, self._pieces(d, chunk), alpha=restore)
+                        d.mul_(grads[0])
+                    else:
+                        d = self.perturber.scratch(device, "ghat", chunk.numel)
+                    for i in range(0 if in_place else q):
                         z = self._direction(seeds[i], chunk, gi)
                         if m is not None:
-                            z.mul_(m)
+                            _apply_mask_(z, m)
                         if i == q - 1 and restore:
                             torch._foreach_add_(targets, self._pieces(z, chunk), alpha=restore)
                         if i == 0:
@@ -554,7 +572,7 @@ class ZOSGD(torch.optim.Optimizer):
                     if wd:
                         torch._foreach_add_(pieces, targets, alpha=wd)
                         if m is not None:
-                            d.mul_(m)
+                            _apply_mask_(d, m)
                     if rule == "sgd":
                         torch._foreach_add_(targets, pieces, alpha=-step_coef * lr)
                     elif rule == "sign":
