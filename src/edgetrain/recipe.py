@@ -92,6 +92,8 @@ class Estimator:
     """Sparse MeZO mask statistic: ``abs`` (|theta| <= threshold) or ``signed``."""
     cut: int | None = None
     """Hybrid: index of the first backprop block; blocks before it train by ZO."""
+    zo_lr: float | None = None
+    """Hybrid: learning rate of the ZO front's update (None: ``optimizer.lr``)."""
     chunk_elements: int = 1 << 16
     """Largest temporary z (elements) while perturbing; bounds transient memory."""
     train_mode_evals: bool = False
@@ -108,6 +110,8 @@ class Estimator:
         _choice(self.mask_on, ("abs", "signed"), "mask_on")
         if self.cut is not None and self.cut < 0:
             raise ValueError(f"Invalid cut: {self.cut} (a block index, >= 0)")
+        if self.zo_lr is not None:
+            _positive(self.zo_lr, "zo_lr")
         if self.kind == "hybrid" and self.cut is None:
             raise ValueError("A hybrid estimator needs cut= (the first backprop block index)")
         if self.chunk_elements < 1:

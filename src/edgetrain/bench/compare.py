@@ -158,7 +158,13 @@ def applicable(recipe: Recipe, model: torch.nn.Module) -> str | None:
     """Why ``recipe`` cannot run on ``model``, or None if it can."""
     if recipe.backward.kind in ("wht", "token_drop") and not hasattr(model, "grid_size"):
         return f"backward {recipe.backward.kind!r} needs a token-grid model (the ViT)"
-    if recipe.numerics.kind == "fixed_point" and recipe.estimator.kind == "zo":
+    if recipe.estimator.kind == "hybrid":
+        from edgetrain.estimators.hybrid import hybrid_applicable
+
+        reason = hybrid_applicable(recipe, model)
+        if reason is not None:
+            return f"ElasticZO: {reason}"
+    if recipe.numerics.kind == "fixed_point" and recipe.estimator.kind in ("zo", "hybrid"):
         from edgetrain.numerics.fixed_point import convert
 
         try:

@@ -38,20 +38,21 @@ _MODULES = {
     "forward_grad": "edgetrain.estimators.forward_grad",
     "hybrid": "edgetrain.estimators.hybrid",
     "fixed_point_zo": "edgetrain.estimators.fixed_point_zo",
+    "hybrid_int8": "edgetrain.estimators.hybrid_int8",
 }
 
 
 def _kind_of(recipe: Recipe) -> str:
     """The estimator that runs ``recipe``: integer numerics route zeroth-order recipes to
-    the fixed-point estimator (the arithmetic changes the whole step, not one layer)."""
+    the fixed-point estimator and hybrid ones to ElasticZO-INT8 (the arithmetic changes
+    the whole step, not one layer)."""
     kind = recipe.estimator.kind
     if recipe.numerics.kind == "fixed_point":
         if kind == "zo":
             return "fixed_point_zo"
-        if kind != "hybrid":
-            raise ValueError(
-                f"Fixed-point numerics run with estimator 'zo' or 'hybrid', not {kind!r}"
-            )
+        if kind == "hybrid":
+            return "hybrid_int8"
+        raise ValueError(f"Fixed-point numerics run with estimator 'zo' or 'hybrid', not {kind!r}")
     return kind
 
 

@@ -1,0 +1,551 @@
+"""ElasticZO-INT8: an integer zeroth-order front and an 8-bit backprop tail (Sugiura &
+Matsutani 2025, arXiv:2501.04287, the paper's INT8 variant).
+
+Source: the paper's abstract ("integer arithmetic-only ZO-based training ... a novel
+method for computing quantized ZO gradients from integer cross-entropy loss values"); the
+stored copies we could read stop before the method section, so the integer formats and
+rules below are ours, built from edgetrain.numerics (the same fixed-point model as the
+"Stepping Forward" estimator, edgetrain.estimators.fixed_point_zo). What is exact integer
+arithmetic and what is simulated is listed at the end.
+
+The float model is converted to an integer model (``numerics.convert``: a chain of
+Linear / Conv2d [+ folded BatchNorm] [+ ReLU], pooling and flatten ops; edgetrain's MLP
+and CNN, not the ViT) with ``numerics.weight_bits`` weights (8 in the preset) under one
+scale per tensor, 8-bit activations and int32 biases. The ops are cut at block
+``C = recipe.estimator.cut``: affine ops of ``blocks[:C]`` (and of any stem) are the
+front, every op after the last front op is the tail.
+
+One step with ``m = queries`` directions:
+
+* **Front (integer ZO, as fixed_point_zo).** Integer perturbations ``+delta_i, -2 delta_i,
+  +delta_i`` of the front's integer weights (restoring them exactly), the projected
+  gradient ``(l+ - l-) / (2 eps)`` (or its sign with optimizer ``sign``) and the
+  stochastically rounded integer update ``w_q <- sat(w_q - SR(lr_zo g z / s))`` of
+  ``FixedPointZO`` (``lr_zo = estimator.zo_lr`` or ``optimizer.lr``).
+* **Tail (8-bit backprop), on every one of the 2m perturbed passes.** The integer
+  forward runs through the whole model; each tail op keeps its int8/uint8 input (and a
+  ReLU mask); the logits' error ``softmax(logits) - onehot`` lies in [-1, 1] and is
+  quantized to int8 at scale 1/127. Going back through the tail ops, the error arriving
+  at each affine op is requantized to int8 with a fixed per-op scale ``s_e`` (gemmlowp
+  multiplier and shift, ``numerics.multiply_by_quantized_multiplier``, saturation
+  counted in ``error_clips``); the weight gradient is the integer product
+  ``G = e_q^T x_q`` (int32 accumulation, summed over the passes), the bias gradient the
+  integer sum of ``e_q``, and the error to the previous op ``e_q W_q`` (int32, scale
+  ``s_e s_w``), through average pooling (spread over the window, scale / window) and
+  ReLU masks. The per-op error scales are calibrated once, on the first batch at the
+  unperturbed weights (``max|e| / 127`` times ``error_headroom``), as the forward's
+  activation scales are.
+* **Tail update (integer SGD).** ``w_q <- sat(w_q - SR(K G))`` with the real coefficient
+  ``K = lr s_e s_x / (s_w 2m B)`` stored as a quantized multiplier ``(M0, shift)``; the
+  product ``G M0`` is exact in int64 and the shift right by ``31 - shift`` bits rounds
+  stochastically with an integer uniform drawn from the step's generator (unbiased, so
+  updates smaller than a grid step survive, as in fixed_point_zo). Biases likewise on
+  their int32 grid ``s_w s_x``. The tail gradient is the average over the 2m passes
+  (tail weights unperturbed, front at ``w_f +- delta_i``), as in float ElasticZO.
+
+Exact integer arithmetic: the whole forward, the perturbations and the front update
+(FixedPointZO), the error requantization, the gradient products and sums (float64
+products of integer tensors below 2^53, as the simulator's forward), the error
+propagation, and the tail update. Simulated on the host in float: the loss and the
+logits' error ``softmax - onehot`` (computed from the dequantized int32 logits, then
+quantized to int8; the paper's integer cross-entropy was not at hand), the real scales
+(host metadata turned into integer multipliers, as at conversion), and the ZO scalar.
+Storage in the simulator: weights live in int32 tensors and biases in int64 (the device
+would hold ``weight_bits`` and 32 bits); saved tail inputs are stored as real int8/uint8
+tensors and ReLU masks as bool (1 byte; a device would pack them at 1 bit).
+
+Not supported: one-sided differences, blockwise/ZO-Cons fronts, custom loss functions,
+per-channel weight scales (the error propagation needs one weight scale per tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgetrain import scope as scope_mod
+from edgetrain.estimators import register
+from edgetrain.estimators.base import LossFn
+from edgetrain.estimators.fixed_point_zo import FixedPointZO
+from edgetrain.numerics.fixed_point import (
+    INT32_MAX,
+    INT32_MIN,
+    IntAvgPool,
+    IntConv2d,
+    IntFlatten,
+    IntModel,
+    IntModule,
+    IntReLU,
+    _IntAffine,
+    multiply_by_quantized_multiplier,
+    quantize_multiplier,
+    write_back,
+)
+from edgetrain.numerics.quant import qrange
+from edgetrain.recipe import Recipe
+from edgetrain.scope import Selection
+from edgetrain.seeding import make_generator
+
+__all__ = ["ElasticZOInt8", "ERROR_QMAX"]
+
+ERROR_QMAX = 127
+"""Errors (output gradients) are int8 in [-127, 127]."""
+
+_TAIL_ROUND_PATH = 3  # seed sub-path of the tail update's stochastic rounding
+
+
+@dataclass
+class _TailParam:
+    """A tail affine op and which of its integer tensors train."""
+
+    index: int  # position in int_model.ops
+    op: _IntAffine
+    weight: bool
+    bias: bool
+
+
+@dataclass
+class _Saved:
+    """What the backward of one tail op needs from its forward."""
+
+    index: int
+    op: Any
+    inputs: torch.Tensor | None = None  # int8 / uint8 (affine ops)
+    mask: torch.Tensor | None = None  # bool, ReLU derivative
+    shape: tuple[int, ...] = ()
+
+
+def _compact(x: torch.Tensor) -> torch.Tensor:
+    """An integer activation in the smallest dtype that holds it (the saved input)."""
+    lo, hi = int(x.min()), int(x.max())
+    if lo >= 0 and hi <= 255:
+        return x.to(torch.uint8)
+    if lo >= -128 and hi <= 127:
+        return x.to(torch.int8)
+    if lo >= -(1 << 15) and hi < (1 << 15):
+        return x.to(torch.int16)
+    return x.to(torch.int32)
+
+
+def _saturate_count(x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, int]:
+    outside = int(((x < lo) | (x > hi)).sum())
+    return (x.clamp(lo, hi) if outside else x), outside
+
+
+@register("hybrid_int8")
+class ElasticZOInt8(FixedPointZO):
+    """ElasticZO-INT8 on an integer model; see the module docstring.
+
+    ``calibration``: a float input batch for the activation scales (None: the first
+    step's inputs). ``rounding``: ``"stochastic"`` (default) or ``"nearest"`` for both
+    updates. ``error_headroom``: the calibrated error scales span this multiple of the
+    largest error seen. ``sync_float``: write the integer weights back into the float
+    model after each step (so that evaluating ``model`` sees the training).
+    """
+
+    kind = "hybrid_int8"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: Recipe,
+        loss_fn: LossFn | None = None,
+        *,
+        seed: int = 0,
+        calibration: torch.Tensor | None = None,
+        rounding: str = "stochastic",
+        weight_headroom: float = 2.0,
+        error_headroom: float = 2.0,
+        sync_float: bool = True,
+    ) -> None:
+        est = recipe.estimator
+        if est.kind != "hybrid":
+            raise ValueError(f"ElasticZO-INT8 needs estimator kind 'hybrid', got {est.kind!r}")
+        if est.difference != "two_sided":
+            raise ValueError("ElasticZO-INT8 supports difference='two_sided' only")
+        if loss_fn is not None:
+            raise ValueError(
+                "ElasticZO-INT8 computes the cross-entropy of the integer logits itself; "
+                "it takes no loss_fn"
+            )
+        if not error_headroom >= 1.0:
+            raise ValueError(f"Invalid error_headroom: {error_headroom} (must be >= 1)")
+        self.cut = int(est.cut)
+        self.error_headroom = float(error_headroom)
+        self.error_scales: dict[int, float] = {}
+        self.error_clips = 0
+        self.gradient_saturations = 0
+        self._tail_start = 0
+        self._tail_params: list[_TailParam] = []
+        super().__init__(
+            model,
+            recipe,
+            None,
+            seed=seed,
+            rounding=rounding,
+            per_channel=False,
+            weight_headroom=weight_headroom,
+            sync_float=sync_float,
+        )
+        n_blocks = len(scope_mod.find_blocks(model))
+        if not 0 <= self.cut <= n_blocks:
+            raise ValueError(f"Invalid cut: {self.cut} for a model of {n_blocks} blocks")
+        if calibration is not None:
+            self.calibrate(calibration)
+
+    # ------------------------------------------------------------------ setup
+
+    def _set_int_model(self, int_model: IntModel) -> None:
+        """Cut the integer ops: the front's trainables go to FixedPointZO's machinery,
+        the tail's to the integer backprop."""
+        blocks = scope_mod.find_blocks(self.model)
+        block_of = {id(m): i for i, b in enumerate(blocks) for m in b.modules()}
+        ops = int_model.ops
+        seen_block = False
+        last_front = -1
+        first_tail = None
+        for i, op in enumerate(ops):
+            if not isinstance(op, _IntAffine):
+                continue
+            b = block_of.get(id(op.source[0]))
+            seen_block = seen_block or b is not None
+            front = (b is not None and b < self.cut) or (b is None and not seen_block)
+            if front:
+                if first_tail is not None:
+                    raise ValueError("ElasticZO-INT8 needs the front's layers before the tail's")
+                last_front = i
+            elif first_tail is None:
+                first_tail = i
+        self._tail_start = last_front + 1
+        selected = {id(p) for p in self.params}
+        front_ops = [op for op in ops[: self._tail_start] if isinstance(op, _IntAffine)]
+        front_ids = {
+            id(p) for op in front_ops for m in op.source if m is not None for p in m.parameters()
+        }
+        front_named = [(n, p) for n, p in self.selection.named if id(p) in front_ids]
+        if front_named:
+            full = self.selection
+            self.selection = Selection(front_named)
+            try:
+                super()._set_int_model(int_model)
+            finally:
+                self.selection = full
+        else:
+            self.int_model = int_model
+            self.int_module = IntModule(int_model)
+            self._trainables = []
+        self._tail_params = []
+        for i, op in enumerate(ops[self._tail_start :], start=self._tail_start):
+            if not isinstance(op, _IntAffine):
+                continue
+            affine, bn = op.source
+            weight = id(affine.weight) in selected
+            bias = op.bias is not None and (
+                (affine.bias is not None and id(affine.bias) in selected)
+                or (bn is not None and bn.bias is not None and id(bn.bias) in selected)
+            )
+            if weight or bias:
+                self._tail_params.append(_TailParam(i, op, weight, bias))
+        if not self._tail_params:
+            raise ValueError(
+                f"No integer tensor trains after cut={self.cut}: the backprop tail is empty"
+            )
+
+    # ------------------------------------------------------------------ passes
+
+    def _pass(
+        self,
+        x_q: torch.Tensor,
+        y: torch.Tensor,
+        grads: dict[int, list[torch.Tensor | None]] | None,
+        *,
+        observe: bool = False,
+    ) -> float:
+        """Integer forward, loss, and (unless the loss is not finite) the tail's integer
+        backward, adding each tail op's gradient into ``grads``."""
+        stats = self.int_model.stats
+        h = x_q
+        saved: list[_Saved] = []
+        for i, op in enumerate(self.int_model.ops):
+            if i < self._tail_start:
+                h = op.forward(h, stats)
+                continue
+            record = _Saved(i, op, shape=tuple(h.shape))
+            out = op.forward(h, stats)
+            if isinstance(op, _IntAffine):
+                record.inputs = _compact(h)
+                if op.relu:
+                    record.mask = out > 0
+            elif isinstance(op, IntReLU):
+                record.mask = out > 0
+            saved.append(record)
+            h = out
+        logits = self.int_model.dequantize_output(h)  # (B, classes) float32
+        value = float(F.cross_entropy(logits, y))
+        if not math.isfinite(value):
+            return value
+        error = torch.softmax(logits.to(torch.float64), dim=1)  # (B, classes)
+        error[torch.arange(len(y)), y] -= 1.0  # in [-1, 1]
+        e_q = torch.round(error * ERROR_QMAX).to(torch.int64)
+        self._backward(saved, e_q, 1.0 / ERROR_QMAX, grads, observe)
+        return value
+
+    def _backward(
+        self,
+        saved: list[_Saved],
+        e: torch.Tensor,
+        e_scale: float,
+        grads: dict[int, list[torch.Tensor | None]] | None,
+        observe: bool,
+    ) -> None:
+        stats = self.int_model.stats
+        trainable = {tp.index for tp in self._tail_params}
+        earliest = min(trainable)
+        for record in reversed(saved):
+            op = record.op
+            if isinstance(op, _IntAffine):
+                if record.mask is not None:
+                    e = e * record.mask
+                if observe:
+                    largest = float(e.abs().max()) * e_scale
+                    scale = largest * self.error_headroom / ERROR_QMAX
+                    self.error_scales[record.index] = scale if scale > 0 else e_scale
+                s_e = self.error_scales[record.index]
+                m0, shift = quantize_multiplier(e_scale / s_e)
+                e = multiply_by_quantized_multiplier(
+                    e, torch.tensor(m0), torch.tensor(shift), stats
+                )
+                e, clipped = _saturate_count(e, -ERROR_QMAX, ERROR_QMAX)
+                self.error_clips += clipped
+                e_scale = s_e
+                e_f = e.to(torch.float64)
+                x_f = record.inputs.to(torch.float64)
+                if grads is not None and record.index in grads:
+                    g_w, g_b = grads[record.index]
+                    if isinstance(op, IntConv2d):
+                        gw = torch.nn.grad.conv2d_weight(
+                            x_f, op.weight.shape, e_f, op.stride, op.padding, op.dilation
+                        )  # (C_out, C_in, kh, kw), exact integers
+                        gb = e_f.sum(dim=(0, 2, 3))  # (C_out,)
+                    else:
+                        gw = e_f.T @ x_f  # (C_out, C_in)
+                        gb = e_f.sum(dim=0)  # (C_out,)
+                    if g_w is not None:
+                        g_w += gw.to(torch.int64)
+                    if g_b is not None:
+                        g_b += gb.to(torch.int64)
+                if record.index <= earliest:
+                    return  # nothing in front of this op trains in the tail
+                w_f = op.weight.to(torch.float64)
+                if isinstance(op, IntConv2d):
+                    e = torch.nn.grad.conv2d_input(
+                        record.shape, w_f, e_f, op.stride, op.padding, op.dilation
+                    ).to(torch.int64)  # (B, C_in, H, W)
+                else:
+                    e = (e_f @ w_f).to(torch.int64)  # (B, C_in)
+                e_scale = s_e * float(op.w_scale)
+            elif isinstance(op, IntFlatten):
+                e = e.reshape(record.shape)
+            elif isinstance(op, IntAvgPool):
+                _, _, H, W = record.shape
+                kh, kw = (H, W) if op.kernel is None else op.kernel
+                e = e.repeat_interleave(kh, dim=2).repeat_interleave(kw, dim=3)  # (B,C,H',W')
+                e = F.pad(e, (0, W - e.shape[3], 0, H - e.shape[2]))  # (B, C, H, W)
+                e_scale /= kh * kw
+            elif isinstance(op, IntReLU):
+                e = e * record.mask
+            else:  # pragma: no cover - convert builds only the ops above
+                raise TypeError(f"No integer backward for {type(op).__name__}")
+
+    # ------------------------------------------------------------------- step
+
+    def _new_grads(self) -> dict[int, list[torch.Tensor | None]]:
+        return {
+            tp.index: [
+                torch.zeros(tp.op.weight.shape, dtype=torch.int64) if tp.weight else None,
+                torch.zeros(tp.op.bias.shape, dtype=torch.int64) if tp.bias else None,
+            ]
+            for tp in self._tail_params
+        }
+
+    def _step(self, batch: Any) -> tuple[float, int, int]:
+        if isinstance(batch, dict) or not isinstance(batch, (tuple, list)):
+            raise TypeError("ElasticZO-INT8 needs (x, y) batches")
+        x, y = batch[0], batch[1]
+        if self.int_model is None:
+            self.calibrate(x)
+        x_q = self.int_model.quantize_input(x)
+        if not self.error_scales:
+            self._pass(x_q, y, None, observe=True)  # calibrate the error scales, once
+        m = self.recipe.estimator.queries if self._trainables else 1
+        eps = self.recipe.estimator.eps
+        self._make_masks()
+        grads = self._new_grads()
+        projected: list[float] = []
+        losses: list[float] = []
+        try:
+            for q in range(m):
+                if not self._trainables:
+                    value = self._pass(x_q, y, grads)
+                    self.check_finite(value)
+                    losses.append(value)
+                    break
+                self._perturb(q, +1)
+                at = +1
+                try:
+                    plus = self._pass(x_q, y, grads)
+                    self._perturb(q, -2)
+                    at = -1
+                    minus = self._pass(x_q, y, grads)
+                finally:
+                    self._perturb(q, -at)  # back to w_q exactly, also after an error
+                for value in (plus, minus):
+                    self.check_finite(value)
+                diff = plus - minus
+                projected.append(float(np.sign(diff)) if self.sign else diff / (2 * eps))
+                losses.append(0.5 * (plus + minus))
+        finally:
+            self._masks = []
+        passes = 2 * m if self._trainables else 1
+        if projected:
+            self._update(self._front_scaled(projected))
+        self._tail_update(grads, passes, len(y))
+        self.last_projected = projected
+        if self.sync_float:
+            write_back(self.int_model)
+        return float(np.mean(losses)), passes, passes
+
+    def _front_scaled(self, projected: list[float]) -> list[float]:
+        """FixedPointZO's update uses ``optimizer.lr``; the front's is ``zo_lr``."""
+        zo_lr = self.recipe.estimator.zo_lr
+        if zo_lr is None:
+            return projected
+        ratio = zo_lr / self.recipe.optimizer.lr
+        return [p * ratio for p in projected]
+
+    def _shift_round(self, value: torch.Tensor, right: int, gen: torch.Generator) -> torch.Tensor:
+        """``value / 2^right`` rounded to an integer (stochastically: floor(value + u) with
+        an integer uniform u in [0, 2^right); or to nearest). |value| < 2^62."""
+        if right <= 0:
+            return torch.bitwise_left_shift(value, -right)
+        if right > 62:  # two stages, each unbiased: still unbiased
+            value = self._shift_round(value, right - 62, gen)
+            right = 62
+        if self.rounding == "nearest":
+            offset = torch.full_like(value, 1 << (right - 1))
+        else:
+            offset = torch.randint(0, 1 << right, value.shape, generator=gen, dtype=torch.int64)
+        return torch.div(value + offset, 1 << right, rounding_mode="floor")
+
+    @torch.no_grad()
+    def _tail_update(
+        self, grads: dict[int, list[torch.Tensor | None]], passes: int, batch_size: int
+    ) -> None:
+        """``w_q <- sat(w_q - SR(K G))`` for each trainable tail tensor (module doc)."""
+        lr = self.recipe.optimizer.lr
+        for t, tp in enumerate(self._tail_params):
+            op = tp.op
+            s_e = self.error_scales[tp.index]
+            s_w = float(op.w_scale)
+            gen = make_generator(self.step_seed(_TAIL_ROUND_PATH, t))
+            g_w, g_b = grads[tp.index]
+            parts = []
+            if g_w is not None:
+                lo, hi = qrange(op.weight_bits)
+                parts.append((op.weight, g_w, lr * s_e * op.in_scale / s_w, lo, hi))
+            if g_b is not None:
+                parts.append((op.bias, g_b, lr * s_e / (s_w * op.in_scale), INT32_MIN, INT32_MAX))
+            for tensor, grad, coefficient, lo, hi in parts:
+                grad, saturated = _saturate_count(grad, INT32_MIN, INT32_MAX)
+                self.gradient_saturations += saturated
+                m0, shift = quantize_multiplier(coefficient / (passes * batch_size))
+                if m0 == 0:
+                    continue
+                step = self._shift_round(grad * m0, 31 - shift, gen)
+                new, outside = _saturate_count(tensor.to(torch.int64) - step, lo, hi)
+                self.update_saturations += outside
+                tensor.copy_(new.to(tensor.dtype))
+
+    # -------------------------------------------------------------- footprint
+
+    def footprint(self, batch: Any, *, as_float: bool = False) -> dict[str, int]:
+        """Bytes an integer-only device would hold for one step on ``batch`` (a model of
+        the deployed memory, counted from the integer model's shapes; the simulator's own
+        int64/float64 temporaries are not what a device allocates, so ``memory.measure``
+        of this estimator is not that figure). ``weights``: ``weight_bits`` per weight
+        (bytes, rounded up) and int32 biases; ``grads``: an int32 accumulator per
+        trainable tail element; ``saved``: the tail's saved int8 inputs and 1-bit ReLU
+        masks; ``buffers``: the largest live input + int32 accumulator of one op (forward)
+        or int8 error + int32 accumulator (backward). ``as_float=True`` counts the same
+        step in float32 (4 bytes for every weight, activation, error and gradient): the
+        float ElasticZO step with the same cut, for the INT8-vs-float ratio.
+        """
+        if self.int_model is None:
+            self.calibrate(batch[0])
+        a = 4 if as_float else -(-self.int_model.activation_bits // 8)
+        w_bytes = 4 if as_float else -(-self.int_model.weight_bits // 8)
+        acc = 4
+        weights = sum(
+            op.weight.numel() * w_bytes + (0 if op.bias is None else op.bias.numel() * 4)
+            for op in self.int_model.affine_ops()
+        )
+        grads = sum(
+            (tp.op.weight.numel() if tp.weight else 0) + (tp.op.bias.numel() if tp.bias else 0)
+            for tp in self._tail_params
+        ) * (4 if as_float else acc)
+        saved = 0
+        buffers = 0
+        stats_before = self.int_model.stats.as_dict()
+        h = self.int_model.quantize_input(batch[0])
+        for i, op in enumerate(self.int_model.ops):
+            out = op.forward(h, self.int_model.stats)
+            buffers = max(buffers, h.numel() * a + out.numel() * acc)
+            if i >= self._tail_start and isinstance(op, (_IntAffine, IntReLU)):
+                if isinstance(op, _IntAffine):
+                    saved += h.numel() * a
+                    buffers = max(buffers, out.numel() * (a + acc) + h.numel() * acc)
+                if isinstance(op, IntReLU) or op.relu:
+                    saved += out.numel() * 4 if as_float else -(-out.numel() // 8)
+            h = out
+        for key, value in stats_before.items():
+            setattr(self.int_model.stats, key, value)  # a count, not training
+        total = weights + grads + saved + buffers
+        return {
+            "weights": weights,
+            "grads": grads,
+            "saved": saved,
+            "buffers": buffers,
+            "total": total,
+        }
+
+    # ------------------------------------------------------------------ state
+
+    def overflow_stats(self) -> dict[str, int]:
+        return {
+            **super().overflow_stats(),
+            "error_clips": self.error_clips,
+            "gradient_saturations": self.gradient_saturations,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "cut": self.cut,
+            "error_scales": {str(k): v for k, v in self.error_scales.items()},
+            "error_clips": self.error_clips,
+            "gradient_saturations": self.gradient_saturations,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["cut"]) != self.cut:
+            raise ValueError(f"State saved with cut={state['cut']}, this estimator has {self.cut}")
+        super().load_state_dict(state)
+        self.error_scales = {int(k): float(v) for k, v in state["error_scales"].items()}
+        self.error_clips = int(state["error_clips"])
+        self.gradient_saturations = int(state["gradient_saturations"])
