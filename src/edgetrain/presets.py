@@ -106,7 +106,7 @@ def _zo(name: str, description: str, optimizer: Optimizer, **estimator) -> Recip
 def mezo() -> Recipe:
     """MeZO (Malladi et al. 2023): two-sided SPSA with one Gaussian direction per step,
     z regenerated from the step seed (never stored), ZO-SGD."""
-    return _zo("mezo", "MeZO: two-sided SPSA, Gaussian z, ZO-SGD", Optimizer(kind="sgd", lr=1e-4))
+    return _zo("mezo", "MeZO: two-sided SPSA, Gaussian z, ZO-SGD", Optimizer(kind="sgd", lr=3e-5))
 
 
 @preset
@@ -126,21 +126,21 @@ def sparse_mezo() -> Recipe:
 @preset
 def zo_sign() -> Recipe:
     """ZO-SignSGD (Liu et al. 2019; ZO-Bench): the update is lr * sign(g * z)."""
-    return _zo("zo_sign", "ZO-SignSGD", Optimizer(kind="sign", lr=1e-4))
+    return _zo("zo_sign", "ZO-SignSGD", Optimizer(kind="sign", lr=1e-3))
 
 
 @preset
 def zo_momentum() -> Recipe:
     """ZO-SGD with heavy-ball momentum (ZO-Bench, Zhang et al. 2024); keeps a model-size
     momentum buffer."""
-    return _zo("zo_momentum", "ZO-SGD with momentum 0.9", Optimizer(kind="momentum", lr=1e-5))
+    return _zo("zo_momentum", "ZO-SGD with momentum 0.9", Optimizer(kind="momentum", lr=3e-6))
 
 
 @preset
 def zo_adam() -> Recipe:
     """ZO-Adam (ZO-AdaMM, Chen et al. 2019; ZO-Bench): Adam on the SPSA estimate; keeps
     two model-size moment buffers."""
-    return _zo("zo_adam", "ZO-Adam", Optimizer(kind="adam", lr=1e-4))
+    return _zo("zo_adam", "ZO-Adam", Optimizer(kind="adam", lr=1e-3))
 
 
 @preset
@@ -148,7 +148,7 @@ def zo_cons() -> Recipe:
     """ZO-SGD-Cons (ZO-Bench): after the estimate, keep the best of theta, theta - step and
     theta + step (5 forwards per step with two-sided differences)."""
     return _zo(
-        "zo_cons", "ZO-SGD-Cons: keep the best of three", Optimizer(kind="sgd", lr=1e-4), cons=True
+        "zo_cons", "ZO-SGD-Cons: keep the best of three", Optimizer(kind="sgd", lr=3e-5), cons=True
     )
 
 
