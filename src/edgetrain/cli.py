@@ -7,9 +7,12 @@
     edgetrain finetune --budget 3MB                     # the planner's best recipe
     edgetrain compare  [--task T] [--model M] [--presets a,b] [--quick] [--equal-time S]
     edgetrain compare  --from results/results.json
+    torchrun --nproc-per-node N -m edgetrain finetune ...   # data-parallel (gloo, CPU)
 
 Errors a user can act on print one line (``edgetrain: error: ...``) and exit with 2;
-a training run that diverges exits with 3.
+a training run that diverges exits with 3; a data-parallel run whose collective fails
+(another rank died or timed out) exits with 4. Under torchrun only rank 0 prints and
+writes files.
 """
 
 from __future__ import annotations
@@ -83,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="save the fine-tuned weights (state_dict)")
     p.add_argument("--budget", default=None, help="e.g. 3MB: use the planner's best recipe")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for the others before failing "
+        "(default: $EDGETRAIN_DIST_TIMEOUT or 300)",
+    )
 
     p = sub.add_parser("measure", help="measure one training step's memory by category")
     _add_common(p)
@@ -159,23 +170,39 @@ def _cmd_plan(args) -> int:
 
 
 def _planned_recipe(args, model_name: str):
+    from edgetrain import distributed
     from edgetrain.memory import format_bytes
     from edgetrain.plan import plan
 
     best = plan(args.task, model_name, args.budget, seed=args.seed).best
-    print(
-        f"planner     {best.describe()}: measured peak {format_bytes(best.peak)} "
-        f"within {args.budget}"
-    )
+    if distributed.is_main():
+        print(
+            f"planner     {best.describe()}: measured peak {format_bytes(best.peak)} "
+            f"within {args.budget}"
+        )
     return best.recipe
 
 
 def _cmd_finetune(args) -> int:
+    from edgetrain import distributed
+
+    if not distributed.launched_by_torchrun():
+        return _finetune(args)
+    # One rank of `torchrun -m edgetrain finetune`: the model trains on the CPU, so gloo.
+    distributed.init_from_env(backend="gloo", timeout=args.dist_timeout)
+    try:
+        return _finetune(args)
+    finally:
+        distributed.shutdown()
+
+
+def _finetune(args) -> int:
     import torch
 
-    from edgetrain import tasks
+    from edgetrain import distributed, tasks
     from edgetrain.train import finetune
 
+    main = distributed.is_main()
     task = tasks.get(args.task)
     model_name = args.model or task.default_model
     if args.budget is not None:
@@ -186,7 +213,11 @@ def _cmd_finetune(args) -> int:
             recipe = recipe.replace(steps=args.steps)
     else:
         recipe = _recipe_from_args(args)
-    net = task.pretrained(model_name, progress=not args.no_progress)
+    if main:  # rank 0 builds the cached pretrained model first; the others load it
+        net = task.pretrained(model_name, progress=not args.no_progress)
+    distributed.barrier()
+    if not main:
+        net = task.pretrained(model_name, progress=False)
     result = finetune(
         net,
         task.train,
@@ -196,6 +227,8 @@ def _cmd_finetune(args) -> int:
         checkpoint_dir=args.checkpoint_dir,
         progress=not args.no_progress,
     )
+    if not main:
+        return 0
     print(f"recipe      {recipe.name} on {args.task}/{model_name}, seed {args.seed}")
     if result.resumed_from:
         print(f"resumed     from step {result.resumed_from}")
@@ -208,8 +241,15 @@ def _cmd_finetune(args) -> int:
         f"time        {result.wall_seconds:.1f}s, median {1e3 * result.median_step_seconds:.1f}"
         " ms/step"
     )
+    if result.comm_bytes_per_step is not None:
+        kinds = ", ".join(f"{k} {v:.0f}" for k, v in result.comm_bytes_by_kind.items())
+        print(
+            f"comm        {result.comm_bytes_per_step:.0f} bytes/step per rank "
+            f"({result.world_size} ranks; {kinds})"
+        )
     if result.memory:
-        print("memory (one step, measured):")
+        label = "one step, measured" + (", one rank's shard" if result.world_size > 1 else "")
+        print(f"memory ({label}):")
         print("  " + str(result.memory).replace("\n", "\n  "))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -281,6 +321,7 @@ _COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     from edgetrain._registry import UnknownNameError
+    from edgetrain.distributed import DistributedError
     from edgetrain.train import TrainingDivergedError
 
     args = build_parser().parse_args(argv)
@@ -289,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDivergedError as err:
         print(f"edgetrain: training stopped: {err}", file=sys.stderr)
         return 3
+    except DistributedError as err:
+        print(f"edgetrain: distributed training failed: {err}", file=sys.stderr)
+        return 4
     except (
         CLIError,
         UnknownNameError,

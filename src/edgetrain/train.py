@@ -17,6 +17,13 @@ What it guarantees:
   the update of that step is not applied and the last good checkpoint stays. A loss that
   has not moved for ``stall_steps`` steps gives a warning naming the hyperparameters to
   change.
+* **Data parallelism.** Inside an initialised ``torch.distributed`` process group (e.g.
+  under torchrun) the run is data-parallel (edgetrain.distributed): every rank draws the
+  same global batch and trains on its shard; zeroth-order and forward-gradient estimators
+  exchange only their loss values / JVPs, backprop goes through DDP. Only rank 0 writes
+  the checkpoint and journal, shows the progress bar, warns and evaluates (the other
+  ranks' ``accuracy_*`` are None); ``FitResult.comm_bytes_per_step`` is what each rank
+  exchanged per step. A failed collective raises ``DistributedError``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from edgetrain import distributed as dp_mod
 from edgetrain import estimators
 from edgetrain.estimators.base import LossFn, NonFiniteLossError
 from edgetrain.evaluate import evaluate as evaluate_model
@@ -67,6 +75,13 @@ class FitResult:
     wall_seconds: float = 0.0
     stopped: str | None = None
     resumed_from: int = 0
+    world_size: int = 1
+    """Data-parallel ranks that trained (1: a single process)."""
+    comm_bytes_per_step: float | None = None
+    """Data-parallel runs: mean payload bytes this rank exchanged per step (None alone)."""
+    comm_bytes_by_kind: dict[str, float] = field(default_factory=dict)
+    """The same, by kind: ``scalars`` (loss values / JVPs), ``gradients`` (DDP buckets),
+    ``buffers`` (DDP's broadcast of BatchNorm statistics), ``control`` (stop votes)."""
 
     @property
     def forward_passes(self) -> int:
@@ -178,12 +193,16 @@ def finetune(
     measure: bool = True,
     time_budget: float | None = None,
     stall_steps: int = 200,
+    data_parallel: bool | None = None,
 ) -> FitResult:
     """Fine-tune ``model`` in place with ``recipe`` and return a :class:`FitResult`.
 
-    ``steps`` (or ``epochs``) defaults to the recipe's; ``batch_size`` likewise.
+    ``steps`` (or ``epochs``) defaults to the recipe's; ``batch_size`` likewise (the
+    global batch in data-parallel runs).
     ``eval_data`` gives accuracy before, after and every ``eval_every`` steps.
     ``time_budget`` (seconds of training) stops early, for equal-time comparisons.
+    ``data_parallel``: None trains data-parallel exactly when a torch.distributed process
+    group is initialised; False trains this process alone even inside one.
     """
     if steps is not None and epochs is not None:
         raise ValueError("Give steps or epochs, not both")
@@ -199,6 +218,12 @@ def finetune(
     elif len(train_data) == 0:
         raise ValueError("The training data is empty: nothing to train on")
     sampler = BatchSampler(train_data, batch_size, seed)
+    parallel = dp_mod.is_initialized() if data_parallel is None else data_parallel
+    if parallel and not dp_mod.is_initialized():
+        raise ValueError("data_parallel=True needs an initialised torch.distributed group")
+    main = not parallel or dp_mod.is_main()
+    if parallel:
+        dp_mod.check_shards(len(train_data), sampler.batch_size, dp_mod.get_world_size())
     if epochs is not None:
         if epochs <= 0:
             raise ValueError(f"Invalid epochs: {epochs} (must be > 0)")
@@ -208,24 +233,33 @@ def finetune(
         raise ValueError(f"Invalid steps: {steps} (must be >= 1)")
 
     result = FitResult(model=model, recipe=recipe, steps=0)
-    if evaluate and eval_data is not None:
+    if parallel:
+        result.world_size = dp_mod.get_world_size()
+    if main and evaluate and eval_data is not None:
         result.accuracy_before = evaluate_model(model, eval_data)["accuracy"]
     if measure:
+        first = sampler.batch(0)
+        if parallel:  # one rank's step: its shard
+            first = dp_mod.shard_batch(first)
         try:
-            result.memory = measure_memory(model, recipe, sampler.batch(0), loss_fn, seed=seed)
+            result.memory = measure_memory(model, recipe, first, loss_fn, seed=seed)
         except RuntimeError as err:
             if "shape" in str(err) or "size" in str(err):
-                raise _shape_error(err, sampler.batch(0)) from err
+                raise _shape_error(err, first) from err
             raise
 
     est = estimators.build(model, recipe, loss_fn, seed=seed)
     ckpt_path = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
     start_step = 0
+    dp: dp_mod.DataParallel | None = None
     try:
+        if parallel:
+            dp = dp_mod.DataParallel(est, len(train_data), sampler.batch_size)
         if ckpt_path is not None:
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            if main:
+                ckpt_path.parent.mkdir(parents=True, exist_ok=True)
             start_step = _resume(ckpt_path, model, est, recipe, seed, result)
-            start_step = _resume_journal(Path(checkpoint_dir), model, est, start_step, result)
+            start_step = _resume_journal(Path(checkpoint_dir), model, est, start_step, result, dp)
         result.resumed_from = start_step
         model.train()
         _loop(
@@ -235,17 +269,24 @@ def finetune(
             result,
             start_step,
             steps,
-            ckpt_path,
+            ckpt_path if main else None,
             checkpoint_every,
-            progress,
-            eval_data if evaluate else None,
+            progress and main,
+            eval_data if evaluate and main else None,
             eval_every,
             time_budget,
-            stall_steps,
+            stall_steps if main else 0,
+            dp,
         )
+        if dp is not None:
+            dp.finish()
+            result.comm_bytes_per_step = dp.bytes_per_step
+            result.comm_bytes_by_kind = dp.counter.mean_by_kind()
     finally:
+        if dp is not None:
+            dp.close()
         est.close()
-    if evaluate and eval_data is not None:
+    if main and evaluate and eval_data is not None:
         result.accuracy_after = evaluate_model(model, eval_data)["accuracy"]
     return result
 
@@ -264,6 +305,7 @@ def _loop(
     eval_every,
     time_budget,
     stall_steps,
+    dp=None,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -283,6 +325,8 @@ def _loop(
     try:
         for step in range(start_step, steps):
             batch = sampler.batch(step)
+            if dp is not None:
+                batch = dp.shard(batch, step)
             try:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(derive_seed(est.seed, step, 0xD0))
@@ -295,6 +339,8 @@ def _loop(
                 )
                 raise TrainingDivergedError(f"{err}{where}", step) from err
             except RuntimeError as err:
+                if dp is not None and dp.is_comm_error(err):
+                    raise dp.comm_error(err, step) from err
                 if step == start_step and ("shape" in str(err) or "size" in str(err)):
                     raise _shape_error(err, batch) from err
                 raise
@@ -319,7 +365,7 @@ def _loop(
             if ckpt_path is not None and (step + 1) % checkpoint_every == 0:
                 _save(ckpt_path, model, est, result, step + 1)
                 last_saved = step + 1
-            if not stall_warned and _stalled(result.history, stall_steps):
+            if stall_steps and not stall_warned and _stalled(result.history, stall_steps):
                 stall_warned = True
                 warnings.warn(
                     f"{result.recipe.name}: the loss has not moved in {stall_steps} steps "
@@ -329,7 +375,12 @@ def _loop(
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            if time_budget is not None and result.wall_seconds >= time_budget:
+            out_of_time = time_budget is not None and result.wall_seconds >= time_budget
+            if dp is not None and time_budget is not None:
+                out_of_time = dp.any_rank(out_of_time)  # every rank stops at the same step
+            if dp is not None:
+                result.history[-1]["comm_bytes"] = sum(dp.end_step().values())
+            if out_of_time:
                 result.stopped = f"time budget of {time_budget:g}s reached at step {step + 1}"
                 break
     finally:
@@ -384,10 +435,15 @@ def _resume(path: Path, model, est, recipe: Recipe, seed: int, result: FitResult
     return int(state["step"])
 
 
-def _resume_journal(directory: Path, model, est, start_step: int, result: FitResult) -> int:
+def _resume_journal(
+    directory: Path, model, est, start_step: int, result: FitResult, dp=None
+) -> int:
     """Zeroth-order estimators: attach the journal, and if it is further along than the
-    checkpoint, replay the missing records (see edgetrain.journal)."""
+    checkpoint, replay the missing records (see edgetrain.journal). Data-parallel: rank 0
+    writes it, the other ranks replay the same records."""
     attach = getattr(est, "attach_journal", None)
     if attach is None:
         return start_step
+    if dp is not None:
+        return dp.resume_journal(directory, start_step, result)
     return attach(directory, start_step, result)

@@ -59,6 +59,15 @@ draws from torch's global generator forked and seeded with ``step_seed(k, 1)`` s
 caller's RNG state is left as it was and the step is reproducible. Either way each
 module's previous ``training`` flag is restored after the step.
 
+Data parallelism
+----------------
+``reduce_scalars`` (None by default; edgetrain.distributed sets it) receives the step's
+mean loss followed by its ``q`` JVPs, this rank's values on its shard of the batch, and
+returns the values every rank uses (an all-reduce mean): ``q + 1`` floats per step. The
+JVP of the mean loss over the whole batch is the (shard-size weighted) mean of the
+shards' JVPs, so the update is the one a single process would make on the whole batch,
+up to float rounding.
+
 Fused kernels
 -------------
 Some fused kernels have no forward-AD formula (torch's CPU flash attention behind
@@ -71,7 +80,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,6 +198,9 @@ class ForwardGrad(Estimator):
     """
 
     kind = "forward_grad"
+    reduce_scalars: Callable[[list[float]], list[float]] | None = None
+    """Data-parallel hook: this rank's ``[loss, *jvps]`` (q + 1 floats) -> the values all
+    ranks use; None in a single process."""
 
     def __init__(
         self, model: nn.Module, recipe: Recipe, loss_fn: LossFn | None = None, *, seed: int = 0
@@ -326,6 +338,13 @@ class ForwardGrad(Estimator):
                 losses.append(loss)
                 jvps.append(jvp)
         loss = sum(losses) / len(losses)
+        if self.reduce_scalars is not None:
+            reduced = [float(v) for v in self.reduce_scalars([loss, *jvps])]
+            if len(reduced) != 1 + self.queries:
+                raise ValueError(
+                    f"reduce_scalars returned {len(reduced)} values for {1 + self.queries}"
+                )
+            loss, jvps = reduced[0], reduced[1:]
         self.check_finite(loss)
         for value in jvps:
             if not math.isfinite(value):

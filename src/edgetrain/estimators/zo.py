@@ -21,6 +21,10 @@ Blocks for ``blockwise``: contiguous runs of the trainable parameters (in
 group; parameters outside the blocks (embeddings before, norm and head after) form their
 own groups. One group is perturbed and updated per step, in turn.
 
+Data parallelism: ``reduce_scalars`` (None by default) is the extension point that
+edgetrain.distributed sets: each step's loss values go through it (ZOSGD.estimate) before
+the projected gradients are formed, so every rank applies the same update.
+
 Journal: ``attach_journal(path)`` appends each step's record; ``ZO.resume(model, path)``
 loads a model holding the base weights, replays the journal bit for bit and continues.
 """
@@ -40,7 +44,7 @@ from edgetrain import scope as scope_mod
 from edgetrain.estimators import register
 from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
 from edgetrain.journal import JournalWriter, read_journal
-from edgetrain.optim.zo import ZOSGD, NonFiniteLoss, ZORecord
+from edgetrain.optim.zo import ZOSGD, NonFiniteLoss, ReduceScalars, ZORecord
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import derive_seed
 
@@ -81,6 +85,9 @@ def block_groups(
 @register("zo")
 class ZO(Estimator):
     kind = "zo"
+    reduce_scalars: ReduceScalars | None = None
+    """Data-parallel hook: this rank's loss values -> the values all ranks use (see
+    ``ZOSGD.estimate``); None in a single process."""
 
     def __init__(
         self, model: nn.Module, recipe: Recipe, loss_fn: LossFn | None = None, *, seed: int = 0
@@ -149,7 +156,9 @@ class ZO(Estimator):
                     return self.loss_fn(self.model, batch)
 
             try:
-                record = self.optimizer.estimate(closure, seed=step_seed)
+                record = self.optimizer.estimate(
+                    closure, seed=step_seed, reduce_scalars=self.reduce_scalars
+                )
             except NonFiniteLoss as err:
                 raise NonFiniteLossError(self.step_count, err.value) from err
         self.optimizer.apply_record(record)

@@ -49,6 +49,12 @@ applies the update. ``step(closure) = estimate + apply_record``. A journal repla
 by calling ``apply_record`` on each record from the base weights: the step's parameter
 arithmetic (perturb, restore, update) is one fixed program of the record, run with or
 without evaluations, so replay reproduces the trained weights bit for bit.
+
+Data parallelism (edgetrain.distributed): ``estimate(closure, reduce_scalars=f)`` hands
+the step's loss values to ``f`` (an all-reduce mean over the ranks, each of which
+evaluated its shard of the batch at the same perturbed weights) before it computes
+anything from them. Every rank then holds the same record and applies the same update:
+the weights stay identical without a weight or a gradient ever being sent.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ __all__ = [
     "DIFFERENCES",
     "MASK_ON",
     "query_seeds",
+    "ReduceScalars",
 ]
 
 RULES = ("sgd", "sign", "momentum", "adam")
@@ -97,6 +104,10 @@ _GLOBAL_KEYS = (
 )
 _GROUP_KEYS = ("lr", "weight_decay", "momentum", "betas", "adam_eps", "sparsity", "mask_on")
 _ESTIMATED = "estimated"  # program marker: every evaluation of the step has run
+
+ReduceScalars = Callable[[list[float]], list[float]]
+"""This process's loss values -> the values every data-parallel process uses (see
+``ZOSGD.estimate``)."""
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -312,18 +323,43 @@ class ZOSGD(torch.optim.Optimizer):
     def step_count(self) -> int:
         return int(self.state["zo"]["step"])
 
-    def step(self, closure: Callable[[], Any], seed: int | None = None) -> float:  # type: ignore[override]
-        """One ZO step: ``estimate(closure, seed)`` then ``apply_record``. Returns the loss
-        of the record (at theta, or the mean of the two-sided pair)."""
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Any],
+        seed: int | None = None,
+        *,
+        reduce_scalars: ReduceScalars | None = None,
+    ) -> float:
+        """One ZO step: ``estimate(closure, seed, reduce_scalars=...)`` then
+        ``apply_record``. Returns the loss of the record (at theta, or the mean of the
+        two-sided pair)."""
         if closure is None:
             raise ValueError("ZOSGD.step needs a closure returning the loss (as LBFGS does)")
-        record = self.estimate(closure, seed)
+        record = self.estimate(closure, seed, reduce_scalars=reduce_scalars)
         self.apply_record(record)
         return record.loss
 
-    def estimate(self, closure: Callable[[], Any], seed: int | None = None) -> ZORecord:
+    def estimate(
+        self,
+        closure: Callable[[], Any],
+        seed: int | None = None,
+        *,
+        reduce_scalars: ReduceScalars | None = None,
+    ) -> ZORecord:
         """Run every loss evaluation of a step; return its record. The weights are left
-        mid-step until ``apply_record(record)`` (or ``discard()``) finishes it."""
+        mid-step until ``apply_record(record)`` (or ``discard()``) finishes it.
+
+        ``reduce_scalars`` (data-parallel training, edgetrain.distributed) maps this
+        process's loss values to the values every process uses, e.g. an all-reduce mean
+        over ranks that each evaluated their shard of the batch. It is called once after
+        the last query's evaluations, with every loss value of the step so far in
+        evaluation order (``base`` if any, then ``plus``/``minus`` of each query: 2q values
+        for two-sided SPSA, q + 1 for one-sided), and once more with ZO-Cons's two
+        candidate losses; it must return as many floats. Projected gradients, the record's
+        loss, the ZO-Cons choice and the finiteness checks all use the returned values, so
+        every process makes the same decisions and the same update. Without it each value
+        is used (and checked) as soon as it is evaluated.
+        """
         if self._pending is not None:
             raise RuntimeError("estimate() called twice: apply_record() or discard() the first")
         step = self.step_count
@@ -338,30 +374,46 @@ class ZOSGD(torch.optim.Optimizer):
         program = self._program(ctx)
         losses: dict[str, float] = {}
         two_sided = self.difference == "two_sided"
+        last_query = ("minus" if two_sided else "plus", self.queries - 1)
+        pending: list[tuple[str, int | None, float]] = []
         for where, query in program:
             if where == _ESTIMATED:
                 break
             value = self._evaluate(closure)
             record.evaluations += 1
-            if not math.isfinite(value):
-                if where.startswith("cons"):
-                    value = math.inf  # a non-finite candidate is never kept
-                else:
-                    program.close()
-                    self._undo(ctx, where, query)
-                    raise NonFiniteLoss(step, value, where)
-            losses[where] = value
-            if where == "minus":
-                record.grads.append((losses["plus"] - value) / (2 * self.eps))
-                if query == 0:
-                    record.loss = 0.5 * (losses["plus"] + value)
-            elif where == "plus" and not two_sided:
-                record.grads.append((value - losses["base"]) / self.eps)
-            elif where == "base":
-                record.loss = value
-            elif where == "cons_minus":
-                candidates = [(losses["cons_plus"], 1), (losses["base"], 0), (value, -1)]
-                record.cons = min(candidates, key=lambda c: c[0])[1]
+            if reduce_scalars is None:
+                ready = [(where, query, value)]
+            else:
+                pending.append((where, query, value))
+                if (where, query) != last_query and where != "cons_minus":
+                    continue  # the weights move on; values are reduced together below
+                reduced = [float(v) for v in reduce_scalars([v for _, _, v in pending])]
+                if len(reduced) != len(pending):
+                    raise ValueError(
+                        f"reduce_scalars returned {len(reduced)} values for {len(pending)}"
+                    )
+                ready = [(w, q, v) for (w, q, _), v in zip(pending, reduced, strict=True)]
+                pending = []
+            for point, point_query, point_value in ready:
+                if not math.isfinite(point_value):
+                    if point.startswith("cons"):
+                        point_value = math.inf  # a non-finite candidate is never kept
+                    else:
+                        program.close()
+                        self._undo(ctx, where, query)  # from where the weights are now
+                        raise NonFiniteLoss(step, point_value, point)
+                losses[point] = point_value
+                if point == "minus":
+                    record.grads.append((losses["plus"] - point_value) / (2 * self.eps))
+                    if point_query == 0:
+                        record.loss = 0.5 * (losses["plus"] + point_value)
+                elif point == "plus" and not two_sided:
+                    record.grads.append((point_value - losses["base"]) / self.eps)
+                elif point == "base":
+                    record.loss = point_value
+                elif point == "cons_minus":
+                    candidates = [(losses["cons_plus"], 1), (losses["base"], 0), (point_value, -1)]
+                    record.cons = min(candidates, key=lambda c: c[0])[1]
         self._pending = (ctx, program)
         return record
 
