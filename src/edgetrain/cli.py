@@ -113,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="run every preset on a task, table + JSON + plots")
     _add_common(p, recipe=False)
     p.add_argument("--presets", default=None, help="comma-separated subset (default: all)")
-    p.add_argument("--quick", action="store_true", help="a fifth of each preset's steps")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tenth of each preset's steps: a smoke test in under 2 minutes",
+    )
     p.add_argument(
         "--equal-time",
         type=float,

@@ -358,10 +358,13 @@ def _loop(
             bar.update(1)
             bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
             if eval_data is not None and eval_every and (step + 1) % eval_every == 0:
+                eval_start = time.perf_counter()
                 acc = evaluate_model(model, eval_data)["accuracy"]
                 result.evals.append(
                     {"step": step + 1, "accuracy": acc, "wall_seconds": result.wall_seconds}
                 )
+                # Evaluation is not training: the clock of wall_seconds stops for it.
+                wall_start += time.perf_counter() - eval_start
             if ckpt_path is not None and (step + 1) % checkpoint_every == 0:
                 _save(ckpt_path, model, est, result, step + 1)
                 last_saved = step + 1
