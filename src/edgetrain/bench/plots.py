@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from edgetrain.bench.compare import CompareResult  # noqa: E402
 
@@ -32,6 +34,22 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
     return front
 
 
+def _label_offsets(points: list[tuple[float, float, str]]) -> list[float]:
+    """Vertical label offsets (in points) so that the labels of points at nearly the same
+    place (the zeroth-order presets share one memory footprint) stack, not overlap."""
+    order = sorted(range(len(points)), key=lambda i: -points[i][1])
+    placed: list[tuple[float, float]] = []  # (log10 memory, label height in accuracy units)
+    offsets = [4.0] * len(points)
+    for i in order:
+        mem, acc, _ = points[i]
+        x, y = math.log10(mem), acc
+        while any(abs(x - px) < 0.06 and abs(y - py) < 1.6 for px, py in placed):
+            y -= 1.6
+        placed.append((x, y))
+        offsets[i] = 4.0 + (y - acc) * 6.0  # about 6 points of height per accuracy point
+    return offsets
+
+
 def _title(result: CompareResult, what: str) -> str:
     m = result.meta
     return f"{what}\n{m.get('task')} / {m.get('model')} ({m.get('device')})"
@@ -47,9 +65,16 @@ def memory_vs_accuracy(result: CompareResult, path: str | Path) -> Path:
     if points:
         before = next((r.accuracy_before for r in result.rows if r.accuracy_before), None)
         ax.scatter([p[0] / 2**20 for p in points], [p[1] for p in points], s=36, zorder=3)
-        for mem, acc, name in points:
+        for (mem, acc, name), dy in zip(points, _label_offsets(points), strict=True):
             ax.annotate(
-                name, (mem / 2**20, acc), textcoords="offset points", xytext=(5, 4), fontsize=8
+                name,
+                (mem / 2**20, acc),
+                textcoords="offset points",
+                xytext=(6, dy),
+                fontsize=8,
+                arrowprops=None
+                if abs(dy) < 10
+                else {"arrowstyle": "-", "lw": 0.4, "color": "grey"},
             )
         front = pareto_front(points)
         ax.plot(
@@ -65,6 +90,10 @@ def memory_vs_accuracy(result: CompareResult, path: str | Path) -> Path:
             ax.axhline(100 * before, color="grey", lw=0.8, ls=":", label="before fine-tuning")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("measured peak memory of one training step (MiB, log scale)")
     ax.set_ylabel("target test accuracy after fine-tuning (%)")
     ax.set_title(_title(result, "Memory vs accuracy"), fontsize=10)
