@@ -97,6 +97,10 @@ def parse_budget(text: str | int | float) -> int:
     return int(value * scale)
 
 
+_CACHE_VERSION = 2
+"""Bumped whenever ``memory.measure`` changes what it reports (2: two tracked steps)."""
+
+
 class NoRecipeFitsError(ValueError):
     """No candidate's measured peak fits the budget."""
 
@@ -241,7 +245,10 @@ def plan(
     cache = _DryRunCache(tasks.cache_dir() / "plan-cache.json")
     x_shape = tuple(task_obj.train.tensors[0].shape[1:])
     for cand in tqdm(candidates, desc="dry runs", disable=not progress):
-        key = f"{task}|{model}|{x_shape}|{cand.recipe.batch_size}|{cand.recipe.digest()}"
+        key = (
+            f"v{_CACHE_VERSION}|{task}|{model}|{x_shape}|{cand.recipe.batch_size}|"
+            f"{cand.recipe.digest()}"
+        )
         hit = cache.get(key)
         if hit is None:
             batch = BatchSampler(task_obj.train, cand.recipe.batch_size, seed).batch(0)

@@ -2,7 +2,11 @@
 
 The step runs on a deep copy of the model (the caller's model is not touched) inside a
 :class:`~edgetrain.memory.tracker.StorageTracker` and a ``saved_tensors_hooks`` context.
-After the step, the storages it created are classified:
+Two consecutive steps are tracked and the peak is taken over both: the first step
+creates lazily allocated state (Adam's moments, a ZO estimator's chunk buffer, GaLore's
+projector) *after* its forward has peaked, while every later step carries that state
+through its forward. Measuring one step alone would under-report every stateful
+optimizer. After each step, the storages created are classified:
 
 * ``grads``: the storages that are a trainable parameter's ``.grad`` after the step;
 * ``optimizer_state``: the storages the estimator reports as its state
@@ -122,7 +126,7 @@ def measure(
     net = copy.deepcopy(model)
     estimator = estimators.build(net, recipe, loss_fn, seed=seed)
     try:
-        return _measure_step(net, estimator, batch, lambda: estimator.step(batch))
+        return _measure_step(net, estimator, batch, lambda: estimator.step(batch), runs=2)
     finally:
         estimator.close()
 
@@ -140,7 +144,7 @@ def measure_inference(model: nn.Module, batch: Any) -> MemoryReport:
     return _measure_step(net, None, batch, forward)
 
 
-def _measure_step(net: nn.Module, estimator, batch: Any, run) -> MemoryReport:
+def _measure_step(net: nn.Module, estimator, batch: Any, run, runs: int = 1) -> MemoryReport:
     params = list(net.parameters())
     buffers = list(net.buffers())
     batch_tensors = _batch_tensors(batch)
@@ -159,16 +163,22 @@ def _measure_step(net: nn.Module, estimator, batch: Any, run) -> MemoryReport:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         allocated_before = torch.cuda.memory_allocated(device)
+    trainable = [p for p in params if p.requires_grad]
+    grad_ids: set[int | None] = set()
+    state_ids: set[int | None] = set()
     with tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
+        for _ in range(runs):
+            run()
+            # Classify after each step: a step's gradients may be freed by the next one.
+            grad_ids |= {tracker.id_of(p.grad) for p in trainable if p.grad is not None}
+            if estimator is not None:
+                state_ids |= {tracker.id_of(t) for t in estimator.state_tensors()}
     if on_cuda:
         torch.cuda.synchronize(device)
         cuda_step_peak = torch.cuda.max_memory_allocated(device) - allocated_before
 
-    trainable = [p for p in params if p.requires_grad]
-    grad_ids = {tracker.id_of(p.grad) for p in trainable if p.grad is not None} - {None}
-    state = list(estimator.state_tensors()) if estimator is not None else []
-    state_ids = {tracker.id_of(t) for t in state} - {None}
+    grad_ids.discard(None)
+    state_ids.discard(None)
     step_peak, group_peak, at_peak = tracker.peaks(
         {"grads": grad_ids, "optimizer_state": state_ids, "saved_activations": saved_ids}
     )
