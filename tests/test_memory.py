@@ -132,3 +132,13 @@ def test_peak_rss_of_a_child_run(task):
 def test_estimator_rejects_zero_order_backward_combination():
     with pytest.raises(ValueError):
         Recipe(estimator=Estimator(kind="forward_grad"), backward={"kind": "wht"})
+
+
+def test_peak_carries_lazily_created_optimizer_state_through_the_next_step():
+    # Adam creates its moments after the first step's backward has peaked; from the
+    # second step on they are live during forward and backward, so they are in the peak.
+    net = TwoLayer()
+    sgd = memory.measure(net, SGD, batch_of(8))
+    adam = memory.measure(net, ADAM, batch_of(8))
+    assert adam.at_peak["optimizer_state"] == adam.optimizer_state >= 2 * adam.trainable_params
+    assert adam.peak >= sgd.peak + 2 * adam.trainable_params
