@@ -106,10 +106,11 @@ def memory_vs_accuracy(result: CompareResult, path: str | Path) -> Path:
 
 
 def accuracy_vs_time(result: CompareResult, path: str | Path) -> Path:
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    for row in result.rows:
-        if row.status != "ok" or not row.evals:
-            continue
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=120)
+    rows = [r for r in result.rows if r.status == "ok" and r.evals]
+    colors = plt.get_cmap("tab20").colors
+    styles = {"backprop": "-", "zo": "--", "hybrid": "-.", "forward_grad": ":"}
+    for i, row in enumerate(rows):
         xs = [e["wall_seconds"] for e in row.evals]
         ys = [100 * e["accuracy"] for e in row.evals]
         if (
@@ -119,13 +120,30 @@ def accuracy_vs_time(result: CompareResult, path: str | Path) -> Path:
         ):
             xs.append(row.wall_seconds)
             ys.append(100 * row.accuracy_after)
-        ax.plot(xs, ys, marker=".", lw=1.2, label=row.preset)
-    ax.set_xlabel("training wall time (s)")
+        kind = row.recipe.get("estimator", {}).get("kind", "backprop")
+        ax.plot(
+            xs,
+            ys,
+            marker=".",
+            lw=1.2,
+            label=row.preset,
+            color=colors[i % len(colors)],
+            ls=styles.get(kind, "-"),
+        )
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("training wall time (s, log scale above 1 s; evaluation excluded)")
     ax.set_ylabel("target test accuracy (%)")
     ax.set_title(_title(result, "Accuracy vs wall time"), fontsize=10)
     ax.grid(True, alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=7, ncol=2, loc="lower right")
+        ax.legend(
+            fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            title="solid: backprop\ndashed: ZO\ndash-dot: hybrid\ndotted: forward grad",
+            title_fontsize=7,
+        )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
