@@ -103,3 +103,29 @@ def test_compare_quick_writes_json_table_and_two_pngs_and_rerenders(tmp_path, ca
     rerender = tmp_path / "again"
     assert main(["compare", "--from", str(out / "results.json"), "--out", str(rerender)]) == 0
     assert (rerender / "results.md").read_text() == table
+
+
+def test_compare_equal_time_gives_each_preset_the_same_budget(tmp_path):
+    out = tmp_path / "eq"
+    assert (
+        main(
+            [
+                "compare",
+                "--model",
+                "mlp",
+                "--presets",
+                "last_layers,mezo",
+                "--equal-time",
+                "1.5",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["equal_time"] == 1.5
+    for row in data["rows"]:
+        # Stopped by the clock (at the first step past it), not by a step count.
+        assert 1.5 <= row["wall_seconds"] < 1.5 + 10 * row["median_step_seconds"] + 1.0
