@@ -31,6 +31,7 @@ from torch import nn
 
 from edgetrain import backward as backward_mod
 from edgetrain import optim as optim_mod
+from edgetrain.memory import saved_for_backward_bytes
 from edgetrain.models import ViT
 from edgetrain.recipe import Backward
 from edgetrain.recipe import Optimizer as OptimizerSpec
@@ -46,19 +47,7 @@ def param_storages(model: nn.Module) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters()}
 
 
-def saved_bytes(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
-    params = param_storages(model)
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn()
-    return loss, sum(storages.values())
+saved_bytes = saved_for_backward_bytes
 
 
 def hooks_8bit(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -9,25 +9,9 @@ from torch import nn
 
 from edgetrain import backward as backward_mod
 from edgetrain.backward.checkpoint import apply_checkpoint
+from edgetrain.memory import saved_for_backward_bytes as saved_activation_bytes
 from edgetrain.models import MLP, ViT
 from edgetrain.recipe import Backward
-
-
-def saved_activation_bytes(model: nn.Module, loss_fn) -> tuple[torch.Tensor, int]:
-    """Bytes of the unique non-parameter storages autograd saves while ``loss_fn()`` runs
-    (non-reentrant checkpoint saves each block's inputs through these same hooks)."""
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn()
-    return loss, sum(storages.values())
 
 
 def make_vit() -> ViT:

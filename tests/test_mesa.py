@@ -18,26 +18,10 @@ from edgetrain.backward.mesa import (
     apply_mesa,
 )
 from edgetrain.estimators.backprop import Backprop
+from edgetrain.memory import saved_for_backward_bytes as saved_activation_bytes
 from edgetrain.models import ViT
 from edgetrain.models.vit import Attention
 from edgetrain.recipe import Backward, Optimizer, Recipe
-
-
-def saved_activation_bytes(model: nn.Module, loss_fn) -> tuple[torch.Tensor, int]:
-    """Run ``loss_fn()`` recording every tensor autograd saves for backward; return the loss
-    and the bytes of the unique storages saved, parameters excluded."""
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn()
-    return loss, sum(storages.values())
 
 
 def make_vit(seed: int = 0) -> ViT:

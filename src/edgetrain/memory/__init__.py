@@ -3,7 +3,7 @@
 
 from edgetrain.memory.measure import MemoryReport, format_bytes, measure, measure_inference
 from edgetrain.memory.rss import peak_rss
-from edgetrain.memory.tracker import StorageTracker, storage_bytes
+from edgetrain.memory.tracker import StorageTracker, saved_for_backward_bytes, storage_bytes
 
 __all__ = [
     "MemoryReport",
@@ -13,4 +13,5 @@ __all__ = [
     "format_bytes",
     "StorageTracker",
     "storage_bytes",
+    "saved_for_backward_bytes",
 ]

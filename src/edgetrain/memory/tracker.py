@@ -18,7 +18,7 @@ check, and the whole-process RSS of a child run is the end-to-end one.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_iter
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["StorageTracker", "Event", "storage_bytes"]
+__all__ = ["StorageTracker", "Event", "storage_bytes", "saved_for_backward_bytes"]
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -37,6 +37,26 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
             st = t.untyped_storage()
             seen[st.data_ptr() or id(st)] = st.nbytes()
     return sum(seen.values())
+
+
+def saved_for_backward_bytes(
+    model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor, int]:
+    """Run ``loss_fn()`` and return its loss and the bytes of the distinct storages that
+    autograd saved for backward meanwhile, the model's parameters excluded. (Non-reentrant
+    checkpointing saves block inputs through the same hooks, so it is counted too.)"""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    return loss, sum(storages.values())
 
 
 @dataclass(frozen=True)
