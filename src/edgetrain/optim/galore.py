@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from edgetrain.optim import register
+from edgetrain.optim._checks import check_lowrank_adam_args
 from edgetrain.recipe import Optimizer as OptimizerSpec
 
 __all__ = ["GaLoreAdamW", "galore_projector", "project", "project_back", "adamw_direction"]
@@ -106,18 +107,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         update_gap: int = 50,
         galore_scale: float = 0.25,
     ) -> None:
-        if not lr > 0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"Invalid betas: {betas} (two values in [0, 1))")
-        if not eps > 0:
-            raise ValueError(f"Invalid eps: {eps}")
-        if weight_decay < 0:
-            raise ValueError(f"Invalid weight_decay: {weight_decay}")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"Invalid rank: {rank} (an integer >= 1)")
-        if not isinstance(update_gap, int) or update_gap < 1:
-            raise ValueError(f"Invalid update_gap: {update_gap} (an integer >= 1)")
+        check_lowrank_adam_args(lr, betas, eps, weight_decay, rank, update_gap)
         if not galore_scale > 0:
             raise ValueError(f"Invalid galore_scale: {galore_scale}")
         defaults = dict(

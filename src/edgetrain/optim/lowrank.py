@@ -62,6 +62,7 @@ from typing import Any
 import torch
 
 from edgetrain.optim import register
+from edgetrain.optim._checks import check_lowrank_adam_args
 from edgetrain.optim.galore import adamw_direction
 from edgetrain.recipe import Optimizer as OptimizerSpec
 from edgetrain.seeding import derive_seed, make_generator
@@ -104,18 +105,7 @@ class LowRankGradAdam(torch.optim.Optimizer):
         update_gap: int = 50,
         seed: int = 0,
     ) -> None:
-        if not lr > 0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"Invalid betas: {betas} (two values in [0, 1))")
-        if not eps > 0:
-            raise ValueError(f"Invalid eps: {eps}")
-        if weight_decay < 0:
-            raise ValueError(f"Invalid weight_decay: {weight_decay}")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"Invalid rank: {rank} (an integer >= 1)")
-        if not isinstance(update_gap, int) or update_gap < 1:
-            raise ValueError(f"Invalid update_gap: {update_gap} (an integer >= 1)")
+        check_lowrank_adam_args(lr, betas, eps, weight_decay, rank, update_gap)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
             update_gap=update_gap, seed=int(seed),
