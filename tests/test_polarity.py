@@ -162,3 +162,31 @@ def test_memory_of_inference_and_a_full_bp_step(text_task):
     assert step.saved_activations > 0
     assert inference.peak < param_bytes * 1.2  # a forward adds little to the weights
     assert step.peak > 4 * param_bytes > 3 * inference.peak
+
+
+@SLOW
+def test_zo_step_on_minilm_stays_within_5_percent_of_inference(text_task):
+    from edgetrain import memory
+    from edgetrain.train import BatchSampler
+
+    net = text_task.pretrained()
+    net.trim_padding = False
+    recipe = text_task.recipe("mezo")
+    batch = BatchSampler(text_task.train, 16, seed=0).batch(0)
+    inference = memory.measure_inference(net, batch)
+    step = memory.measure(net, recipe, batch)
+    print(
+        f"\nMiniLM 16 x 64: inference {inference.peak}, mezo step {step.peak} "
+        f"({step.peak / inference.peak:.4f}x)"
+    )
+    assert step.grads == step.saved_activations == step.optimizer_state == 0
+    assert step.peak <= 1.05 * inference.peak
+
+
+def test_task_adapts_gradient_presets_and_leaves_zeroth_order_alone(text_task):
+    from edgetrain import presets
+
+    full = text_task.recipe("full_bp")
+    assert full.optimizer.lr == 2e-5 and full.batch_size == 16
+    assert text_task.recipe("mezo") == presets.get("mezo")
+    assert text_task.recipe("full_bp", steps=3).steps == 3  # user overrides come last

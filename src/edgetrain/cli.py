@@ -38,7 +38,7 @@ def _parse_value(text: str):
 
 
 def _recipe_from_args(args):
-    from edgetrain import presets
+    from edgetrain import tasks
 
     overrides = {}
     for item in args.set or []:
@@ -52,7 +52,7 @@ def _recipe_from_args(args):
         overrides["batch_size"] = args.batch_size
     if getattr(args, "steps", None) is not None:
         overrides["steps"] = args.steps
-    return presets.get(args.recipe, **overrides)
+    return tasks.get(args.task).recipe(args.recipe, **overrides)
 
 
 def _add_common(p: argparse.ArgumentParser, *, recipe: bool = True) -> None:

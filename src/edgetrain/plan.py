@@ -240,7 +240,9 @@ def plan(
     source = f"accuracy from {results}" if accuracies else "the documented prior (plan.PRIOR)"
     names = preset_names or presets.names()
     candidates = [
-        Candidate(name, r, kn) for name in names for r, kn in expand(presets.get(name), n_blocks)
+        Candidate(name, r, kn)
+        for name in names
+        for r, kn in expand(task_obj.recipe(name), n_blocks)
     ]
     cache = _DryRunCache(tasks.cache_dir() / "plan-cache.json")
     x_shape = tuple(task_obj.train.tensors[0].shape[1:])

@@ -27,6 +27,7 @@ from torch.utils.data import Subset, TensorDataset
 from edgetrain import models as models_mod
 from edgetrain._registry import Registry
 from edgetrain.evaluate import accuracy
+from edgetrain.recipe import Recipe
 from edgetrain.seeding import make_generator
 
 __all__ = ["Task", "get", "names", "cache_dir", "register"]
@@ -83,7 +84,20 @@ class Task:
     load_target: Callable[[], tuple[TensorDataset, TensorDataset]]
     model_names: tuple[str, ...] = ("mlp", "cnn", "vit")
     default_model: str = "vit"
+    adapt_recipe: Callable[[Recipe], Recipe] | None = None
+    """Task-specific changes to a preset before user overrides (a pretrained transformer
+    needs a far smaller backprop learning rate than the ViT the presets are tuned on)."""
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def recipe(self, preset: str, **overrides: Any) -> Recipe:
+        """The preset ``preset`` as this task runs it: ``adapt_recipe`` first, then
+        ``overrides`` (``Recipe.replace`` keys). compare, plan and the CLI use this."""
+        from edgetrain import presets
+
+        recipe = presets.get(preset)
+        if self.adapt_recipe is not None:
+            recipe = self.adapt_recipe(recipe)
+        return recipe.replace(**overrides) if overrides else recipe
 
     @cached_property
     def source(self) -> TensorDataset:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from edgetrain.recipe import Recipe
 from edgetrain.seeding import make_generator
 from edgetrain.tasks import Task, atomic_torch_save, cache_dir, register
 
@@ -291,6 +292,17 @@ def _polarity_split(task: PretrainedTextTask) -> tuple[TensorDataset, TensorData
     return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
 
 
+def adapt_for_minilm(recipe: Recipe) -> Recipe:
+    """Presets are tuned on the small ViT; a pretrained transformer needs a far smaller
+    step for its gradient-based updates. Measured (32 steps of 16): full_bp with Adam at
+    lr 2e-5 76.1% from the probe's 74.3%, at the preset's 1e-3 56.8%. Backprop recipes
+    (and a hybrid's tail) take lr 2e-5 and batch 16. Zeroth-order learning rates are not
+    tuned on this task yet and are left as the presets have them."""
+    if recipe.estimator.kind in ("backprop", "hybrid"):
+        return recipe.replace(**{"optimizer.lr": 2e-5, "batch_size": 16})
+    return recipe
+
+
 def minilm_polarity() -> PretrainedTextTask:
     """The ``minilm-polarity`` task (see the module docstring)."""
     config = TextTaskConfig()
@@ -316,6 +328,7 @@ def minilm_polarity() -> PretrainedTextTask:
         load_target=load_target,
         model_names=("minilm",),
         default_model="minilm",
+        adapt_recipe=adapt_for_minilm,
         config=config,
         model_dirs={"minilm": minilm_path},
     )

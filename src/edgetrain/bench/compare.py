@@ -193,7 +193,7 @@ def compare(
     task_obj = tasks.get(task)
     model = model or task_obj.default_model
     names = preset_names or presets.names()
-    recipes = [presets.get(n) for n in names]  # unknown names fail before any work
+    recipes = [task_obj.recipe(n) for n in names]  # unknown names fail before any work
     if equal_time is not None and equal_time <= 0:
         raise ValueError(f"Invalid --equal-time: {equal_time} (seconds, > 0)")
     base_model = task_obj.pretrained(model, progress=progress)
