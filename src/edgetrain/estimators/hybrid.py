@@ -70,7 +70,6 @@ backprop tail) whose measured step (``edgetrain.memory.measure``) fits a budget.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +80,7 @@ from torch import nn
 from edgetrain import backward as backward_mod
 from edgetrain import optim as optim_mod
 from edgetrain.estimators import register
+from edgetrain.estimators._modes import evaluation_mode, forked_rng
 from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
 from edgetrain.optim.zo import ZOSGD, NonFiniteLoss
 from edgetrain.recipe import Recipe
@@ -326,32 +326,11 @@ class ElasticZO(Estimator):
         self.optimizer.step()
         return value, passes, passes
 
-    @contextlib.contextmanager
-    def _evaluation_mode(
-        self, train_mode: bool
-    ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-        modes = [(m, m.training) for m in self.model.modules()]
-        snapshot: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if train_mode:
-            self.model.train()
-            snapshot = [(b, b.detach().clone()) for b in self.model.buffers()]
-        else:
-            self.model.eval()
-        try:
-            yield snapshot
-        finally:
-            for module, training in modes:
-                module.training = training
-            with torch.no_grad():
-                for buffer, saved in snapshot:
-                    buffer.copy_(saved)
+    def _evaluation_mode(self, train_mode: bool):
+        return evaluation_mode(self.model, train_mode)
 
-    @contextlib.contextmanager
-    def _forked_rng(self, seed: int) -> Iterator[None]:
-        devices = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            yield
+    def _forked_rng(self, seed: int):
+        return forked_rng(self.params, seed)
 
     # -- state ---------------------------------------------------------------------
     def state_tensors(self) -> Iterator[torch.Tensor]:

@@ -31,7 +31,6 @@ loads a model holding the base weights, replays the journal bit for bit and cont
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +41,7 @@ from torch import nn
 
 from edgetrain import scope as scope_mod
 from edgetrain.estimators import register
+from edgetrain.estimators._modes import evaluation_mode, forked_rng
 from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
 from edgetrain.journal import JournalWriter, read_journal
 from edgetrain.optim.zo import ZOSGD, NonFiniteLoss, ReduceScalars, ZORecord
@@ -166,34 +166,11 @@ class ZO(Estimator):
             self._journal.append(record)
         return record.loss, record.evaluations, 0
 
-    @contextlib.contextmanager
-    def _evaluation_mode(
-        self, train_mode: bool
-    ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-        modes = [(m, m.training) for m in self.model.modules()]
-        snapshot: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if train_mode:
-            self.model.train()
-            snapshot = [(b, b.detach().clone()) for b in self.model.buffers()]
-        else:
-            self.model.eval()
-        try:
-            yield snapshot
-        finally:
-            for module, training in modes:
-                module.training = training
-            with torch.no_grad():
-                for buffer, saved in snapshot:
-                    buffer.copy_(saved)
+    def _evaluation_mode(self, train_mode: bool):
+        return evaluation_mode(self.model, train_mode)
 
-    @contextlib.contextmanager
-    def _forked_rng(self, seed: int) -> Iterator[None]:
-        """The global RNG (which dropout uses) seeded with ``seed`` inside, and restored on
-        exit, so the user's random stream is not advanced."""
-        devices = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            yield
+    def _forked_rng(self, seed: int):
+        return forked_rng(self.params, seed)
 
     # -- journal -------------------------------------------------------------------
     def journal_header(self) -> dict[str, Any]:
