@@ -1,7 +1,9 @@
-"""Sweep learning rate (and eps) of the zeroth-order presets on mnist-to-digits.
+"""Sweep learning rate (and eps) of the zeroth-order presets on a task.
 
     OMP_NUM_THREADS=1 python benchmarks/tune_zo.py --model vit --steps 1000 \
         --presets mezo,zo_adam --lrs 1e-5,3e-5,1e-4
+    python benchmarks/tune_zo.py --task minilm-polarity --threads 2 --steps 150 \
+        --presets mezo --lrs 3e-6,1e-5,3e-5
 
 Prints one line per (preset, lr, eps): target-test accuracy after training and the mean
 training loss of the last 50 steps. The chosen defaults and the sweep are recorded in
@@ -17,27 +19,30 @@ import warnings
 
 import torch
 
-from edgetrain import presets, tasks
+from edgetrain import tasks
 from edgetrain.train import TrainingDivergedError, finetune
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="vit")
+    parser.add_argument("--task", default="mnist-to-digits")
+    parser.add_argument("--model", default=None, help="default: the task's default model")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--presets", default="mezo")
     parser.add_argument("--lrs", default="1e-5,3e-5,1e-4,3e-4")
     parser.add_argument("--eps", default="1e-3")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", RuntimeWarning)
-    task = tasks.get("mnist-to-digits")
+    task = tasks.get(args.task)
+    args.model = args.model or task.default_model
     print(f"model {args.model}, before {task.baseline_accuracy(args.model):.3f}", flush=True)
     for name in args.presets.split(","):
         for eps in (float(e) for e in args.eps.split(",")):
             for lr in (float(x) for x in args.lrs.split(",")):
-                recipe = presets.get(name, **{"optimizer.lr": lr, "estimator.eps": eps})
+                recipe = task.recipe(name, **{"optimizer.lr": lr, "estimator.eps": eps})
                 net = task.pretrained(args.model)
                 start = time.perf_counter()
                 try:

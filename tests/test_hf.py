@@ -18,6 +18,7 @@ from edgetrain import estimators, presets  # noqa: E402
 from edgetrain.estimators.forward_grad import ForwardADUnsupportedError  # noqa: E402
 from edgetrain.evaluate import evaluate  # noqa: E402
 from edgetrain.integrations.hf import (  # noqa: E402
+    EncoderBlock,
     HFClassifier,
     attn_implementation_for,
     load_classifier,
@@ -89,7 +90,9 @@ def test_loads_offline_with_structure(base_model, tokenizer):
     n_encoder = sum(p.numel() for p in net.backbone.parameters())
     assert 22_000_000 < n_encoder < 23_000_000  # all-MiniLM-L6-v2 without its pooler
     assert isinstance(net.blocks, nn.ModuleList) and len(net.blocks) == 6
-    assert net.blocks[0] is net.backbone.encoder.layer[0]  # found by structure
+    assert net.runs_loop  # embeddings -> encoder.layer, and the loop reproduces it
+    assert isinstance(net.blocks[0], EncoderBlock)
+    assert net.blocks[0].layer is net.backbone.encoder.layer[0]  # found by structure
     assert isinstance(net.head, nn.Linear) and net.head.out_features == 2
     assert find_head(net) is net.head
     assert net.num_classes == 2 and net.input_shape == (2, MAX_LEN)
@@ -159,6 +162,11 @@ def test_output_loss_path_for_models_that_compute_their_own_loss(offline, batch)
     torch.testing.assert_close(own, nn.functional.cross_entropy(logits, y))
     with pytest.raises(ValueError, match="num_labels"):
         HFClassifier(backbone, num_classes=3)
+    # A model with its own head runs as a whole: its blocks are its layers, and it
+    # cannot be cut layer by layer (a clear error, not a wrong split).
+    assert not net.runs_loop and net.blocks[0] is backbone.bert.encoder.layer[0]
+    with pytest.raises(TypeError, match="cannot cut"):
+        net.split_forward()
 
 
 def test_scopes_select_encoder_layers_and_head(model):
@@ -208,3 +216,102 @@ def test_use_eager_attention_switches_and_warns(model):
         use_eager_attention(model)  # already eager: nothing to say
     with pytest.raises(ValueError, match="no HuggingFace"):
         use_eager_attention(nn.Linear(2, 2))
+
+
+# --- layer by layer: the encoder loop, token dropping, ElasticZO's cut, 1-D LBP-WHT ----
+
+
+def test_encoder_block_exposes_softmax_attention_without_changing_the_output(model, batch):
+    x, _ = batch
+    ids, mask = unpack_inputs(x)
+    with torch.no_grad():
+        h = model._embed(x)  # sets the mask of the tokens alive
+        plain = model.blocks[0](h)
+        out, weights = model.blocks[0](h, return_attention=True)
+    t = h.shape[1]
+    assert weights.shape == (4, 12, t, t)  # MiniLM: 12 heads
+    torch.testing.assert_close(weights.sum(-1), torch.ones(4, 12, t))
+    pad = mask[:, :t] == 0  # (4, t): padding gets no attention from any token
+    assert pad.any() and float(weights.permute(0, 3, 1, 2)[pad].abs().max()) == 0.0
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)  # eager == sdpa
+    assert model.backbone.config._attn_implementation == "sdpa"  # restored
+
+
+def test_token_drop_on_text_equals_masking_out_the_dropped_tokens(model, batch):
+    """Dropping tokens after a frozen layer must equal keeping them but masking them out
+    of every later layer's attention and of the pooling: the mask follows the gather."""
+    from edgetrain.backward.token_drop import apply_token_drop, drop_tokens
+    from edgetrain.recipe import Backward, Scope
+    from edgetrain.scope import apply as apply_scope
+
+    x, _ = batch
+    apply_scope(model, Scope(kind="last_blocks", k=4))  # blocks 0 and 1 are frozen
+    keep = 0.5
+
+    # Reference, by hand: run every block on all tokens; after each frozen block, the
+    # tokens the drop rule removes (scored among those still in the sequence) are masked
+    # out of everything that follows.
+    with torch.no_grad():
+        h = model._embed(x)
+        in_seq = torch.ones_like(model._mask, dtype=torch.bool)  # (B, T) not dropped yet
+        for i, block in enumerate(model.blocks):
+            if i >= 2:
+                h = block(h)
+                continue
+            h, weights = block(h, return_attention=True)
+            for r in range(h.shape[0]):
+                cols = in_seq[r].nonzero().squeeze(1)  # (n,) positions still in the sequence
+                w = weights[r : r + 1][:, :, cols][:, :, :, cols]  # (1, heads, n, n)
+                _, kept = drop_tokens(h[r : r + 1, cols], w, keep)  # (1, 1 + K)
+                in_seq[r] = False
+                in_seq[r, cols[kept[0]]] = True
+            model._mask = model._mask * in_seq
+        reference = model._pool_and_classify(h)
+
+    swap = apply_token_drop(model, Backward(kind="token_drop", keep_ratio=keep))
+    try:
+        with torch.enable_grad():  # dropping happens in forwards autograd records
+            dropped = model(x)
+    finally:
+        swap.restore()
+    torch.testing.assert_close(dropped, reference, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        full = model(x)
+    assert not torch.allclose(full, dropped, atol=1e-3)  # something was dropped
+
+
+def test_split_forward_cuts_the_encoder_anywhere(model, batch):
+    from edgetrain.estimators.hybrid import split_forward
+
+    x, _ = batch
+    split = split_forward(model)
+    with torch.no_grad():
+        whole = model(x)
+        for cut in (0, 3, 6):
+            torch.testing.assert_close(split.tail(split.front(x, cut), cut), whole)
+    front = {id(p) for p in model.parameters()} - split.tail_parameter_ids(3)
+    assert {id(p) for p in model.backbone.embeddings.parameters()} <= front
+    assert {id(p) for p in model.classifier.parameters()} <= split.tail_parameter_ids(3)
+
+
+def test_lbp_wht_1d_swaps_every_token_linear_and_is_exact_at_full_rank(model, batch):
+    from edgetrain.backward.wht import WHTLinear, apply_wht
+    from edgetrain.recipe import Backward
+
+    x, y = batch
+    model.train(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = nn.functional.cross_entropy(model(x), y)
+    exact = torch.autograd.grad(loss, params)
+    # The 1-D variant over blocks of 8 tokens has 8 bases: low-pass order 8 keeps them all.
+    swap = apply_wht(model, Backward(kind="wht", wht_k=8), block_1d=8)
+    try:
+        swapped = [m for m in model.modules() if isinstance(m, WHTLinear)]
+        assert len(swapped) == 6 * 6  # query, key, value, attn out, intermediate, output
+        assert all(m.grid is None for m in swapped)  # the 1-D variant
+        loss2 = nn.functional.cross_entropy(model(x), y)
+        full_rank = torch.autograd.grad(loss2, params)
+    finally:
+        swap.restore()
+    for g, g2 in zip(exact, full_rank, strict=True):
+        torch.testing.assert_close(g2, g, rtol=1e-3, atol=1e-6)

@@ -51,7 +51,16 @@ with ``x, y`` of shape (B, T, C) and ``weights`` the softmax attention of shape
 (B, heads, T, T) (or (B, T, T)), token 0 being the class token the head reads.
 ``edgetrain.models.vit.Block`` follows it; any block whose attention can expose its
 weights can, with a ``return_attention`` keyword. When the caller itself passes
-``return_attention=True`` the wrapped block returns its full output untouched.
+``return_attention=True`` the wrapped block returns its full output untouched. A block
+whose sequence carries side state, such as the attention mask of padded text, also
+defines ``block.keep_tokens(index)``: after a drop it is called with the kept positions
+``(B, 1 + K)`` so that state follows the tokens (``edgetrain.integrations.hf.EncoderBlock``:
+the mask then hides nothing that is gone and the mean pooling averages the kept tokens).
+
+On text (the 1-D sequence of a HuggingFace encoder, e.g. MiniLM) the same rule applies:
+token 0 is ``[CLS]``, which BERT-style encoders train to summarise the sentence, and a
+padding token gets no attention (its mask is the dtype's minimum), so it scores zero and
+goes first.
 
 The block's ``forward`` is wrapped on the instance (as ``backward/checkpoint.py`` does), so
 module identity, parameters and ``state_dict`` keys are unchanged; ``Swap.restore()``
@@ -164,13 +173,24 @@ def frozen_block_indices(model: nn.Module) -> list[int]:
 
 
 def _dropping_forward(
-    forward: Callable[..., Any], keep_ratio: float, drop_in_no_grad: bool
+    block: nn.Module, keep_ratio: float, drop_in_no_grad: bool
 ) -> Callable[..., Any]:
+    forward = block.forward
+    keep_tokens = getattr(block, "keep_tokens", None)
+
     def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("return_attention") or not (torch.is_grad_enabled() or drop_in_no_grad):
             return forward(x, *args, **kwargs)
-        y, weights = forward(x, *args, return_attention=True, **kwargs)
-        kept, _ = drop_tokens(y, weights, keep_ratio)
+        out = forward(x, *args, return_attention=True, **kwargs)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                f"{type(block).__name__}(x, return_attention=True) must return (x, attention "
+                f"weights), got {type(out).__name__}; see edgetrain.backward.token_drop"
+            )
+        y, weights = out
+        kept, index = drop_tokens(y, weights, keep_ratio)
+        if keep_tokens is not None and kept is not y:
+            keep_tokens(index)  # side state that follows the tokens (an attention mask)
         return kept
 
     run.__wrapped__ = forward  # type: ignore[attr-defined]
@@ -211,7 +231,7 @@ def apply_token_drop(model: nn.Module, spec: Backward, *, drop_in_no_grad: bool 
                 f"Block {i} ({type(block).__name__}) already has an instance-level forward "
                 "(token_drop applied twice?); restore the previous Swap first"
             )
-        block.forward = _dropping_forward(block.forward, spec.keep_ratio, drop_in_no_grad)
+        block.forward = _dropping_forward(block, spec.keep_ratio, drop_in_no_grad)
         swap.on_restore(lambda b=block: vars(b).pop("forward", None))
     return swap
 

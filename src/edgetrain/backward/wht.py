@@ -532,6 +532,23 @@ def default_targets() -> dict[type[nn.Module], tuple[str, ...]]:
     return {Attention: ("qkv", "proj"), MLPBlock: ("fc1", "fc2")}
 
 
+def _linears_in_blocks(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """``(parent, name, linear)`` for every nn.Linear inside ``find_blocks(model)``."""
+    from edgetrain.scope import find_blocks
+
+    try:
+        blocks = find_blocks(model)
+    except ValueError:
+        return []
+    return [
+        (parent, name, child)
+        for block in blocks
+        for parent in block.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
+
+
 @register("wht")
 def apply_wht(
     model: nn.Module,
@@ -546,7 +563,12 @@ def apply_wht(
     ``spec.wht_k`` and ``spec.wht_selection``); ``Swap.restore()`` puts the originals back.
 
     ``targets`` maps a parent module type to the attribute names of its Linear children to
-    swap (default :func:`default_targets`: the ViT's qkv, proj, fc1, fc2). ``grid="auto"``
+    swap (default :func:`default_targets`: the ViT's qkv, proj, fc1, fc2; a model that has
+    none of those types and says ``model.token_sequence = True``, its blocks mapping
+    ``(B, T, C)`` tokens to tokens, e.g. ``HFClassifier``, gets every ``nn.Linear`` inside
+    its blocks, ``edgetrain.scope.find_blocks``: all of them act on the token sequence, as
+    BERT's query/key/value, attention output, intermediate and output layers do).
+    ``grid="auto"``
     takes ``model.grid_size`` (extra tokens = T - h*w, e.g. the CLS token) and, for a model
     without one, uses the 1-D variant over blocks of ``block_1d`` tokens; pass ``(h, w)`` or
     ``None`` (1-D) to choose. ``conv1x1=True`` also swaps every 1x1 stride-1 Conv2d.
@@ -558,11 +580,21 @@ def apply_wht(
     else:
         grid = (int(grid[0]), int(grid[1]))
         config = WHTConfig(k=spec.wht_k, selection=spec.wht_selection)
+    structural = (
+        targets is None
+        and getattr(model, "token_sequence", False)
+        and not any(isinstance(m, tuple(default_targets())) for m in model.modules())
+    )
     targets = default_targets() if targets is None else dict(targets)
     parent_types = tuple(targets)
     plan: list[tuple[nn.Module, str, nn.Module]] = []
+    if structural:
+        plan = [
+            (parent, name, WHTLinear(child, grid=grid, config=config))
+            for parent, name, child in _linears_in_blocks(model)
+        ]
     for module in model.modules():
-        if isinstance(module, parent_types):
+        if not structural and isinstance(module, parent_types):
             names = {n for cls, ns in targets.items() if isinstance(module, cls) for n in ns}
             for name in sorted(names):
                 child = getattr(module, name, None)

@@ -157,8 +157,19 @@ def count_step_flops(model: torch.nn.Module, recipe: Recipe, batch: Any, seed: i
 
 def applicable(recipe: Recipe, model: torch.nn.Module) -> str | None:
     """Why ``recipe`` cannot run on ``model``, or None if it can."""
-    if recipe.backward.kind in ("wht", "token_drop") and not hasattr(model, "grid_size"):
-        return f"backward {recipe.backward.kind!r} needs a token-grid model (the ViT)"
+    tokens = hasattr(model, "grid_size") or getattr(model, "token_sequence", False)
+    if recipe.backward.kind == "wht" and not tokens:
+        return "backward 'wht' needs a model of tokens (the ViT's grid or a text sequence)"
+    if recipe.backward.kind == "token_drop":
+        from edgetrain.backward.token_drop import supports_attention
+        from edgetrain.scope import find_blocks
+
+        try:
+            blocks = find_blocks(model)
+        except ValueError:
+            blocks = []
+        if not tokens or not blocks or not all(supports_attention(b) for b in blocks):
+            return "backward 'token_drop' needs blocks that return their attention weights"
     if recipe.estimator.kind == "hybrid":
         from edgetrain.estimators.hybrid import hybrid_applicable
 

@@ -50,8 +50,9 @@ Structure: a model is cut by :func:`split_forward`, which returns a :class:`Spli
 flatten), ``CNN`` (stem: identity), ``ViT`` (stem: ``embed``, head: ``forward_head``,
 head modules: ``norm``, ``head``). Any other model either defines a method
 ``split_forward(self) -> Split`` or is registered with :func:`register_split`; anything
-else gets an error naming that. (HuggingFace models wrapped in ``HFClassifier`` are not
-split: their layers take attention masks and positions that the wrapper does not expose.)
+else gets an error naming that. ``HFClassifier`` (edgetrain.integrations.hf) defines
+``split_forward``: stem = the embeddings (and the attention mask of the batch), blocks =
+its ``EncoderBlock`` s, head = pooling and the classifier.
 
 Evaluation mode (said, not silent): as the ZO estimator, the passes run with the model in
 ``eval()`` by default (no dropout; BatchNorm uses and keeps its running statistics), each

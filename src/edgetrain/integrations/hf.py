@@ -32,6 +32,33 @@ encoder + head:
   the result is the same up to float rounding, and a batch of short sentences costs what
   its longest sentence costs, not ``max_length``.
 
+The encoder loop (blocks that cut, drop tokens and checkpoint)
+----------------------------------------------------------------
+Layer-level recipes need to call the encoder's layers one by one: ElasticZO runs the
+front layers without a graph and the tail with one (``split_forward``), BSR removes tokens
+after a frozen layer (``edgetrain.backward.token_drop``), checkpointing wraps a layer. A
+HuggingFace encoder hides its layer loop inside ``backbone(...)``, and its layers take an
+attention mask that must follow the tokens a layer drops. So for an encoder built as
+``embeddings`` -> ``encoder.layer[i]`` (BERT, MiniLM, RoBERTa, ELECTRA, ...) HFClassifier
+runs the loop itself::
+
+    h = backbone.embeddings(input_ids=ids)                     # (B, T, H)
+    for block in model.blocks:  h = block(h)                   # EncoderBlock: layer + mask
+    logits = classifier(pool(h, mask))
+
+Each :class:`EncoderBlock` wraps one layer (the same module: no parameter is copied or
+registered twice) and passes it the additive attention mask ``(B, 1, 1, T)`` (0 for a
+token, the dtype's minimum for padding) of the tokens alive at that point. It follows
+token_drop's protocol: ``block(h, return_attention=True)`` returns ``(h, weights)`` with
+the softmax weights ``(B, heads, T, T)`` (that one call runs with eager attention, which
+returns them), and ``block.keep_tokens(index)`` gathers the mask after a drop, so the
+following layers and the mean pooling see only the kept tokens. The loop is used only
+when it reproduces the backbone's own output: at construction one small padded input
+runs through both (``loop_matches``), and a model whose layers need more (relative
+position biases, rotary embeddings, a final norm after the loop) keeps calling
+``backbone(...)`` as a whole; its blocks are then the layers themselves (scopes work,
+cut points and token dropping raise a clear error).
+
 Forward-mode AD (the ``forward_grad`` estimator, ``torch.func.jvp``) has no formula for
 torch's fused ``scaled_dot_product_attention`` on CPU, which HuggingFace models use by
 default ("sdpa"). :func:`use_eager_attention` switches a model to the plain-ops "eager"
@@ -76,6 +103,7 @@ __all__ = [
     "pooled_features",
     "quiet_transformers",
     "FORWARD_AD_ESTIMATORS",
+    "EncoderBlock",
 ]
 
 logger = logging.getLogger(__name__)
@@ -168,6 +196,80 @@ def _has_own_head(backbone: nn.Module) -> bool:
     return base is not backbone
 
 
+def _encoder_layers(backbone: nn.Module) -> nn.ModuleList | None:
+    """``backbone.encoder.layer`` of an encoder built as embeddings -> layers, else None."""
+    config = getattr(backbone, "config", None)
+    if getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):
+        return None
+    embeddings = getattr(backbone, "embeddings", None)
+    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
+    if not isinstance(embeddings, nn.Module) or not isinstance(layers, nn.ModuleList):
+        return None
+    return layers if len(layers) else None
+
+
+def _attention_child(layer: nn.Module) -> nn.Module | None:
+    """The layer's self-attention module: a child named ``attention``, else the first
+    child whose class name ends in "Attention"."""
+    child = getattr(layer, "attention", None)
+    if isinstance(child, nn.Module):
+        return child
+    for module in layer.children():
+        if type(module).__name__.endswith("Attention"):
+            return module
+    return None
+
+
+class EncoderBlock(nn.Module):
+    """One layer of a HuggingFace encoder as an edgetrain block: ``block(h)`` with ``h``
+    ``(B, T, H)`` runs the layer on the tokens alive now, with their attention mask (held
+    by the owning :class:`HFClassifier`, set by its embedding step). See the module
+    docstring. The wrapped ``layer`` is the backbone's own module (a registered child, so
+    ``block.parameters()`` are the layer's); the block itself is not registered in the
+    classifier, so state dicts are unchanged."""
+
+    def __init__(self, layer: nn.Module, owner: HFClassifier) -> None:
+        super().__init__()
+        self.layer = layer
+        self.__dict__["_owner"] = owner  # not a submodule: no second registration
+
+    def forward(
+        self, h: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        mask = self._owner._additive_mask(h.dtype)  # (B, 1, 1, T) or None
+        if not return_attention:
+            return _first(self.layer(h, attention_mask=mask))
+        attention = _attention_child(self.layer)
+        if attention is None:
+            raise TypeError(f"{type(self.layer).__name__} has no attention module to read")
+        captured: list[torch.Tensor] = []
+
+        def grab(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
+                captured.append(output[1])
+
+        handle = attention.register_forward_hook(grab)
+        try:
+            with self._owner._attention("eager"):
+                out = _first(self.layer(h, attention_mask=mask))
+        finally:
+            handle.remove()
+        if not captured or captured[-1].dim() != 4:
+            raise TypeError(
+                f"{type(attention).__name__} returned no attention weights under eager "
+                "attention; token dropping cannot score its tokens"
+            )
+        return out, captured[-1]  # (B, T, H), (B, heads, T, T)
+
+    def keep_tokens(self, index: torch.Tensor) -> None:
+        """After a token drop: keep the mask of the tokens ``index`` (B, T') kept."""
+        self._owner._keep_tokens(index)
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
 class HFClassifier(nn.Module):
     """A HuggingFace model as an edgetrain classifier: ``forward(x)`` with ``x`` the packed
     ``(B, 2, T)`` = stack(input_ids, attention_mask) returns ``(B, num_classes)`` logits.
@@ -177,6 +279,8 @@ class HFClassifier(nn.Module):
     its own head uses ``config.num_labels``. ``max_length`` sets ``input_shape`` to
     ``(2, max_length)`` (None: no shape check). See the module docstring for the rest.
     """
+
+    token_sequence = True  # blocks map (B, T, H) tokens to tokens (1-D LBP-WHT, token drop)
 
     def __init__(
         self,
@@ -223,14 +327,76 @@ class HFClassifier(nn.Module):
                 )
             self.num_classes = int(num_classes)
             self.classifier = nn.Linear(hidden, self.num_classes)
+        self._mask: torch.Tensor | None = None  # (B, T) 0/1 of the tokens alive in the loop
+        layers = None if self.own_head else _encoder_layers(backbone)
+        self.__dict__["_blocks"] = (
+            None
+            if layers is None
+            else nn.ModuleList([EncoderBlock(layer, self) for layer in layers])
+        )
+        if self._blocks is not None and not self.loop_matches():
+            logger.info(
+                "%s: the encoder loop differs from the backbone; not used", type(backbone).__name__
+            )
+            self.__dict__["_blocks"] = None
 
     # --- structure: what scopes and the task read ------------------------------------
 
     @property
+    def runs_loop(self) -> bool:
+        """Whether the forward runs the encoder loop itself (see the module docstring)."""
+        return self._blocks is not None
+
+    @property
     def blocks(self) -> nn.ModuleList:
-        """The backbone's layers (its longest ``nn.ModuleList``, e.g. BERT's
-        ``encoder.layer``): a view, not a second registration of the modules."""
+        """The encoder's layers as :class:`EncoderBlock` s when the classifier runs the
+        loop, else the backbone's layers themselves (its longest ``nn.ModuleList``): a view
+        either way, never a second registration of the modules."""
+        if self._blocks is not None:
+            return self._blocks
         return find_blocks(self.backbone)
+
+    def split_forward(self) -> Any:
+        """The forward as stem (embeddings) -> blocks -> head (pooling and classifier), for
+        ElasticZO's cut (edgetrain.estimators.hybrid.Split)."""
+        from edgetrain.estimators.hybrid import Split
+
+        if self._blocks is None:
+            raise TypeError(
+                f"HFClassifier cannot cut {type(self.backbone).__name__}: only encoders "
+                "built as embeddings -> encoder.layer whose loop reproduces the backbone "
+                "(see edgetrain.integrations.hf) run layer by layer"
+            )
+        return Split(self._embed, self._blocks, self._pool_and_classify, (self.classifier,))
+
+    @torch.no_grad()
+    def loop_matches(self, atol: float = 1e-4) -> bool:
+        """Whether the encoder loop gives the backbone's ``last_hidden_state`` on a small
+        padded input (two rows, one with padding), in eval mode (modes restored)."""
+        if self._blocks is None:
+            return False
+        vocab = int(getattr(self.backbone.config, "vocab_size", 100))
+        ids = (torch.arange(2 * 8).reshape(2, 8) * 7 + 5) % max(vocab, 2)  # (2, 8)
+        mask = torch.ones_like(ids)
+        mask[1, 5:] = 0
+        device = next(self.backbone.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            want = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            h = self._embed_ids(ids, mask)
+            for block in self._blocks:
+                h = block(h)
+        except Exception as err:  # noqa: BLE001 - any failure means "do not use the loop"
+            logger.info("encoder loop failed on a probe input: %s", err)
+            return False
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            self._mask = None
+        keep = mask.bool()
+        return h.shape == want.shape and torch.allclose(h[keep], want[keep], atol=atol)
 
     @property
     def head(self) -> nn.Module:
@@ -277,6 +443,60 @@ class HFClassifier(nn.Module):
         finally:
             self.backbone.set_attn_implementation(current)
 
+    @contextlib.contextmanager
+    def _attention(self, wanted: str) -> Iterator[None]:
+        """The backbone's attention implementation set to ``wanted`` for one block."""
+        current = _attn_of(self.backbone)
+        if current in (None, wanted):
+            yield
+            return
+        self.backbone.set_attn_implementation(wanted)
+        try:
+            yield
+        finally:
+            self.backbone.set_attn_implementation(current)
+
+    def _embed_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self._mask = mask
+        return self.backbone.embeddings(input_ids=input_ids)  # (B, T, H)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The loop's stem: packed ``x`` -> token embeddings ``(B, T', H)``; sets the mask."""
+        input_ids, mask = self._inputs(x, None, None)
+        return self._embed_ids(input_ids, mask)
+
+    def _additive_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``(B, 1, 1, T)``: 0 where a token is, the dtype's minimum at padding; None when
+        no token is padding (the attention then needs no mask)."""
+        mask = self._mask
+        if mask is None:
+            raise RuntimeError("EncoderBlock called outside HFClassifier's forward")
+        if bool(mask.all()):
+            return None
+        blocked = (mask == 0)[:, None, None, :]  # (B, 1, 1, T)
+        return torch.zeros(blocked.shape, dtype=dtype, device=mask.device).masked_fill(
+            blocked, torch.finfo(dtype).min
+        )
+
+    def _keep_tokens(self, index: torch.Tensor) -> None:
+        if self._mask is None:
+            raise RuntimeError("keep_tokens called outside HFClassifier's forward")
+        self._mask = self._mask.gather(1, index)  # (B, T')
+
+    def _pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return states[:, 0]  # (B, H)
+        weights = mask.unsqueeze(-1).to(states.dtype)  # (B, T', 1)
+        summed = (states * weights).sum(dim=1)  # (B, H)
+        return summed / weights.sum(dim=1).clamp(min=1.0)  # (B, H)
+
+    def _pool_and_classify(self, states: torch.Tensor) -> torch.Tensor:
+        """The loop's head: pooled states of the kept tokens -> logits ``(B, C)``."""
+        mask, self._mask = self._mask, None
+        if mask is None:
+            raise RuntimeError("The head ran before the embedding step set the mask")
+        return self.classifier(self._pool(states, mask))
+
     def _trim(self, input_ids: torch.Tensor, mask: torch.Tensor):
         if not self.trim_padding or mask.shape[1] == 0:
             return input_ids, mask
@@ -296,13 +516,14 @@ class HFClassifier(nn.Module):
             raise TypeError("A backbone with its own head has no separate pooled features")
         input_ids, mask = self._inputs(x, input_ids, attention_mask)
         with self._attention_for_call():
-            out = self.backbone(input_ids=input_ids, attention_mask=mask)
-        states = out.last_hidden_state  # (B, T', H)
-        if self.pooling == "cls":
-            return states[:, 0]  # (B, H)
-        weights = mask.unsqueeze(-1).to(states.dtype)  # (B, T', 1)
-        summed = (states * weights).sum(dim=1)  # (B, H)
-        return summed / weights.sum(dim=1).clamp(min=1.0)  # (B, H)
+            if self._blocks is None:
+                states = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            else:
+                states = self._embed_ids(input_ids, mask)  # (B, T', H)
+                for block in self._blocks:
+                    states = block(states)
+                mask, self._mask = self._mask, None  # the tokens still alive
+        return self._pool(states, mask)  # (B, H)
 
     def _inputs(self, x, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         if x is not None:
