@@ -129,3 +129,28 @@ def test_compare_equal_time_gives_each_preset_the_same_budget(tmp_path):
     for row in data["rows"]:
         # Stopped by the clock (at the first step past it), not by a step count.
         assert 1.5 <= row["wall_seconds"] < 1.5 + 10 * row["median_step_seconds"] + 1.0
+
+
+def test_a_stopped_compare_keeps_the_presets_it_finished(tmp_path):
+    from edgetrain.bench.compare import CompareResult, compare
+
+    path = tmp_path / "results.json"
+
+    def stop_after_first(row):
+        raise KeyboardInterrupt  # Ctrl-C (or a kill) while the second preset would run
+
+    with pytest.raises(KeyboardInterrupt):
+        compare(
+            "mnist-to-digits",
+            "mlp",
+            ["bias_only", "full_bp"],
+            quick=True,
+            progress=False,
+            save_to=path,
+            on_row=stop_after_first,
+        )
+    kept = CompareResult.load(path)
+    assert [r.preset for r in kept.rows] == ["bias_only"] and kept.rows[0].status == "ok"
+    assert kept.meta["presets"] == ["bias_only", "full_bp"]
+    with pytest.raises(ValueError, match="eval_points"):
+        compare("mnist-to-digits", "mlp", ["bias_only"], eval_points=0, progress=False)

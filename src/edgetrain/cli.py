@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give every preset the same training wall-clock budget",
     )
+    p.add_argument(
+        "--eval-points",
+        type=int,
+        default=8,
+        help="test-set evaluations during each preset's run (default: %(default)s; "
+        "2 with --quick)",
+    )
     p.add_argument("--out", default="results", help="output directory (default: %(default)s)")
     p.add_argument(
         "--from",
@@ -301,9 +308,9 @@ def _cmd_compare(args) -> int:
             equal_time=args.equal_time,
             seed=args.seed,
             progress=not args.no_progress,
+            eval_points=args.eval_points,
+            save_to=out / "results.json",  # after every preset: a stopped run keeps its rows
         )
-        out.mkdir(parents=True, exist_ok=True)
-        result.save(out / "results.json")
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(result)
     (out / "results.md").write_text(table + "\n")

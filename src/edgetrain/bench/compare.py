@@ -197,14 +197,21 @@ def compare(
     progress: bool = True,
     eval_points: int = 8,
     on_row=None,
+    save_to: str | Path | None = None,
 ) -> CompareResult:
-    """Run ``preset_names`` (default: all) on ``task`` with ``model`` and return rows."""
+    """Run ``preset_names`` (default: all) on ``task`` with ``model`` and return rows.
+
+    ``save_to``: a results file rewritten (atomically) after every preset, so a long run
+    that is stopped keeps every finished row (``edgetrain compare --from`` renders it).
+    ``eval_points``: evaluations on the test set during each run (2 with ``quick``)."""
     from tqdm.auto import tqdm
 
     task_obj = tasks.get(task)
     model = model or task_obj.default_model
     names = preset_names or presets.names()
     recipes = [task_obj.recipe(n) for n in names]  # unknown names fail before any work
+    if eval_points < 1:
+        raise ValueError(f"Invalid eval_points: {eval_points} (must be >= 1)")
     if equal_time is not None and equal_time <= 0:
         raise ValueError(f"Invalid --equal-time: {equal_time} (seconds, > 0)")
     base_model = task_obj.pretrained(model, progress=progress)
@@ -268,6 +275,8 @@ def compare(
             if progress:
                 traceback.print_exc(file=sys.stderr)
         rows.append(row)
+        if save_to is not None:
+            CompareResult(meta=meta, rows=list(rows)).save(save_to)
         if on_row is not None:
             on_row(row)
     return CompareResult(meta=meta, rows=rows)
