@@ -129,8 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-points",
         type=int,
         default=8,
-        help="test-set evaluations during each preset's run (default: %(default)s; "
-        "2 with --quick)",
+        help="test-set evaluations during each preset's run (default: %(default)s; 2 with --quick)",
     )
     p.add_argument("--out", default="results", help="output directory (default: %(default)s)")
     p.add_argument(
