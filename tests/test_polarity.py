@@ -183,12 +183,14 @@ def test_zo_step_on_minilm_stays_within_5_percent_of_inference(text_task):
     assert step.peak <= 1.05 * inference.peak
 
 
-def test_task_adapts_gradient_presets_and_leaves_zeroth_order_alone(text_task):
+def test_task_adapts_learning_rates_of_presets(text_task):
     from edgetrain import presets
 
     full = text_task.recipe("full_bp")
     assert full.optimizer.lr == 2e-5 and full.batch_size == 16
-    assert text_task.recipe("mezo") == presets.get("mezo")
+    assert text_task.recipe("mezo") == presets.get("mezo", **{"optimizer.lr": 1e-5})
+    hybrid = text_task.recipe("elastic_zo")
+    assert hybrid.optimizer.lr == 2e-5 and hybrid.estimator.zo_lr == 3e-5
     assert text_task.recipe("full_bp", steps=3).steps == 3  # user overrides come last
 
 
@@ -206,6 +208,9 @@ TEXT_PRESETS = (
     "galore",
 )
 STEPS = 4
+# zo_adam's per-coordinate steps at the task's lr 1e-5 move this loss by < 0.001 in four
+# steps, below what the check resolves: the test runs it at 1e-4 (still a few steps).
+TEXT_OVERRIDES = {"zo_adam": {"optimizer.lr": 1e-4}}
 
 
 @SLOW
@@ -219,7 +224,7 @@ def test_each_text_preset_lowers_the_loss_of_a_small_batch(text_task, name):
     net = text_task.pretrained()
     x, y = text_task.train.tensors
     batch = (x[:8], y[:8])
-    recipe = text_task.recipe(name)
+    recipe = text_task.recipe(name, **TEXT_OVERRIDES.get(name, {}))
     assert applicable(recipe, net) is None
 
     def batch_loss() -> float:
