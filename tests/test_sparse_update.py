@@ -163,6 +163,9 @@ def test_measured_saved_activations_and_gradients_are_smaller_than_full(task):
     # against the same blocks trained densely: the gradient and Adam's state shrink
     assert part.grads < 0.6 * dense_same_blocks.grads
     assert part.optimizer_state < 0.6 * dense_same_blocks.optimizer_state
+    # what trains is the selected rows (views of the weights), not whole weights
+    assert part.trainable_params < 0.6 * dense_same_blocks.trainable_params
+    assert part.params == full.params and full.trainable_params == full.params
 
 
 def test_the_planner_respects_the_budget_and_maximises_the_contribution():

@@ -97,7 +97,7 @@ def parse_budget(text: str | int | float) -> int:
     return int(value * scale)
 
 
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 """Bumped whenever ``memory.measure`` changes what it reports (2: two tracked steps)."""
 
 

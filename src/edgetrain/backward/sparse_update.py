@@ -56,8 +56,7 @@ Choices made here
   masks get a copy that is written back into the selected rows before each forward and
   whenever the state dict is read. ``weight_update`` is hidden from ``state_dict()``
   (the keys stay those of the original model) and refilled by ``load_state_dict()``.
-  (``MemoryReport.trainable_params`` counts storages, so it reports a view as its whole
-  weight.)
+  (``MemoryReport.trainable_params`` counts a view's own bytes, the selected rows.)
 * **Exact forward.** The forward is ``F.linear`` / ``F.conv2d`` on the full weight, bit for
   bit the layer's own. ``Swap.restore()`` puts the original modules back (with the trained
   values) and restores ``requires_grad``.

@@ -60,6 +60,13 @@ def format_bytes(n: float | None) -> str:
     raise AssertionError  # pragma: no cover
 
 
+def _view_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the tensors themselves (a view counts its own elements, not its whole
+    storage: a sparse update trains a slice of a weight); the same tensor once."""
+    seen = {(t.data_ptr(), t.numel(), t.dtype): t.numel() * t.element_size() for t in tensors}
+    return sum(seen.values())
+
+
 @dataclass
 class MemoryReport:
     """Peak bytes of one step, by category (see the module docstring)."""
@@ -194,7 +201,7 @@ def _measure_step(net: nn.Module, estimator, batch: Any, run, runs: int = 1) -> 
     }
     return MemoryReport(
         params=base["params"],
-        trainable_params=storage_bytes(trainable),
+        trainable_params=_view_bytes(trainable),
         buffers=base["buffers"],
         batch=base["batch"],
         grads=group_peak["grads"],
