@@ -93,6 +93,9 @@ def test_loads_offline_with_structure(base_model, tokenizer):
     assert net.runs_loop  # embeddings -> encoder.layer, and the loop reproduces it
     assert isinstance(net.blocks[0], EncoderBlock)
     assert net.blocks[0].layer is net.backbone.encoder.layer[0]  # found by structure
+    twin = copy.deepcopy(net)  # a copy's blocks run the copy's layers, never the original's
+    assert twin.blocks[0].layer is twin.backbone.encoder.layer[0]
+    assert twin.blocks[0].layer is not net.blocks[0].layer
     assert isinstance(net.head, nn.Linear) and net.head.out_features == 2
     assert find_head(net) is net.head
     assert net.num_classes == 2 and net.input_shape == (2, MAX_LEN)
