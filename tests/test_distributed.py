@@ -146,7 +146,23 @@ JOBS = {
     "mezo_uneven": dict(recipe=lambda: _mezo(), batch_size=31, journal=True),
     "forward_grad": dict(recipe=lambda: presets.get("forward_grad"), batch_size=32),
     "full_bp": dict(recipe=lambda: presets.get("full_bp"), batch_size=32),
+    "elastic_zo": dict(recipe=lambda: _elastic(), batch_size=32),
 }
+
+
+def _elastic(**overrides: Any):
+    """ElasticZO on the MLP: block 0 by ZO (Rademacher z), block 1 and the head by
+    plain SGD (no state, so 1 process and 2 ranks differ only by float rounding)."""
+    return presets.get(
+        "elastic_zo",
+        **{
+            "estimator.cut": 1,
+            "estimator.direction": "rademacher",
+            "optimizer.kind": "sgd",
+            "optimizer.lr": 0.05,
+            **overrides,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +238,13 @@ def test_bytes_per_step_zo_a_few_scalars_backprop_the_trainable_parameters(two_r
         trainable = sum(p.numel() * p.element_size() for p in base_model.parameters())
         assert rank["full_bp"]["by_kind"] == {"gradients": trainable, "scalars": 8}
         assert rank["full_bp"]["comm"] == trainable + 8
-    assert "not implemented" in ranks[0]["refused"] and "hybrid" in ranks[0]["refused"]
+        # ElasticZO: the front's loss pair (16 bytes) and the tail's float32 gradients.
+        net = copy.deepcopy(base_model)
+        tail = [p for b in net.blocks[1:] for p in b.parameters()] + list(net.head.parameters())
+        tail_bytes = sum(p.numel() * p.element_size() for p in tail)
+        assert rank["elastic_zo"]["by_kind"] == {"scalars": 16, "gradients": tail_bytes}
+    refused = ranks[0]["refused"]
+    assert "not implemented" in refused and "fixed_point" in refused
     assert ranks[0]["budget"] == ranks[1]["budget"] == (1, True, {"control": 8, "scalars": 16})
 
 
@@ -258,6 +280,24 @@ def test_zo_two_ranks_equal_one_process_on_the_union_batch(
     worst = max(float((state[k] - v).abs().max()) for k, v in single.state_dict().items())
     assert worst <= bound, (worst, bound, dg)
     assert math.isfinite(worst)
+
+
+def test_elastic_zo_two_ranks_match_one_process_on_the_union_batch(two_ranks, task, base_model):
+    """Same seeds, so the same z; the two runs differ by float rounding only: the loss
+    pair (float32 means of 32 vs 2 x 16 examples) and the tail gradient (a sum over 32
+    rows vs two sums of 16, halved and added). A wrong shard weight (a sum of the two
+    ranks' gradients, say) doubles the tail step and fails by orders of magnitude."""
+    single = copy.deepcopy(base_model)
+    fit = finetune(single, task.train, _elastic(), steps=STEPS, batch_size=32, **QUICK)
+    two = two_ranks["ranks"][0]["elastic_zo"]
+    assert two["losses"] == pytest.approx([h["loss"] for h in fit.history], rel=1e-5)
+    for key, value in single.state_dict().items():
+        moved = float((value - base_model.state_dict()[key]).abs().max())
+        diff = float((two["state"][key] - value).abs().max())
+        assert diff <= 1e-5 * max(1.0, float(value.abs().max())), (key, diff, moved)
+    assert any(
+        not torch.equal(v, base_model.state_dict()[k]) for k, v in single.state_dict().items()
+    )
 
 
 # -- faults and resume ---------------------------------------------------------------------

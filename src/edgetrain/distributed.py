@@ -33,11 +33,12 @@ is broadcast). A comm hook counts each gradient bucket and calls DDP's default a
 The loss value is also averaged over the ranks (one float), so the reported loss is that
 of the whole batch and a NaN on any rank stops every rank before the update.
 
-Hybrid recipes (ZO for the front, backprop for the tail) would combine both: the front's
-loss values through the ``reduce_scalars`` hook and the tail's gradients through DDP (or
-an all-reduce of the tail's ``.grad`` tensors only, the front has none). That needs the
-hybrid estimator to expose both hooks; until it does, ``DataParallel`` raises
-NotImplementedError for it (and for any estimator without a ``reduce_scalars`` hook).
+Hybrid recipes (ElasticZO: ZO for the front, backprop for the tail) combine both: the
+front's loss values go through the ``reduce_scalars`` hook, and the tail's gradients,
+after the estimator averaged them over its passes, through its ``reduce_gradients`` hook,
+which this module sets to a shard-weighted all-reduce of one flat buffer of the tail's
+``.grad`` tensors (the front has none to send). Estimators with neither path (the
+fixed-point ones) raise NotImplementedError.
 
 Communication is measured, per step and per rank, as the payload bytes of the collectives
 the rank enters (``CommCounter``): for ZO a few floats (two-sided SPSA, q = 1: two float64,
@@ -435,12 +436,14 @@ class DataParallel:
             self.mode = "ddp"
         elif est.kind in SCALAR_KINDS and hasattr(est, "reduce_scalars"):
             self.mode = "scalars"
+        elif est.kind == "hybrid" and hasattr(est, "reduce_gradients"):
+            self.mode = "hybrid"
         else:
             raise NotImplementedError(
-                f"Data-parallel training of estimator {est.kind!r} is not implemented: "
-                "zo, forward_grad (scalar exchange) and backprop (DDP) are. A hybrid "
-                "estimator would exchange its front's loss values through reduce_scalars "
-                "and its tail's gradients through DDP; run it in one process for now"
+                f"Data-parallel training of estimator {est.kind!r} (numerics "
+                f"{est.recipe.numerics.kind!r}) is not implemented: zo, forward_grad "
+                "(scalar exchange), hybrid (scalars and the tail's gradients) and backprop "
+                "(DDP) are; run it in one process"
             )
         if (
             est.kind == "forward_grad"
@@ -453,8 +456,10 @@ class DataParallel:
                 "ranks would diverge; use train_mode_evals=False or one process"
             )
         check_identical(est.model, counter=self.counter, when="at the start")
-        if self.mode == "scalars":
+        if self.mode in ("scalars", "hybrid"):
             est.reduce_scalars = self.reduce
+            if self.mode == "hybrid":
+                est.reduce_gradients = self.reduce_gradients
         else:
             self.ddp = wrap_ddp(est.model, self.counter)
             self._base_loss_fn = est.loss_fn
@@ -477,6 +482,23 @@ class DataParallel:
         return allreduce_mean_scalars(
             values, weight=self.weight, counter=self.counter, step=self.step
         )
+
+    def reduce_gradients(self, grads: list[torch.Tensor]) -> None:
+        """The ``reduce_gradients`` hook: each of ``grads`` replaced, in place, by its
+        shard-weighted mean over the ranks (one all-reduce of one flat buffer)."""
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])  # (n,)
+        self.counter.add(flat.numel() * flat.element_size(), "gradients")
+        flat.mul_(self.weight)  # n_r / n: the sum over ranks is the whole batch's mean
+        try:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        except (RuntimeError, dist.DistError) as err:
+            raise _collective_error("gradient all-reduce", err, self.step) from err
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def _ddp_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The estimator's loss through DDP's forward: its gradient is this rank's share
@@ -574,8 +596,10 @@ class DataParallel:
 
     def close(self) -> None:
         """Undo the hooks (the estimator and model work in one process again)."""
-        if self.mode == "scalars":
+        if self.mode in ("scalars", "hybrid"):
             self.est.reduce_scalars = None
+            if self.mode == "hybrid":
+                self.est.reduce_gradients = None
         elif self._base_loss_fn is not None:
             self.est.loss_fn = self._base_loss_fn
             self._base_loss_fn = None

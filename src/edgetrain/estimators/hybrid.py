@@ -65,6 +65,14 @@ the tail's output for the current front activations, so losses written against
 ``model(x)`` work unchanged. Not supported: blockwise and ZO-Cons fronts, channel-sparse
 scopes, dict batches, journals (the tail update cannot be replayed from (seed, scalar)).
 
+Data parallelism (edgetrain.distributed): two hooks, both None in one process.
+``reduce_scalars`` maps this rank's loss values (the 2q of the front's SPSA passes) to
+their all-rank mean, so every rank forms the same projected gradient, as MeZO does;
+``reduce_gradients`` replaces the tail's ``.grad`` tensors, after the average over the
+passes, by their all-rank mean before the tail optimizer steps (what DDP does for a
+backprop step, on the tail's parameters only: the front has no gradient to send). Bytes
+per step: 16 q + the tail's gradient bytes.
+
 ``choose_cut(model, recipe, batch, budget_bytes)`` picks the smallest cut (the largest
 backprop tail) whose measured step (``edgetrain.memory.measure``) fits a budget.
 """
@@ -209,6 +217,8 @@ class ElasticZO(Estimator):
     """ZO (SPSA) for the front, backprop for the tail; see the module docstring."""
 
     kind = "hybrid"
+    reduce_scalars: Callable[[list[float]], list[float]] | None = None
+    reduce_gradients: Callable[[list[torch.Tensor]], None] | None = None
 
     def __init__(
         self, model: nn.Module, recipe: Recipe, loss_fn: LossFn | None = None, *, seed: int = 0
@@ -307,13 +317,17 @@ class ElasticZO(Estimator):
 
             if self.zo is None:
                 value = float(closure())
+                if self.reduce_scalars is not None:
+                    (value,) = self.reduce_scalars([value])
                 if not torch.isfinite(torch.tensor(value)):
                     self.optimizer.zero_grad(set_to_none=True)
                     raise NonFiniteLossError(self.step_count, value)
                 record = None
             else:
                 try:
-                    record = self.zo.estimate(closure, seed=step_seed)
+                    record = self.zo.estimate(
+                        closure, seed=step_seed, reduce_scalars=self.reduce_scalars
+                    )
                 except NonFiniteLoss as err:
                     self.optimizer.zero_grad(set_to_none=True)
                     raise NonFiniteLossError(self.step_count, err.value) from err
@@ -322,6 +336,8 @@ class ElasticZO(Estimator):
             for p in self.tail_params:
                 if p.grad is not None:
                     p.grad.div_(passes)  # the average over the 2q passes
+        if self.reduce_gradients is not None:
+            self.reduce_gradients([p.grad for p in self.tail_params if p.grad is not None])
         if record is not None:
             self.zo.apply_record(record)
         self.optimizer.step()
