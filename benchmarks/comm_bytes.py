@@ -17,11 +17,12 @@ import argparse
 import copy
 
 from edgetrain import distributed, presets, tasks
+from edgetrain.scope import find_blocks
 from edgetrain.train import finetune
 
 DEFAULT_PRESETS = (
     "mezo,zo_adam,zo_cons,sparse_mezo,forward_grad,full_bp,last_layers,bias_only,galore,"
-    "fixed_point_zo"
+    "elastic_zo,fixed_point_zo"
 )
 
 
@@ -43,6 +44,9 @@ def main() -> None:
     rows = []
     for name in args.presets.split(","):
         recipe = presets.get(name.strip())
+        n_blocks = len(find_blocks(base))
+        if recipe.estimator.kind == "hybrid" and (recipe.estimator.cut or 0) >= n_blocks:
+            recipe = recipe.replace(**{"estimator.cut": n_blocks - 1})  # keep a block in the tail
         net = copy.deepcopy(base)
         try:
             fit = finetune(
