@@ -318,3 +318,22 @@ def test_lbp_wht_1d_swaps_every_token_linear_and_is_exact_at_full_rank(model, ba
         swap.restore()
     for g, g2 in zip(exact, full_rank, strict=True):
         torch.testing.assert_close(g2, g, rtol=1e-3, atol=1e-6)
+
+
+def test_checkpointed_encoder_blocks_give_the_exact_gradients(model, batch):
+    """Checkpointing recomputes each block during the backward pass: the recomputation
+    must see the attention mask the block ran with (padding present in this batch)."""
+    from edgetrain import backward as backward_mod
+    from edgetrain.recipe import Backward
+
+    x, y = batch
+    params = [p for p in model.parameters() if p.requires_grad]
+    exact = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
+    swap = backward_mod.apply(model, Backward(kind="checkpoint"))
+    try:
+        loss = nn.functional.cross_entropy(model(x), y)
+        checkpointed = torch.autograd.grad(loss, params)
+    finally:
+        swap.restore()
+    for g, g2 in zip(exact, checkpointed, strict=True):
+        torch.testing.assert_close(g2, g, rtol=1e-5, atol=1e-7)

@@ -457,6 +457,9 @@ class HFClassifier(nn.Module):
             self.backbone.set_attn_implementation(current)
 
     def _embed_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # The mask stays set after the forward ends: activation checkpointing recomputes
+        # a block during the backward pass and must see the mask it ran with. (Blocks
+        # after the last token drop all ran with the final mask.)
         self._mask = mask
         return self.backbone.embeddings(input_ids=input_ids)  # (B, T, H)
 
@@ -492,7 +495,7 @@ class HFClassifier(nn.Module):
 
     def _pool_and_classify(self, states: torch.Tensor) -> torch.Tensor:
         """The loop's head: pooled states of the kept tokens -> logits ``(B, C)``."""
-        mask, self._mask = self._mask, None
+        mask = self._mask  # kept after the forward: see _embed_ids
         if mask is None:
             raise RuntimeError("The head ran before the embedding step set the mask")
         return self.classifier(self._pool(states, mask))
@@ -522,7 +525,7 @@ class HFClassifier(nn.Module):
                 states = self._embed_ids(input_ids, mask)  # (B, T', H)
                 for block in self._blocks:
                     states = block(states)
-                mask, self._mask = self._mask, None  # the tokens still alive
+                mask = self._mask  # the tokens still alive
         return self._pool(states, mask)  # (B, H)
 
     def _inputs(self, x, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
