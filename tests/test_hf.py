@@ -301,23 +301,36 @@ def test_lbp_wht_1d_swaps_every_token_linear_and_is_exact_at_full_rank(model, ba
     from edgetrain.backward.wht import WHTLinear, apply_wht
     from edgetrain.recipe import Backward
 
-    x, y = batch
     model.train(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss = nn.functional.cross_entropy(model(x), y)
-    exact = torch.autograd.grad(loss, params)
-    # The 1-D variant over blocks of 8 tokens has 8 bases: low-pass order 8 keeps them all.
-    swap = apply_wht(model, Backward(kind="wht", wht_k=8), block_1d=8)
-    try:
+
+    def check_swap(swap) -> None:
         swapped = [m for m in model.modules() if isinstance(m, WHTLinear)]
         assert len(swapped) == 6 * 6  # query, key, value, attn out, intermediate, output
         assert all(m.grid is None for m in swapped)  # the 1-D variant
-        loss2 = nn.functional.cross_entropy(model(x), y)
-        full_rank = torch.autograd.grad(loss2, params)
-    finally:
-        swap.restore()
+
+    # The 1-D variant over blocks of 8 tokens has 8 bases: low-pass order 8 keeps them all.
+    exact, full_rank = _gradients_without_and_with(
+        model, batch, lambda: apply_wht(model, Backward(kind="wht", wht_k=8), block_1d=8),
+        check_swap,
+    )  # fmt: skip
     for g, g2 in zip(exact, full_rank, strict=True):
         torch.testing.assert_close(g2, g, rtol=1e-3, atol=1e-6)
+
+
+def _gradients_without_and_with(model, batch, apply_swap, check=None):
+    """Gradients of the cross-entropy on ``batch`` before and while ``apply_swap()`` holds
+    (restored after)."""
+    x, y = batch
+    params = [p for p in model.parameters() if p.requires_grad]
+    exact = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
+    swap = apply_swap()
+    try:
+        if check is not None:
+            check(swap)
+        swapped = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
+    finally:
+        swap.restore()
+    return exact, swapped
 
 
 def test_checkpointed_encoder_blocks_give_the_exact_gradients(model, batch):
@@ -326,14 +339,8 @@ def test_checkpointed_encoder_blocks_give_the_exact_gradients(model, batch):
     from edgetrain import backward as backward_mod
     from edgetrain.recipe import Backward
 
-    x, y = batch
-    params = [p for p in model.parameters() if p.requires_grad]
-    exact = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
-    swap = backward_mod.apply(model, Backward(kind="checkpoint"))
-    try:
-        loss = nn.functional.cross_entropy(model(x), y)
-        checkpointed = torch.autograd.grad(loss, params)
-    finally:
-        swap.restore()
+    exact, checkpointed = _gradients_without_and_with(
+        model, batch, lambda: backward_mod.apply(model, Backward(kind="checkpoint"))
+    )
     for g, g2 in zip(exact, checkpointed, strict=True):
         torch.testing.assert_close(g2, g, rtol=1e-5, atol=1e-7)
