@@ -563,19 +563,7 @@ class DataParallel:
             from edgetrain.estimators.zo import JOURNAL_NAME
 
             records = read_journal(Path(directory) / JOURNAL_NAME).records[start_step:target]
-            with torch.no_grad():
-                for record in records:
-                    self.est.optimizer.apply_record(record)
-                    if result is not None:
-                        result.history.append(
-                            {
-                                "step": record.step,
-                                "loss": record.loss,
-                                "seconds": 0.0,
-                                "forward_passes": record.evaluations,
-                                "backward_passes": 0,
-                            }
-                        )
+            self.est.replay_records(records, result)
             self.est.step_count = target
         return target
 

@@ -220,25 +220,29 @@ class ZO(Estimator):
                 f"{writer.next_step} or earlier, or use ZO.resume(model, path)"
             )
         if writer.next_step > start:
-            records = read_journal(path).records[start:]
-            with torch.no_grad():
-                for record in records:
-                    self.optimizer.apply_record(record)
-                    if result is not None and hasattr(result, "history"):
-                        result.history.append(
-                            {
-                                "step": record.step,
-                                "loss": record.loss,
-                                "seconds": 0.0,
-                                "forward_passes": record.evaluations,
-                                "backward_passes": 0,
-                            }
-                        )
+            self.replay_records(read_journal(path).records[start:], result)
             self.step_count = writer.next_step
         if self._journal is not None:
             self._journal.close()
         self._journal = writer
         return self.step_count
+
+    def replay_records(self, records: list, result: Any = None) -> None:
+        """Apply journal ``records`` (the steps after the current one, in order); each
+        becomes an entry of ``result.history`` if given. The caller sets ``step_count``."""
+        with torch.no_grad():
+            for record in records:
+                self.optimizer.apply_record(record)
+                if result is not None and hasattr(result, "history"):
+                    result.history.append(
+                        {
+                            "step": record.step,
+                            "loss": record.loss,
+                            "seconds": 0.0,
+                            "forward_passes": record.evaluations,
+                            "backward_passes": 0,
+                        }
+                    )
 
     @classmethod
     def resume(
