@@ -82,8 +82,18 @@ class Estimator:
     """``two_sided``: (l(+eps z) - l(-eps z)) / 2eps; ``one_sided``: (l(+eps z) - l) / eps."""
     direction: str = "gaussian"
     """Distribution of z: ``gaussian`` or ``rademacher``."""
-    blockwise: bool = False
-    """Perturb one block per step, in turn, instead of all trainable parameters."""
+    block_zo: str = "none"
+    """Block-wise ZO: ``none`` (perturb every trainable parameter at once);
+    ``round_robin`` (one block per step, in turn: block coordinate ZO); ``every_block``
+    (ZO-Bench's block-wise ZO: every block each step, two forwards per block on the same
+    batch)."""
+    block_granularity: str = "block"
+    """What a block is for ``block_zo``: ``block`` (a transformer block / model.blocks[i]),
+    ``sublayer`` (attention and MLP halves), ``linear`` (each weight-bearing layer)."""
+    grad_sparsity: float = 0.0
+    """ZO-Bench gradient pruning: fraction of each layer's z entries set to zero."""
+    grad_sparsity_resample: int = 1
+    """Gradient pruning: steps between resamplings of the sparse support of z."""
     cons: bool = False
     """ZO-Cons: keep the best of theta, theta - step, theta + step."""
     sparsity: float = 0.0
@@ -108,6 +118,13 @@ class Estimator:
         _choice(self.direction, ("gaussian", "rademacher"), "direction")
         _in_unit(self.sparsity, "sparsity", closed_high=False)
         _choice(self.mask_on, ("abs", "signed"), "mask_on")
+        _choice(self.block_zo, ("none", "round_robin", "every_block"), "block_zo")
+        _choice(self.block_granularity, ("block", "sublayer", "linear"), "block_granularity")
+        _in_unit(self.grad_sparsity, "grad_sparsity", closed_high=False)
+        if not isinstance(self.grad_sparsity_resample, int) or self.grad_sparsity_resample < 1:
+            raise ValueError(
+                f"Invalid grad_sparsity_resample: {self.grad_sparsity_resample} (an integer >= 1)"
+            )
         if self.cut is not None and self.cut < 0:
             raise ValueError(f"Invalid cut: {self.cut} (a block index, >= 0)")
         if self.zo_lr is not None:
@@ -135,6 +152,14 @@ class Scope:
     blocks: tuple[int, ...] = ()
     include_head: bool = True
     channel_ratio: float = 1.0
+    channel_ratios: tuple[float, ...] = ()
+    """Sparse update: one ratio per selected block (overrides ``channel_ratio``)."""
+    bias_k: int | None = None
+    """Sparse update: biases of the last ``bias_k`` blocks train (None: those of the
+    weight-selected blocks), the bias-update depth separate from the weight-update one."""
+    channel_select: str = "magnitude"
+    """Sparse update: which channels train, ``magnitude`` (ranked by weight norm, as
+    tiny-training) or ``first``."""
     predicate: Callable[..., bool] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -145,6 +170,12 @@ class Scope:
         if self.kind == "blocks" and not self.blocks and not self.include_head:
             raise ValueError("Scope kind 'blocks' needs block indices, e.g. blocks=(2, 3)")
         _in_unit(self.channel_ratio, "channel_ratio", closed_low=False)
+        object.__setattr__(self, "channel_ratios", tuple(float(r) for r in self.channel_ratios))
+        for ratio in self.channel_ratios:
+            _in_unit(ratio, "channel_ratios entry", closed_low=False)
+        if self.bias_k is not None and self.bias_k < 0:
+            raise ValueError(f"Invalid bias_k: {self.bias_k} (number of last blocks, >= 0)")
+        _choice(self.channel_select, ("magnitude", "first"), "channel_select")
         if self.kind == "predicate" and not callable(self.predicate):
             raise ValueError("Scope kind 'predicate' needs a callable predicate=")
 
@@ -163,6 +194,12 @@ class Backward:
     wht_selection: str = "lp_tri"
     bits: int = 8
     keep_ratio: float = 0.5
+    fuse_dropped: bool = True
+    """BSR/EViT: the dropped tokens are fused into one token (attention-weighted mean)."""
+    drop_at_inference: bool = False
+    """BSR: drop tokens in no-grad forwards too (inference speed-up, as EViT)."""
+    stochastic_rounding: bool = False
+    """Mesa: stochastic instead of nearest rounding when quantizing saved activations."""
 
     def __post_init__(self) -> None:
         _choice(self.kind, BACKWARD_KINDS, "backward kind")
@@ -189,6 +226,13 @@ class Optimizer:
     update_gap: int = 50
     """GaLore: steps between projection refreshes."""
     galore_scale: float = 0.25
+    galore_targets: str = "block_linear"
+    """GaLore: which weights are projected: ``block_linear`` (every nn.Linear inside the
+    model's blocks: attention and MLP, as the reference), ``all_matrices`` (every 2-D)."""
+    sign_rule: str = "elementwise"
+    """ZO sign update: ``elementwise`` sign(g_hat) or ``projected`` sign(g) * z (ZO-Bench)."""
+    decay_matrices_only: bool = True
+    """Weight decay skips biases and norm weights (1-D tensors), as MeZO and AdamW usage."""
 
     def __post_init__(self) -> None:
         _choice(self.kind, OPTIMIZER_KINDS, "optimizer kind")
@@ -208,6 +252,8 @@ class Optimizer:
         if self.update_gap < 1:
             raise ValueError(f"Invalid update_gap: {self.update_gap} (must be >= 1)")
         _positive(self.galore_scale, "galore_scale")
+        _choice(self.galore_targets, ("block_linear", "all_matrices"), "galore_targets")
+        _choice(self.sign_rule, ("elementwise", "projected"), "sign_rule")
 
 
 @dataclass(frozen=True)

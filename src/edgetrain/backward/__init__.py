@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -20,11 +21,17 @@ __all__ = ["Swap", "apply", "register"]
 
 
 class Swap:
-    """Undo record of module replacements: (parent, attribute name, original module)."""
+    """Undo record of module replacements: (parent, attribute name, original module).
+
+    A swap may carry run state (Mesa's running quantization ranges and call counters):
+    ``track_state(name, obj)`` registers an object with ``state_dict()`` /
+    ``load_state_dict()``, and the estimator saves ``swap.state_dict()`` in its own, so a
+    resumed run continues exactly."""
 
     def __init__(self) -> None:
         self._undo: list[tuple[nn.Module, str, nn.Module]] = []
         self._callbacks: list[Callable[[], None]] = []
+        self._stateful: dict[str, Any] = {}
 
     def replace(self, parent: nn.Module, name: str, new: nn.Module) -> None:
         self._undo.append((parent, name, getattr(parent, name)))
@@ -32,6 +39,22 @@ class Swap:
 
     def on_restore(self, fn: Callable[[], None]) -> None:
         self._callbacks.append(fn)
+
+    def track_state(self, name: str, obj: Any) -> None:
+        """Include ``obj.state_dict()`` under ``name`` in this swap's ``state_dict()``."""
+        if name in self._stateful:
+            raise ValueError(f"Swap state {name!r} is tracked twice")
+        self._stateful[name] = obj
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: obj.state_dict() for name, obj in self._stateful.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self._stateful) - set(state)
+        if missing:
+            raise ValueError(f"Swap state lacks {sorted(missing)} (saved by another recipe?)")
+        for name, obj in self._stateful.items():
+            obj.load_state_dict(state[name])
 
     def restore(self) -> None:
         while self._undo:

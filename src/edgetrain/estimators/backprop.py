@@ -61,11 +61,16 @@ class Backprop(Estimator):
                     yield value
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {
+            **super().state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "backward": self._swap.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.optimizer.load_state_dict(state["optimizer"])
+        self._swap.load_state_dict(state.get("backward", {}))
 
     def close(self) -> None:
         self._swap.restore()

@@ -163,7 +163,7 @@ class FixedPointZO(Estimator):
             )
         if opt.weight_decay:
             raise ValueError(f"FixedPointZO has no weight decay; got {opt.weight_decay}")
-        if est.blockwise or est.cons:
+        if est.block_zo != "none" or est.cons:
             raise ValueError("FixedPointZO supports neither blockwise nor cons (ZO-Cons) steps")
         if est.sparsity and est.mask_on != "abs" and sparse_mode == "magnitude":
             raise ValueError(f"Sparse magnitude masks support mask_on='abs', not {est.mask_on!r}")

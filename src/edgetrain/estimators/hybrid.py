@@ -230,7 +230,7 @@ class ElasticZO(Estimator):
                 f"ElasticZO runs float32 numerics; {recipe.numerics.kind!r} is ElasticZO-INT8 "
                 "(edgetrain.estimators.hybrid_int8, built by estimators.build)"
             )
-        if est.blockwise or est.cons:
+        if est.block_zo != "none" or est.cons:
             raise ValueError("ElasticZO's front supports neither blockwise nor cons steps")
         if self.selection.channel_masks:
             raise NotImplementedError("ElasticZO does not support channel-sparse scopes")
@@ -364,6 +364,7 @@ class ElasticZO(Estimator):
             "cut": self.cut,
             "zo": None if self.zo is None else self.zo.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "backward": self._swap.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -373,6 +374,7 @@ class ElasticZO(Estimator):
         if self.zo is not None:
             self.zo.load_state_dict(state["zo"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._swap.load_state_dict(state.get("backward", {}))
 
     def close(self) -> None:
         self._swap.restore()

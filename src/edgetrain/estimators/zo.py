@@ -109,7 +109,7 @@ class ZO(Estimator):
                 f"Numerics {recipe.numerics.kind!r} is not handled by the float ZO estimator"
             )
         named = self.selection.named
-        if est.blockwise:
+        if est.block_zo == "round_robin":
             groups = [{"params": [p for _, p in run]} for run in block_groups(model, named)]
         else:
             groups = [{"params": [p for _, p in named]}]
@@ -125,7 +125,7 @@ class ZO(Estimator):
             betas=opt.betas,
             adam_eps=opt.adam_eps,
             weight_decay=opt.weight_decay,
-            blockwise=est.blockwise,
+            blockwise=est.block_zo == "round_robin",
             cons=est.cons,
             sparsity=est.sparsity,
             mask_on=est.mask_on,
