@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from edgetrain import estimators, models, presets
 from edgetrain import optim as optim_mod
 from edgetrain.optim.galore import GaLoreAdamW, galore_projector, project, project_back
 from edgetrain.recipe import Optimizer as OptimizerSpec
+from edgetrain.seeding import make_generator
 
 
 def regression_problem(m: int = 24, n: int = 32, samples: int = 256):
@@ -170,7 +172,10 @@ def test_non_matrix_parameters_follow_adamw():
 
 
 def test_built_from_recipe_and_validates():
-    spec = OptimizerSpec(kind="galore", lr=2e-3, rank=4, update_gap=7, galore_scale=0.5)
+    spec = OptimizerSpec(
+        kind="galore", lr=2e-3, rank=4, update_gap=7, galore_scale=0.5,
+        galore_targets="all_matrices",
+    )  # fmt: skip
     opt = optim_mod.build(nn.Linear(8, 8).parameters(), spec)
     assert isinstance(opt, GaLoreAdamW)
     assert opt.defaults["rank"] == 4 and opt.defaults["update_gap"] == 7
@@ -179,3 +184,101 @@ def test_built_from_recipe_and_validates():
         GaLoreAdamW(nn.Linear(2, 2).parameters(), rank=0)
     with pytest.raises(ValueError, match="learning rate"):
         GaLoreAdamW(nn.Linear(2, 2).parameters(), lr=-1.0)
+    with pytest.raises(ValueError, match="model=model"):  # block_linear needs the model
+        optim_mod.build(nn.Linear(8, 8).parameters(), OptimizerSpec(kind="galore"))
+
+
+# --- which weights are projected: the reference's attention and MLP Linears ----------------
+
+
+def reference_targets(model: nn.Module, keys: tuple[str, ...]) -> set[int]:
+    """The reference's own rule, re-derived by names: every nn.Linear whose module name
+    contains one of ``keys`` (GaLore torchrun_main.py: ["attn", "mlp"]; run_glue.py for
+    BERT: query, value, key, intermediate.dense, output.dense)."""
+    return {
+        id(m.weight)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(k in name for k in keys)
+    }
+
+
+def seeded_build(build, seed: int = 0):
+    with torch.random.fork_rng(devices=[]):  # nn init draws from the global RNG
+        torch.manual_seed(seed)
+        return build()
+
+
+def tiny_bert() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    from edgetrain.integrations.hf import HFClassifier
+
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=32,
+    )  # fmt: skip
+    return seeded_build(lambda: HFClassifier(transformers.BertModel(config), 2, max_length=16))
+
+
+def vit_case():
+    net = seeded_build(lambda: models.build("vit", depth=2))
+    gen = make_generator(1)
+    batch = torch.randn(4, 1, 28, 28, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+    return net, batch, ("attn", "mlp"), net.head.weight, net.patch_embed.weight
+
+
+def bert_case():
+    from edgetrain.integrations.hf import pack_inputs
+
+    net = tiny_bert()
+    gen = make_generator(1)
+    ids = torch.randint(1, 64, (4, 16), generator=gen)
+    batch = pack_inputs(ids, torch.ones(4, 16, dtype=torch.long)), torch.tensor([0, 1, 0, 1])
+    keys = ("query", "value", "key", "intermediate.dense", "output.dense")
+    embeddings = net.backbone.embeddings.word_embeddings.weight  # (64, 32): 2-D, not projected
+    return net, batch, keys, net.classifier.weight, embeddings
+
+
+@pytest.mark.parametrize("case", [vit_case, bert_case], ids=["vit", "tiny_bert"])
+def test_the_projected_weights_are_exactly_the_block_linears(case):
+    net, batch, keys, head, embedding = case()
+    targets = reference_targets(net, keys)
+    assert len(targets) == (4 if case is vit_case else 6) * 2  # per block, 2 blocks
+    est = estimators.build(net, presets.get("galore"))
+    est.step(batch)
+    state = est.optimizer.state
+    projected = {id(p) for p, st in state.items() if "projector" in st}
+    assert projected == targets
+    for p in net.parameters():  # everything else: AdamW moments of the parameter's shape
+        if id(p) not in targets and p in state:
+            assert state[p]["exp_avg"].shape == p.shape == state[p]["exp_avg_sq"].shape
+    # the head and the embedding (a 2-D table in BERT) keep full Adam moments
+    for p in (head, embedding):
+        assert "projector" not in state[p] and state[p]["exp_avg"].shape == p.shape
+    est.close()
+
+
+def test_all_matrices_projects_every_two_dimensional_tensor():
+    net, batch, _, head, embedding = bert_case()
+    recipe = presets.get("galore").replace(**{"optimizer.galore_targets": "all_matrices"})
+    est = estimators.build(net, recipe)
+    est.step(batch)
+    projected = {id(p) for p, st in est.optimizer.state.items() if "projector" in st}
+    # every 2-D tensor that has a gradient (BERT's unused pooler has none)
+    assert projected == {id(p) for p in net.parameters() if p.dim() == 2 and p.grad is not None}
+    assert id(embedding) in projected and id(head) in projected
+    est.close()
+
+
+def test_a_group_without_projection_is_plain_adamw():
+    torch.manual_seed(0)
+    W_a = nn.Parameter(torch.randn(6, 9))
+    W_b = nn.Parameter(W_a.detach().clone())
+    galore = GaLoreAdamW([{"params": [W_a], "project": False}], lr=1e-2, weight_decay=0.1, rank=2)
+    adamw = torch.optim.AdamW([W_b], lr=1e-2, weight_decay=0.1, foreach=False)
+    for i in range(4):
+        for W, opt in ((W_a, galore), (W_b, adamw)):
+            opt.zero_grad()
+            ((W - i) ** 3).sum().backward()
+            opt.step()
+    torch.testing.assert_close(W_a, W_b, atol=1e-6, rtol=1e-6)
+    assert "projector" not in galore.state[W_a]

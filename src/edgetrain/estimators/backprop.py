@@ -39,7 +39,7 @@ class Backprop(Estimator):
 
             self._sparse_swap, self.selection = apply_sparse_update(model, self.selection)
         try:
-            self.optimizer = optim_mod.build(self.params, recipe.optimizer)
+            self.optimizer = optim_mod.build(self.params, recipe.optimizer, model=model)
             self._swap = backward_mod.apply(model, recipe.backward)
         except Exception:
             self._sparse_swap.restore()

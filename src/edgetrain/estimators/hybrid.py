@@ -266,7 +266,7 @@ class ElasticZO(Estimator):
                 chunk_elements=est.chunk_elements,
                 seed=self.seed,
             )
-        self.optimizer = optim_mod.build([p for _, p in self.tail_named], opt)
+        self.optimizer = optim_mod.build([p for _, p in self.tail_named], opt, model=model)
         self._view = _TailView(self.split, self.cut)
         self._swap = backward_mod.apply(model, recipe.backward)
 

@@ -57,9 +57,24 @@ def _adamw(params, spec: OptimizerSpec) -> torch.optim.Optimizer:
     )
 
 
-def build(params: Iterable[torch.nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:
+def build(
+    params: Iterable[torch.nn.Parameter],
+    spec: OptimizerSpec,
+    *,
+    model: torch.nn.Module | None = None,
+) -> torch.optim.Optimizer:
+    """The optimizer ``spec`` names, over ``params``. ``model`` (the module they belong
+    to) lets GaLore choose its projected weights by structure (``spec.galore_targets``,
+    edgetrain.optim.galore.galore_param_groups): the one place its groups are formed."""
     _load_plugins()
-    return _BUILDERS.get(spec.kind)(list(params), spec)
+    params = list(params)
+    if spec.kind == "galore":
+        from edgetrain.optim.galore import galore_param_groups
+
+        return _BUILDERS.get(spec.kind)(
+            galore_param_groups(params, spec.galore_targets, model), spec
+        )
+    return _BUILDERS.get(spec.kind)(params, spec)
 
 
 def _load_plugins() -> None:

@@ -1,4 +1,4 @@
-"""GaLore: AdamW whose moments live in a low-rank projection of each 2-D gradient.
+"""GaLore: AdamW whose moments live in a low-rank projection of each target weight's gradient.
 
 Paper: J. Zhao, Z. Zhang, B. Chen, Z. Wang, A. Anandkumar, Y. Tian, "GaLore:
 Memory-Efficient LLM Training by Gradient Low-Rank Projection", ICML 2024
@@ -25,11 +25,26 @@ GaLore), with ``r`` = ``rank``, ``T`` = ``update_gap``, ``alpha`` = ``galore_sca
 * decoupled weight decay ``W <- W (1 - lr * weight_decay)`` (applied before the update,
   as torch.optim.AdamW does; the reference applies it after).
 
-As in the reference, the moments are not reset when the projector is refreshed. Every
-parameter that is not 2-D (biases, norms, conv kernels, embeddings of other ranks) gets
-plain AdamW. The projector is optimizer state (``state["projector"]``), so
-``state_dict()`` / ``load_state_dict()`` resume exactly, in the middle of a projection
-period.
+As in the reference, the moments are not reset when the projector is refreshed. The
+projector is optimizer state (``state["projector"]``), so ``state_dict()`` /
+``load_state_dict()`` resume exactly, in the middle of a projection period.
+
+Which weights are projected. The reference projects only the attention and MLP
+``nn.Linear`` weights of the transformer blocks (``torchrun_main.py``, lines 265-281:
+``target_modules_list = ["attn", "mlp"]``, a param group with ``rank`` for those weights
+and a plain group for everything else; ``run_glue.py``, lines 397-402, names the same
+layers of BERT with ``--lora_all_modules``: query, key, value, intermediate.dense,
+output.dense); embeddings, the head, norms and biases get plain AdamW
+(``galore_torch/adamw.py``, line 96: a group without ``rank`` skips the projection). Here
+the same set is found by structure, never by names: :func:`galore_param_groups` with
+``targets="block_linear"`` (the recipe default) makes a projected group of every
+``nn.Linear`` weight inside ``edgetrain.scope.find_blocks(model)`` and a group with
+``project=False`` of the rest; ``targets="all_matrices"`` projects every 2-D tensor (an
+embedding table included). Each param group has the flag ``project`` (default True: every
+2-D tensor of the group is projected; a tensor that is not 2-D always gets plain AdamW),
+so ``GaLoreAdamW(model.parameters())`` alone projects every matrix.
+``edgetrain.optim.build(params, spec, model=model)`` forms the groups from
+``spec.galore_targets``.
 
 Optimizer state of a projected m x n weight: two moments of r x max(m, n) plus the
 projector r x min(m, n), against Adam's 2 m n: the moments are r / min(m, n) of Adam's.
@@ -41,12 +56,72 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
 from edgetrain.optim import register
 from edgetrain.optim._checks import check_lowrank_adam_args
 from edgetrain.recipe import Optimizer as OptimizerSpec
 
-__all__ = ["GaLoreAdamW", "galore_projector", "project", "project_back", "adamw_direction"]
+__all__ = [
+    "GaLoreAdamW",
+    "GALORE_TARGETS",
+    "galore_param_groups",
+    "galore_projector",
+    "project",
+    "project_back",
+    "adamw_direction",
+]
+
+GALORE_TARGETS = ("block_linear", "all_matrices")
+
+
+def _block_linear_weights(model: nn.Module) -> set[int]:
+    """``id`` of every ``nn.Linear`` weight inside the model's blocks (found by structure:
+    ``edgetrain.scope.find_blocks``): the attention and MLP projections of a transformer."""
+    from edgetrain.scope import find_blocks
+
+    try:
+        blocks = find_blocks(model)
+    except ValueError as err:
+        raise ValueError(
+            f"GaLore's galore_targets='block_linear' projects the nn.Linear weights inside "
+            f"the model's blocks, and none were found: {err}. Use "
+            "galore_targets='all_matrices' to project every 2-D tensor instead"
+        ) from None
+    return {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear)}
+
+
+def galore_param_groups(
+    params: Iterable[nn.Parameter], targets: str, model: nn.Module | None = None
+) -> list[dict[str, Any]]:
+    """``params`` split into GaLore's param groups: ``{"params": projected}`` and
+    ``{"params": rest, "project": False}`` (empty groups left out).
+
+    ``targets="block_linear"``: the projected ones are the ``nn.Linear`` weights inside
+    ``model``'s blocks (the reference's attention and MLP weights), so ``model`` is
+    required; ``"all_matrices"``: every 2-D tensor (``model`` is not needed)."""
+    params = list(params)
+    if targets == "all_matrices":
+        return [{"params": params}] if params else []
+    if targets != "block_linear":
+        raise ValueError(
+            f"Invalid galore_targets: {targets!r}; expected one of {', '.join(GALORE_TARGETS)}"
+        )
+    if model is None:
+        raise ValueError(
+            "galore_targets='block_linear' finds the block Linears in the model: pass it, "
+            "edgetrain.optim.build(params, spec, model=model), or set "
+            "galore_targets='all_matrices' to project every 2-D tensor"
+        )
+    block_linear = _block_linear_weights(model)
+    projected = [p for p in params if id(p) in block_linear]
+    rest = [p for p in params if id(p) not in block_linear]
+    groups: list[dict[str, Any]] = []
+    if projected:
+        groups.append({"params": projected})
+    if rest:
+        groups.append({"params": rest, "project": False})
+    return groups
 
 
 def galore_projector(grad: torch.Tensor, rank: int) -> torch.Tensor:
@@ -89,11 +164,13 @@ def adamw_direction(
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
-    """AdamW with GaLore projection of every 2-D parameter (see the module docstring).
+    """AdamW with GaLore projection of the 2-D parameters of the groups that ask for it
+    (see the module docstring).
 
     Hyperparameters (all per param group): ``lr``, ``betas``, ``eps``, ``weight_decay``,
-    ``rank`` (r), ``update_gap`` (T, steps between projector refreshes) and
-    ``galore_scale`` (alpha).
+    ``rank`` (r), ``update_gap`` (T, steps between projector refreshes),
+    ``galore_scale`` (alpha) and ``project`` (whether the group's 2-D tensors are
+    projected; False: plain AdamW, as the reference's group without ``rank``).
     """
 
     def __init__(
@@ -106,6 +183,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         rank: int = 8,
         update_gap: int = 50,
         galore_scale: float = 0.25,
+        project: bool = True,
     ) -> None:
         check_lowrank_adam_args(lr, betas, eps, weight_decay, rank, update_gap)
         if not galore_scale > 0:
@@ -118,6 +196,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             rank=rank,
             update_gap=update_gap,
             galore_scale=galore_scale,
+            project=bool(project),
         )
         super().__init__(params, defaults)
 
@@ -139,7 +218,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                projected = p.dim() == 2
+                projected = group.get("project", True) and p.dim() == 2
                 if projected:
                     t = int(state["step"])
                     if "projector" not in state or t % group["update_gap"] == 0:
@@ -170,7 +249,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
 
 @register("galore")
-def _build_galore(params: list[torch.nn.Parameter], spec: OptimizerSpec) -> GaLoreAdamW:
+def _build_galore(
+    params: list[torch.nn.Parameter] | list[dict[str, Any]], spec: OptimizerSpec
+) -> GaLoreAdamW:
+    """``params`` as given: ``edgetrain.optim.build`` passes :func:`galore_param_groups`."""
     return GaLoreAdamW(
         params,
         lr=spec.lr,
