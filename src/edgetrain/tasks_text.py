@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from edgetrain.recipe import Recipe
-from edgetrain.seeding import make_generator
+from edgetrain.seeding import make_generator, seeded_global_rng
 from edgetrain.tasks import Task, atomic_torch_save, cache_dir, register
 
 __all__ = ["TextTaskConfig", "PretrainedTextTask", "minilm_path", "minilm_polarity"]
@@ -162,8 +162,7 @@ class PretrainedTextTask(Task):
     def _build(self, model: str):
         from edgetrain.integrations.hf import load_classifier
 
-        with torch.random.fork_rng(devices=[]):  # the head's init, without the global RNG
-            torch.manual_seed(self.config.head_seed)
+        with seeded_global_rng(self.config.head_seed):  # the head's init, caller's RNG kept
             # The BERT pooler (dense + tanh on the first token) is not what the head reads.
             return load_classifier(
                 self.model_dir(model),

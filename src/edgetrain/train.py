@@ -28,6 +28,7 @@ What it guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -43,10 +44,9 @@ from edgetrain import distributed as dp_mod
 from edgetrain import estimators
 from edgetrain.estimators.base import LossFn, NonFiniteLossError
 from edgetrain.evaluate import evaluate as evaluate_model
-from edgetrain.memory.measure import MemoryReport
-from edgetrain.memory.measure import measure as measure_memory
+from edgetrain.memory.measure import MemoryReport, StepMeter
 from edgetrain.recipe import Recipe
-from edgetrain.seeding import derive_seed, make_generator
+from edgetrain.seeding import cuda_devices, derive_seed, make_generator, seeded_global_rng
 from edgetrain.tasks import atomic_torch_save
 
 __all__ = ["finetune", "FitResult", "TrainingDivergedError", "BatchSampler", "check_data"]
@@ -201,6 +201,11 @@ def finetune(
     global batch in data-parallel runs).
     ``eval_data`` gives accuracy before, after and every ``eval_every`` steps.
     ``time_budget`` (seconds of training) stops early, for equal-time comparisons.
+    ``measure``: meter the run's first two steps as they run (``result.memory``, a
+    :class:`~edgetrain.memory.measure.MemoryReport`); no copy of the model is made, and the
+    metered steps are the real ones (same weights as an unmetered run).
+    On return the model holds the trained values and is otherwise as it came: the same
+    ``requires_grad`` flags, modules and parameters (swapped layers restored).
     ``data_parallel``: None trains data-parallel exactly when a torch.distributed process
     group is initialised; False trains this process alone even inside one.
     """
@@ -237,17 +242,6 @@ def finetune(
         result.world_size = dp_mod.get_world_size()
     if main and evaluate and eval_data is not None:
         result.accuracy_before = evaluate_model(model, eval_data)["accuracy"]
-    if measure:
-        first = sampler.batch(0)
-        if parallel:  # one rank's step: its shard
-            first = dp_mod.shard_batch(first)
-        try:
-            result.memory = measure_memory(model, recipe, first, loss_fn, seed=seed)
-        except RuntimeError as err:
-            if "shape" in str(err) or "size" in str(err):
-                raise _shape_error(err, first) from err
-            raise
-
     est = estimators.build(model, recipe, loss_fn, seed=seed)
     ckpt_path = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
     start_step = 0
@@ -277,6 +271,7 @@ def finetune(
             time_budget,
             stall_steps if main else 0,
             dp,
+            measure,
         )
         if dp is not None:
             dp.finish()
@@ -306,6 +301,7 @@ def _loop(
     time_budget,
     stall_steps,
     dp=None,
+    measure=False,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -322,15 +318,26 @@ def _loop(
     stall_warned = False
     last_saved = start_step
     step = start_step
+    devices = cuda_devices(model.parameters())
+    # measure=True meters this run's first two steps as they run (no copy of the model):
+    # their batches are drawn before the first, so that the meter knows them.
+    metered = range(start_step, min(steps, start_step + 2)) if measure else range(0)
+    prefetched = {s: sampler.batch(s) for s in metered}
+    meter = StepMeter(model, est, list(prefetched.values())) if metered else None
     try:
         for step in range(start_step, steps):
-            batch = sampler.batch(step)
+            batch = prefetched.pop(step) if step in prefetched else sampler.batch(step)
             if dp is not None:
                 batch = dp.shard(batch, step)
             try:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(derive_seed(est.seed, step, 0xD0))
+                with (
+                    meter.step() if step in metered else contextlib.nullcontext(),
+                    seeded_global_rng(derive_seed(est.seed, step, 0xD0), devices),
+                ):
                     stats = est.step(batch)
+                if meter is not None and step == metered[-1]:
+                    result.memory = meter.report()
+                    meter = None
             except NonFiniteLossError as err:
                 where = (
                     f"; the last good checkpoint (step {last_saved}) stays at {ckpt_path}"

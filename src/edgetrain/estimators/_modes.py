@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from edgetrain.seeding import cuda_devices, seeded_global_rng
+
 __all__ = ["evaluation_mode", "forked_rng"]
 
 
@@ -45,8 +47,6 @@ def evaluation_mode(
 @contextlib.contextmanager
 def forked_rng(params: Iterable[torch.Tensor], seed: int) -> Iterator[None]:
     """The global RNG (CPU and the CUDA devices of ``params``) seeded with ``seed`` inside
-    and restored on exit."""
-    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    and restored on exit (edgetrain.seeding.seeded_global_rng)."""
+    with seeded_global_rng(seed, cuda_devices(params)):
         yield

@@ -12,6 +12,7 @@ backward kind such as token_drop sees which blocks are frozen).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,12 +44,21 @@ class Backprop(Estimator):
             self._swap = backward_mod.apply(model, recipe.backward)
         except Exception:
             self._sparse_swap.restore()
+            super().close()
             raise
 
     def _step(self, batch: Any) -> tuple[float, int, int]:
         self.optimizer.zero_grad(set_to_none=True)
+        # The forward updates buffers (BatchNorm's running statistics): a step whose loss
+        # is not finite must not keep them either. Buffers are small; parameters are not
+        # touched before the check.
+        buffers = [(b, b.clone()) for b in self.model.buffers()]
         loss = self.loss_fn(self.model, batch)
         value = float(loss.detach())
+        if not math.isfinite(value):
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
         self.check_finite(value)
         loss.backward()
         self.optimizer.step()
@@ -73,5 +83,8 @@ class Backprop(Estimator):
         self._swap.load_state_dict(state.get("backward", {}))
 
     def close(self) -> None:
-        self._swap.restore()
-        self._sparse_swap.restore()
+        try:
+            self._swap.restore()
+            self._sparse_swap.restore()
+        finally:
+            super().close()

@@ -96,6 +96,8 @@ class Estimator(abc.ABC):
         self.loss_fn: LossFn = loss_fn or default_loss
         self.seed = int(seed)
         self.step_count = 0
+        # The scope freezes what it does not train; close() gives the flags back.
+        self._caller_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         self.selection = scope_mod.apply(model, recipe.scope)
 
     @property
@@ -133,5 +135,8 @@ class Estimator(abc.ABC):
         self.seed = int(state["seed"])
 
     def close(self) -> None:
-        """Undo model changes the estimator made (swapped layers). Idempotent."""
-        return None
+        """Undo the model changes the estimator made: the scope's freezing (each
+        parameter's ``requires_grad`` as the caller had it). Subclasses that swap layers
+        restore them first, then call ``super().close()``. Idempotent."""
+        for p, flag in self._caller_requires_grad:
+            p.requires_grad_(flag)

@@ -92,7 +92,7 @@ from torch.func import functional_call
 from edgetrain.estimators import register
 from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
 from edgetrain.recipe import Recipe
-from edgetrain.seeding import make_generator
+from edgetrain.seeding import cuda_devices, make_generator, seeded_global_rng
 
 __all__ = [
     "ForwardGrad",
@@ -309,12 +309,7 @@ class ForwardGrad(Estimator):
         if not self.train_mode:
             yield
             return
-        cuda = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
-        seed = self.step_seed(query, 1)
-        with torch.random.fork_rng(devices=cuda):
-            torch.default_generator.manual_seed(seed)
-            for index in cuda:  # only the forked devices: the others are left alone
-                torch.cuda.default_generators[index].manual_seed(seed)
+        with seeded_global_rng(self.step_seed(query, 1), cuda_devices(self.params)):
             yield
 
     # --- the step -----------------------------------------------------------------------

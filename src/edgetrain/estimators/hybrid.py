@@ -377,7 +377,10 @@ class ElasticZO(Estimator):
         self._swap.load_state_dict(state.get("backward", {}))
 
     def close(self) -> None:
-        self._swap.restore()
+        try:
+            self._swap.restore()
+        finally:
+            super().close()
 
 
 def choose_cut(

@@ -1,6 +1,8 @@
 """``measure()``: the peak memory of one real training step, by category.
 
-The step runs on a deep copy of the model (the caller's model is not touched) inside a
+``measure()`` is a dry run on a deep copy of the model (the caller's model is not
+touched); ``StepMeter`` meters the steps of a real run in place, without a copy (what
+``finetune(measure=True)`` uses). Either way the steps run inside a
 :class:`~edgetrain.memory.tracker.StorageTracker` and a ``saved_tensors_hooks`` context.
 Two consecutive steps are tracked and the peak is taken over both: the first step
 creates lazily allocated state (Adam's moments, a ZO estimator's chunk buffer, GaLore's
@@ -25,7 +27,9 @@ step, rebased the same way, as an independent check.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,7 +41,7 @@ from edgetrain.estimators.base import LossFn
 from edgetrain.memory.tracker import StorageTracker, storage_bytes
 from edgetrain.recipe import Recipe
 
-__all__ = ["MemoryReport", "measure", "measure_inference", "format_bytes"]
+__all__ = ["MemoryReport", "StepMeter", "measure", "measure_inference", "format_bytes"]
 
 CATEGORIES = (
     "params",
@@ -128,12 +132,19 @@ def measure(
     *,
     seed: int = 0,
 ) -> MemoryReport:
-    """Run one real training step of ``recipe`` on a copy of ``model`` and report its
-    peak memory by category. ``model`` itself is left unchanged."""
+    """A dry run: two real training steps of ``recipe`` on a copy of ``model``, their
+    peak memory by category. ``model`` itself is left unchanged; the copy costs one more
+    model in memory while it runs. To measure a real run without any copy, pass
+    ``measure=True`` to ``edgetrain.train.finetune``, which meters its own first two steps
+    (:class:`StepMeter`)."""
     net = copy.deepcopy(model)
     estimator = estimators.build(net, recipe, loss_fn, seed=seed)
     try:
-        return _measure_step(net, estimator, batch, lambda: estimator.step(batch), runs=2)
+        meter = StepMeter(net, estimator, [batch])
+        for _ in range(2):
+            with meter.step():
+                estimator.step(batch)
+        return meter.report()
     finally:
         estimator.close()
 
@@ -143,73 +154,90 @@ def measure_inference(model: nn.Module, batch: Any) -> MemoryReport:
     zeroth-order step is compared with."""
     net = copy.deepcopy(model).eval()
     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-
-    def forward() -> None:
-        with torch.no_grad():
-            net(**inputs) if isinstance(inputs, dict) else net(inputs)
-
-    return _measure_step(net, None, batch, forward)
+    meter = StepMeter(net, None, [batch])
+    with meter.step(), torch.no_grad():
+        net(**inputs) if isinstance(inputs, dict) else net(inputs)
+    return meter.report()
 
 
-def _measure_step(net: nn.Module, estimator, batch: Any, run, runs: int = 1) -> MemoryReport:
-    params = list(net.parameters())
-    buffers = list(net.buffers())
-    batch_tensors = _batch_tensors(batch)
-    device = _device_of(net)
-    tracker = StorageTracker(preexisting=[*params, *buffers, *batch_tensors])
-    saved_ids: set[int] = set()
+class StepMeter:
+    """Meters the steps run inside ``with meter.step():`` on ``net`` as they really run
+    (no copy): every storage they allocate, classified after each step (a step's
+    gradients may be freed by the next one). ``batches`` are the steps' batches, made
+    before the first step; the report counts the first one as ``batch`` (one batch is
+    live per step). Between steps nothing is tracked, but frees of tracked storages are
+    still seen. ``report()`` gives the :class:`MemoryReport` of all metered steps."""
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        sid = tracker.id_of(t)
+    def __init__(self, net: nn.Module, estimator: Any, batches: list[Any]) -> None:
+        self.net = net
+        self.estimator = estimator
+        self.params = list(net.parameters())
+        self.buffers = list(net.buffers())
+        self.batch_tensors = [_batch_tensors(b) for b in batches]
+        self.device = _device_of(net)
+        self.tracker = StorageTracker(
+            preexisting=[*self.params, *self.buffers, *(t for b in self.batch_tensors for t in b)]
+        )
+        self.saved_ids: set[int] = set()
+        self.grad_ids: set[int | None] = set()
+        self.state_ids: set[int | None] = set()
+        self.trainable = [p for p in self.params if p.requires_grad]
+        self._cuda_before: int | None = None
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        sid = self.tracker.id_of(t)
         if sid is not None:
-            saved_ids.add(sid)
+            self.saved_ids.add(sid)
         return t
 
-    on_cuda = device.type == "cuda"
-    if on_cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        allocated_before = torch.cuda.memory_allocated(device)
-    trainable = [p for p in params if p.requires_grad]
-    grad_ids: set[int | None] = set()
-    state_ids: set[int | None] = set()
-    with tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        for _ in range(runs):
-            run()
-            # Classify after each step: a step's gradients may be freed by the next one.
-            grad_ids |= {tracker.id_of(p.grad) for p in trainable if p.grad is not None}
-            if estimator is not None:
-                state_ids |= {tracker.id_of(t) for t in estimator.state_tensors()}
-    if on_cuda:
-        torch.cuda.synchronize(device)
-        cuda_step_peak = torch.cuda.max_memory_allocated(device) - allocated_before
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        if self.device.type == "cuda" and self._cuda_before is None:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._cuda_before = torch.cuda.memory_allocated(self.device)
+        with self.tracker, torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield
+        tracker = self.tracker
+        self.grad_ids |= {tracker.id_of(p.grad) for p in self.trainable if p.grad is not None}
+        if self.estimator is not None:
+            self.state_ids |= {tracker.id_of(t) for t in self.estimator.state_tensors()}
 
-    grad_ids.discard(None)
-    state_ids.discard(None)
-    step_peak, group_peak, at_peak = tracker.peaks(
-        {"grads": grad_ids, "optimizer_state": state_ids, "saved_activations": saved_ids}
-    )
-    base = {
-        "params": storage_bytes(params),
-        "buffers": storage_bytes(buffers),
-        "batch": storage_bytes(batch_tensors),
-    }
-    baseline = sum(base.values())
-    at_peak_named = {
-        **base,
-        **{("transient" if k == "other" else k): v for k, v in at_peak.items()},
-    }
-    return MemoryReport(
-        params=base["params"],
-        trainable_params=_view_bytes(trainable),
-        buffers=base["buffers"],
-        batch=base["batch"],
-        grads=group_peak["grads"],
-        optimizer_state=group_peak["optimizer_state"],
-        saved_activations=group_peak["saved_activations"],
-        transient=group_peak["other"],
-        peak=baseline + step_peak,
-        at_peak=at_peak_named,
-        cuda_peak=(cuda_step_peak + baseline) if on_cuda else None,
-        device=str(device),
-    )
+    def report(self) -> MemoryReport:
+        cuda_step_peak = None
+        if self._cuda_before is not None:
+            torch.cuda.synchronize(self.device)
+            cuda_step_peak = torch.cuda.max_memory_allocated(self.device) - self._cuda_before
+        self.grad_ids.discard(None)
+        self.state_ids.discard(None)
+        step_peak, group_peak, at_peak = self.tracker.peaks(
+            {
+                "grads": self.grad_ids,
+                "optimizer_state": self.state_ids,
+                "saved_activations": self.saved_ids,
+            }
+        )
+        base = {
+            "params": storage_bytes(self.params),
+            "buffers": storage_bytes(self.buffers),
+            "batch": storage_bytes(self.batch_tensors[0]) if self.batch_tensors else 0,
+        }
+        baseline = sum(base.values())
+        at_peak_named = {
+            **base,
+            **{("transient" if k == "other" else k): v for k, v in at_peak.items()},
+        }
+        return MemoryReport(
+            params=base["params"],
+            trainable_params=_view_bytes(self.trainable),
+            buffers=base["buffers"],
+            batch=base["batch"],
+            grads=group_peak["grads"],
+            optimizer_state=group_peak["optimizer_state"],
+            saved_activations=group_peak["saved_activations"],
+            transient=group_peak["other"],
+            peak=baseline + step_peak,
+            at_peak=at_peak_named,
+            cuda_peak=None if cuda_step_peak is None else cuda_step_peak + baseline,
+            device=str(self.device),
+        )

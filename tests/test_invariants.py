@@ -1,0 +1,243 @@
+"""The shared invariants, over EVERY registered preset on every reference model it applies
+to (as peft's TEST_CASES): the MLP, the CNN, the ViT and a tiny HuggingFace BERT built from
+a config (random weights, no download). A case is skipped only with the reason
+``bench.compare.applicable`` gives (e.g. "fixed-point numerics need a chain ...").
+
+For each case:
+
+* resume: a run stopped after 2 steps and resumed from its checkpoint (into a fresh copy
+  of the model, as after a crash) ends bit-identical to an uninterrupted 4-step run, which
+  was also metered (``measure=True``), so metering changes nothing either;
+* the same seed gives the same weights, another seed other weights;
+* the caller's model comes back as it came apart from the trained values: the same
+  ``requires_grad`` flags, parameters, module classes and train/eval modes, no instance
+  ``forward``;
+* the global RNG streams are untouched: the CPU state, and no CUDA generator reseeded
+  (``torch.manual_seed`` would queue a reseed of every CUDA device even without one);
+* ``copy.deepcopy`` of a model while the recipe's layers are swapped in gives a copy that
+  runs and trains its own weights;
+* a NaN loss leaves the weights of the last good step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from edgetrain import estimators, models, presets
+from edgetrain.bench.compare import applicable
+from edgetrain.estimators.base import NonFiniteLossError, default_loss, model_output_logits
+from edgetrain.seeding import make_generator, seeded_global_rng
+from edgetrain.train import finetune
+
+MODEL_NAMES = ["mlp", "cnn", "vit", "tiny_bert"]
+STEPS, BATCH = 4, 8
+
+
+def _tiny_bert() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    from edgetrain.integrations.hf import HFClassifier
+
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.1,
+    )
+    backbone = transformers.BertModel(config, add_pooling_layer=False)
+    return HFClassifier(backbone, 2, max_length=16)
+
+
+def _build(name: str) -> nn.Module:
+    with seeded_global_rng(1234):
+        return _tiny_bert() if name == "tiny_bert" else models.build(name)
+
+
+def _data(name: str, n: int = 32) -> TensorDataset:
+    gen = make_generator(99)
+    if name == "tiny_bert":
+        from edgetrain.integrations.hf import pack_inputs
+
+        ids = torch.randint(1, 64, (n, 16), generator=gen)
+        mask = torch.ones(n, 16, dtype=torch.long)
+        mask[: n // 2, 12:] = 0  # half the sentences padded
+        return TensorDataset(pack_inputs(ids, mask), torch.randint(0, 2, (n,), generator=gen))
+    return TensorDataset(torch.randn(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,)))
+
+
+_BASE: dict[str, nn.Module] = {}
+
+
+def _base(name: str) -> nn.Module:
+    if name not in _BASE:
+        _BASE[name] = _build(name)
+    return copy.deepcopy(_BASE[name])
+
+
+CASES = [pytest.param(p, m, id=f"{p}-{m}") for p in presets.names() for m in MODEL_NAMES]
+
+
+def _case(preset: str, model_name: str):
+    recipe = presets.get(preset)
+    net = _base(model_name)
+    reason = applicable(recipe, net)
+    if reason is not None:
+        pytest.skip(f"{preset} does not apply to {model_name}: {reason}")
+    return recipe, net, _data(model_name)
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Equal up to float32 rounding: what a perturb-and-restore in place can promise
+    (theta + eps z - eps z is theta only up to the last bit)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=2e-6, atol=1e-7, msg=k)
+
+
+def _shape(model: nn.Module) -> dict:
+    """What must come back unchanged: flags, parameter identity, classes, modes."""
+    return {
+        "requires_grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
+        "params": [id(p) for p in model.parameters()],
+        "classes": [(n, type(m)) for n, m in model.named_modules()],
+        "training": [(n, m.training) for n, m in model.named_modules()],
+        "instance_forward": [n for n, m in model.named_modules() if "forward" in vars(m)],
+    }
+
+
+def _fit(model, data, recipe, **kwargs):
+    kwargs = {"steps": STEPS, "batch_size": BATCH, "progress": False, "evaluate": False, **kwargs}
+    return finetune(model, data, recipe, measure=kwargs.pop("measure", False), **kwargs)
+
+
+@pytest.mark.parametrize(("preset", "model_name"), CASES)
+def test_resume_seeds_and_the_callers_model(preset, model_name, tmp_path, monkeypatch):
+    recipe, net, data = _case(preset, model_name)
+    start = _weights(net)
+    cuda_reseeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: cuda_reseeds.append(s))
+    frozen = next(iter(net.parameters()))
+    frozen.requires_grad_(False)  # the caller's own flag, to be kept
+    before = _shape(net)
+    rng_before = torch.get_rng_state()
+
+    _fit(net, data, recipe)
+    assert torch.equal(torch.get_rng_state(), rng_before), "the global CPU RNG moved"
+    assert cuda_reseeds == [], "every CUDA generator was reseeded (torch.manual_seed)"
+    assert _shape(net) == before, "the model did not come back as it came"
+    trained = _weights(net)
+    assert not _same(trained, start), "4 steps changed nothing"
+
+    first = _base(model_name)
+    first.requires_grad_(True)
+    next(iter(first.parameters())).requires_grad_(False)
+    _fit(first, data, recipe, steps=2, checkpoint_dir=tmp_path)
+    resumed = _base(model_name)  # a fresh process: the base weights, then the checkpoint
+    next(iter(resumed.parameters())).requires_grad_(False)
+    result = _fit(resumed, data, recipe, checkpoint_dir=tmp_path)
+    assert result.resumed_from == 2
+    assert _same(_weights(resumed), trained), "resumed run differs from the straight one"
+
+    metered = _base(model_name)  # measure=True meters the run's own first two steps
+    next(iter(metered.parameters())).requires_grad_(False)
+    report = _fit(metered, data, recipe, measure=True).memory
+    assert report is not None and report.peak > report.params
+    if recipe.estimator.kind == "forward_grad":
+        # Forward-mode AD under a Python dispatch mode (the meter) takes other
+        # decompositions: the same arithmetic up to float32 rounding.
+        _close(_weights(metered), trained)
+    else:
+        assert _same(_weights(metered), trained), "metering changed the run"
+
+    other = _base(model_name)
+    next(iter(other.parameters())).requires_grad_(False)
+    _fit(other, data, recipe, seed=1)
+    assert not _same(_weights(other), trained), "seed 1 gave the weights of seed 0"
+
+
+def _nan_after(calls_ok: int):
+    """A loss function that is the default one until armed, then NaN from its
+    ``calls_ok``-th call on (0: the step's first evaluation, 1: its second)."""
+    state = {"armed": False, "calls": 0}
+
+    def loss_fn(model, batch):
+        loss = default_loss(model, batch)
+        if state["armed"]:
+            state["calls"] += 1
+            if state["calls"] > calls_ok:
+                return loss * float("nan")
+        return loss
+
+    return loss_fn, state
+
+
+@pytest.mark.parametrize("calls_ok", [0, 1])
+@pytest.mark.parametrize(("preset", "model_name"), CASES)
+def test_a_nan_loss_keeps_the_last_good_weights(preset, model_name, calls_ok):
+    recipe, net, data = _case(preset, model_name)
+    loss_fn, state = _nan_after(calls_ok)
+    try:
+        est = estimators.build(net, recipe, loss_fn, seed=0)
+    except NotImplementedError as err:
+        pytest.skip(f"{preset} takes no custom loss function: {err}")
+    batch = tuple(t[:BATCH] for t in data.tensors)
+    try:
+        est.step(batch)
+        state["armed"] = True
+        for _ in range(3):  # a step may evaluate the loss once only: NaN comes in a later one
+            good = _weights(net)
+            try:
+                est.step(batch)
+            except NonFiniteLossError:
+                break
+        else:
+            pytest.fail("three steps with a NaN loss raised no NonFiniteLossError")
+        if recipe.estimator.kind in ("zo", "hybrid") and recipe.numerics.kind == "float32":
+            _close(_weights(net), good)  # the perturbation was undone, in float32
+        else:
+            assert _same(_weights(net), good), "a NaN step changed the weights"
+    finally:
+        est.close()
+
+
+@pytest.mark.parametrize(("preset", "model_name"), CASES)
+def test_a_deep_copy_while_swapped_trains_its_own_weights(preset, model_name):
+    recipe, net, data = _case(preset, model_name)
+    base = copy.deepcopy(net)
+    x, y = (t[:BATCH] for t in data.tensors)
+    est = estimators.build(net, recipe, seed=0)
+    try:
+        twin = copy.deepcopy(net)
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.mul_(0.5)
+        reference = copy.deepcopy(base)
+        reference.load_state_dict(twin.state_dict())
+        twin.eval(), reference.eval()
+        with torch.no_grad():
+            out, expected = model_output_logits(twin(x)), model_output_logits(reference(x))
+        assert torch.allclose(out, expected, atol=1e-5), "the copy runs the original's weights"
+        if not any(p.requires_grad for p in twin.parameters()):
+            return  # a gradient-free recipe: nothing records a graph
+        for p in net.parameters():
+            p.grad = None
+        default_loss(twin, (x, y)).backward()
+        assert all(p.grad is None for p in net.parameters()), "the copy's backward reached us"
+        assert any(p.grad is not None for p in twin.parameters())
+    finally:
+        est.close()
