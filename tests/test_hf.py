@@ -240,19 +240,33 @@ def test_encoder_block_exposes_softmax_attention_without_changing_the_output(mod
     assert model.backbone.config._attn_implementation == "sdpa"  # restored
 
 
+def _mean_pool_ranking(weights, real):
+    """The text ranking for a mean-pooling head, written out: the attention each token
+    receives, averaged over heads and over the real query tokens; padding ranks last."""
+    heads, n, _ = weights.shape  # one row: (heads, n, n)
+    queries = real.nonzero().squeeze(1)  # (q,)
+    scores = weights[:, queries, :].sum(dim=(0, 1)) / (heads * len(queries))  # (n,)
+    return scores.masked_fill(~real, float("-inf")), scores
+
+
 def test_token_drop_on_text_equals_masking_out_the_dropped_tokens(model, batch):
     """Dropping tokens after a frozen layer must equal keeping them but masking them out
-    of every later layer's attention and of the pooling: the mask follows the gather."""
-    from edgetrain.backward.token_drop import apply_token_drop, drop_tokens
+    of every later layer's attention and of the pooling: the mask follows the gather. The
+    tokens dropped are those receiving the least attention from the real tokens (the
+    head mean-pools)."""
+    import math
+
+    from edgetrain.backward.token_drop import apply_token_drop
     from edgetrain.recipe import Backward, Scope
     from edgetrain.scope import apply as apply_scope
 
     x, _ = batch
+    assert model.pooling == "mean" and model.blocks[0].token_pooling == "mean"
     apply_scope(model, Scope(kind="last_blocks", k=4))  # blocks 0 and 1 are frozen
     keep = 0.5
 
     # Reference, by hand: run every block on all tokens; after each frozen block, the
-    # tokens the drop rule removes (scored among those still in the sequence) are masked
+    # tokens the drop rule removes (ranked among those still in the sequence) are masked
     # out of everything that follows.
     with torch.no_grad():
         h = model._embed(x)
@@ -264,14 +278,16 @@ def test_token_drop_on_text_equals_masking_out_the_dropped_tokens(model, batch):
             h, weights = block(h, return_attention=True)
             for r in range(h.shape[0]):
                 cols = in_seq[r].nonzero().squeeze(1)  # (n,) positions still in the sequence
-                w = weights[r : r + 1][:, :, cols][:, :, :, cols]  # (1, heads, n, n)
-                _, kept = drop_tokens(h[r : r + 1, cols], w, keep)  # (1, 1 + K)
+                w = weights[r][:, cols][:, :, cols]  # (heads, n, n)
+                ranking, _ = _mean_pool_ranking(w, model._mask[r, cols].bool())
+                kept = ranking.topk(math.ceil(keep * len(cols))).indices  # (K,)
                 in_seq[r] = False
-                in_seq[r, cols[kept[0]]] = True
+                in_seq[r, cols[kept]] = True
             model._mask = model._mask * in_seq
         reference = model._pool_and_classify(h)
 
-    swap = apply_token_drop(model, Backward(kind="token_drop", keep_ratio=keep))
+    spec = Backward(kind="token_drop", keep_ratio=keep, fuse_dropped=False)
+    swap = apply_token_drop(model, spec)
     try:
         with torch.enable_grad():  # dropping happens in forwards autograd records
             dropped = model(x)
@@ -281,6 +297,56 @@ def test_token_drop_on_text_equals_masking_out_the_dropped_tokens(model, batch):
     with torch.no_grad():
         full = model(x)
     assert not torch.allclose(full, dropped, atol=1e-3)  # something was dropped
+
+
+def test_token_drop_on_text_splits_the_layer_and_fuses_the_dropped_tokens(model, batch):
+    """A frozen BertLayer drops between its attention and its feed-forward half, appends
+    the score-weighted sum of the dropped tokens (EViT's fusion, scored for mean pooling)
+    and the mask follows: the fused token is real when a real token went into it."""
+    import math
+
+    from edgetrain.backward.token_drop import apply_token_drop
+    from edgetrain.recipe import Backward, Scope
+    from edgetrain.scope import apply as apply_scope
+
+    x, _ = batch
+    layer = model.backbone.encoder.layer[0]
+    assert all(b.splits_at_attention for b in model.blocks)  # checked by loop_matches
+    apply_scope(model, Scope(kind="last_blocks", k=5))  # block 0 frozen
+    keep = 0.6  # 11 of 17 tokens: the 10-token sentence drops only padding
+    with torch.no_grad():  # by hand, from the layer's own modules
+        h = model._embed(x)
+        mask = model._mask.clone()  # (B, T)
+        additive = model._additive_mask(h.dtype)
+        with model._attention("eager"):
+            mid, weights = layer.attention(h, attention_mask=additive)  # (B, T, H), (B, 12, T, T)
+        rows, masks = [], []
+        for r in range(h.shape[0]):
+            ranking, scores = _mean_pool_ranking(weights[r], mask[r].bool())
+            k = math.ceil(keep * h.shape[1])
+            top = ranking.topk(k).indices.sort().values  # (K,)
+            gone = [j for j in range(h.shape[1]) if j not in set(top.tolist())]
+            fused = sum(scores[j] * mid[r, j] for j in gone)  # (H,)
+            rows.append(torch.cat([mid[r, top], fused[None]]))  # (K + 1, H)
+            masks.append(torch.cat([mask[r, top], mask[r, gone].amax()[None]]))
+        reorganized = torch.stack(rows)  # (B, K + 1, H)
+        want = layer.output(layer.intermediate(reorganized), reorganized)  # feed-forward half
+        want_mask = torch.stack(masks)  # (B, K + 1)
+    assert not bool(want_mask.all()) and bool(want_mask[:, -1].any())  # both kinds occur
+    swap = apply_token_drop(model, Backward(kind="token_drop", keep_ratio=keep))
+    seen = []
+    hook = model.blocks[1].register_forward_pre_hook(
+        lambda m, a: seen.append((a[0].detach(), model._mask.clone()))
+    )
+    try:
+        with torch.enable_grad():
+            model(x)
+    finally:
+        hook.remove()
+        swap.restore()
+    got, got_mask = seen[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got_mask, want_mask.to(got_mask.dtype))
 
 
 def test_split_forward_cuts_the_encoder_anywhere(model, batch):

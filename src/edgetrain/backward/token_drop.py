@@ -1,70 +1,108 @@
 """Block Selective Reprogramming (BSR): train a few blocks, drop tokens in the frozen ones.
 
 Sarkar, Kundu, Zheng and Beerel, "Block Selective Reprogramming for On-device Training of
-Vision Transformers", 2024 (arXiv:2405.10951). This file is our own code.
+Vision Transformers", 2024 (arXiv:2405.10951), which drops tokens "based on self-attention
+scores of the frozen layers" following EViT: Liang, Ge, Tong, Song, Wang and Xie, "Not All
+Patches are What You Need: Expediting Vision Transformers via Token Reorganizations",
+ICLR 2022 (reference code youweiliang/evit, evit.py and helpers.py, read at commit
+5ca95a7). This file is our own code.
 
 The method
 ----------
 BSR fine-tunes only a subset of the blocks of a pretrained ViT (the scope axis:
 ``Scope(kind="blocks", blocks=...)`` or ``Scope(kind="last_blocks", k=...)``; or the blocks
-that :func:`rank_blocks` scores highest) and, in the frozen blocks, drops the tokens the
-class token attends to least, following EViT (Liang et al. 2022). For a frozen block with
-input of ``1 + N`` tokens (CLS first) and softmax attention weights ``A`` of shape
-(B, H, 1 + N, 1 + N), the score of patch token ``j`` is the CLS row averaged over heads ::
+that :func:`rank_blocks` scores highest) and, in the frozen blocks, reorganizes the tokens
+as EViT does. A block is ``h = x + attn(norm1(x))`` then ``y = h + mlp(norm2(h))``; with
+``A`` the softmax attention of shape (B, H, 1 + N, 1 + N) (CLS first), the attentiveness
+of patch token ``j`` is the CLS row averaged over heads (EViT eq. 1; evit.py lines
+215-216) ::
 
-    s_j = (1 / H) * sum_h A[b, h, 0, j],      j = 1 .. N
+    a_j = (1 / H) * sum_h A[b, h, 0, j],      j = 1 .. N
 
-and the block's output keeps the CLS token and the ``K = ceil(r * N)`` patch tokens of
-highest score (``r = Backward.keep_ratio``); the others are removed by a gather over the
-token axis. Later blocks then run on ``1 + K`` tokens, so every block after a frozen one
-computes, stores and backpropagates through fewer tokens: that is where BSR's savings come
-from (the paper: up to 1.4x less training memory and 2x less compute on ViT-B/DeiT-S).
-The head of a ViT reads only the CLS token, so a shorter sequence is harmless to it.
+Between the attention and the MLP (evit.py lines 250-266) the block keeps the CLS token and
+the ``K = ceil(r * N)`` patch tokens of ``h`` with the highest ``a_j`` (line 209,
+``r = Backward.keep_ratio``), and fuses the ``N - K`` inattentive ones ``D`` into one token
+appended at the end (EViT's "inattentive token fusion", eq. 2; lines 258-264) ::
+
+    h_fused = sum_{j in D} a_j * h_j          (Backward.fuse_dropped, default True)
+
+then runs its MLP on the ``1 + K + 1`` tokens (line 268). Later blocks run on them too, so
+every block after a frozen one computes, stores and backpropagates through fewer tokens:
+that is where BSR's savings come from (the paper: up to 1.4x less training memory and 2x
+less compute on ViT-B/DeiT-S). The head of a ViT reads only the CLS token.
 
 Choices made here
 -----------------
 * **Which blocks drop.** Every block with no trainable parameter when the swap is applied
   (the estimator applies the scope first) drops with ratio ``r`` relative to the tokens it
-  receives: with two frozen blocks in front and r = 0.5 the 49 patches of the small ViT
-  become 25, then 13. Trainable blocks keep all their tokens.
-* **Scores are constants.** The ranking uses detached attention weights: which tokens are
-  kept is a discrete choice and no gradient flows through it. The gather itself is
-  differentiable, so a frozen block between two trainable ones passes gradients to the
-  kept tokens (dropped tokens get zero gradient).
-* **Training steps only.** Tokens are dropped in a forward that autograd records (a
-  training step: ``torch.is_grad_enabled()``); a ``no_grad`` forward (evaluation,
-  inference) runs all tokens. The test is autograd, not ``module.training``, because a
-  step may run on a model in eval mode (pretrained models come in eval mode, and
-  ``memory.measure`` and the compare FLOP counter step them as they are). EViT keeps
-  dropping at inference for speed; BSR is about the cost of *training*, and in edgetrain
-  the swap is removed when training ends (``Estimator.close()``), so the fine-tuned model
-  is evaluated and deployed with all tokens, and evaluations during training
-  (``eval_every``, under ``no_grad``) see the same full-token model.
-  ``apply_token_drop(..., drop_in_no_grad=True)`` drops in every forward.
-* **Order.** Kept patch tokens stay in their original order (positions were already
-  added by the embedding).
+  receives, the fused token of an earlier block included (as in EViT): with two frozen
+  blocks in front and r = 0.5 the 49 patches of the small ViT become 25 + 1 fused, then
+  13 + 1. Trainable blocks keep all their tokens. EViT drops at fixed depths (3, 6, 9) and
+  warms the keep rate up over epochs (helpers.adjust_keep_rate); BSR ties dropping to the
+  frozen blocks, and we use the final rate from the first step.
+* **The fusion weights are not renormalized.** EViT's fused token is the sum of the
+  inattentive tokens weighted by their attentiveness (evit.py line 263, and eq. 2 of the
+  paper), whose weights sum to ``sum_{j in D} a_j < 1``, not a renormalized mean; we follow
+  the reference. The ranking is a discrete choice made on detached scores; the fusion
+  weights keep their graph, as in EViT, so a frozen block between two trainable ones
+  passes gradients to the kept tokens, to the fused ones and through the weights.
+* **Where the drop happens.** Between attention and MLP when the block offers the two
+  halves (the *split protocol* below: ``edgetrain.models.vit.Block`` and, for BERT-style
+  layers, ``edgetrain.integrations.hf.EncoderBlock``), as EViT; after the whole block for
+  a block that only returns its attention weights (the *output protocol*): there the
+  frozen block's MLP also runs on the dropped tokens.
+* **Training steps, or inference too.** By default tokens are dropped in forwards that
+  autograd records (``torch.is_grad_enabled()``), so evaluation during training and the
+  fine-tuned model (the swap is removed by ``Estimator.close()``) see all tokens. The test
+  is autograd, not ``module.training``, because a step may run on a model in eval mode
+  (``memory.measure`` and the compare FLOP counter step pretrained models as they are).
+  ``Backward(drop_at_inference=True)`` drops in ``no_grad`` forwards too, as EViT
+  evaluates (its engine.evaluate passes the keep rate) and as the BSR paper's inference
+  speed-up assumes: evaluations that run while the swap is active then run with dropping.
+* **Order.** Kept tokens stay in their original order (positions were already added by
+  the embedding; EViT keeps them in score order), the fused token goes last.
+* **Text: rank by what the head reads.** A head that reads the first token (ViT, or
+  ``HFClassifier(pooling="cls")``) gets the CLS-row score above, with token 0 always
+  kept. A head that averages the token states (``pooling="mean"``, the default of
+  HFClassifier and of sentence-transformers' MiniLM) reads every token alike, so no token
+  is pinned and a token's score is the attention it *receives*, averaged over heads and
+  over the real (non-padding) query tokens ``Q`` ::
+
+      s_j = (1 / H) * sum_h (1 / |Q|) * sum_{i in Q} A[b, h, i, j],     j = 0 .. T - 1
+
+  the column mean of the attention map: how much of the layer's output, summed over the
+  tokens that are pooled, draws on token ``j`` (for CLS pooling the same reasoning gives
+  the CLS row). ``K = ceil(r * T)`` tokens are kept; padding (which gets no attention)
+  ranks below every real token and goes first, and the fused token is real when at least
+  one real token was fused into it. The score is our choice: the BSR paper is about ViTs,
+  and EViT's CLS rule would keep the tokens [CLS] attends to, which a mean-pooling head
+  does not favour.
 
 The protocol a block must follow
 --------------------------------
-A block is droppable when ``block(x, return_attention=True)`` returns ``(y, weights)``
-with ``x, y`` of shape (B, T, C) and ``weights`` the softmax attention of shape
-(B, heads, T, T) (or (B, T, T)), token 0 being the class token the head reads.
-``edgetrain.models.vit.Block`` follows it; any block whose attention can expose its
-weights can, with a ``return_attention`` keyword. When the caller itself passes
-``return_attention=True`` the wrapped block returns its full output untouched. A block
-whose sequence carries side state, such as the attention mask of padded text, also
-defines ``block.keep_tokens(index)``: after a drop it is called with the kept positions
-``(B, 1 + K)`` so that state follows the tokens (``edgetrain.integrations.hf.EncoderBlock``:
-the mask then hides nothing that is gone and the mean pooling averages the kept tokens).
+*Split protocol* (preferred): ``block.forward_attention(x) -> (h, weights)`` with ``x, h``
+of shape (B, T, C) and ``weights`` the softmax attention (B, heads, T, T), and
+``block.forward_mlp(h) -> y``, token by token, such that ``block(x)`` equals
+``block.forward_mlp(block.forward_attention(x)[0])``. A block may set
+``splits_at_attention = False`` to say that it cannot split after all.
 
-On text (the 1-D sequence of a HuggingFace encoder, e.g. MiniLM) the same rule applies:
-token 0 is ``[CLS]``, which BERT-style encoders train to summarise the sentence, and a
-padding token gets no attention (its mask is the dtype's minimum), so it scores zero and
-goes first.
+*Output protocol*: ``block(x, return_attention=True)`` returns ``(y, weights)``. When the
+caller itself passes ``return_attention=True`` the swapped block returns its full output
+untouched.
 
-The block's ``forward`` is wrapped on the instance (as ``backward/checkpoint.py`` does), so
-module identity, parameters and ``state_dict`` keys are unchanged; ``Swap.restore()``
-removes the wrapper.
+Optional, for either: ``block.token_pooling`` is ``"cls"`` (the default: token 0 is the
+class token the head reads) or ``"mean"`` (the head averages the tokens); ``block.token_mask()``
+returns the (B, T) 0/1 mask of real tokens (padding excluded from the ranking); and a block
+whose sequence carries side state, such as the attention mask of padded text, defines
+``block.keep_tokens(kept, fused)``: after a drop it is called with the kept positions
+``(B, K')`` and the positions fused into the appended last token ``(B, D)`` (None without
+fusion), so that state follows the tokens (``EncoderBlock``: the mask then hides nothing
+that is gone and the mean pooling averages the kept tokens and the fused one).
+
+The block's class is swapped for a subclass whose ``forward`` drops
+(``edgetrain.backward.checkpoint.swap_forward_class``): module identity, parameters, hooks
+and ``state_dict`` keys are unchanged, a deepcopy or pickle made meanwhile runs its own
+weights, and ``Swap.restore()`` puts the class back and removes the per-block options.
 
 Block importance (``rank_blocks``)
 ----------------------------------
@@ -86,13 +124,14 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from edgetrain.backward import Swap, register
+from edgetrain.backward.checkpoint import swap_forward_class
 from edgetrain.estimators.base import LossFn, default_loss
 from edgetrain.recipe import Backward, Scope
 from edgetrain.scope import find_blocks, find_head
@@ -100,60 +139,157 @@ from edgetrain.scope import find_blocks, find_head
 __all__ = [
     "apply_token_drop",
     "cls_attention_scores",
+    "mean_attention_scores",
     "keep_count",
     "drop_tokens",
+    "reduce_tokens",
+    "TokenReduction",
+    "TokenDropping",
     "supports_attention",
+    "supports_split",
     "frozen_block_indices",
     "rank_blocks",
     "scope_by_importance",
 ]
 
+POOLINGS = ("cls", "mean")
 
-def keep_count(num_patches: int, keep_ratio: float) -> int:
-    """Patch tokens a frozen block keeps: ``ceil(keep_ratio * num_patches)``."""
+
+def keep_count(num_tokens: int, keep_ratio: float) -> int:
+    """Tokens a frozen block keeps out of ``num_tokens`` candidates:
+    ``ceil(keep_ratio * num_tokens)`` (evit.py line 209)."""
     if not 0 < keep_ratio <= 1:
         raise ValueError(f"Invalid keep_ratio: {keep_ratio} (must be in (0, 1])")
-    return min(num_patches, math.ceil(keep_ratio * num_patches))
+    return min(num_tokens, math.ceil(keep_ratio * num_tokens))
 
 
-def cls_attention_scores(weights: torch.Tensor) -> torch.Tensor:
-    """(B, T - 1) score of each patch token: the CLS row of the attention weights,
-    averaged over heads. ``weights`` is (B, heads, T, T) or (B, T, T)."""
+def _check_weights(weights: torch.Tensor) -> torch.Tensor:
     if weights.dim() == 3:
         weights = weights.unsqueeze(1)  # (B, 1, T, T)
     if weights.dim() != 4 or weights.shape[-1] != weights.shape[-2]:
         raise ValueError(
             f"Expected attention weights of shape (B, heads, T, T), got {tuple(weights.shape)}"
         )
+    return weights
+
+
+def cls_attention_scores(weights: torch.Tensor) -> torch.Tensor:
+    """(B, T - 1) attentiveness of each patch token: the CLS row of the attention weights,
+    averaged over heads (EViT). ``weights`` is (B, heads, T, T) or (B, T, T)."""
+    weights = _check_weights(weights)
     return weights[:, :, 0, 1:].mean(dim=1)  # (B, T - 1)
+
+
+def mean_attention_scores(weights: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) attention each token receives, averaged over heads and over the real query
+    tokens (``mask`` (B, T), 1 for a real token; None: every token): the ranking for a head
+    that mean-pools the tokens (see the module docstring)."""
+    weights = _check_weights(weights)
+    per_query = weights.mean(dim=1)  # (B, T, T): query i, key j
+    if mask is None:
+        return per_query.mean(dim=1)  # (B, T)
+    if mask.shape != per_query.shape[:2]:
+        raise ValueError(
+            f"Token mask of shape {tuple(mask.shape)} does not match attention weights "
+            f"over {per_query.shape[-1]} tokens for a batch of {per_query.shape[0]}"
+        )
+    queries = mask.to(per_query.dtype).unsqueeze(-1)  # (B, T, 1)
+    received = (per_query * queries).sum(dim=1)  # (B, T)
+    return received / queries.sum(dim=1).clamp(min=1.0)  # (B, T)
+
+
+class TokenReduction(NamedTuple):
+    """What a drop did: ``tokens`` (B, K' [+ 1], C) the kept tokens (plus the fused one,
+    last); ``kept`` (B, K') their positions in the input, in order; ``fused`` (B, D) the
+    positions fused into the last token, or None (no fusion, or nothing dropped)."""
+
+    tokens: torch.Tensor
+    kept: torch.Tensor
+    fused: torch.Tensor | None
+
+
+def reduce_tokens(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    keep_ratio: float,
+    *,
+    pooling: str = "cls",
+    mask: torch.Tensor | None = None,
+    fuse: bool = False,
+) -> TokenReduction:
+    """EViT's token reorganization of ``x`` (B, T, C) by the attention ``weights``.
+
+    ``pooling="cls"``: keep token 0 and the ``ceil(r (T - 1))`` other tokens with the
+    highest CLS-row score; ``"mean"``: keep the ``ceil(r T)`` tokens that receive the most
+    attention from the real tokens (``mask``), none pinned. ``mask`` (B, T) also ranks
+    padding last. With ``fuse`` the dropped tokens' score-weighted sum is appended."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"Invalid token pooling: {pooling!r}; expected one of {POOLINGS}")
+    B, T, C = x.shape
+    weights = _check_weights(weights)
+    if weights.shape[-1] != T or weights.shape[0] != B:
+        raise ValueError(
+            f"Attention weights {tuple(weights.shape)} do not cover the {T} tokens of a "
+            f"batch of {B}"
+        )
+    if pooling == "cls":
+        scores, first = cls_attention_scores(weights), 1  # (B, T - 1), candidates 1..T-1
+    else:
+        scores, first = mean_attention_scores(weights, mask), 0  # (B, T), candidates 0..T-1
+    n = T - first
+    k = keep_count(n, keep_ratio)
+    if k >= n:
+        index = torch.arange(T, device=x.device).expand(B, T)  # (B, T): nothing dropped
+        return TokenReduction(x, index, None)
+    with torch.no_grad():
+        ranking = scores.detach()
+        if mask is not None:  # padding ranks below every real token
+            real = mask[:, first:].bool()  # (B, n)
+            ranking = ranking.masked_fill(~real, float("-inf"))
+        top = ranking.topk(k, dim=1).indices.sort(dim=1).values  # (B, K) candidate positions
+        chosen = torch.zeros(B, n, dtype=torch.bool, device=x.device)
+        chosen.scatter_(1, top, True)
+        rest = torch.arange(n, device=x.device).expand(B, n)[~chosen].view(B, n - k)  # (B, D)
+        index = top + first  # (B, K) positions in x
+        if first:
+            cls = torch.zeros(B, 1, dtype=index.dtype, device=index.device)  # (B, 1)
+            index = torch.cat([cls, index], dim=1)  # (B, 1 + K)
+    kept = x.gather(1, index.unsqueeze(-1).expand(B, index.shape[1], C))  # (B, K', C)
+    if not fuse:
+        return TokenReduction(kept, index, None)
+    dropped = rest + first  # (B, D) positions in x
+    gone = x.gather(1, dropped.unsqueeze(-1).expand(B, n - k, C))  # (B, D, C)
+    weight = scores.gather(1, rest).unsqueeze(-1)  # (B, D, 1), not renormalized (EViT)
+    fused = (gone * weight).sum(dim=1, keepdim=True)  # (B, 1, C)
+    return TokenReduction(torch.cat([kept, fused], dim=1), index, dropped)
 
 
 def drop_tokens(
     x: torch.Tensor, weights: torch.Tensor, keep_ratio: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the CLS token and the ``ceil(keep_ratio * N)`` highest-scoring patch tokens of
-    ``x`` (B, 1 + N, C). Returns ``(kept, index)``: kept (B, 1 + K, C) and the positions
-    (B, 1 + K) taken from ``x``, CLS (0) first, patches in their original order."""
-    B, T, C = x.shape
-    if weights.shape[-1] != T:
-        raise ValueError(
-            f"Attention weights cover {weights.shape[-1]} tokens, the block output has {T}"
-        )
-    k = keep_count(T - 1, keep_ratio)
-    if k >= T - 1:
-        index = torch.arange(T, device=x.device).expand(B, T)  # (B, T): nothing dropped
-        return x, index
-    with torch.no_grad():
-        scores = cls_attention_scores(weights.detach())  # (B, N)
-        top = scores.topk(k, dim=1).indices.sort(dim=1).values  # (B, K) patch positions
-        cls = torch.zeros(B, 1, dtype=top.dtype, device=top.device)  # (B, 1)
-        index = torch.cat([cls, top + 1], dim=1)  # (B, 1 + K) positions in x
-    kept = x.gather(1, index.unsqueeze(-1).expand(B, k + 1, C))  # (B, 1 + K, C)
-    return kept, index
+    ``x`` (B, 1 + N, C), without fusion. Returns ``(kept, index)``: kept (B, 1 + K, C) and
+    the positions (B, 1 + K) taken from ``x``, CLS (0) first, patches in their original
+    order. :func:`reduce_tokens` has the other options."""
+    reduction = reduce_tokens(x, weights, keep_ratio)
+    return reduction.tokens, reduction.kept
+
+
+def supports_split(block: nn.Module) -> bool:
+    """Whether ``block`` follows the split protocol (``forward_attention`` and
+    ``forward_mlp``; see the module docstring)."""
+    return (
+        callable(getattr(block, "forward_attention", None))
+        and callable(getattr(block, "forward_mlp", None))
+        and bool(getattr(block, "splits_at_attention", True))
+    )
 
 
 def supports_attention(block: nn.Module) -> bool:
-    """Whether ``block(x, return_attention=True)`` is accepted by its forward."""
+    """Whether ``block`` can be ranked: it follows the split protocol, or its forward
+    accepts ``return_attention=True``."""
+    if supports_split(block):
+        return True
     try:
         params = inspect.signature(block.forward).parameters
     except (TypeError, ValueError):
@@ -172,38 +308,62 @@ def frozen_block_indices(model: nn.Module) -> list[int]:
     ]
 
 
-def _dropping_forward(
-    block: nn.Module, keep_ratio: float, drop_in_no_grad: bool
-) -> Callable[..., Any]:
-    forward = block.forward
-    keep_tokens = getattr(block, "keep_tokens", None)
+@dataclass(frozen=True)
+class _DropOptions:
+    keep_ratio: float
+    fuse: bool
+    at_inference: bool
+    split: bool
 
-    def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("return_attention") or not (torch.is_grad_enabled() or drop_in_no_grad):
+
+class TokenDropping:
+    """Mixin swapped into a frozen block's class by :func:`apply_token_drop`: its forward
+    drops tokens (options in the instance attribute ``_token_drop``)."""
+
+    _token_drop: _DropOptions
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        options = self._token_drop
+        forward = super().forward  # type: ignore[misc]
+        if kwargs.get("return_attention") or not (torch.is_grad_enabled() or options.at_inference):
             return forward(x, *args, **kwargs)
+        if options.split:
+            h, weights = self.forward_attention(x, *args, **kwargs)  # type: ignore[attr-defined]
+            reduction = self._token_drop_reduce(h, weights)
+            return self.forward_mlp(reduction.tokens)  # type: ignore[attr-defined]
         out = forward(x, *args, return_attention=True, **kwargs)
         if not (isinstance(out, tuple) and len(out) == 2):
             raise TypeError(
-                f"{type(block).__name__}(x, return_attention=True) must return (x, attention "
+                f"{type(self).__name__}(x, return_attention=True) must return (x, attention "
                 f"weights), got {type(out).__name__}; see edgetrain.backward.token_drop"
             )
         y, weights = out
-        kept, index = drop_tokens(y, weights, keep_ratio)
-        if keep_tokens is not None and kept is not y:
-            keep_tokens(index)  # side state that follows the tokens (an attention mask)
-        return kept
+        return self._token_drop_reduce(y, weights).tokens
 
-    run.__wrapped__ = forward  # type: ignore[attr-defined]
-    return run
+    def _token_drop_reduce(self, h: torch.Tensor, weights: torch.Tensor) -> TokenReduction:
+        options = self._token_drop
+        token_mask = getattr(self, "token_mask", None)
+        reduction = reduce_tokens(
+            h,
+            weights,
+            options.keep_ratio,
+            pooling=getattr(self, "token_pooling", "cls"),
+            mask=token_mask() if callable(token_mask) else None,
+            fuse=options.fuse,
+        )
+        keep_tokens = getattr(self, "keep_tokens", None)
+        if keep_tokens is not None and reduction.tokens is not h:
+            keep_tokens(reduction.kept, reduction.fused)  # side state follows the tokens
+        return reduction
 
 
 @register("token_drop")
-def apply_token_drop(model: nn.Module, spec: Backward, *, drop_in_no_grad: bool = False) -> Swap:
-    """Make every frozen block of ``model`` drop tokens by CLS attention after it runs,
-    keeping ``ceil(spec.keep_ratio * N)`` patch tokens plus CLS (in forwards autograd
-    records; in ``no_grad`` forwards too with ``drop_in_no_grad``). Apply the scope
-    first: a block is frozen when none of its parameters requires a gradient now.
-    ``Swap.restore()`` removes the wrappers."""
+def apply_token_drop(model: nn.Module, spec: Backward) -> Swap:
+    """Make every frozen block of ``model`` reorganize its tokens as EViT does: keep
+    ``ceil(spec.keep_ratio * N)`` of them (plus CLS for a CLS head), fuse the rest into one
+    token (``spec.fuse_dropped``), in forwards autograd records, and in ``no_grad``
+    forwards too with ``spec.drop_at_inference``. Apply the scope first: a block is frozen
+    when none of its parameters requires a gradient now. ``Swap.restore()`` undoes it."""
     blocks = find_blocks(model)
     frozen = frozen_block_indices(model)
     swap = Swap()
@@ -219,20 +379,29 @@ def apply_token_drop(model: nn.Module, spec: Backward, *, drop_in_no_grad: bool 
     if unsupported:
         kind = type(blocks[unsupported[0]]).__name__
         raise ValueError(
-            f"token_drop needs blocks callable as block(x, return_attention=True) -> "
-            f"(x, attention weights); frozen block(s) {unsupported} ({kind}) are not. "
-            "Expose the attention weights (see edgetrain.models.vit.Block) or use another "
-            "backward kind"
+            f"token_drop needs blocks with forward_attention(x) -> (h, attention weights) and "
+            f"forward_mlp(h), or callable as block(x, return_attention=True) -> (x, weights); "
+            f"frozen block(s) {unsupported} ({kind}) are neither. Expose the attention "
+            "weights (see edgetrain.models.vit.Block) or use another backward kind"
         )
-    for i in frozen:
-        block = blocks[i]
-        if "forward" in vars(block):
-            raise RuntimeError(
-                f"Block {i} ({type(block).__name__}) already has an instance-level forward "
-                "(token_drop applied twice?); restore the previous Swap first"
+    try:
+        for i in frozen:
+            block = blocks[i]
+            if "forward" in vars(block):
+                raise RuntimeError(
+                    f"Block {i} ({type(block).__name__}) has a forward patched on the "
+                    "instance; token_drop swaps the class and would not run it. Remove the patch"
+                )
+            options = _DropOptions(
+                keep_ratio=spec.keep_ratio,
+                fuse=spec.fuse_dropped,
+                at_inference=spec.drop_at_inference,
+                split=supports_split(block),
             )
-        block.forward = _dropping_forward(block, spec.keep_ratio, drop_in_no_grad)
-        swap.on_restore(lambda b=block: vars(b).pop("forward", None))
+            swap_forward_class(block, TokenDropping, swap, {"_token_drop": options})
+    except Exception:
+        swap.restore()
+        raise
     return swap
 
 

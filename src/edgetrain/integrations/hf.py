@@ -49,10 +49,17 @@ runs the loop itself::
 Each :class:`EncoderBlock` wraps one layer (the same module: no parameter is copied or
 registered twice) and passes it the additive attention mask ``(B, 1, 1, T)`` (0 for a
 token, the dtype's minimum for padding) of the tokens alive at that point. It follows
-token_drop's protocol: ``block(h, return_attention=True)`` returns ``(h, weights)`` with
-the softmax weights ``(B, heads, T, T)`` (that one call runs with eager attention, which
-returns them), and ``block.keep_tokens(index)`` gathers the mask after a drop, so the
-following layers and the mean pooling see only the kept tokens. The loop is used only
+token_drop's protocols: for a layer built as self-attention -> ``feed_forward_chunk``
+(BertLayer and its kin; checked by ``loop_matches``) ``block.forward_attention(h)`` runs
+the attention half and returns ``(h', weights)`` with the softmax weights
+``(B, heads, T, T)`` (that call runs with eager attention, which returns them) and
+``block.forward_mlp(h')`` the feed-forward half, so tokens are dropped between the two as
+EViT does; any layer also answers ``block(h, return_attention=True)`` with ``(h,
+weights)``. ``block.token_pooling`` tells the ranking what the head reads (the
+classifier's ``pooling``), ``block.token_mask()`` which tokens are real, and
+``block.keep_tokens(kept, fused)`` gathers the mask after a drop (the fused token is real
+if a real token went into it), so the following layers and the mean pooling see only the
+kept tokens and the fused one. The loop is used only
 when it reproduces the backbone's own output: at construction one small padded input
 runs through both (``loop_matches``), and a model whose layers need more (relative
 position biases, rotary embeddings, a final norm after the loop) keeps calling
@@ -232,6 +239,14 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.layer = layer
         self.__dict__["_owner"] = owner  # not a submodule: no second registration
+        # The split protocol of token dropping (attention half, then feed-forward half), by
+        # structure: a BertLayer-like layer is self-attention -> feed_forward_chunk. Checked
+        # against the whole layer by HFClassifier.loop_matches.
+        self.splits_at_attention = (
+            isinstance(getattr(layer, "attention", None), nn.Module)
+            and callable(getattr(layer, "feed_forward_chunk", None))
+            and not getattr(layer, "add_cross_attention", False)
+        )
 
     def forward(
         self, h: torch.Tensor, return_attention: bool = False
@@ -261,9 +276,42 @@ class EncoderBlock(nn.Module):
             )
         return out, captured[-1]  # (B, T, H), (B, heads, T, T)
 
-    def keep_tokens(self, index: torch.Tensor) -> None:
-        """After a token drop: keep the mask of the tokens ``index`` (B, T') kept."""
-        self._owner._keep_tokens(index)
+    def forward_attention(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's attention half (self-attention with its residual and LayerNorm), run
+        with eager attention: ``(h', weights)``, (B, T, H) and (B, heads, T, T)."""
+        if not self.splits_at_attention:
+            raise TypeError(
+                f"{type(self.layer).__name__} is not attention -> feed_forward_chunk; use "
+                "block(h, return_attention=True) instead"
+            )
+        mask = self._owner._additive_mask(h.dtype)  # (B, 1, 1, T) or None
+        with self._owner._attention("eager"):
+            out = self.layer.attention(h, attention_mask=mask)
+        weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+        if weights is None or weights.dim() != 4:
+            raise TypeError(
+                f"{type(self.layer.attention).__name__} returned no attention weights under "
+                "eager attention; token dropping cannot score its tokens"
+            )
+        return out[0], weights
+
+    def forward_mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """The layer's feed-forward half (intermediate + output), token by token."""
+        return self.layer.feed_forward_chunk(h)
+
+    @property
+    def token_pooling(self) -> str:
+        """What the head reads, for token dropping's ranking: "mean" or "cls"."""
+        return self._owner.pooling
+
+    def token_mask(self) -> torch.Tensor | None:
+        """(B, T) 1 for a real token, 0 for padding, of the tokens alive now."""
+        return self._owner._mask
+
+    def keep_tokens(self, index: torch.Tensor, fused: torch.Tensor | None = None) -> None:
+        """After a token drop: keep the mask of the tokens ``index`` (B, T') kept, and append
+        the fused token's (real if any token ``fused`` (B, D) fused into it was)."""
+        self._owner._keep_tokens(index, fused)
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -381,13 +429,23 @@ class HFClassifier(nn.Module):
         mask[1, 5:] = 0
         device = next(self.backbone.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
+        keep = mask.bool()  # (2, 8) real tokens
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
             want = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
             h = self._embed_ids(ids, mask)
             for block in self._blocks:
-                h = block(h)
+                whole = block(h)
+                if block.splits_at_attention:  # token dropping's split protocol, checked
+                    try:
+                        halves = block.forward_mlp(block.forward_attention(h)[0])
+                        same = torch.allclose(halves[keep], whole[keep], atol=atol)
+                    except Exception as err:  # noqa: BLE001 - no split, the loop still works
+                        logger.info("encoder layer does not split at attention: %s", err)
+                        same = False
+                    block.splits_at_attention = same
+                h = whole
         except Exception as err:  # noqa: BLE001 - any failure means "do not use the loop"
             logger.info("encoder loop failed on a probe input: %s", err)
             return False
@@ -395,7 +453,6 @@ class HFClassifier(nn.Module):
             for m, mode in modes:
                 m.training = mode
             self._mask = None
-        keep = mask.bool()
         return h.shape == want.shape and torch.allclose(h[keep], want[keep], atol=atol)
 
     @property
@@ -481,10 +538,14 @@ class HFClassifier(nn.Module):
             blocked, torch.finfo(dtype).min
         )
 
-    def _keep_tokens(self, index: torch.Tensor) -> None:
+    def _keep_tokens(self, index: torch.Tensor, fused: torch.Tensor | None = None) -> None:
         if self._mask is None:
             raise RuntimeError("keep_tokens called outside HFClassifier's forward")
-        self._mask = self._mask.gather(1, index)  # (B, T')
+        kept = self._mask.gather(1, index)  # (B, T')
+        if fused is not None:
+            real = self._mask.gather(1, fused).amax(dim=1, keepdim=True)  # (B, 1)
+            kept = torch.cat([kept, real], dim=1)  # (B, T' + 1): the fused token last
+        self._mask = kept
 
     def _pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":

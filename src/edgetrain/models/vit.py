@@ -3,10 +3,11 @@
 Patch embedding (a strided conv), a learned CLS token and position embedding, pre-norm
 blocks ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``, a final LayerNorm and a linear head
 on the CLS token. Attention is written out (no fused kernel) so that it can return its
-per-head weights: Block Selective Reprogramming ranks tokens by the CLS row of them, and
-forward-mode AD runs through it. The Linear layers are named ``qkv``, ``proj``, ``fc1``,
-``fc2`` as in timm, and are plain ``nn.Linear`` so cheaper-backward layers can be swapped
-in by module type.
+per-head weights: Block Selective Reprogramming ranks tokens by the CLS row of them
+(between the attention and MLP halves of a block, ``Block.forward_attention`` /
+``Block.forward_mlp``), and forward-mode AD runs through it. The Linear layers are named
+``qkv``, ``proj``, ``fc1``, ``fc2`` as in timm, and are plain ``nn.Linear`` so
+cheaper-backward layers can be swapped in by module type.
 """
 
 from __future__ import annotations
@@ -51,7 +52,12 @@ class MLPBlock(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block. ``forward(x, return_attention=True)`` also returns the
-    (B, heads, N, N) attention weights of this block."""
+    (B, heads, N, N) attention weights of this block.
+
+    The block runs in two halves, which token dropping (edgetrain.backward.token_drop)
+    calls separately to remove tokens between attention and MLP, as EViT does:
+    ``forward_attention(x) -> (h, weights)`` with ``h = x + attn(norm1(x))`` and
+    ``forward_mlp(h) = h + mlp(norm2(h))``; ``forward(x)`` is the two in a row."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 2.0) -> None:
         super().__init__()
@@ -60,10 +66,19 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
 
+    def forward_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention half: ``(x + attn(norm1(x)), weights)``, (B, N, C) and
+        (B, heads, N, N)."""
+        attn_out, weights = self.attn(self.norm1(x), return_weights=True)
+        return x + attn_out, weights
+
+    def forward_mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP half, token by token: ``h + mlp(norm2(h))`` on (B, N', C)."""
+        return h + self.mlp(self.norm2(h))
+
     def forward(self, x: torch.Tensor, return_attention: bool = False):
-        attn_out, weights = self.attn(self.norm1(x), return_weights=return_attention)
-        x = x + attn_out
-        x = x + self.mlp(self.norm2(x))
+        h, weights = self.forward_attention(x)
+        x = self.forward_mlp(h)
         return (x, weights) if return_attention else x
 
 
