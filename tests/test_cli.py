@@ -32,6 +32,10 @@ def test_presets_lists_every_preset(capsys):
         (["finetune", "--model", "mlp", "--set", "lr"], "axis.field=value"),
         (["measure", "--model", "mlp", "--batch-size", "0"], "batch_size: 0"),
         (["compare", "--from", "/nonexistent/results.json"], "No results file"),
+        (["finetune", "--model", "mlp", "--set", "optimizer.lr=abc"], "optimizer.lr: 'abc'"),
+        (["finetune", "--model", "mlp", "--set", "estimator.queries=2.5"], "an integer"),
+        (["compare", "--from", "pyproject.toml"], "not an edgetrain compare results file"),
+        (["compare", "--from", ".ci/run"], "not an edgetrain compare results file"),
         (["compare", "--presets", "full_bp,mezzo", "--model", "mlp"], "Unknown preset"),
     ],
 )
@@ -154,3 +158,25 @@ def test_a_stopped_compare_keeps_the_presets_it_finished(tmp_path):
     assert kept.meta["presets"] == ["bias_only", "full_bp"]
     with pytest.raises(ValueError, match="eval_points"):
         compare("mnist-to-digits", "mlp", ["bias_only"], eval_points=0, progress=False)
+
+
+def test_an_internal_error_shows_its_traceback(monkeypatch):
+    """Only what the user gave gets one line: a ValueError from inside edgetrain is a bug
+    and must reach the user (and the bug report) with its traceback."""
+    import edgetrain.cli as cli
+
+    def broken(args):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setitem(cli._COMMANDS, "presets", broken)
+    with pytest.raises(ValueError, match="internal invariant"):
+        main(["presets"])
+
+
+def test_compare_from_a_json_that_is_no_results_file(tmp_path, capsys):
+    (tmp_path / "list.json").write_text("[1, 2, 3]")
+    (tmp_path / "rows.json").write_text('{"meta": {}, "rows": [{"nope": 1}]}')
+    for name in ("list.json", "rows.json"):
+        assert main(["compare", "--from", str(tmp_path / name), "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not an edgetrain compare results file" in err[0]

@@ -77,3 +77,29 @@ def test_ranking_uses_compare_results_when_present(tmp_path):
     )
     result = plan("mnist-to-digits", "mlp", "1GB", preset_names=PRESETS, results=results)
     assert result.best.preset == "bias_only" and "accuracy from" in result.source
+
+
+def test_a_failure_that_is_not_the_recipes_fault_is_not_cached(tmp_path, monkeypatch):
+    """A dry run that crashes for another reason than the recipe (a bug, an interrupted
+    allocation) is reported but measured again next time; a recipe that cannot run on the
+    model is a fact, cached."""
+    import edgetrain.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "cache_path", lambda: tmp_path / "plan-cache.json")
+    real_measure, calls = plan_mod.measure, []
+
+    def flaky(net, recipe, batch, **kwargs):
+        calls.append(recipe.name)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real_measure(net, recipe, batch, **kwargs)
+
+    monkeypatch.setattr(plan_mod, "measure", flaky)
+    args = ("mnist-to-digits", "mlp", "1GB")
+    kwargs = {"preset_names": ["full_bp"], "results": tmp_path / "none.json"}
+    first = plan(*args, **kwargs)
+    assert any("simulated" in (c.error or "") for c in first.rejected)
+    n_first = len(calls)
+    second = plan(*args, **kwargs)
+    assert len(calls) == n_first + 1  # only the failed candidate ran again
+    assert all(c.error is None for c in second.fits + second.rejected)

@@ -187,3 +187,24 @@ def test_stall_warning_when_loss_does_not_move(task):
             stall_steps=20,
             **QUICK,
         )
+
+
+def test_measure_true_meters_the_run_without_copying_the_model(task):
+    """finetune(measure=True) must not hold a second copy of the model (a memory-budget
+    library): it meters its own first steps. The model refuses to be copied."""
+    from edgetrain import models
+
+    class Uncopyable(models.MLP):
+        def __deepcopy__(self, memo):
+            raise AssertionError("the model was deep-copied")
+
+    net = Uncopyable()
+    data = torch.utils.data.Subset(task.train, range(64))
+    data = TensorDataset(*(torch.stack(col) for col in zip(*data, strict=True)))
+    result = finetune(
+        net, data, presets.get("full_bp"), steps=3, progress=False, evaluate=False, measure=True
+    )
+    mem = result.memory
+    assert mem is not None and mem.grads == mem.trainable_params  # Adam: a grad per param
+    # Two moments, and Adam's 4-byte step counter per parameter tensor.
+    assert 0 <= mem.optimizer_state - 2 * mem.trainable_params <= 4 * len(list(net.parameters()))

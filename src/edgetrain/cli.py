@@ -9,7 +9,9 @@
     edgetrain compare  --from results/results.json
     torchrun --nproc-per-node N -m edgetrain finetune ...   # data-parallel (gloo, CPU)
 
-Errors a user can act on print one line (``edgetrain: error: ...``) and exit with 2;
+Errors a user can act on (``edgetrain.errors.ConfigError``, unknown names, missing files)
+print one line (``edgetrain: error: ...``) and exit with 2; any other exception is a bug
+and shows its traceback;
 a training run that diverges exits with 3; a data-parallel run whose collective fails
 (another rank died or timed out) exits with 4. Under torchrun only rank 0 prints and
 writes files.
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import sys
 from pathlib import Path
 
@@ -332,6 +333,7 @@ _COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     from edgetrain._registry import UnknownNameError
     from edgetrain.distributed import DistributedError
+    from edgetrain.errors import ConfigError
     from edgetrain.train import TrainingDivergedError
 
     args = build_parser().parse_args(argv)
@@ -343,16 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     except DistributedError as err:
         print(f"edgetrain: distributed training failed: {err}", file=sys.stderr)
         return 4
-    except (
-        CLIError,
-        UnknownNameError,
-        ValueError,
-        IndexError,
-        TypeError,
-        FileNotFoundError,
-        NotImplementedError,
-        json.JSONDecodeError,
-    ) as err:
+    except (CLIError, UnknownNameError, ConfigError, FileNotFoundError, NotImplementedError) as err:
+        # What the user gave cannot work: one line. Anything else is a bug in edgetrain,
+        # and its traceback is what a bug report needs.
         print(f"edgetrain: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetrain import presets, tasks
+from edgetrain.errors import ConfigError
 from edgetrain.memory.measure import format_bytes, measure
 from edgetrain.recipe import Recipe
 from edgetrain.scope import find_blocks
@@ -83,17 +84,17 @@ def parse_budget(text: str | int | float) -> int:
     else:
         m = _BUDGET_RE.match(str(text))
         if not m:
-            raise ValueError(
+            raise ConfigError(
                 f"Invalid budget {text!r}: expected a number and a unit, e.g. 3MB, 512KiB, 1.5GB"
             )
         value, unit = float(m.group(1)), m.group(2)
     scale = _UNITS.get(unit.lower())
     if scale is None:
-        raise ValueError(
+        raise ConfigError(
             f"Invalid budget unit {unit!r} in {text!r}: use B, KB, MB, GB, KiB, MiB or GiB"
         )
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"Invalid budget {text!r}: it must be greater than zero")
+        raise ConfigError(f"Invalid budget {text!r}: it must be greater than zero")
     return int(value * scale)
 
 
@@ -101,7 +102,7 @@ _CACHE_VERSION = 3
 """Bumped whenever ``memory.measure`` changes what it reports (2: two tracked steps)."""
 
 
-class NoRecipeFitsError(ValueError):
+class NoRecipeFitsError(ConfigError):
     """No candidate's measured peak fits the budget."""
 
 
@@ -195,6 +196,11 @@ def _load_accuracies(path: Path | None, task: str, model: str) -> dict[str, floa
     }
 
 
+def cache_path() -> Path:
+    """Where the planner keeps its measured dry runs."""
+    return tasks.cache_dir() / "plan-cache.json"
+
+
 class _DryRunCache:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -244,7 +250,7 @@ def plan(
         for name in names
         for r, kn in expand(task_obj.recipe(name), n_blocks)
     ]
-    cache = _DryRunCache(tasks.cache_dir() / "plan-cache.json")
+    cache = _DryRunCache(cache_path())
     x_shape = tuple(task_obj.train.tensors[0].shape[1:])
     for cand in tqdm(candidates, desc="dry runs", disable=not progress):
         key = (
@@ -256,9 +262,13 @@ def plan(
             batch = BatchSampler(task_obj.train, cand.recipe.batch_size, seed).batch(0)
             try:
                 hit = {"peak": measure(net, cand.recipe, batch, seed=seed).peak}
-            except Exception as err:  # noqa: BLE001 - a candidate that cannot run is skipped
+                cache.put(key, hit)
+            except (ConfigError, NotImplementedError) as err:
+                # The recipe cannot run on this model: that is a fact about the pair, cached.
                 hit = {"error": f"{type(err).__name__}: {err}"}
-            cache.put(key, hit)
+                cache.put(key, hit)
+            except Exception as err:  # noqa: BLE001 - skipped now, tried again next time
+                hit = {"error": f"{type(err).__name__}: {err} (not cached)"}
         cand.peak, cand.error = hit.get("peak"), hit.get("error")
     cache.save()
 

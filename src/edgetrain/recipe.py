@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgetrain.errors import ConfigError
+
 __all__ = [
     "Estimator",
     "Scope",
@@ -46,14 +48,42 @@ OPTIMIZER_KINDS = ("sgd", "momentum", "adam", "adamw", "sign", "galore", "lowran
 NUMERICS_KINDS = ("float32", "fixed_point")
 
 
+_NUMBER_TYPES = {"float": (int, float), "int": (int,)}
+
+
+def _check_types(axis: Any) -> None:
+    """Each field holds a value of its declared kind (a number where a number is due), so
+    that ``--set optimizer.lr=abc`` is refused by name instead of failing a comparison."""
+    name = type(axis).__name__.lower()
+    for f in dataclasses.fields(axis):
+        value = getattr(axis, f.name)
+        declared = str(f.type)
+        optional = declared.endswith("| None")
+        base = declared.removesuffix("| None").strip()
+        if value is None and optional:
+            continue
+        if base in _NUMBER_TYPES:
+            if isinstance(value, bool) or not isinstance(value, _NUMBER_TYPES[base]):
+                kind = "an integer" if base == "int" else "a number"
+                raise ConfigError(f"Invalid {name}.{f.name}: {value!r} (expected {kind})")
+            if base == "float":
+                object.__setattr__(axis, f.name, float(value))
+        elif base == "str" and not isinstance(value, str):
+            raise ConfigError(f"Invalid {name}.{f.name}: {value!r} (expected a string)")
+        elif base == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"Invalid {name}.{f.name}: {value!r} (expected True or False)")
+        elif base.startswith("tuple[") and not isinstance(value, (tuple, list)):
+            raise ConfigError(f"Invalid {name}.{f.name}: {value!r} (expected a sequence)")
+
+
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
-        raise ValueError(f"Invalid {what}: {value!r}; expected one of {', '.join(allowed)}")
+        raise ConfigError(f"Invalid {what}: {value!r}; expected one of {', '.join(allowed)}")
 
 
 def _positive(value: float, what: str) -> None:
     if not value > 0:  # also rejects NaN
-        raise ValueError(f"Invalid {what}: {value} (must be > 0)")
+        raise ConfigError(f"Invalid {what}: {value} (must be > 0)")
 
 
 def _in_unit(value: float, what: str, *, closed_low: bool = True, closed_high: bool = True):
@@ -61,7 +91,7 @@ def _in_unit(value: float, what: str, *, closed_low: bool = True, closed_high: b
     high_ok = value <= 1 if closed_high else value < 1
     if not (low_ok and high_ok):
         lo, hi = "[" if closed_low else "(", "]" if closed_high else ")"
-        raise ValueError(f"Invalid {what}: {value} (must be in {lo}0, 1{hi})")
+        raise ConfigError(f"Invalid {what}: {value} (must be in {lo}0, 1{hi})")
 
 
 @dataclass(frozen=True)
@@ -94,6 +124,9 @@ class Estimator:
     """ZO-Bench gradient pruning: fraction of each layer's z entries set to zero."""
     grad_sparsity_resample: int = 1
     """Gradient pruning: steps between resamplings of the sparse support of z."""
+    grad_sparsity_group: str = "layer"
+    """Gradient pruning ratios: ``layer`` (``grad_sparsity`` for every tensor) or ``global``
+    (ZO-Bench: per-tensor ratios from one |w| threshold at the ``grad_sparsity`` quantile)."""
     cons: bool = False
     """ZO-Cons: keep the best of theta, theta - step, theta + step."""
     sparsity: float = 0.0
@@ -110,10 +143,11 @@ class Estimator:
     """ZO evaluations run in eval() mode (no dropout, BN uses running stats) unless True."""
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _choice(self.kind, ESTIMATOR_KINDS, "estimator kind")
         _positive(self.eps, "eps")
         if not isinstance(self.queries, int) or self.queries < 1:
-            raise ValueError(f"Invalid queries: {self.queries} (must be an integer >= 1)")
+            raise ConfigError(f"Invalid queries: {self.queries} (must be an integer >= 1)")
         _choice(self.difference, ("two_sided", "one_sided"), "difference")
         _choice(self.direction, ("gaussian", "rademacher"), "direction")
         _in_unit(self.sparsity, "sparsity", closed_high=False)
@@ -121,18 +155,19 @@ class Estimator:
         _choice(self.block_zo, ("none", "round_robin", "every_block"), "block_zo")
         _choice(self.block_granularity, ("block", "sublayer", "linear"), "block_granularity")
         _in_unit(self.grad_sparsity, "grad_sparsity", closed_high=False)
+        _choice(self.grad_sparsity_group, ("layer", "global"), "grad_sparsity_group")
         if not isinstance(self.grad_sparsity_resample, int) or self.grad_sparsity_resample < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"Invalid grad_sparsity_resample: {self.grad_sparsity_resample} (an integer >= 1)"
             )
         if self.cut is not None and self.cut < 0:
-            raise ValueError(f"Invalid cut: {self.cut} (a block index, >= 0)")
+            raise ConfigError(f"Invalid cut: {self.cut} (a block index, >= 0)")
         if self.zo_lr is not None:
             _positive(self.zo_lr, "zo_lr")
         if self.kind == "hybrid" and self.cut is None:
-            raise ValueError("A hybrid estimator needs cut= (the first backprop block index)")
+            raise ConfigError("A hybrid estimator needs cut= (the first backprop block index)")
         if self.chunk_elements < 1:
-            raise ValueError(f"Invalid chunk_elements: {self.chunk_elements} (must be >= 1)")
+            raise ConfigError(f"Invalid chunk_elements: {self.chunk_elements} (must be >= 1)")
 
 
 @dataclass(frozen=True)
@@ -163,21 +198,22 @@ class Scope:
     predicate: Callable[..., bool] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _choice(self.kind, SCOPE_KINDS, "scope kind")
         if self.kind == "last_blocks" and self.k < 0:
-            raise ValueError(f"Invalid k: {self.k} (number of last blocks, >= 0)")
+            raise ConfigError(f"Invalid k: {self.k} (number of last blocks, >= 0)")
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
         if self.kind == "blocks" and not self.blocks and not self.include_head:
-            raise ValueError("Scope kind 'blocks' needs block indices, e.g. blocks=(2, 3)")
+            raise ConfigError("Scope kind 'blocks' needs block indices, e.g. blocks=(2, 3)")
         _in_unit(self.channel_ratio, "channel_ratio", closed_low=False)
         object.__setattr__(self, "channel_ratios", tuple(float(r) for r in self.channel_ratios))
         for ratio in self.channel_ratios:
             _in_unit(ratio, "channel_ratios entry", closed_low=False)
         if self.bias_k is not None and self.bias_k < 0:
-            raise ValueError(f"Invalid bias_k: {self.bias_k} (number of last blocks, >= 0)")
+            raise ConfigError(f"Invalid bias_k: {self.bias_k} (number of last blocks, >= 0)")
         _choice(self.channel_select, ("magnitude", "first"), "channel_select")
         if self.kind == "predicate" and not callable(self.predicate):
-            raise ValueError("Scope kind 'predicate' needs a callable predicate=")
+            raise ConfigError("Scope kind 'predicate' needs a callable predicate=")
 
 
 @dataclass(frozen=True)
@@ -202,12 +238,13 @@ class Backward:
     """Mesa: stochastic instead of nearest rounding when quantizing saved activations."""
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _choice(self.kind, BACKWARD_KINDS, "backward kind")
         if not 1 <= self.wht_k <= 15:
-            raise ValueError(f"Invalid wht_k: {self.wht_k} (low-pass order, 1..15)")
+            raise ConfigError(f"Invalid wht_k: {self.wht_k} (low-pass order, 1..15)")
         _choice(self.wht_selection, ("lp_tri", "energy"), "wht_selection")
         if not 2 <= self.bits <= 16:
-            raise ValueError(f"Invalid bits: {self.bits} (2..16)")
+            raise ConfigError(f"Invalid bits: {self.bits} (2..16)")
         _in_unit(self.keep_ratio, "keep_ratio", closed_low=False)
 
 
@@ -235,22 +272,23 @@ class Optimizer:
     """Weight decay skips biases and norm weights (1-D tensors), as MeZO and AdamW usage."""
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _choice(self.kind, OPTIMIZER_KINDS, "optimizer kind")
         _positive(self.lr, "learning rate")
         if self.lr > 10:
-            raise ValueError(f"Invalid learning rate: {self.lr} (> 10 always diverges)")
+            raise ConfigError(f"Invalid learning rate: {self.lr} (> 10 always diverges)")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"Invalid momentum: {self.momentum} (must be in [0, 1))")
+            raise ConfigError(f"Invalid momentum: {self.momentum} (must be in [0, 1))")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"Invalid betas: {self.betas} (two values in [0, 1))")
+            raise ConfigError(f"Invalid betas: {self.betas} (two values in [0, 1))")
         if self.weight_decay < 0:
-            raise ValueError(f"Invalid weight_decay: {self.weight_decay} (must be >= 0)")
+            raise ConfigError(f"Invalid weight_decay: {self.weight_decay} (must be >= 0)")
         _positive(self.adam_eps, "adam_eps")
         if self.rank < 1:
-            raise ValueError(f"Invalid rank: {self.rank} (must be >= 1)")
+            raise ConfigError(f"Invalid rank: {self.rank} (must be >= 1)")
         if self.update_gap < 1:
-            raise ValueError(f"Invalid update_gap: {self.update_gap} (must be >= 1)")
+            raise ConfigError(f"Invalid update_gap: {self.update_gap} (must be >= 1)")
         _positive(self.galore_scale, "galore_scale")
         _choice(self.galore_targets, ("block_linear", "all_matrices"), "galore_targets")
         _choice(self.sign_rule, ("elementwise", "projected"), "sign_rule")
@@ -266,11 +304,12 @@ class Numerics:
     activation_bits: int = 8
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _choice(self.kind, NUMERICS_KINDS, "numerics kind")
         for name in ("weight_bits", "activation_bits"):
             bits = getattr(self, name)
             if not 4 <= bits <= 16:
-                raise ValueError(f"Invalid {name}: {bits} (4..16)")
+                raise ConfigError(f"Invalid {name}: {bits} (4..16)")
 
 
 _AXES: dict[str, type] = {
@@ -302,16 +341,16 @@ class Recipe:
             if isinstance(value, dict):
                 object.__setattr__(self, axis, cls(**value))
             elif not isinstance(value, cls):
-                raise TypeError(f"Recipe.{axis} must be a {cls.__name__}, got {value!r}")
+                raise ConfigError(f"Recipe.{axis} must be a {cls.__name__}, got {value!r}")
         if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"Invalid steps: {self.steps} (must be an integer >= 1)")
+            raise ConfigError(f"Invalid steps: {self.steps} (must be an integer >= 1)")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"Invalid batch_size: {self.batch_size} (must be an integer >= 1)")
+            raise ConfigError(f"Invalid batch_size: {self.batch_size} (must be an integer >= 1)")
         est, opt = self.estimator, self.optimizer
         if opt.kind in ("galore", "lowrank") and est.kind not in ("backprop", "hybrid"):
-            raise ValueError(f"Optimizer {opt.kind!r} needs a gradient: estimator backprop")
+            raise ConfigError(f"Optimizer {opt.kind!r} needs a gradient: estimator backprop")
         if self.backward.kind != "exact" and est.kind in ("zo", "forward_grad"):
-            raise ValueError(
+            raise ConfigError(
                 f"Backward {self.backward.kind!r} changes a backward pass, and estimator "
                 f"{est.kind!r} runs none"
             )
@@ -325,19 +364,19 @@ class Recipe:
             axis, dot, name = key.partition(".")
             if dot:
                 if axis not in _AXES:
-                    raise ValueError(f"Unknown recipe axis {axis!r} in {key!r}")
+                    raise ConfigError(f"Unknown recipe axis {axis!r} in {key!r}")
                 per_axis.setdefault(axis, {})[name] = value
             else:
                 top[key] = value
         unknown = set(top) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"Unknown recipe field(s): {', '.join(sorted(unknown))}")
+            raise ConfigError(f"Unknown recipe field(s): {', '.join(sorted(unknown))}")
         for axis, fields_ in per_axis.items():
             base = top.get(axis, getattr(self, axis))
             valid = {f.name for f in dataclasses.fields(base)}
             bad = set(fields_) - valid
             if bad:
-                raise ValueError(
+                raise ConfigError(
                     f"Unknown {axis} field(s): {', '.join(sorted(bad))}; "
                     f"known: {', '.join(sorted(valid))}"
                 )
@@ -346,7 +385,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         if self.scope.predicate is not None:
-            raise ValueError(
+            raise ConfigError(
                 "A Scope with a Python predicate cannot be written as JSON; "
                 "use a structural scope kind to save this recipe"
             )

@@ -26,6 +26,7 @@ from torch.utils.data import Subset, TensorDataset
 
 from edgetrain import models as models_mod
 from edgetrain._registry import Registry
+from edgetrain.errors import ConfigError
 from edgetrain.evaluate import accuracy
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import make_generator
@@ -118,7 +119,7 @@ class Task:
     def _check_model(self, model: str) -> None:
         if model not in self.model_names:
             models_mod._MODELS.get(model)  # unknown model: error with suggestions
-            raise ValueError(
+            raise ConfigError(
                 f"Task {self.name!r} has no pretrained {model!r}; "
                 f"choose one of {', '.join(self.model_names)}"
             )

@@ -42,6 +42,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from edgetrain import distributed as dp_mod
 from edgetrain import estimators
+from edgetrain.errors import ConfigError
 from edgetrain.estimators.base import LossFn, NonFiniteLossError
 from edgetrain.evaluate import evaluate as evaluate_model
 from edgetrain.memory.measure import MemoryReport, StepMeter
@@ -143,11 +144,11 @@ def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
 def check_data(model: nn.Module, data: Dataset, what: str = "training data") -> None:
     """Raise a ValueError naming the problem if ``data`` cannot train ``model``."""
     if len(data) == 0:
-        raise ValueError(f"The {what} is empty: nothing to train on")
+        raise ConfigError(f"The {what} is empty: nothing to train on")
     x, y = data[0]
     shape = getattr(model, "input_shape", None)
     if shape is not None and tuple(x.shape) != tuple(shape):
-        raise ValueError(
+        raise ConfigError(
             f"The {what} has examples of shape {tuple(x.shape)}, but the model expects "
             f"{tuple(shape)}"
         )
@@ -157,19 +158,19 @@ def check_data(model: nn.Module, data: Dataset, what: str = "training data") -> 
         else torch.stack([data[i][1] for i in range(len(data))])
     )
     if labels.dtype.is_floating_point:
-        raise ValueError(f"The {what} has float labels ({labels.dtype}); expected class ids")
+        raise ConfigError(f"The {what} has float labels ({labels.dtype}); expected class ids")
     n_classes = _num_classes(model, x.unsqueeze(0))
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= n_classes:
         bad = lo if lo < 0 else hi
-        raise ValueError(
+        raise ConfigError(
             f"The {what} has label {bad}, outside the model's class range 0..{n_classes - 1}"
         )
 
 
-def _shape_error(err: RuntimeError, batch: Any) -> ValueError:
+def _shape_error(err: RuntimeError, batch: Any) -> ConfigError:
     shapes = [tuple(t.shape) for t in batch if isinstance(t, torch.Tensor)]
-    return ValueError(
+    return ConfigError(
         f"The model cannot run a batch of shape {shapes[0] if shapes else '?'}: {err}"
     )
 
@@ -210,32 +211,32 @@ def finetune(
     group is initialised; False trains this process alone even inside one.
     """
     if steps is not None and epochs is not None:
-        raise ValueError("Give steps or epochs, not both")
+        raise ConfigError("Give steps or epochs, not both")
     batch_size = batch_size or recipe.batch_size
     if batch_size < 1:
-        raise ValueError(f"Invalid batch_size: {batch_size} (must be >= 1)")
+        raise ConfigError(f"Invalid batch_size: {batch_size} (must be >= 1)")
     if checkpoint_every < 1:
-        raise ValueError(f"Invalid checkpoint_every: {checkpoint_every} (must be >= 1)")
+        raise ConfigError(f"Invalid checkpoint_every: {checkpoint_every} (must be >= 1)")
     if loss_fn is None:
         check_data(model, train_data)
         if eval_data is not None:
             check_data(model, eval_data, "evaluation data")
     elif len(train_data) == 0:
-        raise ValueError("The training data is empty: nothing to train on")
+        raise ConfigError("The training data is empty: nothing to train on")
     sampler = BatchSampler(train_data, batch_size, seed)
     parallel = dp_mod.is_initialized() if data_parallel is None else data_parallel
     if parallel and not dp_mod.is_initialized():
-        raise ValueError("data_parallel=True needs an initialised torch.distributed group")
+        raise ConfigError("data_parallel=True needs an initialised torch.distributed group")
     main = not parallel or dp_mod.is_main()
     if parallel:
         dp_mod.check_shards(len(train_data), sampler.batch_size, dp_mod.get_world_size())
     if epochs is not None:
         if epochs <= 0:
-            raise ValueError(f"Invalid epochs: {epochs} (must be > 0)")
+            raise ConfigError(f"Invalid epochs: {epochs} (must be > 0)")
         steps = max(1, round(epochs * sampler.steps_per_epoch))
     steps = steps if steps is not None else recipe.steps
     if steps < 1:
-        raise ValueError(f"Invalid steps: {steps} (must be >= 1)")
+        raise ConfigError(f"Invalid steps: {steps} (must be >= 1)")
 
     result = FitResult(model=model, recipe=recipe, steps=0)
     if parallel:
@@ -431,9 +432,9 @@ def _resume(path: Path, model, est, recipe: Recipe, seed: int, result: FitResult
         return 0
     state = torch.load(path, weights_only=True)
     if state.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an edgetrain checkpoint of format {_CHECKPOINT_FORMAT}")
+        raise ConfigError(f"{path} is not an edgetrain checkpoint of format {_CHECKPOINT_FORMAT}")
     if state["recipe"] != recipe.to_json(sort_keys=True) or state["seed"] != seed:
-        raise ValueError(
+        raise ConfigError(
             f"{path} was written by another recipe or seed; use a fresh checkpoint_dir "
             "or the same recipe and seed to resume"
         )

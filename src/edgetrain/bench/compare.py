@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from edgetrain import estimators, presets, tasks
+from edgetrain.errors import ConfigError
 from edgetrain.recipe import Recipe
 from edgetrain.train import BatchSampler, finetune
 
@@ -67,11 +68,18 @@ class CompareResult:
         return json.dumps({"meta": self.meta, "rows": [asdict(r) for r in self.rows]}, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> CompareResult:
-        data = json.loads(text)
+    def from_json(cls, text: str, source: str = "the text") -> CompareResult:
+        not_results = f"{source} is not an edgetrain compare results file"
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{not_results}: not JSON ({err})") from err
         if not isinstance(data, dict) or "rows" not in data or "meta" not in data:
-            raise ValueError("Not an edgetrain compare results file (needs 'meta' and 'rows')")
-        return cls(meta=data["meta"], rows=[Row(**r) for r in data["rows"]])
+            raise ConfigError(f"{not_results} (it needs 'meta' and 'rows')")
+        try:
+            return cls(meta=data["meta"], rows=[Row(**r) for r in data["rows"]])
+        except TypeError as err:
+            raise ConfigError(f"{not_results}: a row does not fit ({err})") from err
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -86,7 +94,11 @@ class CompareResult:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"No results file at {path}")
-        return cls.from_json(path.read_text())
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path} is not an edgetrain compare results file: not text") from err
+        return cls.from_json(text, source=str(path))
 
 
 def _git_commit() -> str:

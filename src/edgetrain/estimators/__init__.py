@@ -11,6 +11,7 @@ import importlib
 from torch import nn
 
 from edgetrain._registry import Registry
+from edgetrain.errors import ConfigError
 from edgetrain.estimators.backprop import Backprop
 from edgetrain.estimators.base import (
     Estimator,
@@ -75,4 +76,11 @@ def build(
             if err.name != _MODULES[kind]:
                 raise
             raise NotImplementedError(f"Estimator kind {kind!r} is not built yet") from err
-    return _KINDS.get(kind)(model, recipe, loss_fn, seed=seed)
+    try:
+        return _KINDS.get(kind)(model, recipe, loss_fn, seed=seed)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        # A constructor refusing a recipe for this model (a cut past the last block, an
+        # unsupported combination) is the user's to fix, not a bug: say it as one.
+        raise ConfigError(str(err)) from err
