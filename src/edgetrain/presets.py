@@ -175,12 +175,14 @@ def lbp_wht() -> Recipe:
 @preset
 def mesa() -> Recipe:
     """Mesa (Pan et al. 2021): exact forward, 8-bit saved activations with per-head /
-    per-group running ranges for Linear, GELU, Softmax, LayerNorm and attention matmuls."""
+    per-group running ranges for Linear, GELU, Softmax, LayerNorm and attention matmuls
+    (HuggingFace models too: their GELU modules and attention function). Rounding to
+    nearest; the reference kernel rounds stochastically (``backward.stochastic_rounding``)."""
     return Recipe(
         name="mesa",
         estimator=Estimator(kind="backprop"),
         scope=Scope(kind="all"),
-        backward=Backward(kind="mesa", bits=8),
+        backward=Backward(kind="mesa", bits=8, stochastic_rounding=False),
         optimizer=Optimizer(kind="adam", lr=1e-3),
         steps=150,
         batch_size=32,

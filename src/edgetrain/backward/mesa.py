@@ -10,19 +10,35 @@ What Mesa does, and what this module implements:
   op as the layer it replaces, so outputs are bit-identical.
 * What a layer keeps for its backward is a ``bits``-bit copy of the activation instead of
   the float tensor. For a group ``g`` of the activation with running range estimates
-  ``lo_g`` (the minimum) and ``span_g`` (max - min), and ``L = 2**bits - 1`` levels::
+  ``lo_g`` (the paper's beta, the minimum) and ``span_g`` (alpha, max - min), and
+  ``L = 2**bits - 1`` levels (the paper's activation quantizer; reference
+  ``custom_quant.py`` ``Quant.forward`` / ``restore``, L273-325)::
 
       q = clamp(round((x - lo_g) * L / span_g), 0, L)          # stored (uint8 for 8 bits)
       x_hat = q * span_g / L + lo_g                             # dequantized in backward
 
   (the affine quantizer of Mesa's ``pack_single_precision``: ``scale = (level - 1) /
-  clip_val``, ``shift`` = the running minimum). We round to nearest; the reference kernel
-  adds uniform noise (stochastic rounding), which needs a random generator on the forward
-  path; nearest rounding keeps the step deterministic without one.
+  clip_val``, ``shift`` = the running minimum). Two differences: the reference clamps
+  only at 0 (kernel L36; a code above 255 wraps in its uint8), we clamp at ``L`` too; and
+  its backward reads the range by reference (``ctx.clip_val``, L284), so a second forward
+  before the backward would dequantize with a newer range; we save a copy.
+* Rounding. ``Backward.stochastic_rounding=False`` (the default) rounds to nearest.
+  ``True`` rounds stochastically as the reference kernel does
+  (``quantization_cuda_kernel.cu`` L33-36: ``__float2int_rn(v + noise - 0.5)`` with
+  ``noise ~ U(0, 1)``, i.e. ``floor(v + u)``), which is unbiased inside the range:
+  ``E[x_hat] = x``. The reference always adds the noise (its ``stochastic`` argument is
+  unused, L78); nearest rounding stays our default because it has half the worst-case
+  error of one draw and keeps the numbers measured before this option existed. The noise
+  comes from a dedicated ``torch.Generator`` per quantizer, reseeded before every draw
+  with ``derive_seed(seed_of_quantizer, calls)`` (``calls`` = how many forwards the
+  quantizer has quantized, i.e. the step index of a one-forward-per-step run), never
+  from the global RNG; the quantizer's seed is derived from the swap's ``seed`` and the
+  quantizer's place in the model. Same run, same codes; a resumed run continues the
+  same noise stream.
 * Running estimates (the paper's "learning quantization parameters by running
-  estimates", reference ``update_clip_val_shift``): on the first call ``lo`` and ``span``
-  are the batch's per-group min and range; afterwards they are exponential moving averages
-  with decay ``ema_decay = 0.9``::
+  estimates", reference ``update_clip_val_shift``, L59-72): on the first call ``lo`` and
+  ``span`` are the batch's per-group min and range; afterwards they are exponential moving
+  averages with decay ``ema_decay = 0.9``::
 
       lo_t = 0.9 * lo_{t-1} + 0.1 * min_g(x_t),  span_t = 0.9 * span_{t-1} + 0.1 * range_g(x_t)
 
@@ -33,6 +49,13 @@ What Mesa does, and what this module implements:
   group (``groups`` contiguous channel groups, the number of heads by default, as the
   reference's ``convert_by_num_groups`` does).
 
+Run state. The running ranges and call counters are the run's state, not the model's: the
+swap tracks one :class:`MesaState` (``Swap.track_state("mesa", ...)``) holding every
+quantizer by its place in the model, and the estimator saves ``swap.state_dict()`` in its
+checkpoint (plain tensors and integers, loadable with ``torch.load(weights_only=True)``),
+so a resumed run quantizes exactly as an uninterrupted one. The quantizer buffers are
+non-persistent: the model's ``state_dict`` keys do not change while Mesa is applied.
+
 Layers covered (swapped by module type, restorable through the returned ``Swap``):
 ``nn.Linear`` (saves the 8-bit input; the weight is a parameter, not an activation),
 ``nn.GELU`` (8-bit input), ``nn.LayerNorm`` (8-bit input plus the exact per-row mean and
@@ -42,7 +65,14 @@ and ``edgetrain.models.vit.Attention``, replaced by :class:`MesaAttention`, whic
 the original ``qkv``/``proj`` parameters and runs ``softmax(q k^T * scale) v`` as one
 autograd Function that saves head-wise 8-bit q, k, v and attention probabilities (the
 probabilities once, where exact autograd keeps them for both the softmax and the second
-matmul).
+matmul). HuggingFace models (edgetrain.backward.mesa_hf, used when transformers is
+loaded): the GELU activation modules of ``transformers.activations`` and the attention
+function of every layer that dispatches through ``config._attn_implementation``.
+
+Linear layers that read the same tensor one after the other (HuggingFace's separate
+query, key and value projections of one hidden state) share one 8-bit copy, quantized
+with the first one's running range: what a fused qkv Linear (the reference's DeiT and
+Swin) saves. The reference quantizes each layer's input on its own.
 
 Why custom autograd Functions and not ``torch.autograd.graph.saved_tensors_hooks``: a pack
 hook sees each saved tensor without knowing its role, so it cannot group per head, it
@@ -56,14 +86,17 @@ exact with gradient relative error 0.011, hook 0.296 / 0.013; ViT-S shape (batch
 0.256 / 0.009, hook 0.289 / 0.010.
 
 Not covered: convolutions (the ViT patch embedding keeps its float input image, a small
-share of the total), dropout masks, and sub-byte packing (``bits < 8`` still use one byte
-per value; ``bits > 8`` use int16). The running estimates are non-persistent buffers: the
-model's ``state_dict`` keys do not change while Mesa is applied.
+share of the total), dropout masks outside attention, and sub-byte packing (``bits < 8``
+still use one byte per value; ``bits > 8`` use int16).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sys
+import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +105,11 @@ from torch import nn
 from edgetrain.backward import Swap, register
 from edgetrain.models.vit import Attention
 from edgetrain.recipe import Backward
+from edgetrain.seeding import derive_seed
 
 __all__ = [
     "RunningRangeQuantizer",
+    "MesaState",
     "MesaLinear",
     "MesaGELU",
     "MesaLayerNorm",
@@ -92,9 +127,21 @@ class RunningRangeQuantizer(nn.Module):
     ``quantize(x_grouped)`` takes a 3-D view ``(A, G, Z)`` whose dim 1 is the group and
     returns ``(q, lo, span)``: ``q`` the integer codes (uint8 for ``bits <= 8``, else int16),
     ``lo`` and ``span`` the (G,) range used. ``dequantize`` inverts it.
+    ``stochastic_rounding`` rounds ``floor(v + u)``, ``u ~ U(0, 1)`` drawn from this
+    quantizer's own generator seeded with ``derive_seed(seed, calls)``.
+    ``quant_state()`` / ``load_quant_state()`` carry the running range and call counter
+    (plain tensors and an int) for a resumed run.
     """
 
-    def __init__(self, groups: int, bits: int = 8, ema_decay: float = 0.9) -> None:
+    def __init__(
+        self,
+        groups: int,
+        bits: int = 8,
+        ema_decay: float = 0.9,
+        *,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if groups < 1:
             raise ValueError(f"Invalid groups: {groups} (must be >= 1)")
@@ -106,12 +153,56 @@ class RunningRangeQuantizer(nn.Module):
         self.bits = bits
         self.levels = float(2**bits - 1)
         self.ema_decay = ema_decay
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = int(seed)
         self.calls = 0
+        self._generator: torch.Generator | None = None
         self.register_buffer("lo", torch.zeros(groups), persistent=False)
         self.register_buffer("span", torch.ones(groups), persistent=False)
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}, bits={self.bits}, ema_decay={self.ema_decay}"
+        rounding = "stochastic" if self.stochastic_rounding else "nearest"
+        return f"groups={self.groups}, bits={self.bits}, ema_decay={self.ema_decay}, {rounding}"
+
+    def ensure_groups(self, groups: int) -> None:
+        """Size the ranges for ``groups`` groups before the first call (layers whose width
+        is known only from their first input); afterwards the count is fixed."""
+        if groups == self.groups:
+            return
+        if self.calls:
+            raise ValueError(
+                f"This quantizer has {self.groups} groups from earlier calls, got an input "
+                f"with {groups}; one Mesa layer cannot serve inputs of different widths"
+            )
+        self.groups = groups
+        self.lo = torch.zeros(groups, device=self.lo.device)
+        self.span = torch.ones(groups, device=self.span.device)
+
+    def quant_state(self) -> dict[str, Any]:
+        return {
+            "lo": self.lo.detach().clone(),
+            "span": self.span.detach().clone(),
+            "calls": self.calls,
+        }
+
+    def load_quant_state(self, state: dict[str, Any]) -> None:
+        lo, span = state["lo"], state["span"]
+        if lo.shape != span.shape or lo.dim() != 1:
+            raise ValueError(
+                f"Invalid quantizer state: lo {tuple(lo.shape)}, span {tuple(span.shape)}"
+            )
+        self.groups = lo.numel()
+        self.lo = lo.detach().clone().to(self.lo.device, self.lo.dtype)
+        self.span = span.detach().clone().to(self.span.device, self.span.dtype)
+        self.calls = int(state["calls"])
+
+    def _noise(self, like: torch.Tensor) -> torch.Tensor:
+        """``U(0, 1)`` noise shaped like ``like``, from this quantizer's own generator."""
+        gen = self._generator
+        if gen is None or gen.device != like.device:
+            gen = self._generator = torch.Generator(device=like.device)
+        gen.manual_seed(derive_seed(self.seed, self.calls))
+        return torch.rand(like.shape, generator=gen, device=like.device, dtype=like.dtype)
 
     @torch.no_grad()
     def quantize(self, xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,11 +216,16 @@ class RunningRangeQuantizer(nn.Module):
         else:
             self.lo.lerp_(batch_lo, 1.0 - self.ema_decay)
             self.span.lerp_(batch_span, 1.0 - self.ema_decay)
-        self.calls += 1
         lo = self.lo.clone()  # saved for backward: later forwards update the buffers in place
         span = self.span.clamp_min(_SPAN_FLOOR)
         scale = (self.levels / span).to(xg.dtype)[None, :, None]  # (1, G, 1)
-        codes = (xg - lo.to(xg.dtype)[None, :, None]).mul_(scale).round_().clamp_(0, self.levels)
+        codes = (xg - lo.to(xg.dtype)[None, :, None]).mul_(scale)  # (A, G, Z) in [0, L]
+        if self.stochastic_rounding:
+            codes = codes.add_(self._noise(codes)).floor_()
+        else:
+            codes = codes.round_()
+        codes = codes.clamp_(0, self.levels)
+        self.calls += 1
         if self.bits <= 8:
             q = codes.to(torch.uint8)
         else:
@@ -144,6 +240,108 @@ class RunningRangeQuantizer(nn.Module):
             codes = codes.add_(2.0 ** (self.bits - 1))
         step = (span / self.levels).to(dtype)[None, :, None]  # (1, G, 1)
         return codes.mul_(step).add_(lo.to(dtype)[None, :, None])
+
+
+class _SharedCodes:
+    """The codes of the last input a Linear quantized, for the next Linear that reads the
+    same tensor (HuggingFace's separate query/key/value projections of one hidden state):
+    one 8-bit copy instead of three. Holds only weak references: an entry dies with the
+    graph that saved it. A layer never reuses its own entry (a second forward through the
+    same layer quantizes again, updating its running range)."""
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+
+    def get(self, x: torch.Tensor, groups: int, owner: object) -> list[torch.Tensor] | None:
+        entry = self._entry
+        if entry is None:
+            return None
+        x_ref, version, entry_groups, owner_ref, packed_refs = entry
+        if x_ref() is not x or x._version != version or entry_groups != groups:
+            return None
+        if owner_ref() is owner:
+            return None
+        packed = [ref() for ref in packed_refs]
+        return None if any(t is None for t in packed) else packed
+
+    def put(self, x: torch.Tensor, groups: int, owner: object, packed: list[torch.Tensor]):
+        refs = [weakref.ref(t) for t in packed]
+        self._entry = (weakref.ref(x), x._version, groups, weakref.ref(owner), refs)
+
+    def clear(self) -> None:
+        self._entry = None
+
+    def __deepcopy__(self, memo: dict) -> _SharedCodes:
+        return _SharedCodes()
+
+
+def _name_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
+
+
+class MesaState:
+    """The run state of one Mesa swap: every quantizer by its place in the model.
+
+    ``new_quantizer(name, groups)`` makes the quantizer of one activation (``name`` is the
+    layer's path in the model plus its role) with the recipe's bits and rounding, seeded
+    with ``derive_seed(seed, hash(name))``. ``state_dict()`` is
+    ``{"seed": int, "quantizers": {name: {"lo": (G,), "span": (G,), "calls": int}}}``;
+    ``load_state_dict`` restores it (a name it does not know yet is kept and applied when a
+    layer creates that quantizer later)."""
+
+    def __init__(self, bits: int = 8, stochastic_rounding: bool = False, seed: int = 0) -> None:
+        self.bits = bits
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = int(seed)
+        self.quantizers: dict[str, RunningRangeQuantizer] = {}
+        self.shared = _SharedCodes()
+        self._pending: dict[str, dict[str, Any]] = {}
+
+    def new_quantizer(self, name: str, groups: int) -> RunningRangeQuantizer:
+        if name in self.quantizers:
+            raise ValueError(f"Mesa quantizer {name!r} is created twice")
+        quant = RunningRangeQuantizer(
+            groups,
+            self.bits,
+            stochastic_rounding=self.stochastic_rounding,
+            seed=derive_seed(self.seed, _name_key(name)),
+        )
+        self.quantizers[name] = quant
+        if name in self._pending:
+            quant.load_quant_state(self._pending.pop(name))
+        return quant
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "quantizers": {name: q.quant_state() for name, q in self.quantizers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"Mesa state has seed {state['seed']}, this swap {self.seed}; resume with "
+                "the seed the run started with"
+            )
+        saved = state["quantizers"]
+        missing = sorted(set(self.quantizers) - set(saved))
+        if missing:
+            raise ValueError(
+                f"Mesa state lacks the quantizers {missing[:4]}{'...' if len(missing) > 4 else ''}"
+                " (saved from another model?)"
+            )
+        for name, quant_state in saved.items():
+            if name in self.quantizers:
+                self.quantizers[name].load_quant_state(quant_state)
+            else:
+                self._pending[name] = quant_state
+        self.shared.clear()
+
+
+def _quantizer(state: MesaState | None, name: str, groups: int, bits: int) -> RunningRangeQuantizer:
+    if state is None:
+        return RunningRangeQuantizer(groups, bits)
+    return state.new_quantizer(name, groups)
 
 
 def _channel_view(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -177,12 +375,20 @@ class _LinearFn(torch.autograd.Function):
     """y = x W^T + b, saving x in ``bits`` bits (only if W needs a gradient)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, quant: RunningRangeQuantizer):
+    def forward(ctx, x, weight, bias, layer: MesaLinear):
         y = F.linear(x, weight, bias)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        quant = layer.input_quant
         ctx.x_shape, ctx.x_dtype, ctx.quant = x.shape, x.dtype, quant
         ctx.has_bias = bias is not None
-        packed = _pack(quant, _channel_view(x, quant.groups)) if need_w else [None] * 3
+        packed: list[Any] = [None] * 3
+        if need_w:
+            shared = layer.shared
+            packed = shared.get(x, quant.groups, layer) if shared is not None else None
+            if packed is None:
+                packed = _pack(quant, _channel_view(x, quant.groups))
+                if shared is not None:
+                    shared.put(x, quant.groups, layer, packed)
         ctx.save_for_backward(weight if need_x else None, *packed)
         return y
 
@@ -204,15 +410,27 @@ class _LinearFn(torch.autograd.Function):
 
 
 class MesaLinear(nn.Module):
-    """``nn.Linear`` whose saved input is ``bits``-bit; shares the original parameters."""
+    """``nn.Linear`` whose saved input is ``bits``-bit; shares the original parameters.
+    With a ``state`` (what :func:`apply_mesa` passes) its quantizer is the run state's
+    ``name + ".input"``, and an input the previous Linear just quantized is reused."""
 
-    def __init__(self, linear: nn.Linear, bits: int = 8, groups: int = 1) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        bits: int = 8,
+        groups: int = 1,
+        *,
+        state: MesaState | None = None,
+        name: str = "linear",
+    ) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.input_quant = RunningRangeQuantizer(math.gcd(groups, linear.in_features), bits)
+        group_count = math.gcd(groups, linear.in_features)
+        self.input_quant = _quantizer(state, f"{name}.input", group_count, bits)
+        self.shared = state.shared if state is not None else None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -220,10 +438,10 @@ class MesaLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_graph(x, self.weight, self.bias):
             return F.linear(x, self.weight, self.bias)
-        return _LinearFn.apply(x, self.weight, self.bias, self.input_quant)
+        return _LinearFn.apply(x, self.weight, self.bias, self)
 
 
-# --- GELU ---------------------------------------------------------------------------------
+# --- GELU and other elementwise activations ----------------------------------------------
 
 
 class _GELUFn(torch.autograd.Function):
@@ -240,15 +458,44 @@ class _GELUFn(torch.autograd.Function):
         return grad_x, None, None
 
 
-class MesaGELU(nn.Module):
-    """``nn.GELU`` saving its input in ``bits`` bits."""
+class _ElementwiseFn(torch.autograd.Function):
+    """``y = fn(x)`` for an elementwise ``fn`` without parameters, saving x in ``bits``
+    bits; the backward differentiates ``fn`` at the dequantized input (a recompute of one
+    elementwise op). The forward runs ``fn`` itself: bit-identical to the original."""
 
-    def __init__(self, gelu: nn.GELU, bits: int = 8, groups: int = 1) -> None:
+    @staticmethod
+    def forward(ctx, x, fn, quant: RunningRangeQuantizer):
+        ctx.x_shape, ctx.x_dtype, ctx.quant, ctx.fn = x.shape, x.dtype, quant, fn
+        ctx.save_for_backward(*_pack(quant, _channel_view(x, quant.groups)))
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_hat = _unpack(ctx.quant, ctx.saved_tensors, ctx.x_shape, ctx.x_dtype)
+        with torch.enable_grad():
+            x_hat.requires_grad_(True)
+            (grad_x,) = torch.autograd.grad(ctx.fn(x_hat), x_hat, grad_y)
+        return grad_x, None, None
+
+
+class MesaGELU(nn.Module):
+    """``nn.GELU`` saving its input in ``bits`` bits (per channel group: ``groups`` is
+    reduced to a divisor of the channel count on the first input)."""
+
+    def __init__(
+        self,
+        gelu: nn.GELU,
+        bits: int = 8,
+        groups: int = 1,
+        *,
+        state: MesaState | None = None,
+        name: str = "gelu",
+    ) -> None:
         super().__init__()
         self.approximate = gelu.approximate
         self.groups = groups
         self.bits = bits
-        self.input_quant: RunningRangeQuantizer | None = None  # sized on first use
+        self.input_quant = _quantizer(state, f"{name}.input", groups, bits)
 
     def extra_repr(self) -> str:
         return f"approximate={self.approximate!r}, bits={self.bits}"
@@ -256,10 +503,46 @@ class MesaGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_graph(x):
             return F.gelu(x, approximate=self.approximate)
-        if self.input_quant is None:
-            quant = RunningRangeQuantizer(math.gcd(self.groups, x.shape[-1]), self.bits)
-            self.input_quant = quant.to(x.device)
+        self.input_quant.ensure_groups(math.gcd(self.groups, x.shape[-1]))
         return _GELUFn.apply(x, self.approximate, self.input_quant)
+
+
+class MesaActivation(nn.Module):
+    """Any elementwise activation module without parameters (the GELU family of
+    ``transformers.activations``) saving its input in ``bits`` bits: the forward is the
+    module's own, the backward differentiates it at the dequantized input. ``approximate``
+    set ("none"/"tanh") means the module computes ``F.gelu`` with it, and the backward is
+    aten's ``gelu_backward``. The original module is kept (not registered) to run it."""
+
+    def __init__(
+        self,
+        activation: nn.Module,
+        bits: int = 8,
+        groups: int = 1,
+        *,
+        approximate: str | None = None,
+        state: MesaState | None = None,
+        name: str = "activation",
+    ) -> None:
+        super().__init__()
+        if any(True for _ in activation.parameters()):
+            raise ValueError(f"{type(activation).__name__} has parameters; Mesa covers none")
+        self.__dict__["activation"] = activation  # not a submodule: no parameters, no state
+        self.approximate = approximate
+        self.groups = groups
+        self.bits = bits
+        self.input_quant = _quantizer(state, f"{name}.input", groups, bits)
+
+    def extra_repr(self) -> str:
+        return f"{type(self.activation).__name__}, bits={self.bits}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _needs_graph(x):
+            return self.activation(x)
+        self.input_quant.ensure_groups(math.gcd(self.groups, x.shape[-1]))
+        if self.approximate is not None:
+            return _GELUFn.apply(x, self.approximate, self.input_quant)
+        return _ElementwiseFn.apply(x, self.activation, self.input_quant)
 
 
 # --- LayerNorm ----------------------------------------------------------------------------
@@ -299,14 +582,22 @@ class MesaLayerNorm(nn.Module):
     """``nn.LayerNorm`` saving its input in ``bits`` bits (plus the exact mean and 1/std
     per row); shares the original affine parameters."""
 
-    def __init__(self, norm: nn.LayerNorm, bits: int = 8, groups: int = 1) -> None:
+    def __init__(
+        self,
+        norm: nn.LayerNorm,
+        bits: int = 8,
+        groups: int = 1,
+        *,
+        state: MesaState | None = None,
+        name: str = "layernorm",
+    ) -> None:
         super().__init__()
         self.normalized_shape = tuple(norm.normalized_shape)
         self.eps = norm.eps
         self.weight = norm.weight
         self.bias = norm.bias
         channels = self.normalized_shape[-1]
-        self.input_quant = RunningRangeQuantizer(math.gcd(groups, channels), bits)
+        self.input_quant = _quantizer(state, f"{name}.input", math.gcd(groups, channels), bits)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
@@ -340,12 +631,19 @@ class _SoftmaxFn(torch.autograd.Function):
 class MesaSoftmax(nn.Module):
     """``nn.Softmax`` saving only its output, in ``bits`` bits (one range per tensor)."""
 
-    def __init__(self, softmax: nn.Softmax, bits: int = 8) -> None:
+    def __init__(
+        self,
+        softmax: nn.Softmax,
+        bits: int = 8,
+        *,
+        state: MesaState | None = None,
+        name: str = "softmax",
+    ) -> None:
         super().__init__()
         if softmax.dim is None:
             raise ValueError("nn.Softmax(dim=None) is ambiguous; give it an explicit dim")
         self.dim = softmax.dim
-        self.output_quant = RunningRangeQuantizer(1, bits)
+        self.output_quant = _quantizer(state, f"{name}.output", 1, bits)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
@@ -414,14 +712,24 @@ class MesaAttention(nn.Module):
     (as :class:`MesaLinear`), same forward arithmetic, head-wise 8-bit saved q, k, v and
     attention probabilities."""
 
-    def __init__(self, attention: Attention, bits: int = 8) -> None:
+    def __init__(
+        self,
+        attention: Attention,
+        bits: int = 8,
+        *,
+        state: MesaState | None = None,
+        name: str = "attn",
+    ) -> None:
         super().__init__()
         self.num_heads = attention.num_heads
         self.head_dim = attention.head_dim
         self.scale = attention.scale
-        self.qkv = MesaLinear(attention.qkv, bits, groups=self.num_heads)
-        self.proj = MesaLinear(attention.proj, bits, groups=self.num_heads)
-        self.quants = nn.ModuleList(RunningRangeQuantizer(self.num_heads, bits) for _ in "qkvp")
+        heads = self.num_heads
+        self.qkv = MesaLinear(attention.qkv, bits, heads, state=state, name=f"{name}.qkv")
+        self.proj = MesaLinear(attention.proj, bits, heads, state=state, name=f"{name}.proj")
+        self.quants = nn.ModuleList(
+            _quantizer(state, f"{name}.{role}", heads, bits) for role in ("q", "k", "v", "probs")
+        )
 
     def forward(
         self, x: torch.Tensor, return_weights: bool = False
@@ -441,47 +749,79 @@ class MesaAttention(nn.Module):
 # --- wiring -------------------------------------------------------------------------------
 
 
+def _hf_module():
+    """edgetrain.backward.mesa_hf when transformers is loaded (a model can hold
+    HuggingFace modules only then), else None."""
+    if "transformers" not in sys.modules:
+        return None
+    from edgetrain.backward import mesa_hf
+
+    return mesa_hf
+
+
 def _default_groups(model: nn.Module) -> int:
     """Channel groups for Linear/GELU/LayerNorm inputs: the model's number of heads."""
     for module in model.modules():
         if isinstance(module, Attention):
             return module.num_heads
-    return 1
+    hf = _hf_module()
+    heads = hf.num_heads(model) if hf is not None else None
+    return heads or 1
 
 
-def _replacement(module: nn.Module, bits: int, groups: int) -> nn.Module | None:
+def _replacement(
+    module: nn.Module, bits: int, groups: int, state: MesaState, name: str
+) -> nn.Module | None:
+    kw = {"state": state, "name": name}
     if isinstance(module, Attention):
-        return MesaAttention(module, bits)
+        return MesaAttention(module, bits, **kw)
     if isinstance(module, nn.Linear):
-        return MesaLinear(module, bits, groups)
+        return MesaLinear(module, bits, groups, **kw)
     if isinstance(module, nn.LayerNorm):
-        return MesaLayerNorm(module, bits, groups)
+        return MesaLayerNorm(module, bits, groups, **kw)
     if isinstance(module, nn.GELU):
-        return MesaGELU(module, bits, groups)
+        return MesaGELU(module, bits, groups, **kw)
     if isinstance(module, nn.Softmax):
-        return MesaSoftmax(module, bits)
+        return MesaSoftmax(module, bits, **kw)
+    hf = _hf_module()
+    if hf is not None:
+        return hf.activation_replacement(module, bits, groups, **kw)
     return None
 
 
 @register("mesa")
-def apply_mesa(model: nn.Module, spec: Backward) -> Swap:
+def apply_mesa(model: nn.Module, spec: Backward, *, seed: int = 0) -> Swap:
     """Swap Mesa layers into ``model`` (by module type); ``Swap.restore()`` undoes it.
 
     The new modules hold the same Parameter objects as the ones they replace, so an
     optimizer built before or after the swap updates the same tensors, and
-    ``model.state_dict()`` keeps its keys.
+    ``model.state_dict()`` keeps its keys. The swap tracks the quantizers' run state
+    under ``"mesa"`` (:class:`MesaState`); ``seed`` seeds stochastic rounding. In a
+    HuggingFace model the attention implementation is switched to Mesa's while the swap
+    holds (edgetrain.backward.mesa_hf) and switched back by ``restore()``.
     """
     groups = _default_groups(model)
+    state = MesaState(spec.bits, spec.stochastic_rounding, seed)
     swap = Swap()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
-    def visit(parent: nn.Module) -> None:
+    def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
-            new = _replacement(child, spec.bits, groups)
+            path = f"{prefix}{name}"
+            new = _replacement(child, spec.bits, groups, state, path)
             if new is None:
-                visit(child)
+                visit(child, f"{path}.")
             else:
                 swap.replace(parent, name, new.to(device))
 
-    visit(model)
+    try:
+        visit(model, "")
+        hf = _hf_module()
+        if hf is not None:
+            hf.install_attention(model, swap, state, spec.bits)
+    except Exception:
+        swap.restore()
+        raise
+    swap.on_restore(state.shared.clear)
+    swap.track_state("mesa", state)
     return swap
