@@ -72,7 +72,7 @@ def test_replay_reproduces_the_trained_weights_bit_for_bit(tmp_path):
 @pytest.mark.parametrize(
     "estimator",
     [
-        Estimator(kind="zo", blockwise=True, direction="rademacher"),
+        Estimator(kind="zo", block_zo="round_robin", direction="rademacher"),
         Estimator(kind="zo", cons=True, difference="one_sided"),
     ],
 )

@@ -1,8 +1,10 @@
 """In-place chunked perturbation (edgetrain.optim.perturb): determinism, restore accuracy,
-the chunk bound on temporaries, directions, masks, and the chunk plan."""
+the chunk bound on temporaries, directions, masks, the chunk plan, and gradient pruning's
+supports."""
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import pytest
@@ -16,6 +18,8 @@ from edgetrain.optim.perturb import (
     materialize_directions,
     pack_mask,
     plan_chunks,
+    prune_,
+    pruned_count,
     unpack_mask,
 )
 
@@ -176,3 +180,38 @@ def test_non_contiguous_parameter_is_refused_with_advice():
     p = torch.randn(4, 6).t()
     with pytest.raises(ValueError, match="contiguous"):
         add_direction_([p], 0, 1.0)
+
+
+def test_prune_zeroes_round_r_n_of_each_segment_from_its_seed_alone():
+    """Gradient pruning (ZO-Bench): each tensor's piece of a chunk loses round(r n) entries;
+    the support depends on (seed, chunk) only, so it regenerates identically."""
+    perturber = Perturber("gaussian", 1000)
+    plan = plan_chunks([10, 2500, 5, 6], [0, 1, 2, 3], 1000)
+    ratios = {0: 0.5, 1: 0.75, 2: 0.3, 3: 0.9}
+
+    def zeros_of(support_seed: int) -> list[torch.Tensor]:
+        out = []
+        for chunk in plan:
+            z = torch.ones(chunk.numel)
+            prune_(z, chunk, [ratios[s.index] for s in chunk.segments], support_seed, perturber)
+            out.append(z == 0)
+        return out
+
+    first = zeros_of(7)
+    for chunk, zero in zip(plan, first, strict=True):
+        for seg in chunk.segments:
+            n = seg.end - seg.start
+            count = int(zero[seg.offset : seg.offset + n].sum())
+            assert count == math.floor(ratios[seg.index] * n + 0.5), (seg, count)
+    assert all(torch.equal(a, b) for a, b in zip(first, zeros_of(7), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, zeros_of(8), strict=True))
+    assert pruned_count(0.0, 5) == 0 and pruned_count(0.5, 5) == 3 and pruned_count(0.99, 1) == 1
+
+
+def test_materialized_pruned_directions_need_the_support_seed():
+    with pytest.raises(ValueError, match="support_seed"):
+        materialize_directions([(4,)], 0, grad_sparsity=[0.5])
+    (z,) = materialize_directions([(1000,)], 0, grad_sparsity=[0.25], support_seed=3)
+    (dense,) = materialize_directions([(1000,)], 0)
+    kept = z != 0
+    assert int((~kept).sum()) == 250 and torch.equal(z[kept], dense[kept])

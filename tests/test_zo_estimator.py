@@ -240,7 +240,7 @@ def test_blockwise_groups_follow_the_blocks():
         "norm.weight",
     ]
     assert sum(len(g) for g in groups) == len(list(model.parameters()))
-    est = build(model, zo_recipe(blockwise=True))
+    est = build(model, zo_recipe(block_zo="round_robin"))
     assert len(est.optimizer.param_groups) == 4
     before = {k: v.clone() for k, v in model.named_parameters()}
     est.step(image_batch())  # step 0: the embedding group only
@@ -265,3 +265,147 @@ def test_zo_lowers_the_training_loss_of_a_small_model():
     with torch.no_grad():
         end = float(default_loss(model, (x, y)))
     assert end < 0.7 * start
+
+
+# --- weight decay on matrices only (MeZO's zo_update) -----------------------------------
+
+
+@pytest.mark.parametrize("queries", [1, 2])
+@pytest.mark.parametrize("matrices_only", [True, False])
+def test_weight_decay_skips_biases_as_mezo(queries, matrices_only):
+    """A flat loss (projected gradient exactly 0), lr 0.1, weight_decay 0.1: MeZO's update
+    theta - lr (g z + wd theta) decays the matrices by exactly (1 - lr wd) and leaves the
+    biases (``"bias" in name`` there, 1-D tensors here) as they were. Rademacher z, eps a
+    power of two and weights on its grid make the perturb/restore round trip exact."""
+    torch.manual_seed(0)
+    model = models.build("mlp", in_features=16, hidden=(12,), num_classes=3, input_shape=(16,))
+    eps, lr, wd = 2.0**-10, 0.1, 0.1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.round(p / eps) * eps)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recipe = Recipe(
+        estimator=Estimator(kind="zo", eps=eps, queries=queries, direction="rademacher"),
+        optimizer=Optimizer(kind="sgd", lr=lr, weight_decay=wd, decay_matrices_only=matrices_only),
+    )
+    est = build(model, recipe, lambda m, batch: torch.tensor(1.0))
+    est.step(None)
+    assert est.last_record.grads == [0.0] * queries
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and matrices_only:
+            assert torch.equal(p, before[name]), name
+        else:
+            torch.testing.assert_close(p.detach(), before[name] * (1 - lr * wd), rtol=4e-7, atol=0)
+
+
+# --- block-wise ZO granularity, every block, sign rule, gradient pruning -------------------
+
+
+def test_block_granularities_follow_the_structure():
+    torch.manual_seed(0)
+    model = models.build("vit", depth=2)
+    named = list(model.named_parameters())
+
+    def firsts(granularity):
+        return [group[0][0] for group in block_groups(model, named, granularity)]
+
+    block0 = ["blocks.0.norm1.weight", "blocks.0.attn.qkv.weight", "blocks.0.norm2.weight"]
+    assert firsts("sublayer") == [
+        "cls_token",
+        *block0,
+        "blocks.0.mlp.fc1.weight",
+        *[n.replace("blocks.0", "blocks.1") for n in block0],
+        "blocks.1.mlp.fc1.weight",
+        "norm.weight",
+    ]
+    linear = firsts("linear")
+    assert linear[:3] == ["cls_token", "patch_embed.weight", "blocks.0.norm1.weight"]
+    assert "blocks.0.attn.proj.weight" in linear and "blocks.0.mlp.fc2.weight" in linear
+    assert linear[-2:] == ["norm.weight", "head.weight"]
+    modules_with_params = [
+        m for m in model.modules() if any(True for _ in m.parameters(recurse=False))
+    ]
+    assert len(linear) == len(modules_with_params)
+    for granularity in ("block", "sublayer", "linear"):
+        groups = block_groups(model, named, granularity)
+        assert [n for g in groups for n, _ in g] == [n for n, _ in named]  # a partition, in order
+
+
+class Wrapped(nn.Module):
+    """A block that wraps one module (as EncoderBlock wraps an HF layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4))
+
+
+def test_sublayers_descend_through_a_single_wrapper():
+    model = nn.Module()
+    model.blocks = nn.ModuleList([Wrapped()])
+    groups = block_groups(model, list(model.named_parameters()), "sublayer")
+    assert [g[0][0] for g in groups] == [
+        "blocks.0.layer.0.weight",
+        "blocks.0.layer.1.weight",
+        "blocks.0.layer.2.weight",
+    ]
+
+
+@pytest.mark.parametrize("granularity, blocks", [("block", 4), ("sublayer", 10)])
+def test_every_block_estimates_each_block_with_two_forwards(granularity, blocks):
+    torch.manual_seed(0)
+    model = models.build("vit", depth=2)
+    est = build(model, zo_recipe(block_zo="every_block", block_granularity=granularity))
+    assert len(est.optimizer.blocks) == blocks
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    stats = est.step(image_batch())
+    assert stats.forward_passes == 2 * blocks and len(est.last_record.grads) == blocks
+    assert all(not torch.equal(v, before[k]) for k, v in model.named_parameters())
+
+
+def test_sign_rule_and_grad_sparsity_reach_the_optimizer():
+    recipe = Recipe(
+        estimator=Estimator(kind="zo", grad_sparsity=0.5, grad_sparsity_resample=4),
+        optimizer=Optimizer(kind="sign", lr=1e-3, sign_rule="projected"),
+    )
+    torch.manual_seed(0)
+    est = build(models.build("mlp"), recipe)
+    opt = est.optimizer
+    assert opt.sign_rule == "projected" and opt.grad_sparsity_resample == 4
+    assert {g["grad_sparsity"] for g in opt.param_groups} == {0.5}
+
+
+@pytest.mark.parametrize(
+    "estimator, optimizer",
+    [
+        (
+            dict(block_zo="every_block", block_granularity="sublayer", grad_sparsity=0.5),
+            dict(kind="sign", sign_rule="projected"),
+        ),
+        (
+            dict(grad_sparsity=0.8, grad_sparsity_group="global", grad_sparsity_resample=2),
+            dict(kind="sgd", weight_decay=1e-2),
+        ),
+    ],
+)
+def test_journal_replay_is_bit_exact_for_the_zo_bench_options(tmp_path, estimator, optimizer):
+    from edgetrain.journal import replay
+
+    recipe = Recipe(
+        estimator=Estimator(kind="zo", **estimator), optimizer=Optimizer(lr=1e-3, **optimizer)
+    )
+    torch.manual_seed(0)
+    model = models.build("vit", depth=2)
+    base = copy.deepcopy(model)
+    est = build(model, recipe, seed=4)
+    est.attach_journal(tmp_path)
+    for step in range(4):
+        est.step(image_batch(seed=step))
+    est.close()
+    phases = len(est.optimizer.blocks) if recipe.estimator.block_zo == "every_block" else 1
+    assert len(est.last_record.grads) == phases  # one projected gradient per block
+    assert any(
+        not torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters(), strict=True)
+    )
+    replay(base, tmp_path / "zo_journal.jsonl")
+    for (name, a), b in zip(model.named_parameters(), base.parameters(), strict=True):
+        assert torch.equal(a, b), name

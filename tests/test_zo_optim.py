@@ -1,6 +1,8 @@
 """ZOSGD (edgetrain.optim.zo): unbiasedness of the SPSA estimate, every update rule and
 family member on a small problem, Sparse MeZO's exact perturbed set, block-wise and
-ZO-Cons behaviour, records and replay, state_dict resume, NaN handling."""
+ZO-Cons behaviour, records and replay, state_dict resume, NaN handling; ZO-Bench's sign
+rule, block-wise ZO (every block each step) and gradient pruning against hand-computed
+steps."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from edgetrain.optim.perturb import Perturber, materialize_directions
-from edgetrain.optim.zo import ZOSGD, NonFiniteLoss, query_seeds
+from edgetrain.optim.zo import ZOSGD, NonFiniteLoss, query_seeds, support_seed
 
 # --- unbiasedness on a quadratic ---------------------------------------------------------
 
@@ -140,7 +142,7 @@ def test_blockwise_lowers_the_loss_and_updates_one_group_per_step():
     X, y, w0 = _least_squares()
     w1 = torch.nn.Parameter(w0[:6].clone())
     w2 = torch.nn.Parameter(w0[6:].clone())
-    opt = ZOSGD([{"params": [w1]}, {"params": [w2]}], lr=0.01, blockwise=True)
+    opt = ZOSGD([{"params": [w1]}, {"params": [w2]}], lr=0.01, block_zo="round_robin")
 
     def loss() -> torch.Tensor:
         return ((X @ torch.cat([w1, w2]) - y) ** 2).mean()
@@ -367,3 +369,280 @@ def test_fused_update_equals_restore_then_update():
 def test_invalid_arguments_name_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ZOSGD([torch.nn.Parameter(torch.ones(2))], **{"lr": 0.1, **kwargs})
+
+
+# --- sign rules (ZO-SignSGD elementwise; ZO-Bench's projected) -----------------------
+
+
+@pytest.mark.parametrize("queries", [1, 2])
+@pytest.mark.parametrize("sign_rule", ["elementwise", "projected"])
+def test_sign_rules_match_a_hand_computed_step(sign_rule, queries):
+    """elementwise: theta - lr sign((1/q) sum_i g_i z_i) (Liu et al. 2019); projected:
+    theta - lr (1/q) sum_i sign(g_i) z_i (ZO-Bench trainer.py zo_step, zo_sign_opt)."""
+    X, y, w0 = _least_squares()
+    w = torch.nn.Parameter(w0.clone())
+    lr = 0.01
+    opt = ZOSGD([w], lr=lr, rule="sign", sign_rule=sign_rule, queries=queries, seed=2)
+    opt.step(lambda: ((X @ w - y) ** 2).mean())
+    record = opt.last_record
+    zs = [materialize_directions([w0.shape], s, [0])[0] for s in query_seeds(record.seed, queries)]
+    g_hat = sum(g * z for g, z in zip(record.grads, zs, strict=True)) / queries
+    projected = sum(math.copysign(1.0, g) * z for g, z in zip(record.grads, zs, strict=True))
+    expected = {
+        "elementwise": w0 - lr * torch.sign(g_hat),
+        "projected": w0 - lr * projected / queries,
+    }
+    torch.testing.assert_close(w.detach(), expected[sign_rule], rtol=0, atol=1e-6)
+    other = "projected" if sign_rule == "elementwise" else "elementwise"
+    assert (w.detach() - expected[other]).abs().max() > 1e-3  # the two rules differ here
+
+
+# --- block-wise ZO: every block each step (ZO-Bench) ----------------------------------
+
+
+def _two_blocks(seed: int = 0, dtype: torch.dtype = torch.float64):
+    """Least squares y ~ X w with w split in two blocks of two tensors each (float64 by
+    default, so the hand-written loop below rounds like the optimizer to ~1e-16)."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(32, 10, generator=gen, dtype=dtype)
+    y = X @ torch.randn(10, generator=gen, dtype=dtype)
+    shapes = [(3,), (2,), (4,), (1,)]
+    w0 = [0.3 * torch.randn(*s, generator=gen, dtype=dtype) for s in shapes]
+    return X, y, w0
+
+
+def test_every_block_equals_a_loop_of_per_block_spsa_steps():
+    X, y, w0 = _two_blocks()
+    ws = [torch.nn.Parameter(w.clone()) for w in w0]
+    eps, lr = 1e-3, 0.05
+    opt = ZOSGD(
+        [{"params": ws[:2], "block": 0}, {"params": ws[2:], "block": 1}],
+        lr=lr,
+        eps=eps,
+        block_zo="every_block",
+        seed=3,
+    )
+
+    def loss_of(params):
+        return ((X @ torch.cat(list(params)) - y) ** 2).mean()
+
+    opt.step(lambda: loss_of(ws))
+    record = opt.last_record
+    assert record.evaluations == 4 and len(record.grads) == 2 and record.group is None
+
+    # By hand: for each block in turn, SPSA on that block alone at the current weights,
+    # then update that block at once (ZO-Bench's coordinate_perturbation=True).
+    (seed,) = query_seeds(record.seed, 1)
+    theta = [w.clone() for w in w0]
+    grads = []
+    for block in ([0, 1], [2, 3]):
+        zs = materialize_directions([w0[k].shape for k in block], seed, block)
+        plus, minus = list(theta), list(theta)
+        for k, z in zip(block, zs, strict=True):
+            plus[k] = theta[k] + eps * z.double()
+            minus[k] = theta[k] - eps * z.double()
+        g = float(loss_of(plus) - loss_of(minus)) / (2 * eps)
+        grads.append(g)
+        for k, z in zip(block, zs, strict=True):
+            theta[k] = theta[k] - lr * g * z.double()
+    torch.testing.assert_close(torch.tensor(record.grads), torch.tensor(grads), rtol=1e-9, atol=0)
+    for w, expected in zip(ws, theta, strict=True):
+        torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-12)
+
+    # The second block saw the first one's update: estimating both at the step's start
+    # (ZO-Bench's coordinate_perturbation=False) gives another projected gradient.
+    zs = materialize_directions([w0[k].shape for k in (2, 3)], seed, [2, 3])
+    plus = w0[:2] + [w0[k] + eps * z.double() for k, z in zip((2, 3), zs, strict=True)]
+    minus = w0[:2] + [w0[k] - eps * z.double() for k, z in zip((2, 3), zs, strict=True)]
+    at_start = float(loss_of(plus) - loss_of(minus)) / (2 * eps)
+    assert abs(at_start - grads[1]) > 1e-4 * abs(grads[1])
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_every_block_replays_bit_for_bit_and_lowers_the_loss(rule):
+    X, y, w0 = _two_blocks(seed=1, dtype=torch.float32)  # Adam's state buffers are float32
+
+    def run():
+        ws = [torch.nn.Parameter(w.clone()) for w in w0]
+        opt = ZOSGD(
+            [{"params": ws[:2], "block": 0}, {"params": ws[2:], "block": 1}],
+            lr=0.02,
+            rule=rule,
+            block_zo="every_block",
+            queries=2,
+        )
+        return ws, opt
+
+    ws, opt = run()
+
+    def loss() -> torch.Tensor:
+        return ((X @ torch.cat(list(ws)) - y) ** 2).mean()
+
+    with torch.no_grad():
+        start = float(loss())
+    records = []
+    for _ in range(200):
+        opt.step(loss)
+        records.append(copy.deepcopy(opt.last_record))
+    with torch.no_grad():
+        assert float(loss()) < 0.5 * start
+    assert all(len(r.grads) == 4 for r in records)  # q = 2 per block
+    replayed, replayer = run()
+    for record in records:
+        replayer.apply_record(record)
+    for w, v in zip(ws, replayed, strict=True):
+        assert torch.equal(w, v)
+
+
+def test_round_robin_blocks_span_param_groups_sharing_a_block_key():
+    w1, b1, w2 = (torch.nn.Parameter(torch.randn(4)) for _ in range(3))
+    groups = [
+        {"params": [w1], "block": 0},
+        {"params": [b1], "block": 0, "weight_decay": 0.0},
+        {"params": [w2], "block": 1},
+    ]
+    opt = ZOSGD(groups, lr=0.01, block_zo="round_robin", weight_decay=0.1)
+    assert opt.blocks == [[0, 1], [2]]
+    before = [p.detach().clone() for p in (w1, b1, w2)]
+    opt.step(lambda: w1.sum() + b1.sum() + w2.sum())  # block 0: w1 and b1 together
+    changed = [not torch.equal(p, q) for p, q in zip((w1, b1, w2), before, strict=True)]
+    assert changed == [True, True, False] and opt.last_record.group == 0
+
+
+def test_every_block_refuses_cons():
+    with pytest.raises(ValueError, match="every_block"):
+        ZOSGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, cons=True, block_zo="every_block")
+
+
+# --- gradient pruning: sparse z on a resampled random support (ZO-Bench) --------------
+
+PRUNE_SHAPES = ((300, 200), (7,), (64,), (50, 3))
+
+
+def _pruned_params(seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(0.1 * torch.randn(*s, generator=gen)) for s in PRUNE_SHAPES]
+
+
+def _perturbations(opt: ZOSGD, params, steps: int) -> list[list[torch.Tensor]]:
+    """z of each step (the first perturbation, theta + eps z, minus theta), per tensor."""
+    seen: list[list[torch.Tensor]] = []
+    for _ in range(steps):
+        start = [p.detach().clone() for p in params]
+        calls = []
+
+        def closure(start=start, calls=calls):
+            if not calls:
+                seen.append(
+                    [(p.detach() - s) / opt.eps for p, s in zip(params, start, strict=True)]
+                )
+            calls.append(1)
+            return sum(p.sum() for p in params) * 0.0
+
+        opt.step(closure)
+    return seen
+
+
+def test_grad_sparsity_zeroes_the_fraction_of_each_tensor():
+    params = _pruned_params()
+    chunk, ratio = 4096, 0.75
+    opt = ZOSGD(params, lr=1e-2, grad_sparsity=ratio, chunk_elements=chunk)
+    (z,) = _perturbations(opt, params, 1)
+    for p, zp in zip(params, z, strict=True):
+        n = p.numel()
+        pieces = [chunk] * (n // chunk) + [n % chunk] if n > chunk else [n]
+        expected = sum(math.floor(ratio * m + 0.5) for m in pieces if m)  # round(r m) each
+        assert int((zp == 0).sum()) == expected, p.shape
+        assert abs(expected - ratio * n) <= len(pieces)
+    assert all((zp != 0).any() for zp in z)
+
+
+def test_grad_sparsity_support_is_constant_between_resamples():
+    params = _pruned_params()
+    opt = ZOSGD(params, lr=1e-2, grad_sparsity=0.5, grad_sparsity_resample=3)
+    steps = _perturbations(opt, params, 7)
+    supports = [[zp != 0 for zp in z] for z in steps]
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    assert same(supports[0], supports[1]) and same(supports[1], supports[2])
+    assert same(supports[3], supports[4]) and same(supports[4], supports[5])
+    assert not same(supports[0], supports[3]) and not same(supports[3], supports[6])
+    assert not torch.equal(steps[0][0], steps[1][0])  # z itself is new every step
+
+
+def test_grad_sparsity_matches_the_materialized_pruned_direction_and_restores_exactly():
+    """Rademacher z, eps a power of two and weights on its grid: theta +- eps z is exact,
+    so the restore must be bit-exact, and the pruned entries are never written."""
+    gen = torch.Generator().manual_seed(5)
+    eps = 2.0**-10
+    params = [
+        torch.nn.Parameter(torch.round(torch.randn(*s, generator=gen) * 64) * eps)
+        for s in PRUNE_SHAPES
+    ]
+    before = [p.detach().clone() for p in params]
+    opt = ZOSGD(params, lr=1e-2, eps=eps, direction="rademacher", grad_sparsity=0.6, seed=9)
+    record = opt.estimate(lambda: sum(p.sum() for p in params))
+    (seed,) = query_seeds(record.seed, 1)
+    zs = materialize_directions(
+        PRUNE_SHAPES,
+        seed,
+        direction="rademacher",
+        grad_sparsity=[0.6] * len(PRUNE_SHAPES),
+        support_seed=support_seed(9, 0, 1),
+    )
+    for p, p0, z in zip(params, before, zs, strict=True):  # at theta - eps z now
+        assert torch.equal(p.detach(), p0 - eps * z)
+    opt.discard()
+    assert all(torch.equal(p, p0) for p, p0 in zip(params, before, strict=True))
+
+
+@pytest.mark.parametrize("group", ["layer", "global"])
+def test_grad_sparsity_replays_bit_for_bit(group):
+    def run():
+        params = _pruned_params(seed=2)
+        opt = ZOSGD(
+            params,
+            lr=1e-3,
+            grad_sparsity=0.7,
+            grad_sparsity_resample=2,
+            grad_sparsity_group=group,
+            queries=2,
+            rule="momentum",
+            chunk_elements=2048,
+        )
+        return params, opt
+
+    params, opt = run()
+    target = [torch.ones_like(p) for p in params]
+    records = []
+    for _ in range(5):
+        opt.step(lambda: sum(((p - t) ** 2).sum() for p, t in zip(params, target, strict=True)))
+        records.append(copy.deepcopy(opt.last_record))
+    replayed, replayer = run()
+    for record in records:
+        replayer.apply_record(record)
+    assert all(torch.equal(p, q) for p, q in zip(params, replayed, strict=True))
+
+
+def test_global_grad_sparsity_derives_per_tensor_ratios_from_one_magnitude_threshold():
+    """ZO-Bench pruning_utils.py: t = quantile(|theta| over the model, s); each tensor's
+    ratio is mean(|theta_p| <= t): a tensor of small weights is pruned more."""
+    gen = torch.Generator().manual_seed(0)
+    params = [
+        torch.nn.Parameter(0.01 * torch.randn(40, 30, generator=gen)),  # small weights
+        torch.nn.Parameter(torch.randn(50, 20, generator=gen)),  # large weights
+        torch.nn.Parameter(torch.randn(16, generator=gen)),
+    ]
+    s = 0.5
+    opt = ZOSGD(params, lr=1e-2, grad_sparsity=s, grad_sparsity_group="global")
+    everything = torch.cat([p.detach().abs().flatten() for p in params])
+    t = torch.quantile(everything, s)
+    expected = [int((p.detach().abs() <= t).sum()) / p.numel() for p in params]
+    ratios = [opt.state[p]["grad_sparsity"] for p in params]
+    assert ratios == pytest.approx(expected, abs=1e-12)
+    assert ratios[0] > 0.9 and ratios[1] < 0.5  # the small tensor is pruned more
+    (z,) = _perturbations(opt, params, 1)
+    for p, zp, r in zip(params, z, ratios, strict=True):
+        assert int((zp == 0).sum()) == math.floor(r * p.numel() + 0.5)

@@ -1,11 +1,17 @@
 """Zeroth-order estimator: MeZO (Malladi et al. 2023, Algorithm 1) and its family.
 
 ``ZO(model, recipe)`` builds an ``edgetrain.optim.zo.ZOSGD`` from the recipe's estimator
-axis (eps, queries, difference, direction, blockwise, cons, sparsity, mask_on,
-chunk_elements) and optimizer axis (``sgd``/``sign``/``momentum``/``adam`` become the
-update rule; lr, weight_decay, momentum, betas, adam_eps). Each step evaluates
-``loss_fn(model, batch)`` under ``torch.no_grad()`` two or more times; no backward pass
-and no gradient tensor exist.
+axis (eps, queries, difference, direction, block_zo, block_granularity, cons, sparsity,
+mask_on, grad_sparsity, grad_sparsity_resample, grad_sparsity_group, chunk_elements) and
+optimizer axis (``sgd``/``sign``/``momentum``/``adam`` become the update rule; lr,
+weight_decay, decay_matrices_only, sign_rule, momentum, betas, adam_eps). Each step
+evaluates ``loss_fn(model, batch)`` under ``torch.no_grad()`` two or more times; no
+backward pass and no gradient tensor exist.
+
+Weight decay: with ``optimizer.decay_matrices_only`` (the default) biases and norm weights
+(tensors of one dimension, selected by structure) get a param group of their own with
+weight_decay 0, as MeZO's ``zo_update`` leaves biases and layer norms undecayed
+(princeton-nlp/MeZO large_models/trainer.py, by name there).
 
 Evaluation mode (said, not silent): by default the evaluations run with the model in
 ``eval()`` (no dropout, BatchNorm normalises with its running statistics, which therefore
@@ -16,10 +22,24 @@ running statistics never drift between (or because of) the evaluations, and the 
 RNG is forked and seeded from the step seed around each evaluation, so that dropout draws
 the same mask for theta + eps z and theta - eps z (the user's RNG stream is left as it was).
 
-Blocks for ``blockwise``: contiguous runs of the trainable parameters (in
-``model.named_parameters()`` order) that fall in the same ``model.blocks[i]`` form one
-group; parameters outside the blocks (embeddings before, norm and head after) form their
-own groups. One group is perturbed and updated per step, in turn.
+Blocks for ``block_zo`` (``round_robin``: one block per step, in turn; ``every_block``:
+ZO-Bench's block-wise ZO, every block each step), by ``block_granularity``, always as
+contiguous runs of the trainable parameters in ``model.named_parameters()`` order and
+found by structure (ZO-Bench matches OPT module names with regular expressions,
+zo-bench/utils.py ``OPT_PERTURBATION_LEVEL_TO_REGEX``):
+
+* ``block``: the parameters in one ``model.blocks[i]``; parameters outside the blocks
+  (embeddings before, norm and head after) form blocks of their own, one per run
+  (ZO-Bench's ``transformer-block``).
+* ``sublayer``: inside a block, each child module that holds parameters (a ViT block's
+  norm1, attn, norm2, mlp; ZO-Bench's ``mlp-attn``: self_attn, fc1, fc2 and the two layer
+  norms of an OPT layer), after descending through single wrappers (a block whose only
+  parameter-holding child is one module, such as an HF encoder layer inside an
+  EncoderBlock, is split at that module's children); parameters held by the block itself
+  form one more. Outside the blocks as for ``block``.
+* ``linear``: every module that holds parameters itself (each Linear, norm, embedding;
+  ZO-Bench's ``linear``); a module's own parameters (a ViT's cls_token and pos_embed)
+  form one block.
 
 Data parallelism: ``reduce_scalars`` (None by default) is the extension point that
 edgetrain.distributed sets: each step's loss values go through it (ZOSGD.estimate) before
@@ -44,11 +64,18 @@ from edgetrain.estimators import register
 from edgetrain.estimators._modes import evaluation_mode, forked_rng
 from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
 from edgetrain.journal import JournalWriter, read_journal
+from edgetrain.optim import decay_param_groups
 from edgetrain.optim.zo import ZOSGD, NonFiniteLoss, ReduceScalars, ZORecord
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import derive_seed
 
-__all__ = ["ZO", "RULE_OF_OPTIMIZER", "JOURNAL_NAME", "block_groups"]
+__all__ = [
+    "ZO",
+    "RULE_OF_OPTIMIZER",
+    "JOURNAL_NAME",
+    "GRANULARITIES",
+    "block_groups",
+]
 
 JOURNAL_NAME = "zo_journal.jsonl"
 """File name of the journal when ``attach_journal`` is given a directory."""
@@ -59,22 +86,58 @@ RULE_OF_OPTIMIZER = {"sgd": "sgd", "sign": "sign", "momentum": "momentum", "adam
 _DROPOUT_STREAM = 1 << 40  # seed path for the forked global RNG of train-mode evaluations
 
 
+GRANULARITIES = ("block", "sublayer", "linear")
+
+
+def _holds_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _sublayers(block: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+    """The module a block is split at and its parameter-holding children: descend while a
+    module holds no parameter itself and has exactly one child that holds some."""
+    module = block
+    while True:
+        children = [c for c in module.children() if _holds_parameters(c)]
+        own = any(True for _ in module.parameters(recurse=False))
+        if own or len(children) != 1:
+            return module, children
+        module = children[0]
+
+
 def block_groups(
-    model: nn.Module, named: list[tuple[str, nn.Parameter]]
+    model: nn.Module, named: list[tuple[str, nn.Parameter]], granularity: str = "block"
 ) -> list[list[tuple[str, nn.Parameter]]]:
-    """Split trainable ``named`` parameters into contiguous runs by block (see module doc)."""
-    try:
-        blocks = scope_mod.find_blocks(model)
-    except ValueError:
-        return [named]
-    block_of: dict[int, int] = {}
-    for index, block in enumerate(blocks):
-        for p in block.parameters():
-            block_of.setdefault(id(p), index)
+    """Split trainable ``named`` parameters into contiguous runs by block at
+    ``granularity`` (``block``, ``sublayer`` or ``linear``; see the module doc)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(
+            f"Invalid block_granularity: {granularity!r}; expected one of {GRANULARITIES}"
+        )
+    key_of: dict[int, object] = {}
+    if granularity == "linear":
+        for index, module in enumerate(model.modules()):
+            for p in module.parameters(recurse=False):
+                key_of.setdefault(id(p), ("module", index))
+    else:
+        try:
+            blocks = scope_mod.find_blocks(model)
+        except ValueError:
+            blocks = nn.ModuleList()
+        for index, block in enumerate(blocks):
+            if granularity == "sublayer":
+                owner, children = _sublayers(block)
+                for p in owner.parameters(recurse=False):
+                    key_of.setdefault(id(p), ("block", index, "own"))
+                for j, child in enumerate(children):
+                    for p in child.parameters():
+                        key_of.setdefault(id(p), ("block", index, j))
+            for p in block.parameters():  # anything else inside the block
+                key_of.setdefault(id(p), ("block", index))
     groups: list[list[tuple[str, nn.Parameter]]] = []
     current_key: object = object()
     for name, p in named:
-        key = block_of.get(id(p), "outside")
+        key = key_of.get(id(p), "outside")
         if key != current_key:
             groups.append([])
             current_key = key
@@ -109,10 +172,15 @@ class ZO(Estimator):
                 f"Numerics {recipe.numerics.kind!r} is not handled by the float ZO estimator"
             )
         named = self.selection.named
-        if est.block_zo == "round_robin":
-            groups = [{"params": [p for _, p in run]} for run in block_groups(model, named)]
+        if est.block_zo == "none":
+            runs = [named]
         else:
-            groups = [{"params": [p for _, p in named]}]
+            runs = block_groups(model, named, est.block_granularity)
+        groups = []
+        for index, run in enumerate(runs):
+            split = decay_param_groups([p for _, p in run], opt)
+            for group in split if split and isinstance(split[0], dict) else [{"params": split}]:
+                groups.append({**group, "block": index})
         self.optimizer = ZOSGD(
             groups,
             lr=opt.lr,
@@ -121,14 +189,18 @@ class ZO(Estimator):
             difference=est.difference,
             direction=est.direction,
             rule=RULE_OF_OPTIMIZER[opt.kind],
+            sign_rule=opt.sign_rule,
             momentum=opt.momentum,
             betas=opt.betas,
             adam_eps=opt.adam_eps,
             weight_decay=opt.weight_decay,
-            blockwise=est.block_zo == "round_robin",
+            block_zo=est.block_zo,
             cons=est.cons,
             sparsity=est.sparsity,
             mask_on=est.mask_on,
+            grad_sparsity=est.grad_sparsity,
+            grad_sparsity_resample=est.grad_sparsity_resample,
+            grad_sparsity_group=est.grad_sparsity_group,
             chunk_elements=est.chunk_elements,
             seed=self.seed,
         )
@@ -177,7 +249,7 @@ class ZO(Estimator):
         """What a journal of this run starts with (JSON-able)."""
         return {
             "estimator": self.kind,
-            "recipe": self.recipe.to_dict(),
+            "recipe": self.recipe.identity(),  # no run length: a run can be extended
             "seed": self.seed,
             "param_names": self.selection.names,
             "optimizer": self._description,
@@ -263,8 +335,7 @@ class ZO(Estimator):
                 f"{journal_path}: the model's trainable parameters differ from the journal's"
             )
         named = dict(estimator.selection.named)
-        for name, threshold in header["optimizer"].get("thresholds", {}).items():
-            estimator.optimizer.state[named[name]]["threshold"] = float(threshold)
+        estimator.optimizer.restore_description_state(named, header["optimizer"])
         estimator._description = header["optimizer"]
         with torch.no_grad():
             for record in journal.records:
@@ -289,3 +360,4 @@ class ZO(Estimator):
         if self._journal is not None:
             self._journal.close()
             self._journal = None
+        super().close()

@@ -5,6 +5,12 @@ to one.
 estimators: ``sgd``, ``momentum``, ``adam``, ``adamw`` are torch's own; ``sign``,
 ``galore`` and ``lowrank`` are edgetrain's (registered by their modules).
 Zeroth-order optimizers (``ZOSGD``) take a closure and live in ``edgetrain.optim.zo``.
+
+Weight decay of the torch builders: with ``spec.decay_matrices_only`` (the default) and a
+nonzero ``weight_decay``, biases and norm weights (1-D tensors, chosen by ``p.dim()``) go
+in a second param group with weight_decay 0, as MeZO's update (princeton-nlp/MeZO
+large_models/trainer.py ``zo_update``) and the HuggingFace Trainer's AdamW groups leave
+them undecayed. Param groups passed in as dicts are used as given.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 from edgetrain._registry import Registry
 from edgetrain.recipe import Optimizer as OptimizerSpec
 
-__all__ = ["build", "register"]
+__all__ = ["build", "register", "decay_param_groups"]
 
 _BUILDERS: Registry = Registry("optimizer kind")
 
@@ -31,29 +37,57 @@ def register(kind: str):
     return deco
 
 
+def decay_param_groups(params: list, spec: OptimizerSpec) -> list:
+    """``params`` split for weight decay (see the module doc): [matrices, 1-D tensors with
+    weight_decay 0] when ``spec`` decays matrices only, else unchanged."""
+    if not (spec.weight_decay and spec.decay_matrices_only):
+        return params
+    if any(isinstance(p, dict) for p in params):
+        return params
+    matrices = [p for p in params if p.dim() >= 2]
+    vectors = [p for p in params if p.dim() < 2]
+    groups = [{"params": matrices}] if matrices else []
+    if vectors:
+        groups.append({"params": vectors, "weight_decay": 0.0})
+    return groups
+
+
 @register("sgd")
 def _sgd(params, spec: OptimizerSpec) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(
+        decay_param_groups(params, spec), lr=spec.lr, weight_decay=spec.weight_decay
+    )
 
 
 @register("momentum")
 def _momentum(params, spec: OptimizerSpec) -> torch.optim.Optimizer:
     return torch.optim.SGD(
-        params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+        decay_param_groups(params, spec),
+        lr=spec.lr,
+        momentum=spec.momentum,
+        weight_decay=spec.weight_decay,
     )
 
 
 @register("adam")
 def _adam(params, spec: OptimizerSpec) -> torch.optim.Optimizer:
     return torch.optim.Adam(
-        params, lr=spec.lr, betas=spec.betas, eps=spec.adam_eps, weight_decay=spec.weight_decay
+        decay_param_groups(params, spec),
+        lr=spec.lr,
+        betas=spec.betas,
+        eps=spec.adam_eps,
+        weight_decay=spec.weight_decay,
     )
 
 
 @register("adamw")
 def _adamw(params, spec: OptimizerSpec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
-        params, lr=spec.lr, betas=spec.betas, eps=spec.adam_eps, weight_decay=spec.weight_decay
+        decay_param_groups(params, spec),
+        lr=spec.lr,
+        betas=spec.betas,
+        eps=spec.adam_eps,
+        weight_decay=spec.weight_decay,
     )
 
 

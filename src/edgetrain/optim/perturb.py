@@ -21,6 +21,12 @@ step's seed. This module is that regeneration, made memory-bounded and fast:
   ``1.0`` (``(bit << 31) | 0x3F800000``), about 7x cheaper than ``randn`` on CPU.
 * Sparse MeZO masks (Liu et al. 2024) are applied per chunk: ``pack_mask`` / ``unpack_mask``
   keep a step's mask at one bit per element while the step runs.
+* Gradient pruning (ZO-Bench, Zhang et al. 2024, its "sparsity-induced ZO gradient
+  estimation"; zo-bench/trainer.py ``zo_perturb_parameters``): ``prune_`` zeroes a random
+  support of z, exactly ``round(r * n)`` of the ``n`` entries of each tensor's piece of a
+  chunk, drawn by ``randperm`` from a generator of its own seeded with
+  ``derive_seed(support_seed, key, number)``. The support is a pure function of its seed,
+  so it is regenerated with z every time and never stored.
 
 ``add_direction_(params, seed, alpha, ...)`` is the functional core: ``p += alpha * z``;
 ``ZOSGD`` (edgetrain.optim.zo) drives the same plan and generator.
@@ -48,6 +54,8 @@ __all__ = [
     "pack_mask",
     "unpack_mask",
     "flat_view",
+    "pruned_count",
+    "prune_",
 ]
 
 DIRECTIONS = ("gaussian", "rademacher")
@@ -149,6 +157,7 @@ class Perturber:
             chunk_elements -= chunk_elements % 32
         self.chunk_elements = chunk_elements
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._support_generators: dict[torch.device, torch.Generator] = {}
         self._buffers: dict[tuple[torch.device, str, int], torch.Tensor] = {}
         self._shifts: dict[torch.device, torch.Tensor] = {}
 
@@ -158,6 +167,14 @@ class Perturber:
         if gen is None:
             gen = torch.Generator(device=device)
             self._generators[device] = gen
+        return gen
+
+    def support_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of gradient-pruning supports (separate from z's)."""
+        gen = self._support_generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            self._support_generators[device] = gen
         return gen
 
     def _buffer(self, device: torch.device, kind: str, slot: int, numel: int, dtype):
@@ -235,6 +252,35 @@ class Perturber:
 
 
 _LOW_WORD = 0 if sys.byteorder == "little" else 1
+
+
+def pruned_count(ratio: float, n: int) -> int:
+    """How many of ``n`` entries gradient pruning zeroes at ``ratio``: round(ratio * n),
+    halves rounded up."""
+    return min(n, int(math.floor(ratio * n + 0.5)))
+
+
+def prune_(
+    z: torch.Tensor,
+    chunk: Chunk,
+    ratios: Sequence[float],
+    support_seed: int,
+    perturber: Perturber,
+) -> None:
+    """In place: zero ``pruned_count(ratios[k], len)`` random entries of each segment ``k``
+    of ``chunk`` in ``z`` (its chunk of the direction), the support drawn from
+    ``derive_seed(support_seed, chunk.key, chunk.number)``. Same seed, same support."""
+    device = z.device
+    gen = perturber.support_generator(device)
+    gen.manual_seed(derive_seed(support_seed, chunk.key, chunk.number))
+    for seg, ratio in zip(chunk.segments, ratios, strict=True):
+        n = seg.end - seg.start
+        k = pruned_count(ratio, n)
+        if k == 0:
+            continue
+        order = perturber.scratch(device, "support", n, torch.int64)
+        torch.randperm(n, generator=gen, out=order)  # (n,) a random order of the entries
+        z[seg.offset : seg.offset + n].index_fill_(0, order[:k], 0.0)
 
 
 def pack_mask(mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -325,15 +371,23 @@ def materialize_directions(
     direction: str = "gaussian",
     chunk_elements: int = 1 << 16,
     device: torch.device | str = "cpu",
+    grad_sparsity: Sequence[float] | None = None,
+    support_seed: int | None = None,
 ) -> list[torch.Tensor]:
     """The whole z of each tensor, as new tensors (for tests and analysis only: this is
-    exactly what the optimizer never does). Same plan and seeds as ``add_direction_``."""
+    exactly what the optimizer never does). Same plan and seeds as ``add_direction_``.
+    ``grad_sparsity`` (one ratio per tensor) and ``support_seed``: z pruned by ``prune_``."""
     perturber = Perturber(direction, chunk_elements)
     numels = [math.prod(s) for s in shapes]
     ids = list(range(len(shapes))) if param_ids is None else list(param_ids)
+    if grad_sparsity is not None and support_seed is None:
+        raise ValueError("grad_sparsity needs the support_seed of the step")
     outs = [torch.zeros(n, dtype=torch.float32, device=device) for n in numels]
     for chunk in plan_chunks(numels, ids, perturber.chunk_elements):
         z = perturber.direction(seed, chunk.key, chunk.number, chunk.numel, device)
+        if grad_sparsity is not None:
+            ratios = [grad_sparsity[seg.index] for seg in chunk.segments]
+            prune_(z, chunk, ratios, support_seed, perturber)
         for seg in chunk.segments:
             outs[seg.index][seg.start : seg.end] = z[seg.offset : seg.offset + seg.end - seg.start]
     return [o.view(tuple(s)) for o, s in zip(outs, shapes, strict=True)]

@@ -17,14 +17,40 @@ regenerations of z per step instead of four). The family, each selectable:
 * ``difference``: ``two_sided`` as above; ``one_sided`` ``g = (L(theta + eps z) - L(theta)) / eps``
   (one extra evaluation at theta per step, shared by the queries).
 * ``direction``: ``gaussian`` z ~ N(0, I) (MeZO); ``rademacher`` z in {-1, +1}^d.
-* ``rule``: ``sgd`` (MeZO); ``sign`` (ZO-SignSGD, Liu et al. 2019: theta -= lr sign(g_hat));
-  ``momentum`` (heavy ball on g_hat); ``adam`` (ZO-Adam, Chen et al. 2019 / MeZO-Adam);
-  momentum and Adam keep model-size state.
+* ``rule``: ``sgd`` (MeZO); ``sign`` (ZO-SignSGD); ``momentum`` (heavy ball on g_hat);
+  ``adam`` (ZO-Adam, Chen et al. 2019 / MeZO-Adam); momentum and Adam keep model-size state.
+  ``sign_rule`` says which sign: ``elementwise`` theta -= lr sign(g_hat) (Liu et al. 2019,
+  "signSGD via Zeroth-Order Oracle": the sign of every coordinate of the estimate) or
+  ``projected`` theta -= lr (1/q) sum_i sign(g_i) z_i, what ZO-Bench's code runs for
+  ``zo_sign_opt`` (zo-bench/trainer.py, ``zo_step``: ``np.sign(self.projected_grad) * z``
+  handed to the optimizer as the gradient): the sign of the scalar, times the whole z.
 * ``cons``: ZO-SGD-Cons (Zhang et al. 2024, "Revisiting Zeroth-Order Optimization for
   Memory-Efficient LLM Fine-Tuning: A Benchmark"): after computing the step s = -lr d,
   evaluate L(theta + s) and L(theta - s) and keep the best of theta, theta + s, theta - s.
-* ``blockwise``: perturb and update one param group per step, in turn (block coordinate
-  ZO; MeZO-BCD, Park et al. 2025).
+* ``block_zo``: a block is the set of param groups that share a ``block`` key (a group
+  without one is a block of its own). ``round_robin``: perturb and update one block per
+  step, in turn (block coordinate ZO; MeZO-BCD, Park et al. 2025). ``every_block``:
+  ZO-Bench's block-wise ZO (zo-bench/trainer.py
+  ``zo_step_with_module_wise_perturbation_coordinate``, its default
+  ``coordinate_perturbation=True``): each step visits every block in order; the block is
+  perturbed alone, evaluated on the step's batch (two forwards, two-sided), restored and
+  updated from its own projected gradient at once, so the next block is estimated at the
+  weights the previous blocks' updates left. The record holds q projected gradients per
+  block, block by block.
+* ``grad_sparsity`` (per group): ZO-Bench's gradient pruning (``--gradient_sparsity``): z is
+  zeroed on a random support, ``round(r n)`` of each tensor's n entries in each chunk, the
+  same support for the perturbation, the update and every query of the step
+  (``edgetrain.optim.perturb.prune_``). The support is drawn from ``derive_seed(seed,
+  SUPPORT_STREAM, step // grad_sparsity_resample)``, as ZO-Bench reseeds it every
+  ``--sparse_gradient_resample_steps``: constant between resamples, regenerated with z,
+  never stored. ``grad_sparsity_group="global"`` (``--sparse_gradient_group global``): the
+  ratio is a global target; at construction a threshold t is set at that quantile of
+  |theta| over the tensors this optimizer trains, and each tensor's ratio is the fraction
+  of its own |theta| <= t (ZO-Bench gradient_pruning/pruning_utils.py,
+  ``compute_named_parameters_to_sparsity``), kept as ``state[p]["grad_sparsity"]``.
+  Where we differ: ZO-Bench's mask (``fast_random_mask_like``) zeroes the entries where a
+  *normal* draw falls below the ratio, a fraction Phi(r) of them (one half at ratio 0),
+  not r; we zero the fraction r that its name and docstring promise.
 * ``sparsity``: Sparse MeZO (Liu et al. 2024, "Sparse MeZO: Less Parameters for Better
   Performance in Zeroth-Order LLM Fine-Tuning", Algorithm 1): a per-tensor threshold h is
   set once, at construction, as the percentile of the weights for the target sparsity; at
@@ -42,6 +68,17 @@ regenerations of z per step instead of four). The family, each selectable:
   computed from theta at the step's first pass and kept, packed at one bit per element
   (1/32 of the float32 weights it covers), until the step ends; it is never kept across
   steps, and only the thresholds persist.
+
+Weight decay is per param group, torch style: ``edgetrain.estimators.zo`` puts biases and
+norm weights (1-D tensors) in groups of their own with weight_decay 0, as MeZO's
+``zo_update`` decays only what is not a bias or a layer norm (large_models/trainer.py).
+
+Run-wide counters (the step, the last record) are attributes, saved by ``state_dict()``
+under the top-level key ``"zo_run"``; ``self.state`` holds per-parameter state only, so
+``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` can name every key.
+That API keeps only ``state`` and ``param_groups``, so a DCP round trip does not carry
+``zo_run``; ``load_state_dict`` without it leaves the counters as they are (the ZO
+estimator saves its own step count).
 
 Structure: ``estimate(closure) -> ZORecord`` runs every loss evaluation and returns a
 small record (seed, projected gradient(s), lrs, block, cons choice); ``apply_record``
@@ -73,6 +110,7 @@ from edgetrain.optim.perturb import (
     flat_view,
     pack_mask,
     plan_chunks,
+    prune_,
     unpack_mask,
 )
 from edgetrain.seeding import derive_seed
@@ -82,28 +120,53 @@ __all__ = [
     "ZORecord",
     "NonFiniteLoss",
     "RULES",
+    "SIGN_RULES",
+    "BLOCK_ZO",
+    "GRAD_SPARSITY_GROUPS",
     "DIFFERENCES",
     "MASK_ON",
+    "SUPPORT_STREAM",
     "query_seeds",
+    "support_seed",
     "ReduceScalars",
 ]
 
 RULES = ("sgd", "sign", "momentum", "adam")
+SIGN_RULES = ("elementwise", "projected")
+BLOCK_ZO = ("none", "round_robin", "every_block")
+GRAD_SPARSITY_GROUPS = ("layer", "global")
 DIFFERENCES = ("two_sided", "one_sided")
 MASK_ON = ("abs", "signed")
+SUPPORT_STREAM = 1 << 41
+"""Seed path of the gradient-pruning supports (see ``support_seed``)."""
 _GLOBAL_KEYS = (
     "eps",
     "queries",
     "difference",
     "direction",
     "rule",
-    "blockwise",
+    "sign_rule",
+    "block_zo",
     "cons",
+    "grad_sparsity_resample",
+    "grad_sparsity_group",
     "chunk_elements",
     "seed",
 )
-_GROUP_KEYS = ("lr", "weight_decay", "momentum", "betas", "adam_eps", "sparsity", "mask_on")
+_GROUP_KEYS = (
+    "lr",
+    "weight_decay",
+    "momentum",
+    "betas",
+    "adam_eps",
+    "sparsity",
+    "mask_on",
+    "grad_sparsity",
+    "block",
+)
+_RUN_KEY = "zo_run"  # state_dict() key of the run-wide counters
 _ESTIMATED = "estimated"  # program marker: every evaluation of the step has run
+_GLOBAL_SAMPLE = 1 << 20  # most |theta| values drawn for the global pruning threshold
 
 ReduceScalars = Callable[[list[float]], list[float]]
 """This process's loss values -> the values every data-parallel process uses (see
@@ -111,7 +174,11 @@ ReduceScalars = Callable[[list[float]], list[float]]
 
 
 class NonFiniteLoss(FloatingPointError):
-    """A loss evaluation returned NaN or inf; the perturbation was undone, no update."""
+    """A loss evaluation returned NaN or inf; the perturbation was undone, no update.
+
+    With ``block_zo="every_block"`` the blocks before the failing one were already updated
+    (a block updates as soon as it is estimated) and that partial step is in no record:
+    resume from the last checkpoint or journal."""
 
     def __init__(self, step: int, value: float, where: str) -> None:
         super().__init__(f"ZO loss evaluation {where!r} of step {step} returned {value}")
@@ -127,15 +194,16 @@ class ZORecord:
     step: int
     seed: int
     grads: list[float] = field(default_factory=list)
-    """Projected gradient of each query."""
+    """Projected gradient of each query; ``every_block``: q per block, block by block."""
     lrs: list[float] = field(default_factory=list)
     """Learning rate of each param group at this step."""
     group: int | None = None
-    """Block-wise: the param group perturbed and updated."""
+    """``round_robin``: the index of the block perturbed and updated."""
     cons: int | None = None
     """ZO-Cons: 1 kept theta - lr d (the step), 0 kept theta, -1 kept theta + lr d."""
     loss: float = math.nan
-    """Loss at theta (one-sided/cons) or the mean of the two-sided pair (information)."""
+    """Loss at theta (one-sided/cons) or the mean of the two-sided pair (information);
+    ``every_block``: that of the first block, estimated around the step's start."""
     evaluations: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,19 +221,43 @@ def _apply_mask_(values: torch.Tensor, mask: torch.Tensor) -> None:
     values.masked_fill_(mask.logical_not(), 0.0)
 
 
+def _sign(value: float) -> float:
+    """sign(value) as numpy's: -1, 0 or 1."""
+    return float((value > 0) - (value < 0))
+
+
 def query_seeds(seed: int, queries: int) -> list[int]:
     """The direction seed of each query of a step whose seed is ``seed``."""
     return [derive_seed(seed, i) for i in range(queries)]
 
 
+def support_seed(seed: int, step: int, resample: int) -> int:
+    """Gradient pruning: the seed of the support of step ``step`` of a run seeded ``seed``
+    that resamples every ``resample`` steps (ZO-Bench: a new support when step % resample
+    is 0)."""
+    return derive_seed(seed, SUPPORT_STREAM, step // resample)
+
+
 @dataclass
 class _Context:
     record: ZORecord
-    active: list[int]
-    """Indices of the param groups this step perturbs and updates."""
+    phases: list[list[int]]
+    """The param groups of each block this step estimates, in order (one phase unless
+    ``every_block``); a phase is perturbed, evaluated and updated as one."""
     seeds: list[int]
     masks: dict[int, list[torch.Tensor]]
     """Sparse MeZO: group index -> one packed mask per chunk of the group's plan."""
+    support: int | None = None
+    """Gradient pruning: the seed of this step's support (None: no group prunes)."""
+
+    @property
+    def active(self) -> list[int]:
+        """Every param group this step perturbs and updates."""
+        return [gi for phase in self.phases for gi in phase]
+
+
+Point = tuple[str, int | None, int]
+"""An evaluation point of a step's program: (where, query, phase)."""
 
 
 class ZOSGD(torch.optim.Optimizer):
@@ -173,8 +265,9 @@ class ZOSGD(torch.optim.Optimizer):
     more times under ``torch.no_grad()`` and updates in place. No gradient is read.
 
     Per-group hyperparameters (``defaults``): lr, weight_decay, momentum, betas, adam_eps,
-    sparsity, mask_on. Run-wide settings: eps, queries, difference, direction, rule,
-    blockwise, cons, chunk_elements, seed (the base of the per-step seeds).
+    sparsity, mask_on, grad_sparsity, block. Run-wide settings: eps, queries, difference,
+    direction, rule, sign_rule, block_zo, cons, grad_sparsity_resample,
+    grad_sparsity_group, chunk_elements, seed (the base of the per-step seeds).
     """
 
     def __init__(
@@ -187,14 +280,18 @@ class ZOSGD(torch.optim.Optimizer):
         difference: str = "two_sided",
         direction: str = "gaussian",
         rule: str = "sgd",
+        sign_rule: str = "elementwise",
         momentum: float = 0.9,
         betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         weight_decay: float = 0.0,
-        blockwise: bool = False,
+        block_zo: str = "none",
         cons: bool = False,
         sparsity: float = 0.0,
         mask_on: str = "abs",
+        grad_sparsity: float = 0.0,
+        grad_sparsity_resample: int = 1,
+        grad_sparsity_group: str = "layer",
         chunk_elements: int = 1 << 16,
         seed: int = 0,
     ) -> None:
@@ -210,6 +307,19 @@ class ZOSGD(torch.optim.Optimizer):
             raise ValueError(f"Invalid direction: {direction!r}; expected one of {DIRECTIONS}")
         if rule not in RULES:
             raise ValueError(f"Invalid rule: {rule!r}; expected one of {RULES}")
+        if sign_rule not in SIGN_RULES:
+            raise ValueError(f"Invalid sign_rule: {sign_rule!r}; expected one of {SIGN_RULES}")
+        if block_zo not in BLOCK_ZO:
+            raise ValueError(f"Invalid block_zo: {block_zo!r}; expected one of {BLOCK_ZO}")
+        if grad_sparsity_group not in GRAD_SPARSITY_GROUPS:
+            raise ValueError(
+                f"Invalid grad_sparsity_group: {grad_sparsity_group!r}; expected one of "
+                f"{GRAD_SPARSITY_GROUPS}"
+            )
+        if not isinstance(grad_sparsity_resample, int) or grad_sparsity_resample < 1:
+            raise ValueError(
+                f"Invalid grad_sparsity_resample: {grad_sparsity_resample} (an integer >= 1)"
+            )
         if cons and rule not in ("sgd", "sign"):
             raise ValueError(
                 f"ZO-Cons compares theta +- one step, which needs a stateless rule; got "
@@ -217,6 +327,12 @@ class ZOSGD(torch.optim.Optimizer):
             )
         if cons and weight_decay:
             raise ValueError("ZO-Cons with weight_decay is not supported; set weight_decay=0")
+        if cons and block_zo == "every_block":
+            raise ValueError(
+                "ZO-Cons with block_zo='every_block' is not supported (ZO-Bench runs its "
+                "block-wise ZO with ZO-SGD, ZO-Sign and ZO-Adam only); use block_zo "
+                "'none' or 'round_robin' with cons=True"
+            )
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -225,6 +341,8 @@ class ZOSGD(torch.optim.Optimizer):
             adam_eps=adam_eps,
             sparsity=sparsity,
             mask_on=mask_on,
+            grad_sparsity=grad_sparsity,
+            block=None,
         )
         super().__init__(params, defaults)
         self.eps = float(eps)
@@ -232,8 +350,11 @@ class ZOSGD(torch.optim.Optimizer):
         self.difference = difference
         self.direction = direction
         self.rule = rule
-        self.blockwise = bool(blockwise)
+        self.sign_rule = sign_rule
+        self.block_zo = block_zo
         self.cons = bool(cons)
+        self.grad_sparsity_resample = int(grad_sparsity_resample)
+        self.grad_sparsity_group = grad_sparsity_group
         self.chunk_elements = int(chunk_elements)
         self.seed = int(seed)
         self.perturber = Perturber(direction, chunk_elements)
@@ -251,10 +372,12 @@ class ZOSGD(torch.optim.Optimizer):
             )
             for group in self.param_groups
         ]
-        self.state["zo"] = {"step": 0, "last": None}
-        self._pending: tuple[_Context, Iterator[tuple[str, int | None]]] | None = None
+        self._blocks = self._find_blocks()
+        self._step_count = 0
+        self._pending: tuple[_Context, Iterator[Point]] | None = None
         self.last_record: ZORecord | None = None
         self._set_thresholds()
+        self._set_global_grad_sparsity()
 
     # -- configuration ------------------------------------------------------------------
     @staticmethod
@@ -267,15 +390,35 @@ class ZOSGD(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay: {group['weight_decay']}")
         if not 0 <= group["momentum"] < 1:
             raise ValueError(f"Invalid momentum: {group['momentum']} (must be in [0, 1))")
+        if not 0 <= group["grad_sparsity"] < 1:
+            raise ValueError(
+                f"Invalid grad_sparsity: {group['grad_sparsity']} (the fraction of z zeroed, "
+                "in [0, 1))"
+            )
+
+    def _find_blocks(self) -> list[list[int]]:
+        """Param-group indices of each block, in order of first appearance: groups with the
+        same ``block`` key form one block; a group with ``block=None`` is its own."""
+        order: dict[object, list[int]] = {}
+        for gi, group in enumerate(self.param_groups):
+            key = ("group", gi) if group["block"] is None else ("block", group["block"])
+            order.setdefault(key, []).append(gi)
+        return list(order.values())
+
+    @property
+    def blocks(self) -> list[list[int]]:
+        """The param-group indices of each block (see ``block_zo``)."""
+        return [list(b) for b in self._blocks]
 
     def config(self) -> dict[str, Any]:
         """Run-wide settings (JSON-able): what a replay must rebuild identically."""
         return {key: getattr(self, key) for key in _GLOBAL_KEYS}
 
     def describe(self, names: dict[int, str]) -> dict[str, Any]:
-        """Config, groups (parameter names + hyperparameters) and sparsity thresholds, keyed
-        by parameter name (``names`` maps ``id(param)`` to its name): a journal header."""
-        groups, thresholds = [], {}
+        """Config, groups (parameter names + hyperparameters), Sparse MeZO thresholds and
+        global gradient-pruning ratios, keyed by parameter name (``names`` maps
+        ``id(param)`` to its name): a journal header."""
+        groups, thresholds, ratios = [], {}, {}
         for group in self.param_groups:
             entry = {key: group[key] for key in _GROUP_KEYS}
             entry["betas"] = list(entry["betas"])
@@ -284,7 +427,14 @@ class ZOSGD(torch.optim.Optimizer):
             for p in group["params"]:
                 if "threshold" in self.state[p]:
                     thresholds[names[id(p)]] = self.state[p]["threshold"]
-        return {"config": self.config(), "groups": groups, "thresholds": thresholds}
+                if "grad_sparsity" in self.state[p]:
+                    ratios[names[id(p)]] = self.state[p]["grad_sparsity"]
+        return {
+            "config": self.config(),
+            "groups": groups,
+            "thresholds": thresholds,
+            "grad_sparsity": ratios,
+        }
 
     @classmethod
     def from_description(
@@ -301,9 +451,18 @@ class ZOSGD(torch.optim.Optimizer):
             group["params"] = [named_params[n] for n in entry["params"]]
             groups.append(group)
         opt = cls(groups, **description["config"])
-        for name, threshold in description.get("thresholds", {}).items():
-            opt.state[named_params[name]]["threshold"] = float(threshold)
+        opt.restore_description_state(named_params, description)
         return opt
+
+    def restore_description_state(
+        self, named_params: dict[str, torch.Tensor], description: dict[str, Any]
+    ) -> None:
+        """Set the per-parameter constants of a ``describe()`` (Sparse MeZO thresholds,
+        global gradient-pruning ratios), which were computed from the base weights."""
+        for name, threshold in description.get("thresholds", {}).items():
+            self.state[named_params[name]]["threshold"] = float(threshold)
+        for name, ratio in description.get("grad_sparsity", {}).items():
+            self.state[named_params[name]]["grad_sparsity"] = float(ratio)
 
     def _set_thresholds(self) -> None:
         """Sparse MeZO: h = the ceil((1 - sparsity) n)-th smallest statistic of each tensor,
@@ -318,22 +477,80 @@ class ZOSGD(torch.optim.Optimizer):
                     k = max(1, math.ceil((1.0 - group["sparsity"]) * flat.numel()))
                     self.state[p]["threshold"] = float(values.float().kthvalue(k).values)
 
+    def _set_global_grad_sparsity(self) -> None:
+        """Gradient pruning, ``global``: per-tensor ratios from one magnitude threshold.
+
+        ZO-Bench (pruning_utils.py, ``estimate_pretrained_model_magnitude_pruning_threshold``)
+        takes the ``grad_sparsity`` quantile of |theta| over the model, on a random subsample
+        of at most 1e7 values; we take it over the tensors of the groups with
+        ``grad_sparsity > 0``, exactly when they hold at most ``_GLOBAL_SAMPLE`` elements,
+        else on that many values drawn (with replacement, a dedicated generator seeded from
+        ``seed``) in proportion to each tensor's size. Each tensor's ratio is then the
+        fraction of its |theta| <= t. Groups must agree on the global target."""
+        if self.grad_sparsity_group != "global":
+            return
+        groups = [g for g in self.param_groups if g["grad_sparsity"] > 0]
+        if not groups:
+            return
+        targets = {g["grad_sparsity"] for g in groups}
+        if len(targets) > 1:
+            raise ValueError(
+                f"grad_sparsity_group='global' needs one global target; the groups ask for "
+                f"{sorted(targets)}"
+            )
+        (target,) = targets
+        params = [p for g in groups for p in g["params"]]
+        total = sum(p.numel() for p in params)
+        with torch.no_grad():
+            if total <= _GLOBAL_SAMPLE:
+                sample = torch.cat([flat_view(p).abs().float().cpu() for p in params])
+            else:
+                gen = torch.Generator().manual_seed(derive_seed(self.seed, SUPPORT_STREAM, -1))
+                pieces = []
+                for p in params:
+                    m = max(1, round(_GLOBAL_SAMPLE * p.numel() / total))
+                    index = torch.randint(p.numel(), (m,), generator=gen).to(p.device)
+                    pieces.append(flat_view(p)[index].abs().float().cpu())
+                sample = torch.cat(pieces)
+            threshold = float(torch.quantile(sample, target))
+            for p in params:
+                flat, below = flat_view(p), 0
+                for start in range(0, flat.numel(), self.perturber.chunk_elements):
+                    piece = flat[start : start + self.perturber.chunk_elements]
+                    below += int(piece.abs().le(threshold).sum())
+                self.state[p]["grad_sparsity"] = below / flat.numel()
+
+    def _ratio(self, gi: int, index: int) -> float:
+        """Gradient pruning ratio of parameter ``index`` of group ``gi``."""
+        group = self.param_groups[gi]
+        return self.state[group["params"][index]].get("grad_sparsity", group["grad_sparsity"])
+
     # -- the public step ---------------------------------------------------------------
     @property
     def step_count(self) -> int:
-        return int(self.state["zo"]["step"])
+        """Steps applied so far (the index of the next record)."""
+        return self._step_count
 
     def step(  # type: ignore[override]
         self,
-        closure: Callable[[], Any],
+        closure: Callable[[], Any] | None = None,
         seed: int | None = None,
         *,
         reduce_scalars: ReduceScalars | None = None,
-    ) -> float:
+    ) -> float | None:
         """One ZO step: ``estimate(closure, seed, reduce_scalars=...)`` then
         ``apply_record``. Returns the loss of the record (at theta, or the mean of the
-        two-sided pair)."""
+        two-sided pair).
+
+        Without a closure there is nothing to evaluate, and that is an error, with one
+        exception: when every group's lr is 0 (what
+        ``torch.distributed.checkpoint.state_dict`` does to initialise an optimizer's
+        state), the lazily created state (momentum / Adam moments) is created, zero, and
+        nothing else happens."""
         if closure is None:
+            if all(group["lr"] == 0 for group in self.param_groups):
+                self._create_state()
+                return None
             raise ValueError("ZOSGD.step needs a closure returning the loss (as LBFGS does)")
         record = self.estimate(closure, seed, reduce_scalars=reduce_scalars)
         self.apply_record(record)
@@ -352,13 +569,14 @@ class ZOSGD(torch.optim.Optimizer):
         ``reduce_scalars`` (data-parallel training, edgetrain.distributed) maps this
         process's loss values to the values every process uses, e.g. an all-reduce mean
         over ranks that each evaluated their shard of the batch. It is called once after
-        the last query's evaluations, with every loss value of the step so far in
-        evaluation order (``base`` if any, then ``plus``/``minus`` of each query: 2q values
-        for two-sided SPSA, q + 1 for one-sided), and once more with ZO-Cons's two
-        candidate losses; it must return as many floats. Projected gradients, the record's
-        loss, the ZO-Cons choice and the finiteness checks all use the returned values, so
-        every process makes the same decisions and the same update. Without it each value
-        is used (and checked) as soon as it is evaluated.
+        the last query's evaluations of each block (one block unless ``every_block``),
+        with every loss value of that block so far in evaluation order (``base`` if any,
+        then ``plus``/``minus`` of each query: 2q values for two-sided SPSA, q + 1 for
+        one-sided), and once more with ZO-Cons's two candidate losses; it must return as
+        many floats. Projected gradients, the record's loss, the ZO-Cons choice and the
+        finiteness checks all use the returned values, so every process makes the same
+        decisions and the same update. Without it each value is used (and checked) as soon
+        as it is evaluated.
         """
         if self._pending is not None:
             raise RuntimeError("estimate() called twice: apply_record() or discard() the first")
@@ -368,7 +586,7 @@ class ZOSGD(torch.optim.Optimizer):
             step=step,
             seed=seed,
             lrs=[float(g["lr"]) for g in self.param_groups],
-            group=step % len(self.param_groups) if self.blockwise else None,
+            group=step % len(self._blocks) if self.block_zo == "round_robin" else None,
         )
         ctx = self._context(record)
         program = self._program(ctx)
@@ -376,7 +594,7 @@ class ZOSGD(torch.optim.Optimizer):
         two_sided = self.difference == "two_sided"
         last_query = ("minus" if two_sided else "plus", self.queries - 1)
         pending: list[tuple[str, int | None, float]] = []
-        for where, query in program:
+        for where, query, phase in program:
             if where == _ESTIMATED:
                 break
             value = self._evaluate(closure)
@@ -400,16 +618,16 @@ class ZOSGD(torch.optim.Optimizer):
                         point_value = math.inf  # a non-finite candidate is never kept
                     else:
                         program.close()
-                        self._undo(ctx, where, query)  # from where the weights are now
+                        self._undo(ctx, where, query, phase)  # from where the weights are now
                         raise NonFiniteLoss(step, point_value, point)
                 losses[point] = point_value
                 if point == "minus":
                     record.grads.append((losses["plus"] - point_value) / (2 * self.eps))
-                    if point_query == 0:
+                    if point_query == 0 and phase == 0:
                         record.loss = 0.5 * (losses["plus"] + point_value)
                 elif point == "plus" and not two_sided:
                     record.grads.append((point_value - losses["base"]) / self.eps)
-                elif point == "base":
+                elif point == "base" and phase == 0:
                     record.loss = point_value
                 elif point == "cons_minus":
                     candidates = [(losses["cons_plus"], 1), (losses["base"], 0), (point_value, -1)]
@@ -432,35 +650,37 @@ class ZOSGD(torch.optim.Optimizer):
             program = self._program(ctx)
         for _ in program:
             pass  # on replay the evaluation points are skipped: values come from the record
-        self.state["zo"]["step"] = record.step + 1
-        self.state["zo"]["last"] = record.to_dict()
+        self._step_count = record.step + 1
         self.last_record = record
 
     def discard(self) -> None:
-        """Undo a pending ``estimate`` without updating (weights back within a few ulp)."""
+        """Undo a pending ``estimate`` without updating (weights back within a few ulp).
+        ``every_block``: only the last block is undone; the others were already updated."""
         if self._pending is None:
             return
         ctx, program = self._pending
         self._pending = None
         program.close()
+        last = ctx.phases[-1]
         if self.cons:
-            self._update(ctx, restore=0.0, step_coef=1.0)  # from theta - s back to theta
+            self._update(ctx, last, len(ctx.phases) - 1, restore=0.0, step_coef=1.0)
         else:
             restore = self.eps if self.difference == "two_sided" else -self.eps
-            self._move(ctx, ctx.seeds[-1], restore)
+            self._move(ctx, last, ctx.seeds[-1], restore)
 
     # -- internals -------------------------------------------------------------------
     def _validate(self, record: ZORecord) -> None:
-        if len(record.grads) != self.queries:
+        phases = len(self._blocks) if self.block_zo == "every_block" else 1
+        if len(record.grads) != self.queries * phases:
             raise ValueError(
                 f"Record of step {record.step} has {len(record.grads)} projected gradients; "
-                f"this optimizer runs {self.queries} queries"
+                f"this optimizer runs {self.queries} queries on each of {phases} block(s)"
             )
         if len(record.lrs) != len(self.param_groups):
             raise ValueError(f"Record of step {record.step} has lrs for {len(record.lrs)} groups")
         if self.cons and record.cons not in (-1, 0, 1):
             raise ValueError(f"Record of step {record.step} lacks the ZO-Cons choice")
-        if self.blockwise and record.group is None:
+        if self.block_zo == "round_robin" and record.group is None:
             raise ValueError(f"Record of step {record.step} lacks the block index")
 
     @staticmethod
@@ -470,49 +690,59 @@ class ZOSGD(torch.optim.Optimizer):
         return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
     def _context(self, record: ZORecord) -> _Context:
-        if record.group is None:
-            active = list(range(len(self.param_groups)))
+        if self.block_zo == "every_block":
+            phases = [list(b) for b in self._blocks]
+        elif record.group is not None:
+            phases = [list(self._blocks[record.group])]
         else:
-            active = [record.group]
+            phases = [list(range(len(self.param_groups)))]
         seeds = query_seeds(record.seed, self.queries)
-        return _Context(record, active, seeds, {})
+        ctx = _Context(record, phases, seeds, {})
+        if any(self.param_groups[gi]["grad_sparsity"] > 0 for gi in ctx.active):
+            ctx.support = support_seed(self.seed, record.step, self.grad_sparsity_resample)
+        return ctx
 
-    def _program(self, ctx: _Context) -> Iterator[tuple[str, int | None]]:
+    def _program(self, ctx: _Context) -> Iterator[Point]:
         """The parameter arithmetic of one step. Yields at each evaluation point (the
-        driver evaluates there, or skips on replay) and once at ``_ESTIMATED``."""
+        driver evaluates there, or skips on replay) and once at ``_ESTIMATED``, before the
+        last block's update."""
         ctx.masks = self._masks(ctx)  # Sparse MeZO: from theta at the step's start
         eps, two_sided = self.eps, self.difference == "two_sided"
-        if not two_sided or self.cons:
-            yield "base", None
-        last = len(ctx.seeds) - 1
-        for i, seed in enumerate(ctx.seeds):
-            self._move(ctx, seed, eps)
-            yield "plus", i
-            if two_sided:
-                self._move(ctx, seed, -2 * eps)
-                yield "minus", i
-            if i < last:
-                self._move(ctx, seed, eps if two_sided else -eps)
-        restore = eps if two_sided else -eps
-        if not self.cons:
-            yield _ESTIMATED, None
-            self._update(ctx, restore=restore, step_coef=1.0)
-            return
-        self._update(ctx, restore=restore, step_coef=1.0)  # theta + s, s = -lr d
-        yield "cons_plus", None
-        self._update(ctx, restore=0.0, step_coef=-2.0)  # theta - s
-        yield "cons_minus", None
-        yield _ESTIMATED, None
-        if ctx.record.cons == 0:
-            self._update(ctx, restore=0.0, step_coef=1.0)  # theta
-        elif ctx.record.cons == 1:
-            self._update(ctx, restore=0.0, step_coef=2.0)  # theta + s
+        q, last_phase = len(ctx.seeds), len(ctx.phases) - 1
+        for phase, groups in enumerate(ctx.phases):
+            if not two_sided or self.cons:
+                yield "base", None, phase
+            for i, seed in enumerate(ctx.seeds):
+                self._move(ctx, groups, seed, eps)
+                yield "plus", i, phase
+                if two_sided:
+                    self._move(ctx, groups, seed, -2 * eps)
+                    yield "minus", i, phase
+                if i < q - 1:
+                    self._move(ctx, groups, seed, eps if two_sided else -eps)
+            restore = eps if two_sided else -eps
+            if not self.cons:
+                if phase == last_phase:
+                    yield _ESTIMATED, None, phase
+                self._update(ctx, groups, phase, restore=restore, step_coef=1.0)
+                continue
+            # ZO-Cons (one phase): theta + s, s = -lr d, then theta - s, then the best.
+            self._update(ctx, groups, phase, restore=restore, step_coef=1.0)
+            yield "cons_plus", None, phase
+            self._update(ctx, groups, phase, restore=0.0, step_coef=-2.0)
+            yield "cons_minus", None, phase
+            yield _ESTIMATED, None, phase
+            if ctx.record.cons == 0:
+                self._update(ctx, groups, phase, restore=0.0, step_coef=1.0)  # theta
+            elif ctx.record.cons == 1:
+                self._update(ctx, groups, phase, restore=0.0, step_coef=2.0)  # theta + s
 
-    def _undo(self, ctx: _Context, where: str, query: int | None) -> None:
+    def _undo(self, ctx: _Context, where: str, query: int | None, phase: int) -> None:
+        groups = ctx.phases[phase]
         if where == "plus":
-            self._move(ctx, ctx.seeds[query], -self.eps)
+            self._move(ctx, groups, ctx.seeds[query], -self.eps)
         elif where == "minus":
-            self._move(ctx, ctx.seeds[query], self.eps)
+            self._move(ctx, groups, ctx.seeds[query], self.eps)
 
     def _segments(self, gi: int, chunk: Chunk) -> list[torch.Tensor]:
         params = self.param_groups[gi]["params"]
@@ -522,11 +752,17 @@ class ZOSGD(torch.optim.Optimizer):
     def _pieces(buffer: torch.Tensor, chunk: Chunk) -> list[torch.Tensor]:
         return [buffer[seg.offset : seg.offset + seg.end - seg.start] for seg in chunk.segments]
 
-    def _direction(self, seed: int, chunk: Chunk, gi: int, slot: int = 0) -> torch.Tensor:
+    def _direction(
+        self, ctx: _Context, seed: int, chunk: Chunk, gi: int, slot: int = 0
+    ) -> torch.Tensor:
+        """Chunk ``chunk`` of group ``gi``'s z for ``seed``, pruned to the step's support
+        if the group prunes (ZO-Bench gradient pruning)."""
         device = self.param_groups[gi]["params"][chunk.segments[0].index].device
-        return self.perturber.direction(
-            seed, chunk.key, chunk.number, chunk.numel, device, slot=slot
-        )
+        z = self.perturber.direction(seed, chunk.key, chunk.number, chunk.numel, device, slot=slot)
+        if ctx.support is not None and self.param_groups[gi]["grad_sparsity"] > 0:
+            ratios = [self._ratio(gi, seg.index) for seg in chunk.segments]
+            prune_(z, chunk, ratios, ctx.support, self.perturber)
+        return z
 
     def _masks(self, ctx: _Context) -> dict[int, list[torch.Tensor]]:
         """Sparse MeZO mask of each active group with sparsity > 0, from the current
@@ -555,28 +791,35 @@ class ZOSGD(torch.optim.Optimizer):
                 masks[gi] = packed
         return masks
 
-    def _move(self, ctx: _Context, seed: int, alpha: float) -> None:
-        """theta += alpha * (m * z(seed)) over the active groups."""
+    def _move(self, ctx: _Context, groups: list[int], seed: int, alpha: float) -> None:
+        """theta += alpha * (m * z(seed)) over ``groups``."""
         with torch.no_grad():
-            for gi in ctx.active:
+            for gi in groups:
                 masks = ctx.masks.get(gi)
                 for c, chunk in enumerate(self._plans[gi]):
-                    z = self._direction(seed, chunk, gi)
+                    z = self._direction(ctx, seed, chunk, gi)
                     if masks is not None:
                         _apply_mask_(z, unpack_mask(masks[c], chunk.numel))
                     torch._foreach_add_(
                         self._segments(gi, chunk), self._pieces(z, chunk), alpha=alpha
                     )
 
-    def _update(self, ctx: _Context, *, restore: float, step_coef: float) -> None:
+    def _update(
+        self, ctx: _Context, groups: list[int], phase: int, *, restore: float, step_coef: float
+    ) -> None:
         """theta += restore * (m * z_last) (finishing the last query), then theta += step_coef
-        * s with s = -lr * rule(g_hat + weight_decay * theta), g_hat = (1/q) sum_i g_i m z_i.
-        Momentum/Adam state advances on each call (ZO-Cons, the only caller that applies
-        s more than once, is restricted to stateless rules)."""
-        grads, seeds, q = ctx.record.grads, ctx.seeds, len(ctx.seeds)
+        * s with s = -lr * rule(g_hat + weight_decay * theta), g_hat = (1/q) sum_i g_i m z_i,
+        over ``groups`` with the projected gradients of ``phase``. ``sign_rule="projected"``
+        replaces each g_i by sign(g_i) and applies no elementwise sign. Momentum/Adam state
+        advances on each call (ZO-Cons, the only caller that applies s more than once, is
+        restricted to stateless rules)."""
+        seeds, q = ctx.seeds, len(ctx.seeds)
+        grads = ctx.record.grads[phase * q : (phase + 1) * q]
         rule = self.rule
+        if rule == "sign" and self.sign_rule == "projected":
+            grads, rule = [_sign(g) for g in grads], "sgd"
         with torch.no_grad():
-            for gi in ctx.active:
+            for gi in groups:
                 group = self.param_groups[gi]
                 lr, wd = ctx.record.lrs[gi], group["weight_decay"]
                 masks = ctx.masks.get(gi)
@@ -589,7 +832,7 @@ class ZOSGD(torch.optim.Optimizer):
                     targets = self._segments(gi, chunk)
                     if fused:
                         # (theta + r z)(1 - k lr wd) - k lr g z: one pass (two with decay)
-                        z = self._direction(seeds[0], chunk, gi)
+                        z = self._direction(ctx, seeds[0], chunk, gi)
                         decay = 1.0 - step_coef * lr * wd
                         if wd:
                             torch._foreach_mul_(targets, decay)
@@ -602,7 +845,7 @@ class ZOSGD(torch.optim.Optimizer):
                     if in_place:
                         # One direction, no decay: g_hat = g z is z scaled in place, so the
                         # step needs no buffer beyond z's own.
-                        d = self._direction(seeds[0], chunk, gi)
+                        d = self._direction(ctx, seeds[0], chunk, gi)
                         if m is not None:
                             _apply_mask_(d, m)
                         if restore:
@@ -611,7 +854,7 @@ class ZOSGD(torch.optim.Optimizer):
                     else:
                         d = self.perturber.scratch(device, "ghat", chunk.numel)
                     for i in range(0 if in_place else q):
-                        z = self._direction(seeds[i], chunk, gi)
+                        z = self._direction(ctx, seeds[i], chunk, gi)
                         if m is not None:
                             _apply_mask_(z, m)
                         if i == q - 1 and restore:
@@ -656,26 +899,32 @@ class ZOSGD(torch.optim.Optimizer):
             for seg in chunk.segments
         ]
 
-    def _advance_state(self, p: torch.Tensor, state: dict, group: dict) -> tuple[float, float]:
-        if self.rule == "momentum":
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(
-                    p, memory_format=torch.contiguous_format
-                )
-            return 1.0, 1.0
-        if "exp_avg" not in state:
+    def _create_state(self) -> None:
+        """Momentum buffers / Adam moments for every parameter, as the first step makes
+        them (zero; Adam's step count 0)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._new_state(p, self.state[p])
+
+    def _new_state(self, p: torch.Tensor, state: dict) -> None:
+        if self.rule == "momentum" and "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        elif self.rule == "adam" and "exp_avg" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+
+    def _advance_state(self, p: torch.Tensor, state: dict, group: dict) -> tuple[float, float]:
+        self._new_state(p, state)
+        if self.rule == "momentum":
+            return 1.0, 1.0
         state["step"] += 1
         beta1, beta2 = group["betas"]
         return 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
 
     def state_tensors(self) -> Iterator[torch.Tensor]:
         """Model-size state (momentum, Adam moments) for the memory meter."""
-        for key, state in self.state.items():
-            if key == "zo":
-                continue
+        for state in self.state.values():
             for value in state.values():
                 if isinstance(value, torch.Tensor):
                     yield value
@@ -685,6 +934,8 @@ class ZOSGD(torch.optim.Optimizer):
             raise RuntimeError("state_dict() in the middle of a step: apply_record() first")
         out = super().state_dict()
         out["zo_config"] = self.config()
+        last = None if self.last_record is None else self.last_record.to_dict()
+        out[_RUN_KEY] = {"step": self._step_count, "last": last}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -692,7 +943,10 @@ class ZOSGD(torch.optim.Optimizer):
         if config is not None and config != self.config():
             diff = {k: (config.get(k), v) for k, v in self.config().items() if config.get(k) != v}
             raise ValueError(f"ZO state_dict was saved with other settings: {diff}")
-        state_dict = {k: v for k, v in state_dict.items() if k != "zo_config"}
+        run = state_dict.get(_RUN_KEY)
+        state_dict = {k: v for k, v in state_dict.items() if k not in ("zo_config", _RUN_KEY)}
         super().load_state_dict(state_dict)
-        last = self.state["zo"].get("last")
-        self.last_record = None if last is None else ZORecord.from_dict(last)
+        if run is not None:
+            self._step_count = int(run["step"])
+            last = run.get("last")
+            self.last_record = None if last is None else ZORecord.from_dict(last)
