@@ -5,9 +5,10 @@ a config (random weights, no download). A case is skipped only with the reason
 
 For each case:
 
-* resume: a run stopped after 2 steps and resumed from its checkpoint (into a fresh copy
-  of the model, as after a crash) ends bit-identical to an uninterrupted 4-step run, which
-  was also metered (``measure=True``), so metering changes nothing either;
+* resume and extension: a 2-step run, then the same recipe asked for 4 steps with the same
+  checkpoint directory (into a fresh copy of the model, as after a crash or in a new
+  session), ends bit-identical to an uninterrupted 4-step run; a metered run
+  (``measure=True``) ends the same too;
 * the same seed gives the same weights, another seed other weights;
 * the caller's model comes back as it came apart from the trained values: the same
   ``requires_grad`` flags, parameters, module classes and train/eval modes, no instance
@@ -120,8 +121,10 @@ def _shape(model: nn.Module) -> dict:
     }
 
 
-def _fit(model, data, recipe, **kwargs):
-    kwargs = {"steps": STEPS, "batch_size": BATCH, "progress": False, "evaluate": False, **kwargs}
+def _fit(model, data, recipe, steps=STEPS, **kwargs):
+    """``steps`` is the recipe's run length: a run asked for more steps later extends it."""
+    kwargs = {"batch_size": BATCH, "progress": False, "evaluate": False, **kwargs}
+    recipe = recipe.replace(steps=steps)
     return finetune(model, data, recipe, measure=kwargs.pop("measure", False), **kwargs)
 
 

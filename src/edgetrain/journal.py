@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgetrain.errors import ConfigError
 from edgetrain.optim.zo import ZOSGD, ZORecord
 
 __all__ = [
@@ -48,7 +49,7 @@ JOURNAL_FORMAT = "edgetrain-zo-journal"
 JOURNAL_VERSION = 1
 
 
-class JournalCorruptError(ValueError):
+class JournalCorruptError(ConfigError):
     """A journal line other than the last one fails its CRC or does not parse."""
 
 
@@ -133,10 +134,13 @@ class JournalWriter:
         header = {"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION, **header}
         if self.path.exists() and self.path.stat().st_size > 0:
             journal = read_journal(self.path)
-            if _normalise(journal.header) != _normalise(header):
-                raise ValueError(
-                    f"{self.path} is the journal of another run (its header differs); "
-                    "choose another path or resume with that run's settings"
+            saved, mine = _normalise(journal.header), _normalise(header)
+            if saved != mine:
+                differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+                raise ConfigError(
+                    f"{self.path} is the journal of another run (its header differs in "
+                    f"{', '.join(differ)}); choose another path or resume with that run's "
+                    "settings (only the number of steps may change)"
                 )
             self._file = open(self.path, "r+b")  # noqa: SIM115 - closed in close()
             self._file.truncate(journal.valid_bytes)

@@ -184,7 +184,7 @@ def _load_accuracies(path: Path | None, task: str, model: str) -> dict[str, floa
         return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
     meta = data.get("meta", {})
     if meta.get("task") != task or meta.get("model") != model:
@@ -206,7 +206,9 @@ class _DryRunCache:
         self.path = path
         try:
             self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            self.data = {}  # a cache: an unreadable one is measured again
+        if not isinstance(self.data, dict):
             self.data = {}
         self.dirty = False
 

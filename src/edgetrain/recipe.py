@@ -312,6 +312,9 @@ class Numerics:
                 raise ConfigError(f"Invalid {name}: {bits} (4..16)")
 
 
+RUN_LENGTH_FIELDS = ("steps", "description")
+"""Recipe fields that do not change the trajectory of the steps already taken."""
+
 _AXES: dict[str, type] = {
     "estimator": Estimator,
     "scope": Scope,
@@ -411,6 +414,31 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str) -> Recipe:
         return cls.from_dict(json.loads(text))
+
+    def identity(self) -> dict[str, Any]:
+        """The recipe as it decides the trajectory of the steps taken: everything except
+        the run length and the description (``RUN_LENGTH_FIELDS``). A checkpoint or a
+        journal records this, so a finished run can be extended (20 steps, then asked
+        for 30) while a real change of recipe is refused."""
+        out = self.to_dict()
+        for name in RUN_LENGTH_FIELDS:
+            out.pop(name)
+        return out
+
+    def identity_differences(self, saved: dict[str, Any]) -> list[str]:
+        """``"axis.field: saved -> this"`` for each field whose value differs from the
+        identity ``saved`` (as :meth:`identity` wrote it)."""
+        mine = json.loads(json.dumps(self.identity()))  # tuples as JSON lists, as saved
+        out = []
+        for key in sorted(set(mine) | set(saved)):
+            a, b = saved.get(key), mine.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):
+                for sub in sorted(set(a) | set(b)):
+                    if a.get(sub) != b.get(sub):
+                        out.append(f"{key}.{sub}: {a.get(sub)!r} -> {b.get(sub)!r}")
+            elif a != b:
+                out.append(f"{key}: {a!r} -> {b!r}")
+        return out
 
     def digest(self) -> str:
         """A short stable hash of the recipe (for caches)."""

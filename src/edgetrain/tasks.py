@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -28,6 +29,12 @@ from edgetrain import models as models_mod
 from edgetrain._registry import Registry
 from edgetrain.errors import ConfigError
 from edgetrain.evaluate import accuracy
+from edgetrain.files import (
+    UnreadableFileError,
+    UntrustedFileError,
+    atomic_torch_save,
+    load_tensor_file,
+)
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import make_generator
 
@@ -45,15 +52,16 @@ def cache_dir() -> Path:
     return path
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` to ``path`` via a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _load_cache(path: Path, what: str) -> dict[str, Any] | None:
+    """A cache file's contents, or None when there is none or it cannot be trusted (then
+    it is rebuilt, with a warning; it is never unpickled)."""
+    if not path.exists():
+        return None
+    try:
+        return load_tensor_file(path, what)
+    except (UnreadableFileError, UntrustedFileError) as err:
+        warnings.warn(f"{err} Rebuilding it.", RuntimeWarning, stacklevel=3)
+        return None
 
 
 @dataclass(frozen=True)
@@ -148,8 +156,8 @@ class Task:
             return copy.deepcopy(self._memo[model])
         path = cache_dir() / f"{self.name}-{model}-{self._cache_key(model)}.pt"
         net = self._build(model)
-        if path.exists():
-            state = torch.load(path, weights_only=True)
+        state = _load_cache(path, "pretrained-model cache")
+        if state is not None:
             net.load_state_dict(state["model"])
             meta = state["meta"]
         else:

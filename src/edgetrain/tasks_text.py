@@ -42,9 +42,10 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from edgetrain.files import atomic_torch_save
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import make_generator, seeded_global_rng
-from edgetrain.tasks import Task, atomic_torch_save, cache_dir, register
+from edgetrain.tasks import Task, _load_cache, cache_dir, register
 
 __all__ = ["TextTaskConfig", "PretrainedTextTask", "minilm_path", "minilm_polarity"]
 
@@ -182,8 +183,8 @@ class PretrainedTextTask(Task):
             return copy.deepcopy(self._memo[model])
         net = self._build(model)
         path = cache_dir() / f"{self.name}-{model}-{self._cache_key(model)}.pt"
-        if path.exists():
-            state = torch.load(path, weights_only=True)
+        state = _load_cache(path, "linear-probe cache")
+        if state is not None:
             net.classifier.load_state_dict(state["head"])
             meta = state["meta"]
         else:

@@ -29,6 +29,7 @@ What it guarantees:
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
@@ -45,10 +46,10 @@ from edgetrain import estimators
 from edgetrain.errors import ConfigError
 from edgetrain.estimators.base import LossFn, NonFiniteLossError
 from edgetrain.evaluate import evaluate as evaluate_model
+from edgetrain.files import UntrustedFileError, atomic_torch_save, load_tensor_file
 from edgetrain.memory.measure import MemoryReport, StepMeter
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import cuda_devices, derive_seed, make_generator, seeded_global_rng
-from edgetrain.tasks import atomic_torch_save
 
 __all__ = ["finetune", "FitResult", "TrainingDivergedError", "BatchSampler", "check_data"]
 
@@ -253,7 +254,7 @@ def finetune(
         if ckpt_path is not None:
             if main:
                 ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            start_step = _resume(ckpt_path, model, est, recipe, seed, result)
+            start_step = _resume(ckpt_path, model, est, recipe, seed, result, steps)
             start_step = _resume_journal(Path(checkpoint_dir), model, est, start_step, result, dp)
         result.resumed_from = start_step
         model.train()
@@ -416,6 +417,7 @@ def _save(path: Path, model: nn.Module, est, result: FitResult, step: int) -> No
             "format": _CHECKPOINT_FORMAT,
             "step": step,
             "recipe": result.recipe.to_json(sort_keys=True),
+            "identity": json.dumps(result.recipe.identity(), sort_keys=True),
             "seed": est.seed,
             "model": model.state_dict(),
             "estimator": est.state_dict(),
@@ -427,16 +429,47 @@ def _save(path: Path, model: nn.Module, est, result: FitResult, step: int) -> No
     )
 
 
-def _resume(path: Path, model, est, recipe: Recipe, seed: int, result: FitResult) -> int:
+def _resume(
+    path: Path, model, est, recipe: Recipe, seed: int, result: FitResult, steps: int
+) -> int:
+    """Load the checkpoint at ``path`` (if any) into ``model`` and ``est``; the step it
+    holds. The run's identity is the recipe without its run length
+    (``Recipe.identity``): a finished run can be extended, any other change is refused
+    by name."""
     if not path.exists():
         return 0
-    state = torch.load(path, weights_only=True)
-    if state.get("format") != _CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path} is not an edgetrain checkpoint of format {_CHECKPOINT_FORMAT}")
-    if state["recipe"] != recipe.to_json(sort_keys=True) or state["seed"] != seed:
+    from edgetrain.estimators.zo import JOURNAL_NAME
+
+    journal = path.parent / JOURNAL_NAME
+    rebuild = (
+        f" This zeroth-order run's journal {journal} can rebuild it from the base "
+        f"weights: delete {path} and run again."
+        if hasattr(est, "attach_journal") and journal.exists()
+        else " Move it aside to start the run again, or use another checkpoint directory."
+    )
+    state = load_tensor_file(path, "edgetrain checkpoint", rebuild.strip())
+    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
+        raise UntrustedFileError(
+            f"{path} is not an edgetrain checkpoint of format {_CHECKPOINT_FORMAT}.{rebuild}"
+        )
+    saved = json.loads(state["identity"]) if "identity" in state else None
+    differences = (
+        recipe.identity_differences(saved)
+        if saved is not None
+        else ([] if state["recipe"] == recipe.to_json(sort_keys=True) else ["the recipe"])
+    )
+    if state["seed"] != seed:
+        differences.append(f"seed: {state['seed']} -> {seed}")
+    if differences:
         raise ConfigError(
-            f"{path} was written by another recipe or seed; use a fresh checkpoint_dir "
-            "or the same recipe and seed to resume"
+            f"{path} was written by another run ({'; '.join(differences)}); resume with "
+            "the same recipe and seed (only the number of steps may change), or use a "
+            "fresh checkpoint directory"
+        )
+    if int(state["step"]) > steps:
+        raise ConfigError(
+            f"{path} is at step {state['step']}, past the {steps} steps asked for; ask for "
+            f"{state['step']} or more, or use a fresh checkpoint directory"
         )
     model.load_state_dict(state["model"])
     est.load_state_dict(state["estimator"])
