@@ -105,7 +105,9 @@ def _zo(name: str, description: str, optimizer: Optimizer, **estimator) -> Recip
 @preset
 def mezo() -> Recipe:
     """MeZO (Malladi et al. 2023): two-sided SPSA with one Gaussian direction per step,
-    z regenerated from the step seed (never stored), ZO-SGD."""
+    z regenerated from the step seed (never stored), ZO-SGD. No weight decay; given one,
+    biases and norm weights are not decayed (``decay_matrices_only``, the default), as
+    MeZO's ``zo_update`` (large_models/trainer.py) skips them."""
     return _zo("mezo", "MeZO: two-sided SPSA, Gaussian z, ZO-SGD", Optimizer(kind="sgd", lr=3e-5))
 
 
@@ -125,21 +127,28 @@ def sparse_mezo() -> Recipe:
 
 @preset
 def zo_sign() -> Recipe:
-    """ZO-SignSGD (Liu et al. 2019; ZO-Bench): the update is lr * sign(g * z)."""
-    return _zo("zo_sign", "ZO-SignSGD", Optimizer(kind="sign", lr=1e-3))
+    """ZO-SignSGD (Liu et al. 2019, "signSGD via Zeroth-Order Oracle"; ZO-Bench's
+    ZO-SGD-Sign): theta -= lr * sign(g_hat), the sign of every coordinate of the SPSA
+    estimate g_hat = g z (``sign_rule="elementwise"``). That is the algorithm of Liu et al.,
+    and the rule these defaults were tuned with (docs/methods.md). ZO-Bench's code runs
+    another rule for ``zo_sign_opt``, theta -= lr * sign(g) * z (trainer.py ``zo_step``; the
+    elementwise form is there, commented out): a ZO-SGD step with the scalar g replaced by
+    its sign, lr * |z| long along +-z, available as ``sign_rule="projected"``; its lr
+    needs its own tuning."""
+    return _zo("zo_sign", "ZO-SignSGD", Optimizer(kind="sign", lr=1e-3, sign_rule="elementwise"))
 
 
 @preset
 def zo_momentum() -> Recipe:
-    """ZO-SGD with heavy-ball momentum (ZO-Bench, Zhang et al. 2024); keeps a model-size
-    momentum buffer."""
+    """ZO-SGD with heavy-ball momentum (ZO-Bench's ZO-SGD-MMT, Zhang et al. 2024: torch's
+    SGD with momentum on the gradient g z); keeps a model-size momentum buffer."""
     return _zo("zo_momentum", "ZO-SGD with momentum 0.9", Optimizer(kind="momentum", lr=3e-6))
 
 
 @preset
 def zo_adam() -> Recipe:
-    """ZO-Adam (ZO-AdaMM, Chen et al. 2019; ZO-Bench): Adam on the SPSA estimate; keeps
-    two model-size moment buffers."""
+    """ZO-Adam (ZO-AdaMM, Chen et al. 2019; ZO-Bench: torch's Adam on the gradient g z);
+    keeps two model-size moment buffers."""
     return _zo("zo_adam", "ZO-Adam", Optimizer(kind="adam", lr=1e-3))
 
 
