@@ -215,3 +215,27 @@ def test_materialized_pruned_directions_need_the_support_seed():
     (dense,) = materialize_directions([(1000,)], 0)
     kept = z != 0
     assert int((~kept).sum()) == 250 and torch.equal(z[kept], dense[kept])
+
+
+def test_a_perturbation_below_the_weights_resolution_is_refused_at_once():
+    """eps=1e-30 would train with l+ == l- every step: refused when the estimator is
+    built, naming the smallest eps that moves half of the weights, which indeed moves
+    about half of them (an independent count of theta + eps z != theta)."""
+    from edgetrain import estimators, models, presets
+    from edgetrain.errors import ConfigError
+    from edgetrain.optim.perturb import perturbation_resolution
+    from edgetrain.seeding import make_generator
+
+    net = models.build("mlp")
+    with pytest.raises(ConfigError, match=r"estimator.eps=1e-30 .* moves half of them is"):
+        estimators.build(net, presets.get("mezo", **{"estimator.eps": 1e-30}))
+    params = list(net.parameters())
+    moved, half_eps = perturbation_resolution(params, 1e-3, "gaussian")
+    assert moved == 1.0
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    z = torch.randn(flat.shape, generator=make_generator(0))
+    changed = float(((flat + half_eps * z) != flat).float().mean())
+    assert 0.35 < changed < 0.65, changed
+    with pytest.warns(RuntimeWarning, match="moves only"):
+        estimators.build(net, presets.get("mezo", **{"estimator.eps": half_eps / 2}))
+    estimators.build(net, presets.get("mezo"))  # MeZO's eps: no warning, no error

@@ -91,6 +91,7 @@ from edgetrain import optim as optim_mod
 from edgetrain.estimators import register
 from edgetrain.estimators._modes import evaluation_mode, forked_rng
 from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
+from edgetrain.optim.perturb import check_perturbation_resolves
 from edgetrain.optim.zo import ZOSGD, NonFiniteLoss
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import derive_seed
@@ -252,6 +253,7 @@ class ElasticZO(Estimator):
             )
         self.zo: ZOSGD | None = None
         if self.front_named:
+            check_perturbation_resolves([p for _, p in self.front_named], est.eps, est.direction)
             self.zo = ZOSGD(
                 [{"params": [p for _, p in self.front_named]}],
                 lr=est.zo_lr if est.zo_lr is not None else opt.lr,

@@ -65,6 +65,7 @@ from edgetrain.estimators._modes import evaluation_mode, forked_rng
 from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
 from edgetrain.journal import JournalWriter, read_journal
 from edgetrain.optim import decay_param_groups
+from edgetrain.optim.perturb import check_perturbation_resolves
 from edgetrain.optim.zo import ZOSGD, NonFiniteLoss, ReduceScalars, ZORecord
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import derive_seed
@@ -172,6 +173,7 @@ class ZO(Estimator):
                 f"Numerics {recipe.numerics.kind!r} is not handled by the float ZO estimator"
             )
         named = self.selection.named
+        check_perturbation_resolves([p for _, p in named], est.eps, est.direction)
         if est.block_zo == "none":
             runs = [named]
         else:

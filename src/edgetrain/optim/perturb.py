@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from edgetrain.errors import ConfigError
 from edgetrain.seeding import derive_seed
 
 __all__ = [
@@ -56,6 +58,8 @@ __all__ = [
     "flat_view",
     "pruned_count",
     "prune_",
+    "perturbation_resolution",
+    "check_perturbation_resolves",
 ]
 
 DIRECTIONS = ("gaussian", "rademacher")
@@ -391,3 +395,57 @@ def materialize_directions(
         for seg in chunk.segments:
             outs[seg.index][seg.start : seg.end] = z[seg.offset : seg.offset + seg.end - seg.start]
     return [o.view(tuple(s)) for o, s in zip(outs, shapes, strict=True)]
+
+
+# The typical |z_i|: the median of |N(0, 1)| (0.6745) and of a Rademacher sign (1).
+_MEDIAN_ABS_Z = {"gaussian": 0.6745, "rademacher": 1.0}
+
+
+def perturbation_resolution(
+    params: list[torch.Tensor], eps: float, direction: str, sample: int = 1 << 20
+) -> tuple[float, float]:
+    """How much of ``params`` a perturbation ``eps * z`` can move at their dtype's
+    resolution: ``(fraction moved, the eps that moves half)``.
+
+    ``theta + d`` rounds back to ``theta`` when ``|d|`` is below half the spacing of the
+    floats at ``theta`` (``nextafter(|theta|, inf) - |theta|``). With ``|z|`` at its median,
+    a weight moves when ``eps * median|z| >= spacing / 2``. Over an evenly strided sample
+    of at most ``sample`` weights (no model-size temporary)."""
+    total = sum(p.numel() for p in params)
+    if total == 0:
+        return 1.0, 0.0
+    stride = max(1, total // sample)
+    spacings = []
+    for p in params:
+        if not p.dtype.is_floating_point:
+            continue
+        values = p.detach().reshape(-1)[::stride].abs().float()  # (<= sample,)
+        spacings.append(torch.nextafter(values, torch.full_like(values, math.inf)) - values)
+    if not spacings:
+        return 1.0, 0.0
+    half_spacing = torch.cat(spacings) / 2  # (n_sample,)
+    moved = float((eps * _MEDIAN_ABS_Z[direction] >= half_spacing).float().mean())
+    return moved, float(half_spacing.median()) / _MEDIAN_ABS_Z[direction]
+
+
+def check_perturbation_resolves(
+    params: list[torch.Tensor], eps: float, direction: str, what: str = "estimator.eps"
+) -> None:
+    """Refuse an ``eps`` whose perturbation vanishes below the weights' resolution (fewer
+    than 1% of them move): every step would evaluate the same weights twice, see
+    ``l+ == l-`` and train nothing, and only a stall warning would hint at it much later."""
+    moved, half_eps = perturbation_resolution(params, eps, direction)
+    if 0.01 <= moved < 0.5:
+        warnings.warn(
+            f"{what}={eps:g} moves only {100 * moved:.0f}% of the trainable weights (the "
+            f"rest are below their float resolution); {half_eps:.2g} moves half of them",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if moved < 0.01:
+        raise ConfigError(
+            f"{what}={eps:g} perturbs {100 * moved:.2g}% of the trainable weights: eps * z "
+            f"is below the resolution of their floats, so both perturbed losses would be "
+            f"the unperturbed one. The smallest eps that moves half of them is "
+            f"{half_eps:.2g}; MeZO uses 1e-3"
+        )
