@@ -275,7 +275,8 @@ def test_a_copy_made_while_dropping_trains_its_own_weights():
     x, y = images(4)
     scope.apply(net, recipe_scope)
     swap = apply_token_drop(net, spec)
-    for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+    for make_copy in (copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))):
+        twin = make_copy(net)
         with torch.no_grad():
             for p in twin.parameters():
                 p.mul_(1.3).add_(0.02)
