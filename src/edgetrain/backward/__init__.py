@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -81,7 +82,9 @@ def register(kind: str):
     return deco
 
 
-def apply(model: nn.Module, spec: Backward) -> Swap:
+def apply(model: nn.Module, spec: Backward, *, seed: int = 0) -> Swap:
+    """Install ``spec.kind`` into ``model``. ``seed`` (the run's) reaches the kinds that
+    draw random numbers (Mesa's stochastic rounding), whose function takes ``seed=``."""
     if spec.kind == "exact":
         return Swap()
     if spec.kind not in _KINDS and spec.kind in _MODULES:
@@ -89,4 +92,7 @@ def apply(model: nn.Module, spec: Backward) -> Swap:
             importlib.import_module(_MODULES[spec.kind])
         except ModuleNotFoundError as err:
             raise NotImplementedError(f"Backward kind {spec.kind!r} is not built yet") from err
-    return _KINDS.get(spec.kind)(model, spec)
+    install = _KINDS.get(spec.kind)
+    if "seed" in inspect.signature(install).parameters:
+        return install(model, spec, seed=seed)
+    return install(model, spec)

@@ -270,7 +270,7 @@ class ElasticZO(Estimator):
             )
         self.optimizer = optim_mod.build([p for _, p in self.tail_named], opt, model=model)
         self._view = _TailView(self.split, self.cut)
-        self._swap = backward_mod.apply(model, recipe.backward)
+        self._swap = backward_mod.apply(model, recipe.backward, seed=derive_seed(self.seed, 0xBAC))
 
     @property
     def front_params(self) -> list[nn.Parameter]:
