@@ -646,3 +646,35 @@ def test_global_grad_sparsity_derives_per_tensor_ratios_from_one_magnitude_thres
     (z,) = _perturbations(opt, params, 1)
     for p, zp, r in zip(params, z, ratios, strict=True):
         assert int((zp == 0).sum()) == math.floor(r * p.numel() + 0.5)
+
+
+@pytest.mark.parametrize("difference", ["two_sided", "one_sided"])
+def test_every_block_reduces_each_blocks_losses_before_updating_it(difference):
+    """Data parallelism: the loss values of each block go through reduce_scalars once,
+    before that block's update (later blocks are evaluated after it); an identity
+    reduction must give the weights of a single process, bit for bit."""
+    X, y, w0 = _two_blocks(seed=2)
+
+    def run(reduce):
+        ws = [torch.nn.Parameter(w.clone()) for w in w0]
+        opt = ZOSGD(
+            [{"params": ws[:2], "block": 0}, {"params": ws[2:], "block": 1}],
+            lr=0.05,
+            block_zo="every_block",
+            difference=difference,
+        )
+        for _ in range(3):
+            opt.step(lambda: ((X @ torch.cat(list(ws)) - y) ** 2).mean(), reduce_scalars=reduce)
+        return ws, opt.last_record
+
+    calls = []
+
+    def identity(values):
+        calls.append(len(values))
+        return list(values)
+
+    alone, record = run(None)
+    reduced, _ = run(identity)
+    assert calls == [2, 2] * 3  # per block: (l+, l-) or (l(theta), l+)
+    assert record.evaluations == 4 and len(record.grads) == 2
+    assert all(torch.equal(a, b) for a, b in zip(alone, reduced, strict=True))
