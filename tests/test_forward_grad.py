@@ -303,16 +303,18 @@ def test_a_few_steps_lower_the_loss() -> None:
     assert end < 0.8 * start, (start, end)
 
 
-def test_channel_scope_leaves_unselected_rows_untouched() -> None:
+def test_channel_scope_leaves_unselected_input_channels_untouched() -> None:
     torch.manual_seed(0)
     model = models.build("cnn")
-    scope = Scope(kind="channels", blocks=(0,), channel_ratio=0.5, include_head=False)
+    scope = Scope(kind="channels", blocks=(1,), channel_ratio=0.5, include_head=False)
     est = build(model, fg_recipe(kind="adamw", lr=1e-2, weight_decay=0.1, scope=scope))
-    conv = model.blocks[0][0].weight  # (16, 1, 3, 3); rows 0..7 train
+    conv = model.blocks[1][0].weight  # (32, 16, 3, 3); 8 of the 16 input channels train
+    keep = est.selection.channel_masks["blocks.1.0.weight"].flatten()  # (16,)
+    assert int(keep.sum()) == 8
     before = conv.detach().clone()
     est.step(image_batch(8))
-    assert torch.equal(conv[8:], before[8:])
-    assert not torch.equal(conv[:8], before[:8])
+    assert torch.equal(conv[:, ~keep], before[:, ~keep])
+    assert not torch.equal(conv[:, keep], before[:, keep])
 
 
 # --- modes, buffers, graph ----------------------------------------------------------------

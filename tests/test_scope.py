@@ -82,3 +82,17 @@ def test_frozen_front_builds_no_graph():
         net(torch.randn(2, 1, 28, 28)).sum().backward()
     # Only the head's input (the last block's output) is saved for its weight gradient.
     assert len(saved) == 1 and saved[0].shape == (2, 128)
+
+
+def test_channel_masks_are_over_input_channels_and_count_what_trains():
+    net = models.build("vit")
+    sel = scope.select(net, Scope(kind="channels", blocks=(3,), channel_ratio=0.25))
+    fc2 = net.blocks[3].mlp.fc2.weight  # (64, 128): 32 of the 128 input columns train
+    mask = sel.channel_masks["blocks.3.mlp.fc2.weight"]
+    assert mask.shape == (1, 128) and int(mask.sum()) == 32
+    dense = scope.select(net, Scope(kind="channels", blocks=(3,), channel_ratio=1.0))
+    assert not dense.channel_masks
+    weights = [p for p in net.blocks[3].parameters() if p.dim() == 2]
+    saved = sum(p.numel() - p.shape[0] * max(1, int(p.shape[1] * 0.25)) for p in weights)
+    assert dense.numel() - sel.numel() == saved
+    assert fc2.shape[0] * 32 == int(mask.expand_as(fc2).sum())

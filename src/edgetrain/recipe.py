@@ -177,8 +177,9 @@ class Scope:
     ``all``; ``last_blocks`` (the last ``k`` of ``model.blocks`` plus the head if
     ``include_head``); ``blocks`` (``model.blocks[i]`` for i in ``blocks``, plus the head
     if ``include_head``); ``bias`` (biases and norm affine parameters: tensors of one
-    dimension); ``channels`` (a fraction ``channel_ratio`` of output channels of the
-    selected blocks' weights, plus all biases of them); ``predicate``
+    dimension); ``channels`` (the sparse update: a ratio ``channel_ratio`` of the input
+    channels of the selected blocks' weights, plus their biases, or those of the last
+    ``bias_k`` blocks); ``predicate``
     (``predicate(module_name, module, param_name, param) -> bool``).
     """
 

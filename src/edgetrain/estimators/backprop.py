@@ -4,10 +4,12 @@ One forward, one backward, one optimizer step over the scope's parameters. Froze
 parameters have ``requires_grad=False``, so autograd records no graph in front of the
 first trainable module. A channel-sparse scope (``Selection.channel_masks``) swaps each
 masked layer for its sparse-update version (edgetrain.backward.sparse_update, Lin et al.
-2022) before the optimizer is built: the trainable tensor is only the selected output
-channels, whose weight gradient alone is computed, so the unselected channels are never
-touched by any optimizer. Order: scope, sparse-update swap, optimizer, backward swap (a
-backward kind such as token_drop sees which blocks are frozen).
+2022) before the optimizer is built: the trainable tensor is only the selected input
+channels, whose weight gradient alone is computed (from the saved selected input columns),
+so the unselected channels are never touched by any optimizer; a copied selection is
+written back into its weight after every optimizer step. Order: scope, sparse-update
+swap, optimizer, backward swap (a backward kind such as token_drop sees which blocks are
+frozen).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ class Backprop(Estimator):
             self._sparse_swap, self.selection = apply_sparse_update(model, self.selection)
         try:
             self.optimizer = optim_mod.build(self.params, recipe.optimizer, model=model)
+            if self.selection.channel_masks:
+                from edgetrain.backward.sparse_update import sync_after_step
+
+                sync_after_step(self.optimizer, model)
             self._swap = backward_mod.apply(model, recipe.backward)
         except Exception:
             self._sparse_swap.restore()

@@ -217,13 +217,12 @@ class ForwardGrad(Estimator):
         self.train_mode = recipe.estimator.train_mode_evals
         self._loss_module = _LossModule(model, self.loss_fn)
         self._generators: dict[torch.device, torch.Generator] = {}
-        # Row masks (C_out, 1, ...) of a channel-sparse scope, by parameter position.
+        # Channel masks of a channel-sparse scope (shaped to broadcast over the weight:
+        # edgetrain.scope.Selection), by parameter position.
         masks = dict(self.selection.channel_masks)
-        self._row_masks: list[torch.Tensor | None] = []
-        for name, p in self.selection.named:
-            mask = masks.get(name)
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            self._row_masks.append(None if mask is None else mask.reshape(shape))
+        self._row_masks: list[torch.Tensor | None] = [
+            masks.get(name) for name, _ in self.selection.named
+        ]
         # Optimizer state, one entry per trainable parameter (created on first update).
         self._momentum_buffers: list[torch.Tensor] | None = None
         self._exp_avg: list[torch.Tensor] | None = None
@@ -243,7 +242,7 @@ class ForwardGrad(Estimator):
 
     def _iter_direction(self, seed: int) -> Iterator[torch.Tensor]:
         """The direction of ``seed``, one tensor per trainable parameter, in scope order.
-        Channel-sparse scopes zero the rows they do not train."""
+        Channel-sparse scopes zero the channels they do not train."""
         gens = self._seeded_generators(seed)
         for p, row_mask in zip(self.params, self._row_masks, strict=True):
             v = draw_direction(p.shape, gens[p.device], p.dtype, p.device, self.direction_kind)
