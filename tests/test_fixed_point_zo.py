@@ -1,16 +1,25 @@
 """FixedPointZO (Feng et al. 2024): integer perturbation restored exactly, determinism and
 resume, loss decreasing on sklearn digits with 16-bit weights, the 8-bit round-to-nearest
-stall and its stochastic-rounding fix, sparse perturbation, overflow reporting."""
+stall and its stochastic-rounding fix, sparse perturbation, overflow reporting; the
+projected gradient divided by the perturbation actually applied (Spall's estimate by hand,
+unbiasedness over seeds); failing steps (an exception or a NaN in any pass) leaving the
+integer weights of FixedPointZO and ElasticZO-INT8 untouched; resume through a
+weights-only checkpoint."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
+from torch import nn
 
-from edgetrain.estimators import NonFiniteLossError
-from edgetrain.estimators.fixed_point_zo import FixedPointZO
+from edgetrain import presets
+from edgetrain.estimators import NonFiniteLossError, build
+from edgetrain.estimators.fixed_point_zo import FixedPointZO, realised_cross_moment
+from edgetrain.estimators.hybrid_int8 import ElasticZOInt8
 from edgetrain.models import MLP
 from edgetrain.recipe import Estimator, Numerics, Optimizer, Recipe
 
@@ -246,3 +255,294 @@ def test_overflow_count_reports_saturated_accumulators():
     stats = est.overflow_stats()
     assert stats["accumulator"] == 4 * 16 * 16  # 4 forwards x 16 samples x 16 outputs
     assert est.overflow_count >= stats["accumulator"]
+
+
+# --- the projected gradient divides by the perturbation actually applied ---------------
+
+
+def _one_layer(ratios: list[float], eps: float, weight_bits: int = 8):
+    """A bias-free Linear(4, len(ratios)) whose 8-bit per-channel grid step is
+    ``eps / ratio`` for each output channel (FixedPointZO's grid spans 2 max|w|)."""
+    layer = nn.Linear(4, len(ratios), bias=False)
+    qmax = (1 << (weight_bits - 1)) - 1
+    with torch.no_grad():
+        base = torch.tensor([[1.0, -0.6, 0.3, -0.9]])
+        for c, ratio in enumerate(ratios):
+            step = eps / ratio  # the grid step s_c we want
+            layer.weight[c] = base * (qmax * step / 2.0)  # max|w_c| = qmax s_c / 2
+    return nn.Sequential(nn.Flatten(), layer)
+
+
+def _linear_loss(a: torch.Tensor, record: list[torch.Tensor] | None = None):
+    """L = sum a * w_real, read straight from the integer weights: its gradient is a."""
+
+    def loss(model, batch):
+        op = model.int_model.affine_ops()[0]
+        if record is not None:
+            record.append(op.weight.clone())
+        w_real = op.weight.to(torch.float64) * op.w_scale[:, None]  # (C, 4)
+        return (a * w_real).sum()
+
+    return loss
+
+
+RATIOS = [1.4, 0.7, 1.6]  # eps / s_c: eps_q = 1, 1 (clamped up), 2 grid steps
+
+
+def test_update_uses_the_realised_integer_perturbation_spall_by_hand():
+    # One direction, plain SPSA, round to nearest: the update of each weight, derived
+    # here from the perturbation the loss actually saw, is Spall's estimate
+    # g_j = (l+ - l-) / (2 u_j) with u_j = s_c * delta_j the realised real perturbation.
+    eps, lr = 1e-2, 2e-2
+    a = torch.tensor([[0.5, -1.0, 0.25, 0.8], [-0.3, 0.9, 0.6, -0.4], [0.7, 0.2, -0.9, 0.1]])
+    a = a.to(torch.float64)
+    seen: list[torch.Tensor] = []
+    est = FixedPointZO(
+        _one_layer(RATIOS, eps),
+        _recipe(weight_bits=8, lr=lr, queries=1, eps=eps, opt="sgd"),
+        _linear_loss(a, seen),
+        rounding="nearest",
+        sync_float=False,
+        calibration=torch.rand(8, 4, generator=_gen(0)),
+    )
+    op = est.int_model.affine_ops()[0]
+    s = op.w_scale.to(torch.float64)  # (C,)
+    torch.testing.assert_close(
+        eps / s, torch.tensor(RATIOS, dtype=torch.float64), rtol=0.02, atol=0
+    )
+    w0 = op.weight.clone()
+    est.step((torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)))
+    w_plus, w_minus = seen
+    delta = (w_plus - w0).to(torch.float64)  # (C, 4) integer steps actually applied
+    assert torch.equal(w_minus - w0, -(w_plus - w0))
+    assert [int(v) for v in delta.abs().max(dim=1).values] == [1, 1, 2]
+    u = delta * s[:, None]  # the realised perturbation in real units
+    diff = float(2 * (a * u).sum())  # l+ - l- of a linear loss, exactly
+    g = diff / (2 * u)  # Spall 1992, coordinate-wise
+    steps = lr * g / s[:, None]  # in grid steps
+    expected = -torch.floor(steps + 0.5).to(torch.int32)
+    assert float((steps - steps.round()).abs().max()) < 0.49  # no rounding tie
+    assert torch.equal(op.weight - w0, expected)
+    assert float(steps.abs().min()) > 2  # several grid steps: the check has resolution
+    # the nominal eps would have scaled channel c by eps_real / eps = 1/1.4, 1/0.7, 2/1.6
+    nominal = lr * diff / (2 * eps * torch.sign(delta)) / s[:, None]
+    assert float((nominal - steps).abs().max()) > 2
+
+
+@pytest.mark.parametrize("direction", ["rademacher", "gaussian"])
+def test_mean_update_is_the_gradient_step(direction):
+    # E[update] = -lr dL/dw / s in grid steps (SPSA is unbiased to first order; the loss
+    # is linear, so exactly), which holds only if g divides by the realised perturbation:
+    # with the nominal eps, channels 0, 1, 2 would move 0.71x, 1.43x and 1.25x as far.
+    eps, n = 1e-2, 2500
+    seen: list[torch.Tensor] = []
+    est = FixedPointZO(
+        _one_layer(RATIOS, eps),
+        _recipe(weight_bits=8, lr=2e-4, queries=1, eps=eps, opt="sgd", direction=direction),
+        None,
+        sync_float=False,
+        calibration=torch.rand(8, 4, generator=_gen(0)),
+    )
+    op = est.int_model.affine_ops()[0]
+    s = op.w_scale.to(torch.float64)
+    a = torch.zeros(3, 4, dtype=torch.float64)  # one weight per channel, a_c s_c = 1
+    a[0, 2], a[1, 2], a[2, 2] = 1 / s[0], -1 / s[1], 1 / s[2]  # weights of 19 grid steps
+    est.loss_fn = _linear_loss(a, seen)
+    w0 = op.weight.clone()
+    total = torch.zeros_like(a)
+    batch = (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
+    for _ in range(n):
+        est.step(batch)
+        total += (op.weight - w0).to(torch.float64)
+        op.weight.copy_(w0)
+    assert int(est.update_saturations) == 0
+    mean = total / n
+    target = -2e-4 * a / s[:, None]  # (C, 4) grid steps: 4.1, 1.0, 5.2 where a != 0
+    trained = a != 0
+    assert float(target[trained].abs().min()) > 0.9
+    torch.testing.assert_close(mean[trained], target[trained], rtol=0.15, atol=0)
+    assert float(mean[~trained].abs().max()) < 0.5  # zero, within ~3.5 sigma
+
+
+def test_gaussian_realised_cross_moment_matches_sampling():
+    # E[d delta] for the 8-bit quantized normal d = k/32 and delta = round(eps_q d),
+    # re-derived by sampling the quantizer.
+    eps_q = torch.tensor([1, 2, 3, 7, 40])
+    exact = realised_cross_moment(eps_q, "gaussian")
+    n = torch.randn(1_000_000, generator=_gen(5), dtype=torch.float64)
+    k = torch.round(n * 32).clamp(-127, 127)
+    for e, value in zip(eps_q.tolist(), exact.tolist(), strict=True):
+        delta = torch.floor((e * k + 16) / 32)
+        sampled = float(((k / 32) * delta).mean())
+        assert abs(sampled - value) < 5e-3 * e, (e, sampled, value)
+    assert torch.equal(realised_cross_moment(eps_q, "rademacher"), eps_q.to(torch.float64))
+
+
+# --- a failing step leaves the integer weights as they were ----------------------------
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _failing_on(call: int, nan: bool = False):
+    calls = []
+
+    def loss(model, batch):
+        calls.append(1)
+        if len(calls) == call:
+            if nan:
+                return torch.tensor(float("nan"))
+            raise _Boom(f"loss call {call}")
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    "difference, call",
+    [("two_sided", c) for c in (1, 2, 3, 4)] + [("one_sided", c) for c in (1, 2, 3)],
+)
+def test_exception_in_the_loss_restores_the_weights(digits, difference, call):
+    est = FixedPointZO(
+        _pretrained(digits, 5),
+        _recipe(queries=2, difference=difference, direction="gaussian"),
+        _failing_on(call),
+        calibration=digits[0][:64],
+    )
+    before = _weights(est)
+    with pytest.raises(_Boom):
+        est.step((digits[0][:8], digits[1][:8]))
+    assert all(torch.equal(u, v) for u, v in zip(before, _weights(est), strict=True))
+    assert est.step_count == 0
+
+
+@pytest.mark.parametrize("call", [2, 3])
+def test_nan_on_one_pass_raises_and_restores(digits, call):
+    est = FixedPointZO(
+        _pretrained(digits, 5),
+        _recipe(queries=2),
+        _failing_on(call, nan=True),
+        calibration=digits[0][:64],
+    )
+    before = _weights(est)
+    with pytest.raises(NonFiniteLossError):
+        est.step((digits[0][:8], digits[1][:8]))
+    assert all(torch.equal(u, v) for u, v in zip(before, _weights(est), strict=True))
+
+
+def _int8_recipe(lr: float = 3e-2, zo_lr: float = 1e-5) -> Recipe:
+    """ElasticZO-INT8 with two directions (four passes a step)."""
+    return Recipe(
+        estimator=Estimator(
+            kind="hybrid", cut=1, eps=1e-3, queries=2, direction="rademacher", zo_lr=zo_lr
+        ),
+        optimizer=Optimizer(kind="sgd", lr=lr),
+        numerics=Numerics(kind="fixed_point", weight_bits=8, activation_bits=8),
+    )
+
+
+def _int8_model() -> MLP:
+    torch.manual_seed(0)
+    return MLP(in_features=64, hidden=(32, 32), input_shape=(1, 8, 8))
+
+
+def _int8_ints(est) -> list[torch.Tensor]:
+    return [t.clone() for op in est.int_model.affine_ops() for t in (op.weight, op.bias)]
+
+
+@pytest.mark.parametrize("call", [1, 2, 3])
+@pytest.mark.parametrize("nan", [False, True])
+def test_int8_failing_pass_restores_every_weight(digits, call, nan):
+    est = ElasticZOInt8(_int8_model(), _int8_recipe(), seed=1)
+    batch = (digits[0][:16], digits[1][:16])
+    est.step(batch)  # calibrates the error scales
+    before = _int8_ints(est)
+    real_pass, calls = est._pass, []
+
+    def failing_pass(*args, **kwargs):
+        calls.append(1)
+        value = real_pass(*args, **kwargs)
+        if len(calls) == call:
+            if nan:
+                return float("nan")
+            raise _Boom("pass")
+        return value
+
+    est._pass = failing_pass
+    with pytest.raises(NonFiniteLossError if nan else _Boom):
+        est.step(batch)
+    assert all(torch.equal(u, v) for u, v in zip(before, _int8_ints(est), strict=True))
+    assert est.step_count == 1
+
+
+def test_int8_tail_coefficient_too_large_applies_nothing(digits):
+    # The tail's update coefficient cannot be stored as an int32 multiplier: the step
+    # must fail before the front's ZO update (large here: most front weights would move)
+    # touches the weights.
+    est = ElasticZOInt8(_int8_model(), _int8_recipe(zo_lr=3e-2), seed=1)
+    est.step((digits[0][:16], digits[1][:16]))
+    first = min(est.error_scales)  # the first tail op: its error goes no further back
+    est.error_scales[first] *= 1e15  # its K = lr s_e s_x / (s_w 2m B) far beyond 2^30
+    before = _int8_ints(est)
+    with pytest.raises(ValueError, match="too large"):
+        est.step((digits[0][:16], digits[1][:16]))
+    assert all(torch.equal(u, v) for u, v in zip(before, _int8_ints(est), strict=True))
+
+
+def test_int8_nan_in_the_calibration_pass_keeps_no_scales(digits):
+    # The first step first calibrates the tail's error scales on an unperturbed pass; a
+    # NaN there stops the step (NonFiniteLossError, no scales kept, nothing applied)
+    # instead of running the passes without scales.
+    est = ElasticZOInt8(_int8_model(), _int8_recipe(), seed=1)
+    est.calibrate(digits[0][:16])
+    before = _int8_ints(est)
+    real_pass, calls = est._pass, []
+
+    def nan_first(*args, **kwargs):
+        calls.append(1)
+        value = real_pass(*args, **kwargs)
+        return float("nan") if len(calls) == 1 else value
+
+    est._pass = nan_first
+    with pytest.raises(NonFiniteLossError):
+        est.step((digits[0][:16], digits[1][:16]))
+    assert est.error_scales == {}
+    assert all(torch.equal(u, v) for u, v in zip(before, _int8_ints(est), strict=True))
+    est.step((digits[0][:16], digits[1][:16]))  # calibrates, then trains
+    assert est.error_scales and est.step_count == 1
+
+
+# --- resume through torch.save / torch.load(weights_only=True) -------------------------
+
+
+@pytest.mark.parametrize("name", ["fixed_point_zo", "elastic_zo_int8"])
+def test_resume_bit_identical_through_weights_only_checkpoint(digits, name, tmp_path):
+    x, y = digits
+    batches = [(x[i * 32 : (i + 1) * 32], y[i * 32 : (i + 1) * 32]) for i in range(6)]
+    start = _int8_model()
+    recipe = presets.get(name)
+
+    model = copy.deepcopy(start)
+    straight = build(model, recipe, seed=7)
+    for b in batches:
+        straight.step(b)
+
+    first_model = copy.deepcopy(start)
+    first = build(first_model, recipe, seed=7)
+    for b in batches[:3]:
+        first.step(b)
+    torch.save(first.state_dict(), tmp_path / "est.pt")
+    state = torch.load(tmp_path / "est.pt", weights_only=True)
+    resumed_model = copy.deepcopy(start)
+    resumed = build(resumed_model, recipe, seed=99)
+    resumed.load_state_dict(state)
+    assert resumed.step_count == 3 and resumed.seed == 7
+    for b in batches[3:]:
+        resumed.step(b)
+
+    for u, v in zip(_int8_ints(straight), _int8_ints(resumed), strict=True):
+        assert torch.equal(u, v)
+    for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert straight.overflow_stats() == resumed.overflow_stats()

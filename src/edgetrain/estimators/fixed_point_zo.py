@@ -3,9 +3,15 @@ NeurIPS 2024, arXiv:2411.04036), the quantized forward-gradient method the paper
 QZO-FF.
 
 Sources: the paper's abstract, its figure and table captions (QZO-FF; the 16w8a working
-point; sign-m-SPSA averaging m directions; 8-bit weights failing to converge) and the
-standard SPSA estimator. The equations below are written out from those; the full text
-of the paper was not at hand, so equation numbers are not cited.
+point; sign-m-SPSA averaging m directions; 8-bit weights failing to converge); the
+abstract of the authors' patent on the same method (US 2025/0384337 A1, Feng, Zhuo, Yuan,
+Kinattinkara Ramakrishnan, Zhang: "positive perturbation parameters sampled from a random
+perturbation vector that follows standard, normal distribution", a second forward call at
+the negative perturbation, forward gradients from the perturbation vector and the
+directional derivative, a quantized SGD update); and SPSA (Spall 1992). The method
+section of the paper was not readable in the stored copies we had, so equation numbers
+are not cited and the integer formats below (8-bit quantized normal, perturbation size,
+rounding) are ours.
 
 The model lives on a fixed-point inference accelerator as an integer model
 (``edgetrain.numerics.fixed_point.IntModel``: ``weight_bits`` integer weights, 16 by
@@ -15,29 +21,40 @@ runs that integer forward: two calls per direction, at ``w_q + delta`` and
 copy exist.
 
 The step, for ``m = recipe.estimator.queries`` directions ``i`` (on each trainable
-integer tensor, one scale ``s`` per tensor or per output channel):
+integer tensor, one scale ``s_c`` per tensor or per output channel ``c``):
 
-1. Perturbation, in integer grid steps: ``delta_i = eps_q * z_i`` with
-   ``eps_q = max(1, round(eps / s))`` (``eps = recipe.estimator.eps`` is the real
-   perturbation size) and ``z_i`` integer: Rademacher ``{-1, +1}``, or ("gaussian") an
-   8-bit quantized standard normal ``clamp(round(32 n), -127, 127) / 32``, for which
-   ``delta_i = round(eps_q * z_int / 32)``. ``z_i`` is regenerated from the per-step seed
-   (never stored; MeZO's trick) and applied in place in chunks; ``+delta, -2 delta,
-   +delta`` restores ``w_q`` exactly (integer arithmetic).
+1. Perturbation, in integer grid steps. The direction ``d_i`` is ("gaussian", the
+   patent's standard normal and the preset's default) an 8-bit quantized standard normal
+   ``d = k / 32`` with ``k = clamp(round(32 n), -127, 127)``, or ("rademacher") ``d`` in
+   ``{-1, +1}``. The integer perturbation is ``delta = round(eps_q d)`` (exactly
+   ``eps_q d`` for Rademacher) with ``eps_q = max(1, round(eps / s_c))`` grid steps
+   (``eps = recipe.estimator.eps`` is the nominal real perturbation size). ``d_i`` is
+   regenerated from the per-step seed (never stored; MeZO's trick) and applied in place
+   in chunks; ``+delta, -2 delta, +delta`` restores ``w_q`` exactly (integer arithmetic),
+   also when a loss raises (a ``finally`` undoes whatever is applied).
 2. The two losses ``l_i^+ = L(w_q + delta_i)`` and ``l_i^- = L(w_q - delta_i)``: cross
    entropy of the integer model's logits, dequantized to float on the host (the int32
    output accumulator times its scale). The loss is the only float quantity of the
    step, and with sign-m-SPSA only the sign of ``l_i^+ - l_i^-`` is used.
-3. The projected gradient of SPSA (Spall 1992; the paper's two-forward zeroth-order
-   estimate) ``p_i = (l_i^+ - l_i^-) / (2 eps)``; with sign-m-SPSA, the paper's
-   enhancement, ``p_i = sign(l_i^+ - l_i^-)`` and the estimate is the average over the
-   ``m`` directions, ``g = (1/m) sum_i p_i z_i``.
-4. The integer update ``w_q <- sat(w_q - SR(lr * g / s))``, where the real coefficient
-   ``lr * p_i / s`` is turned into a fixed-point integer ``K_i = round(lr p_i / s * 2^16)``
-   once per step and the update of each weight is the integer
-   ``SR(sum_i K_i z_i / (m * 2^16 * zden))``: stochastic rounding with an integer uniform
-   ``r in [0, D)``, ``floor((num + r) / D)``, so that ``E[update] = lr g / s`` exactly even
-   when it is below one grid step. ``sat`` saturates at the bit range and counts.
+3. The projected gradient divides by the perturbation actually applied, not by the
+   nominal ``eps``: weight ``j`` of channel ``c`` moved by ``u_j = s_c delta_j`` in real
+   units, which differs from ``eps d_j`` because ``eps_q`` is a rounded (and at least 1)
+   number of grid steps (by 0.97-1.39x per layer at 8-bit weights). With the realised size
+   ``eps_c = s_c E[d delta]`` (Rademacher: exactly ``s_c eps_q``, Spall's estimate
+   ``(l^+ - l^-) / (2 u_j)``; Gaussian: the expectation over the quantized normal,
+   computed exactly in ``realised_cross_moment``), the estimate is
+   ``g_j = (l^+ - l^-) / (2 eps_c) d_j``, unbiased to first order:
+   ``E[g_j] = E[d_j sum_k u_k dL/dw_k] / eps_c = dL/dw_j``. With sign-m-SPSA, the paper's
+   enhancement, ``g_j = sign(l^+ - l^-) d_j`` (no perturbation size enters), and the
+   estimate is the average over the ``m`` directions.
+4. The integer update ``w_q <- sat(w_q - SR(lr g / s_c))``: the real coefficient
+   ``lr p_i / s_c`` (``p_i = (l^+ - l^-) / (2 eps_c)`` or the sign) is turned into a
+   fixed-point integer ``K_i = round(lr p_i / s_c * 2^16)`` per channel once per step and
+   the update of each weight is the integer ``SR(sum_i K_i k_i / (m * 2^16 * zden))``
+   (``k_i`` the integer direction, ``zden`` 32 or 1): stochastic rounding with an integer
+   uniform ``r in [0, D)``, ``floor((num + r) / D)``, so that ``E[update] = lr g / s_c``
+   exactly even when it is below one grid step. ``sat`` saturates at the bit range and
+   counts.
 
 Why weight bits matter: with 8-bit weights the grid step ``s = max|w| / 127`` is about
 250 times coarser than with 16 bits, so ``lr g / s`` is a fraction of a step; round to
@@ -52,20 +69,26 @@ is left unperturbed, hence not updated: the largest by ``|w_q|`` (``sparse_mode=
 step from the unperturbed weights) or a fresh random subset per direction (``"random"``:
 ternary ``z``, regenerated from the seed with ``z``).
 
-``recipe.estimator.difference == "one_sided"`` uses ``l(w_q + delta_i) - l(w_q)`` with
-one unperturbed forward per step (``m + 1`` forwards instead of ``2m``).
+``recipe.estimator.difference == "one_sided"`` uses ``l(w_q + delta_i) - l(w_q)`` (and
+``p_i = (l^+ - l) / eps_c``) with one unperturbed forward per step (``m + 1`` forwards
+instead of ``2m``).
+
+A step that fails (a non-finite loss: ``NonFiniteLossError``; or any exception from the
+loss function) leaves the integer weights bit for bit as they were before it.
 
 Not implemented: the paper's other enhancements shown in its ablations (momentum-guided
 sampling, a sharpness-aware perturbation): their exact definitions were not available to
-us when this was written. Blockwise and ZO-Cons variants of the ``zo`` axis are rejected
-with a clear error. The loss is computed from dequantized logits on the host in float32;
-an integer-only device would need only the comparison of two such scalars for
-sign-m-SPSA.
+us when this was written. Blockwise, ZO-Cons and gradient-pruning variants of the ``zo``
+axis are rejected with a clear error. The loss is computed from dequantized logits on the
+host in float32; an integer-only device would need only the comparison of two such
+scalars for sign-m-SPSA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +112,7 @@ from edgetrain.numerics.quant import qrange
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import make_generator
 
-__all__ = ["FixedPointZO", "FRACTION_BITS", "GAUSSIAN_DENOMINATOR"]
+__all__ = ["FixedPointZO", "FRACTION_BITS", "GAUSSIAN_DENOMINATOR", "realised_cross_moment"]
 
 FRACTION_BITS = 16
 """Fractional bits of the fixed-point update coefficient ``K_i``."""
@@ -98,17 +121,47 @@ GAUSSIAN_DENOMINATOR = 32
 
 _Z_PATH = 1  # seed sub-paths: (1, query, tensor) for z; (2, tensor) for rounding
 _ROUND_PATH = 2
+_GAUSSIAN_KMAX = 127
+
+
+def realised_cross_moment(eps_q: torch.Tensor, direction: str) -> torch.Tensor:
+    """``E[d delta]`` per entry of ``eps_q`` (int64 grid steps): the realised integer
+    perturbation ``delta`` along the direction ``d`` (module doc, step 1), so that the
+    real perturbation actually applied per unit of ``d`` is ``s_c E[d delta]``.
+
+    Rademacher: ``delta = eps_q d`` with ``d^2 = 1``, so exactly ``eps_q``. Gaussian:
+    ``d = k / 32`` with ``k = clamp(round(32 n), -127, 127)``, ``n ~ N(0, 1)``, and
+    ``delta = floor((eps_q k + 16) / 32)``; the expectation is the exact sum over the 255
+    values of ``k``, each with its normal probability (the two ends carry the tails).
+    """
+    eps_q = eps_q.to(torch.int64)
+    if direction == "rademacher":
+        return eps_q.to(torch.float64)
+    den = GAUSSIAN_DENOMINATOR
+    k = torch.arange(-_GAUSSIAN_KMAX, _GAUSSIAN_KMAX + 1, dtype=torch.int64)  # (255,)
+    upper = torch.special.ndtr((k.to(torch.float64) + 0.5) / den)
+    lower = torch.special.ndtr((k.to(torch.float64) - 0.5) / den)
+    upper[-1], lower[0] = 1.0, 0.0  # clamp: the tails land on +-127
+    prob = upper - lower  # (255,)
+    values, inverse = torch.unique(eps_q, return_inverse=True)  # (U,), (C,)
+    delta = torch.div(values[:, None] * k[None, :] + den // 2, den, rounding_mode="floor")
+    moment = (prob[None, :] * (k[None, :].to(torch.float64) / den) * delta).sum(dim=1)  # (U,)
+    return moment[inverse]
 
 
 @dataclass
 class _Trainable:
     """One trainable integer tensor: a weight (grid ``w_scale``) or a bias (grid
-    ``in_scale * w_scale``); ``eps_q`` and ``grid`` are per output channel."""
+    ``in_scale * w_scale``); ``grid``, ``eps_q`` and ``eps_real`` are per output channel.
+    ``eps_real = grid * E[d delta]``: the real perturbation actually applied per unit of
+    the direction (Rademacher: ``grid * eps_q``), what the projected gradient divides by.
+    """
 
     name: str
     tensor: torch.Tensor  # int32 (weights) or int64 (biases) storage, contiguous
     grid: torch.Tensor  # float64 (C,)
     eps_q: torch.Tensor  # int64 (C,)
+    eps_real: torch.Tensor  # float64 (C,)
     inner: int  # elements per output channel
     lo: int
     hi: int
@@ -165,6 +218,11 @@ class FixedPointZO(Estimator):
             raise ValueError(f"FixedPointZO has no weight decay; got {opt.weight_decay}")
         if est.block_zo != "none" or est.cons:
             raise ValueError("FixedPointZO supports neither blockwise nor cons (ZO-Cons) steps")
+        if est.grad_sparsity:
+            raise ValueError(
+                f"FixedPointZO has no gradient pruning; got grad_sparsity={est.grad_sparsity} "
+                "(use Estimator(sparsity=...) for sparse perturbation)"
+            )
         if est.sparsity and est.mask_on != "abs" and sparse_mode == "magnitude":
             raise ValueError(f"Sparse magnitude masks support mask_on='abs', not {est.mask_on!r}")
         if rounding not in ("stochastic", "nearest"):
@@ -224,10 +282,14 @@ class FixedPointZO(Estimator):
             )
             if op.bias is not None and bias_selected:
                 parts.append((f"op{i}.bias", op.bias, w_grid * op.in_scale, INT32_MIN, INT32_MAX))
+            direction = self.recipe.estimator.direction
             for name, tensor, grid, lo, hi in parts:
                 eps_q = torch.round(eps / grid).clamp(min=1, max=(hi - lo) // 8).to(torch.int64)
+                eps_real = grid * realised_cross_moment(eps_q, direction)  # (C,)
                 trainables.append(
-                    _Trainable(name, tensor, grid.clone(), eps_q, tensor.numel() // c_out, lo, hi)
+                    _Trainable(
+                        name, tensor, grid.clone(), eps_q, eps_real, tensor.numel() // c_out, lo, hi
+                    )
                 )
         if not trainables:
             raise ValueError(
@@ -304,62 +366,98 @@ class FixedPointZO(Estimator):
     def _loss(self, batch: Any) -> float:
         return float(self.loss_fn(self.int_module, batch).detach())
 
+    def _measure(
+        self, q: int, evaluate: Callable[[], float], one_sided: bool
+    ) -> tuple[float, float]:
+        """``(l^+, l^-)`` of direction ``q``, each an ``evaluate()`` at the perturbed
+        weights (``l^-`` is NaN when one-sided); the integer weights are back at ``w_q`` on
+        return, also when ``evaluate`` raises."""
+        at = 0  # the multiple of delta_q currently applied
+        try:
+            self._perturb(q, +1)
+            at = 1
+            plus = evaluate()
+            if one_sided:
+                return plus, math.nan
+            self._perturb(q, -2)
+            at = -1
+            minus = evaluate()
+            return plus, minus
+        finally:
+            if at:
+                self._perturb(q, -at)
+
+    def _projected(self, plus: float, minus: float, one_sided: bool) -> float:
+        """The scalar ``p_i`` of one direction before the division by ``eps_real``: the
+        sign of the loss change (sign-m-SPSA) or the directional change ``(l^+ - l^-) / 2``
+        (one-sided: ``l^+ - l``). ``_update`` divides the latter by each channel's realised
+        perturbation size."""
+        diff = plus - minus
+        if self.sign:
+            return float(np.sign(diff))
+        return diff if one_sided else 0.5 * diff
+
     def _step(self, batch: Any) -> tuple[float, int, int]:
         if self.int_model is None:
             if isinstance(batch, dict):
                 raise ValueError("A dict batch needs FixedPointZO(..., calibration=x)")
             self.calibrate(batch[0])
         est = self.recipe.estimator
-        m, eps = est.queries, est.eps
-        self._make_masks()
+        one_sided = est.difference == "one_sided"
         projected: list[float] = []
         losses: list[float] = []
         forwards = 0
         base = None
-        if est.difference == "one_sided":
-            base = self._loss(batch)
-            forwards += 1
-            self.check_finite(base)
-        for q in range(m):
-            self._perturb(q, +1)
-            try:
-                plus = self._loss(batch)
-                if base is None:
-                    self._perturb(q, -2)
-                    minus = self._loss(batch)
-                    self._perturb(q, +1)
-                else:
+        self._make_masks()
+        try:
+            if one_sided:
+                base = self._loss(batch)
+                forwards += 1
+                self.check_finite(base)
+            for q in range(est.queries):
+                plus, minus = self._measure(q, lambda: self._loss(batch), one_sided)
+                if one_sided:
                     minus = base
-                    self._perturb(q, -1)
-            except BaseException:
-                self._masks = []
-                raise
-            forwards += 1 if base is not None else 2
-            for value in (plus, minus):
-                self.check_finite(value)  # weights are restored: nothing applied
-            diff = plus - minus
-            scale = 1.0 if base is not None else 2.0
-            projected.append(float(np.sign(diff)) if self.sign else diff / (scale * eps))
-            losses.append(0.5 * (plus + minus) if base is None else plus)
-        self._update(projected)
-        self._masks = []
+                forwards += 1 if one_sided else 2
+                for value in (plus, minus):
+                    self.check_finite(value)  # weights are restored: nothing applied
+                projected.append(self._projected(plus, minus, one_sided))
+                losses.append(plus if one_sided else 0.5 * (plus + minus))
+            self._update(projected)
+        finally:
+            self._masks = []
         self.last_projected = projected
         if self.sync_float:
             write_back(self.int_model)
         loss = base if base is not None else float(np.mean(losses))
         return loss, forwards, 0
 
+    def _coefficients(self, projected: list[float]) -> list[list[torch.Tensor]]:
+        """``K_i`` per trainable tensor and direction: ``lr p_i / s_c`` per output channel
+        as a fixed-point integer, ``p_i`` divided by the realised perturbation size
+        ``eps_real`` unless it is a sign. Checked before any weight changes."""
+        lr = self.recipe.optimizer.lr
+        out = []
+        for tr in self._trainables:
+            divisor = tr.grid if self.sign else tr.grid * tr.eps_real  # (C,)
+            reals = [lr * p / divisor * (1 << FRACTION_BITS) for p in projected]
+            for real in reals:
+                if not bool(torch.isfinite(real).all()) or float(real.abs().max()) >= 2.0**62:
+                    raise ValueError(
+                        f"{tr.name}: the update coefficient lr * p / s ({float(real.abs().max())}"
+                        " in 2^-16 grid steps) does not fit int64; lower the learning rate"
+                    )
+            out.append([torch.round(real).to(torch.int64) for real in reals])
+        return out
+
     @torch.no_grad()
     def _update(self, projected: list[float]) -> None:
         """``w_q <- sat(w_q - SR(sum_i K_i z_i / D))`` in integer arithmetic."""
-        m, lr = len(projected), self.recipe.optimizer.lr
+        m = len(projected)
         denominator = m * self._zden * (1 << FRACTION_BITS)
+        all_coeffs = self._coefficients(projected)
         for t, tr in enumerate(self._trainables):
-            # K_i per output channel: lr * p_i / s as a fixed-point integer.
-            coeffs = [
-                torch.round(lr * p / tr.grid * (1 << FRACTION_BITS)).to(torch.int64)
-                for p in projected
-            ]
+            coeffs = all_coeffs[t]
             if all(not bool(k.any()) for k in coeffs):
                 continue
             streams = [self._z_chunks(t, q) for q in range(m)]
@@ -396,10 +494,15 @@ class FixedPointZO(Estimator):
         )
 
     def state_dict(self) -> dict[str, Any]:
+        """Step counter, seed, counters and the integer model as tensors and a JSON
+        manifest: loadable with ``torch.load(..., weights_only=True)``."""
         state = {**super().state_dict(), "update_saturations": self.update_saturations}
         if self.int_model is not None:
             manifest, arrays = int_model_arrays(self.int_model)
-            state["int_model"] = {"manifest": manifest, "arrays": arrays}
+            state["int_model"] = {
+                "manifest": json.dumps(manifest),
+                "arrays": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
+            }
             state["stats"] = self.int_model.stats.as_dict()
         return state
 
@@ -407,10 +510,18 @@ class FixedPointZO(Estimator):
         super().load_state_dict(state)
         self.update_saturations = int(state.get("update_saturations", 0))
         if "int_model" in state:
-            int_model = int_model_from_arrays(
-                state["int_model"]["manifest"], state["int_model"]["arrays"]
-            )
+            saved = state["int_model"]
+            manifest = saved["manifest"]
+            if isinstance(manifest, str):
+                manifest = json.loads(manifest)
+            arrays = {
+                k: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+                for k, v in saved["arrays"].items()
+            }
+            int_model = int_model_from_arrays(manifest, arrays)
             attach_sources(int_model, self.model)
             for key, value in state.get("stats", {}).items():
                 setattr(int_model.stats, key, int(value))
             self._set_int_model(int_model)
+            if self.sync_float:
+                write_back(int_model)  # the float model shows the resumed weights

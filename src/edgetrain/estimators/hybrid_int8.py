@@ -18,10 +18,13 @@ front, every op after the last front op is the tail.
 One step with ``m = queries`` directions:
 
 * **Front (integer ZO, as fixed_point_zo).** Integer perturbations ``+delta_i, -2 delta_i,
-  +delta_i`` of the front's integer weights (restoring them exactly), the projected
-  gradient ``(l+ - l-) / (2 eps)`` (or its sign with optimizer ``sign``) and the
-  stochastically rounded integer update ``w_q <- sat(w_q - SR(lr_zo g z / s))`` of
-  ``FixedPointZO`` (``lr_zo = estimator.zo_lr`` or ``optimizer.lr``).
+  +delta_i`` of the front's integer weights (restoring them exactly, also when a pass
+  raises), the projected gradient ``(l+ - l-) / (2 eps_real)`` divided by the perturbation
+  actually applied to the integer weights (``eps_real = s * eps_q``: at 8-bit weights
+  ``eps_q`` is 1 grid step, about 3x the nominal ``eps`` on the built-in MLP), or its sign
+  with optimizer ``sign``, and the stochastically rounded integer update
+  ``w_q <- sat(w_q - SR(lr_zo g z / s))`` of ``FixedPointZO`` (``lr_zo = estimator.zo_lr``
+  or ``optimizer.lr``).
 * **Tail (8-bit backprop), on every one of the 2m perturbed passes.** The integer
   forward runs through the whole model; each tail op keeps its int8/uint8 input (and a
   ReLU mask); the logits' error ``softmax(logits) - onehot`` lies in [-1, 1] and is
@@ -53,6 +56,10 @@ quantized to int8; the paper's integer cross-entropy was not at hand), the real 
 Storage in the simulator: weights live in int32 tensors and biases in int64 (the device
 would hold ``weight_bits`` and 32 bits); saved tail inputs are stored as real int8/uint8
 tensors and ReLU masks as bool (1 byte; a device would pack them at 1 bit).
+
+A failing step (a non-finite loss: ``NonFiniteLossError``; or an exception in a pass)
+leaves every integer weight bit for bit as it was: the losses and the tail's update
+coefficients are all computed and checked before the first weight changes.
 
 Not supported: one-sided differences, blockwise/ZO-Cons fronts, custom loss functions,
 per-channel weight scales (the error propagation needs one weight scale per tensor).
@@ -381,10 +388,13 @@ class ElasticZOInt8(FixedPointZO):
         if self.int_model is None:
             self.calibrate(x)
         x_q = self.int_model.quantize_input(x)
-        if not self.error_scales:
-            self._pass(x_q, y, None, observe=True)  # calibrate the error scales, once
+        if not self.error_scales:  # calibrate the error scales, once
+            try:
+                self.check_finite(self._pass(x_q, y, None, observe=True))
+            except BaseException:
+                self.error_scales = {}  # all or nothing
+                raise
         m = self.recipe.estimator.queries if self._trainables else 1
-        eps = self.recipe.estimator.eps
         self._make_masks()
         grads = self._new_grads()
         projected: list[float] = []
@@ -396,26 +406,18 @@ class ElasticZOInt8(FixedPointZO):
                     self.check_finite(value)
                     losses.append(value)
                     break
-                self._perturb(q, +1)
-                at = +1
-                try:
-                    plus = self._pass(x_q, y, grads)
-                    self._perturb(q, -2)
-                    at = -1
-                    minus = self._pass(x_q, y, grads)
-                finally:
-                    self._perturb(q, -at)  # back to w_q exactly, also after an error
+                plus, minus = self._measure(q, lambda: self._pass(x_q, y, grads), False)
                 for value in (plus, minus):
                     self.check_finite(value)
-                diff = plus - minus
-                projected.append(float(np.sign(diff)) if self.sign else diff / (2 * eps))
+                projected.append(self._projected(plus, minus, False))
                 losses.append(0.5 * (plus + minus))
+            passes = 2 * m if self._trainables else 1
+            tail = self._tail_plan(grads, passes, len(y))  # may raise: nothing applied yet
+            if projected:
+                self._update(self._front_scaled(projected))
         finally:
             self._masks = []
-        passes = 2 * m if self._trainables else 1
-        if projected:
-            self._update(self._front_scaled(projected))
-        self._tail_update(grads, passes, len(y))
+        self._apply_tail(tail)
         self.last_projected = projected
         if self.sync_float:
             write_back(self.int_model)
@@ -443,17 +445,18 @@ class ElasticZOInt8(FixedPointZO):
             offset = torch.randint(0, 1 << right, value.shape, generator=gen, dtype=torch.int64)
         return torch.div(value + offset, 1 << right, rounding_mode="floor")
 
-    @torch.no_grad()
-    def _tail_update(
+    def _tail_plan(
         self, grads: dict[int, list[torch.Tensor | None]], passes: int, batch_size: int
-    ) -> None:
-        """``w_q <- sat(w_q - SR(K G))`` for each trainable tail tensor (module doc)."""
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor, int, int, int, int]]:
+        """The tail update of each trainable tensor, ``(t, tensor, G, M0, shift, lo, hi)``
+        with the real coefficient ``K`` (module doc) as a quantized multiplier; raises
+        before any weight changes if a coefficient does not fit."""
         lr = self.recipe.optimizer.lr
+        plan = []
         for t, tp in enumerate(self._tail_params):
             op = tp.op
             s_e = self.error_scales[tp.index]
             s_w = float(op.w_scale)
-            gen = make_generator(self.step_seed(_TAIL_ROUND_PATH, t))
             g_w, g_b = grads[tp.index]
             parts = []
             if g_w is not None:
@@ -467,10 +470,20 @@ class ElasticZOInt8(FixedPointZO):
                 m0, shift = quantize_multiplier(coefficient / (passes * batch_size))
                 if m0 == 0:
                     continue
-                step = self._shift_round(grad * m0, 31 - shift, gen)
-                new, outside = _saturate_count(tensor.to(torch.int64) - step, lo, hi)
-                self.update_saturations += outside
-                tensor.copy_(new.to(tensor.dtype))
+                plan.append((t, tensor, grad, m0, shift, lo, hi))
+        return plan
+
+    @torch.no_grad()
+    def _apply_tail(self, plan: list[tuple[int, torch.Tensor, torch.Tensor, int, int, int, int]]):
+        """``w_q <- sat(w_q - SR(K G))`` for each trainable tail tensor (module doc)."""
+        generators: dict[int, torch.Generator] = {}
+        for t, tensor, grad, m0, shift, lo, hi in plan:
+            if t not in generators:
+                generators[t] = make_generator(self.step_seed(_TAIL_ROUND_PATH, t))
+            step = self._shift_round(grad * m0, 31 - shift, generators[t])
+            new, outside = _saturate_count(tensor.to(torch.int64) - step, lo, hi)
+            self.update_saturations += outside
+            tensor.copy_(new.to(tensor.dtype))
 
     # -------------------------------------------------------------- footprint
 
