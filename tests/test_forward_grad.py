@@ -265,20 +265,24 @@ def test_state_dict_resumes_exactly() -> None:
     [("sgd", 0.0), ("sgd", 0.1), ("momentum", 0.1), ("adam", 0.1), ("adamw", 0.1)],
 )
 def test_update_matches_torch_optim_given_the_same_estimate(kind: str, weight_decay: float) -> None:
-    """Feed (jvp * v) as .grad to torch.optim on a copy: the weights must agree."""
+    """Feed (jvp * v) as .grad to torch.optim on a copy: the weights must agree. Weight
+    decay skips the 1-D tensors (biases), as the backprop builders' param groups do."""
+    from edgetrain.optim import decay_param_groups
+
     batch = teacher_batch(32)
     model = small_mlp()
     reference = copy.deepcopy(model)
     est = build(model, fg_recipe(kind=kind, lr=1e-2, weight_decay=weight_decay), seed=4)
     spec = est.recipe.optimizer
     ref_params = list(reference.parameters())
+    groups = decay_param_groups(ref_params, spec)
     if kind in ("sgd", "momentum"):
         momentum = spec.momentum if kind == "momentum" else 0.0
-        opt = torch.optim.SGD(ref_params, lr=spec.lr, momentum=momentum, weight_decay=weight_decay)
+        opt = torch.optim.SGD(groups, lr=spec.lr, momentum=momentum, weight_decay=weight_decay)
     else:
         cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
         opt = cls(
-            ref_params, lr=spec.lr, betas=spec.betas, eps=spec.adam_eps, weight_decay=weight_decay
+            groups, lr=spec.lr, betas=spec.betas, eps=spec.adam_eps, weight_decay=weight_decay
         )
     for _ in range(3):
         est.step(batch)

@@ -302,3 +302,24 @@ def test_int8_training_lowers_the_loss():
     losses = [est.step(batch).loss for _ in range(30)]
     assert sum(losses[-5:]) / 5 < 0.95 * sum(losses[:5]) / 5  # random labels: slow
     assert est.overflow_stats()["update_saturations"] == 0
+
+
+def test_the_zo_front_decays_matrices_only_as_the_zo_family_does():
+    """ElasticZO's front honours decay_matrices_only like MeZO: under a constant loss
+    (projected gradient 0) the front's 1-D tensors keep their values (up to the float32
+    perturb-and-restore) while its matrices shrink by exactly (1 - zo_lr * wd)."""
+    model, batch = small_vit(), image_batch(8)
+    recipe = hybrid_recipe(cut=3).replace(
+        **{"optimizer.weight_decay": 0.5, "estimator.zo_lr": 1e-2}
+    )
+
+    def constant_loss(m, b):  # a graph to the tail, a value that never moves
+        return 1.0 + 0 * m(b[0]).sum()
+
+    est = build(model, recipe, constant_loss)
+    before = {n: p.detach().clone() for n, p in est.front_named}
+    est.step(batch)
+    est.close()
+    for name, p in est.front_named:
+        expected = before[name] if p.dim() < 2 else before[name] * (1 - 1e-2 * 0.5)
+        torch.testing.assert_close(p.detach(), expected, rtol=2e-6, atol=1e-7, msg=name)

@@ -69,3 +69,12 @@ def test_predicate_scope_refuses_json():
 def test_digest_is_stable_and_sensitive():
     assert Recipe().digest() == Recipe().digest()
     assert Recipe().digest() != Recipe(steps=201).digest()
+
+
+def test_a_sparse_update_knob_on_another_scope_is_refused_not_ignored():
+    from edgetrain.errors import ConfigError
+    from edgetrain.recipe import Scope
+
+    with pytest.raises(ConfigError, match="bias_k=1 .* needs kind 'channels'"):
+        Scope(kind="last_blocks", k=2, bias_k=1)
+    assert Scope(kind="channels", blocks=(-1,), bias_k=1).bias_k == 1

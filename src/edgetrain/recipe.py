@@ -210,6 +210,11 @@ class Scope:
         object.__setattr__(self, "channel_ratios", tuple(float(r) for r in self.channel_ratios))
         for ratio in self.channel_ratios:
             _in_unit(ratio, "channel_ratios entry", closed_low=False)
+        if self.bias_k is not None and self.kind != "channels":
+            raise ConfigError(
+                f"Scope bias_k={self.bias_k} is the sparse update's bias depth: it needs "
+                f"kind 'channels', not {self.kind!r}"
+            )
         if self.bias_k is not None and self.bias_k < 0:
             raise ConfigError(f"Invalid bias_k: {self.bias_k} (number of last blocks, >= 0)")
         _choice(self.channel_select, ("magnitude", "first"), "channel_select")

@@ -25,6 +25,7 @@ from edgetrain import backward as backward_mod
 from edgetrain import optim as optim_mod
 from edgetrain.estimators.base import Estimator, LossFn
 from edgetrain.recipe import Recipe
+from edgetrain.seeding import derive_seed
 
 __all__ = ["Backprop"]
 
@@ -47,7 +48,9 @@ class Backprop(Estimator):
                 from edgetrain.backward.sparse_update import sync_after_step
 
                 sync_after_step(self.optimizer, model)
-            self._swap = backward_mod.apply(model, recipe.backward)
+            self._swap = backward_mod.apply(
+                model, recipe.backward, seed=derive_seed(self.seed, 0xBAC)
+            )
         except Exception:
             self._sparse_swap.restore()
             super().close()

@@ -388,10 +388,12 @@ class ForwardGrad(Estimator):
         self._init_state()
         self._optimizer_steps += 1
         t = self._optimizer_steps
-        lr, wd = spec.lr, spec.weight_decay
+        lr = spec.lr
         with torch.no_grad():
             for i, (p, g) in enumerate(zip(self.params, self._estimates(record), strict=True)):
                 row_mask = self._row_masks[i]
+                # MeZO and torch practice: biases and norm weights (1-D) are not decayed.
+                wd = 0.0 if spec.decay_matrices_only and p.dim() < 2 else spec.weight_decay
                 if wd and spec.kind != "adamw":  # L2 penalty in the gradient (torch.optim)
                     g.add_(p if row_mask is None else p * row_mask, alpha=wd)
                 if spec.kind == "sgd":

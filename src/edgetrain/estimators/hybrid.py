@@ -254,8 +254,9 @@ class ElasticZO(Estimator):
         self.zo: ZOSGD | None = None
         if self.front_named:
             check_perturbation_resolves([p for _, p in self.front_named], est.eps, est.direction)
+            front = optim_mod.decay_param_groups([p for _, p in self.front_named], opt)
             self.zo = ZOSGD(
-                [{"params": [p for _, p in self.front_named]}],
+                front if front and isinstance(front[0], dict) else [{"params": front}],
                 lr=est.zo_lr if est.zo_lr is not None else opt.lr,
                 eps=est.eps,
                 queries=est.queries,
@@ -265,6 +266,9 @@ class ElasticZO(Estimator):
                 weight_decay=opt.weight_decay,
                 sparsity=est.sparsity,
                 mask_on=est.mask_on,
+                grad_sparsity=est.grad_sparsity,
+                grad_sparsity_resample=est.grad_sparsity_resample,
+                grad_sparsity_group=est.grad_sparsity_group,
                 chunk_elements=est.chunk_elements,
                 seed=self.seed,
             )
