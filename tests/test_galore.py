@@ -13,6 +13,7 @@ from edgetrain import optim as optim_mod
 from edgetrain.optim.galore import GaLoreAdamW, galore_projector, project, project_back
 from edgetrain.recipe import Optimizer as OptimizerSpec
 from edgetrain.seeding import make_generator
+from tests.conftest import tiny_bert
 
 
 def regression_problem(m: int = 24, n: int = 32, samples: int = 256):
@@ -206,17 +207,6 @@ def seeded_build(build, seed: int = 0):
     with torch.random.fork_rng(devices=[]):  # nn init draws from the global RNG
         torch.manual_seed(seed)
         return build()
-
-
-def tiny_bert() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    from edgetrain.integrations.hf import HFClassifier
-
-    config = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=32,
-    )  # fmt: skip
-    return seeded_build(lambda: HFClassifier(transformers.BertModel(config), 2, max_length=16))
 
 
 def vit_case():

@@ -34,31 +34,17 @@ from edgetrain.bench.compare import applicable
 from edgetrain.estimators.base import NonFiniteLossError, default_loss, model_output_logits
 from edgetrain.seeding import make_generator, seeded_global_rng
 from edgetrain.train import finetune
+from tests.conftest import tiny_bert
 
 MODEL_NAMES = ["mlp", "cnn", "vit", "tiny_bert"]
 STEPS, BATCH = 4, 8
 
 
-def _tiny_bert() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    from edgetrain.integrations.hf import HFClassifier
-
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.1,
-    )
-    backbone = transformers.BertModel(config, add_pooling_layer=False)
-    return HFClassifier(backbone, 2, max_length=16)
-
-
 def _build(name: str) -> nn.Module:
     with seeded_global_rng(1234):
-        return _tiny_bert() if name == "tiny_bert" else models.build(name)
+        if name == "tiny_bert":  # 4 layers: ElasticZO's cut 3 and BSR's last 3 blocks fit
+            return tiny_bert(num_hidden_layers=4, hidden_dropout_prob=0.1)
+        return models.build(name)
 
 
 def _data(name: str, n: int = 32) -> TensorDataset:

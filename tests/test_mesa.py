@@ -27,7 +27,7 @@ from edgetrain.models import ViT
 from edgetrain.models.vit import Attention
 from edgetrain.recipe import Backward, Optimizer, Recipe
 from edgetrain.train import finetune
-from tests.conftest import params_equal
+from tests.conftest import params_equal, tiny_bert
 
 
 def make_vit(seed: int = 0) -> ViT:
@@ -299,23 +299,8 @@ def test_stochastic_rounding_is_deterministic_and_leaves_the_global_rng_alone():
 
 
 def make_bert(attn: str = "sdpa", seed: int = 0, **config):
-    """A tiny BERT (hidden 32, 4 heads, 2 layers, random weights, no download) wrapped as
-    edgetrain.integrations.hf wraps MiniLM."""
-    transformers = pytest.importorskip("transformers")
-    from edgetrain.integrations.hf import HFClassifier
-
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        attn_implementation=attn,
-        **config,
-    )
-    return HFClassifier(transformers.BertModel(cfg, add_pooling_layer=False), 2)
+    """A tiny BERT (tests.conftest.tiny_bert) with 128 MLP units, the given attention."""
+    return tiny_bert(seed, intermediate_size=128, attn_implementation=attn, **config)
 
 
 def text_batch(batch: int = 8, tokens: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,19 +390,7 @@ def test_hf_saved_activations_at_most_0_3_of_full_bp(mode):
 def test_hf_model_with_its_own_head_runs_mesa_attention_with_the_mask():
     """A model that runs its whole backbone (BertForSequenceClassification builds its mask
     itself): the mask reaches Mesa's attention in eager format; logits equal eager's."""
-    transformers = pytest.importorskip("transformers")
-    from edgetrain.integrations.hf import HFClassifier
-
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        attn_implementation="eager",
-    )
-    model = HFClassifier(transformers.BertForSequenceClassification(cfg)).eval()
+    model = tiny_bert(intermediate_size=128, attn_implementation="eager", own_head=True).eval()
     x, y = text_batch()
     exact_logits, exact = logits_and_grads(model, x, y)
     swap = apply_mesa(model, Backward(kind="mesa"))

@@ -191,6 +191,8 @@ def applicable(recipe: Recipe, model: torch.nn.Module) -> str | None:
     if recipe.numerics.kind == "fixed_point" and recipe.estimator.kind in ("zo", "hybrid"):
         from edgetrain.numerics.fixed_point import convert
 
+        if getattr(model, "input_shape", None) is None:
+            return "fixed-point numerics convert chain models of a fixed input_shape"
         try:
             convert(copy.deepcopy(model).eval(), torch.zeros(2, *model.input_shape))
         except (TypeError, ValueError, NotImplementedError) as err:
