@@ -1,9 +1,13 @@
 """Export to an integer-only runtime: npz round trip, dtypes and zero points, and a numpy
-int64 runtime over the exported file that equals the simulator bit for bit."""
+int64 runtime over the exported file that equals the simulator bit for bit; a float model
+refused with what to call; bad files (truncated, foreign, pickled) refused with one error
+and never unpickled."""
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 
 import numpy as np
 import pytest
@@ -11,7 +15,12 @@ import torch
 from torch import nn
 
 from edgetrain.models import CNN, MLP
-from edgetrain.numerics.export import export_int, load_int, run_integer_reference
+from edgetrain.numerics.export import (
+    export_int,
+    int_model_arrays,
+    load_int,
+    run_integer_reference,
+)
 from edgetrain.numerics.fixed_point import convert
 
 
@@ -98,3 +107,87 @@ def test_rejects_foreign_files_and_out_of_range_weights(tmp_path):
     im.affine_ops()[0].weight[0, 0] = 40000  # as during a perturbation
     with pytest.raises(ValueError, match="outside"):
         export_int(im, tmp_path / "bad.npz")
+
+
+def test_export_of_a_float_model_says_to_convert_it_first(tmp_path):
+    model = _models()["mlp"]
+    with pytest.raises(ValueError, match=r"convert it first with edgetrain\.numerics\.convert"):
+        export_int(model, tmp_path / "m.npz")
+    with pytest.raises(ValueError, match="needs an IntModel, got dict"):
+        export_int({"weight": 1}, tmp_path / "m.npz")
+    assert not (tmp_path / "m.npz").exists()
+
+
+class _Trap:
+    """Unpickling this object creates a directory: proof that a pickle was loaded."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _bad_files(tmp_path) -> dict[str, str]:
+    im = convert(_models()["mlp"], torch.rand(8, 1, 8, 8, generator=_gen(0)))
+    good = tmp_path / "good.npz"
+    export_int(im, good)
+    data = good.read_bytes()
+    marker = str(tmp_path / "unpickled")
+    files = {
+        "truncated": data[: len(data) // 2],
+        "empty": b"",
+        "text": b"weights: 1 2 3\n",
+        "pickle": pickle.dumps(_Trap(marker)),
+    }
+    paths = {}
+    for name, content in files.items():
+        path = tmp_path / f"{name}.npz"
+        path.write_bytes(content)
+        paths[name] = str(path)
+    paths["object array"] = str(tmp_path / "objects.npz")
+    manifest = json.loads(json.dumps({"format": "edgetrain-int", "version": 1, "ops": []}))
+    np.savez(
+        paths["object array"],
+        manifest=np.array(json.dumps(manifest)),
+        trap=np.array([_Trap(marker)], dtype=object),
+    )
+    paths["torch checkpoint"] = str(tmp_path / "model.pt")
+    torch.save({"w": torch.ones(2)}, paths["torch checkpoint"])
+    paths["single npy"] = str(tmp_path / "w.npy")
+    np.save(paths["single npy"], np.zeros(3))
+    paths["not json"] = str(tmp_path / "notjson.npz")
+    np.savez(paths["not json"], manifest=np.array("{oops"))
+    paths["missing array"] = str(tmp_path / "missing.npz")
+    manifest, arrays = int_model_arrays(im)
+    arrays.pop("op1.weight")
+    np.savez(paths["missing array"], manifest=np.array(json.dumps(manifest)), **arrays)
+    return paths
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "truncated",
+        "empty",
+        "text",
+        "pickle",
+        "object array",
+        "torch checkpoint",
+        "single npy",
+        "not json",
+        "missing array",
+    ],
+)
+def test_load_int_of_a_bad_file_is_one_clear_error(tmp_path, name):
+    path = _bad_files(tmp_path)[name]
+    with pytest.raises(ValueError) as info:
+        load_int(path)
+    message = str(info.value)
+    assert message.startswith(repr(path) + " is not an edgetrain-int v1 file: ")
+    assert "\n" not in message and "export_int" in message
+    err = info.value  # one error: no chained traceback under it
+    assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__)
+    assert not (tmp_path / "unpickled").exists()  # nothing was unpickled
+    with pytest.raises(ValueError, match="is not an edgetrain-int"):
+        run_integer_reference(path, np.zeros((1, 1, 8, 8), dtype=np.int64))

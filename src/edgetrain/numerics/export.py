@@ -17,6 +17,10 @@ dependency of edgetrain):
   ``op{i}.output_zero_point`` (int32, always 0: the quantizers are symmetric);
 * ``input_zero_point`` (0).
 
+``load_int`` reads only this layout (``allow_pickle=False``: a pickle payload or an object
+array is refused, never unpickled) and reports a truncated file, another format, or a
+missing array as one ``ValueError`` naming the file and what was wrong.
+
 ``run_integer_reference(path, x_q)`` executes an exported file with numpy int64
 arithmetic only (no floating point on the integer path) and must agree bit for bit with
 ``IntModel.forward_int`` (tests/test_export.py checks it).
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -59,8 +64,22 @@ FORMAT = "edgetrain-int"
 _VERSION = 1
 
 
+def _require_int_model(model: Any) -> None:
+    if not isinstance(model, IntModel):
+        what = type(model).__name__
+        hint = (
+            "a float model: convert it first with "
+            "edgetrain.numerics.convert(model, calibration_batch) (or export a fixed-point "
+            "estimator's est.int_model) and pass the IntModel it returns"
+            if isinstance(model, torch.nn.Module)
+            else "pass the IntModel that edgetrain.numerics.convert(model, calibration) returns"
+        )
+        raise ValueError(f"export_int needs an IntModel, got {what}: {hint}")
+
+
 def int_model_arrays(model: IntModel) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The manifest and the arrays that ``export_int`` writes."""
+    _require_int_model(model)
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "version": _VERSION,
@@ -104,22 +123,79 @@ def export_int(model: IntModel, path: str | os.PathLike[str]) -> None:
         np.savez(fh, manifest=np.array(json.dumps(manifest)), **arrays)
 
 
+def _unreadable(path: str | os.PathLike[str], why: str) -> ValueError:
+    return ValueError(
+        f"{os.fspath(path)!r} is not an {FORMAT} v{_VERSION} file: {why}. "
+        "Write one with edgetrain.numerics.export_int(int_model, path)."
+    )
+
+
 def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    manifest = json.loads(str(arrays.pop("manifest")))
+    """The manifest and arrays of an exported file; one ValueError for any bad file."""
+    with open(path, "rb") as fh:  # FileNotFoundError passes through: it is clear already
+        magic = fh.read(6)
+    if magic.startswith(b"\x80"):
+        raise _unreadable(path, "it is a pickle, not an npz archive (pickles are never loaded)")
+    if magic.startswith(b"\x93NUMPY"):
+        raise _unreadable(path, "it is a single .npy array, not an npz archive")
+    if not magic.startswith(b"PK"):
+        raise _unreadable(path, f"not an npz archive (it starts with {magic!r})")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except ValueError:  # numpy refuses object arrays without allow_pickle
+        raise _unreadable(path, "it holds object arrays (pickled data), never loaded") from None
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as err:
+        raise _unreadable(path, f"truncated or corrupt ({type(err).__name__}: {err})") from None
+    if "manifest" not in arrays:
+        raise _unreadable(path, "it has no 'manifest' entry")
+    try:
+        manifest = json.loads(str(arrays.pop("manifest")))
+    except json.JSONDecodeError as err:
+        raise _unreadable(path, f"its manifest is not JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise _unreadable(path, "its manifest is not a JSON object")
     if manifest.get("format") != FORMAT or manifest.get("version") != _VERSION:
-        raise ValueError(
-            f"{os.fspath(path)!r} is not an {FORMAT} v{_VERSION} file "
-            f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})"
+        raise _unreadable(
+            path,
+            f"format={manifest.get('format')!r}, version={manifest.get('version')!r}",
         )
+    missing = _missing_arrays(manifest, arrays)
+    if missing:
+        raise _unreadable(path, f"the manifest's ops need arrays it lacks: {missing}")
     return manifest, arrays
+
+
+def _missing_arrays(manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[str]:
+    """Names of the arrays the manifest's ops need that the file does not have."""
+    ops = manifest.get("ops")
+    if not isinstance(ops, list):
+        return ["ops (the manifest has no list of ops)"]
+    missing = []
+    for i, spec in enumerate(ops):
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind not in OP_TYPES:
+            missing.append(f"op{i} (unknown kind {kind!r})")
+            continue
+        if kind not in ("linear", "conv2d"):
+            continue
+        names = ["weight", "w_scale", "multiplier", "shift"]
+        if spec.get("config", {}).get("has_bias"):
+            names.append("bias")
+        missing += [f"op{i}.{n}" for n in names if f"op{i}.{n}" not in arrays]
+    return missing
 
 
 def load_int(path: str | os.PathLike[str]) -> IntModel:
     """Read a file written by ``export_int`` back into an IntModel (without the link to a
-    float model; ``fixed_point.attach_sources`` restores it for ``write_back``)."""
-    return int_model_from_arrays(*_read(path))
+    float model; ``fixed_point.attach_sources`` restores it for ``write_back``). Raises
+    one ValueError for a truncated, foreign or pickled file (FileNotFoundError if there
+    is none)."""
+    manifest, arrays = _read(path)
+    try:
+        return int_model_from_arrays(manifest, arrays)
+    except (KeyError, TypeError, ValueError) as err:
+        raise _unreadable(path, f"its manifest and arrays do not agree ({err})") from None
 
 
 def int_model_from_arrays(manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> IntModel:
