@@ -280,12 +280,18 @@ def forward_grad() -> Recipe:
 @preset
 def fixed_point_zo() -> Recipe:
     """Stepping Forward on the Last Mile (Feng et al. 2024): QZO-FF on an integer model,
-    16-bit weights and 8-bit activations (the paper's working point), Rademacher integer
-    perturbations, sign-m-SPSA over m=4 directions, stochastically rounded integer
-    update. Runs on chain models (MLP, CNN with BN folded), not the ViT."""
+    16-bit weights and 8-bit activations (the paper's working point), sign-m-SPSA over
+    m=4 directions, stochastically rounded integer update. Perturbations along a standard
+    normal direction, as the authors' patent on the method states (US 2025/0384337 A1:
+    "a random perturbation vector that follows standard, normal distribution"; the
+    paper's method section was not readable to us), quantized to 8 bits (k/32, |k| <=
+    127, our choice) and applied as round(eps_q k / 32) grid steps, eps_q = round(eps / s);
+    eps 1e-3 is ours too. On mnist-to-digits (MLP, 300 steps, seed 0) the normal direction
+    reached 86.3%, Rademacher 85.3%. Runs on chain models (MLP, CNN with BN folded), not
+    the ViT."""
     return Recipe(
         name="fixed_point_zo",
-        estimator=Estimator(kind="zo", eps=1e-3, queries=4, direction="rademacher"),
+        estimator=Estimator(kind="zo", eps=1e-3, queries=4, direction="gaussian"),
         scope=Scope(kind="all"),
         optimizer=Optimizer(kind="sign", lr=3e-3),
         numerics=Numerics(kind="fixed_point", weight_bits=16, activation_bits=8),
