@@ -326,7 +326,9 @@ class FixedPointZO(Estimator):
                 z = torch.randint(0, 2, (end - start,), generator=gen, dtype=torch.int64) * 2 - 1
             else:
                 normal = torch.randn(end - start, generator=gen, dtype=torch.float64)
-                z = torch.round(normal * GAUSSIAN_DENOMINATOR).clamp(-127, 127).to(torch.int64)
+                normal.mul_(GAUSSIAN_DENOMINATOR).round_().clamp_(-127, 127)  # in place
+                z = normal.to(torch.int64)
+                del normal
             if est.sparsity and self.sparse_mode == "random":
                 keep = torch.rand(end - start, generator=gen, dtype=torch.float64) >= est.sparsity
                 z = z * keep
