@@ -31,6 +31,7 @@ from torch.utils.data import TensorDataset
 
 from edgetrain import estimators, models, presets
 from edgetrain.bench.compare import applicable
+from edgetrain.errors import ConfigError
 from edgetrain.estimators.base import NonFiniteLossError, default_loss, model_output_logits
 from edgetrain.seeding import make_generator, seeded_global_rng
 from edgetrain.train import finetune
@@ -182,7 +183,11 @@ def test_a_nan_loss_keeps_the_last_good_weights(preset, model_name, calls_ok):
     loss_fn, state = _nan_after(calls_ok)
     try:
         est = estimators.build(net, recipe, loss_fn, seed=0)
-    except NotImplementedError as err:
+    except (NotImplementedError, ConfigError) as err:
+        if "loss_fn" not in str(err) and "loss function" not in str(err):
+            raise
+        # ElasticZO-INT8 computes its integer cross-entropy itself; its NaN and failed-pass
+        # cases are tested in tests/test_hybrid.py with its own loss.
         pytest.skip(f"{preset} takes no custom loss function: {err}")
     batch = tuple(t[:BATCH] for t in data.tensors)
     try:
