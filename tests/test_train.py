@@ -150,7 +150,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(task, tmp
 def test_resume_with_another_recipe_is_refused(task, tmp_path):
     net = task.pretrained("mlp")
     finetune(net, task.train, presets.get("full_bp", steps=2), checkpoint_dir=tmp_path, **QUICK)
-    with pytest.raises(ValueError, match="another recipe or seed"):
+    with pytest.raises(ValueError, match=r"another run \(name: 'full_bp' -> 'bias_only'.*scope"):
         finetune(
             net, task.train, presets.get("bias_only", steps=2), checkpoint_dir=tmp_path, **QUICK
         )
