@@ -36,7 +36,7 @@ from edgetrain.files import (
     load_tensor_file,
 )
 from edgetrain.recipe import Recipe
-from edgetrain.seeding import make_generator
+from edgetrain.seeding import make_generator, seeded_global_rng
 
 __all__ = ["Task", "get", "names", "cache_dir", "register"]
 
@@ -143,8 +143,7 @@ class Task:
         return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
     def _build(self, model: str) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):  # init is seeded without touching global RNG
-            torch.manual_seed(_PRETRAIN[model].seed)
+        with seeded_global_rng(_PRETRAIN[model].seed):  # seeded init, caller's RNG kept
             return models_mod.build(model, num_classes=self.num_classes)
 
     def pretrained(self, model: str | None = None, *, progress: bool = False) -> nn.Module:
