@@ -167,7 +167,8 @@ def run(name: str, batch: int, steps: int, rank: int) -> list[tuple[str, str, st
     for kind in ("adam", "galore", "lowrank"):
         torch.manual_seed(0)
         model = build()
-        opt = optim_mod.build(model.parameters(), OptimizerSpec(kind=kind, lr=1e-3, rank=rank))
+        spec = OptimizerSpec(kind=kind, lr=1e-3, rank=rank)
+        opt = optim_mod.build(model.parameters(), spec, model=model)  # GaLore: block Linears
         opt.zero_grad()
         loss_fn().backward()
         opt.step()
@@ -189,7 +190,8 @@ def run(name: str, batch: int, steps: int, rank: int) -> list[tuple[str, str, st
         torch.manual_seed(0)
         model = build()
         swap = backward_mod.apply(model, Backward(kind=backward_kind))
-        opt = optim_mod.build(model.parameters(), OptimizerSpec(kind=opt_kind, lr=1e-3, rank=rank))
+        spec = OptimizerSpec(kind=opt_kind, lr=1e-3, rank=rank)
+        opt = optim_mod.build(model.parameters(), spec, model=model)
         timings[label] = time_steps(model, opt, x, y, steps)
         swap.restore()
     base = timings["exact + adam"]
