@@ -418,13 +418,3 @@ def test_other_hf_gelus_exact_forward_and_close_backward():
         assert not torch.equal(g_exact, g_mesa)
         assert F.cosine_similarity(g_exact.flatten(), g_mesa.flatten(), dim=0) > 0.999
     assert activation_replacement(nn.ReLU(), 8, 4, state=MesaState(), name="relu") is None
-
-
-def test_pack_bits_round_trip():
-    pytest.importorskip("transformers")
-    from edgetrain.backward.mesa_hf import pack_bits, unpack_bits
-
-    mask = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) > 0.3
-    packed = pack_bits(mask)
-    assert packed.dtype == torch.uint8 and packed.numel() == (3 * 5 * 7 + 7) // 8
-    assert torch.equal(unpack_bits(packed, mask.shape), mask)

@@ -104,6 +104,7 @@ from torch import nn
 
 from edgetrain.backward import Swap, register
 from edgetrain.models.vit import Attention
+from edgetrain.optim.perturb import pack_mask, unpack_mask
 from edgetrain.recipe import Backward
 from edgetrain.seeding import derive_seed
 
@@ -658,53 +659,84 @@ class MesaSoftmax(nn.Module):
 
 
 class _AttentionCoreFn(torch.autograd.Function):
-    """``P = softmax(q k^T * scale)``, ``o = P v`` with head-wise ``bits``-bit q, k, v, P
-    saved for backward. Returns ``(o, P)``; a gradient reaching ``P`` is added to dP."""
+    """Attention with head-wise ``bits``-bit q, k, v and P saved for backward, and the
+    dropout keep mask at one bit per element. ``scores = (q * scale) k^T`` when
+    ``scale_query`` (edgetrain's ViT), else ``(q k^T) * scale`` (HuggingFace's eager
+    attention), op for op as each model computes it; ``mask`` is added (float) or selects
+    (bool, True: attend); ``P = softmax(scores)``; ``W = dropout(P)``; ``o = W v``.
+    Returns ``(o (B, H, N, D), W (B, H, N, M))``; a gradient reaching W is added to dW."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, quants: tuple[RunningRangeQuantizer, ...]):
-        probs = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
-        out = probs @ v  # (B, H, N, D)
+    def forward(ctx, q, k, v, mask, scale: float, dropout: float, training: bool,
+                scale_query: bool, quants: tuple[RunningRangeQuantizer, ...]):  # fmt: skip
+        if scale_query:
+            scores = (q * scale) @ k.transpose(-2, -1)  # (B, H, N, M)
+        else:
+            scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, N, M)
+        if mask is not None:
+            if mask.dtype == torch.bool:  # True: attend (the sdpa format)
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + mask
+        probs = scores.softmax(dim=-1)  # (B, H, N, M)
+        dropped = training and dropout > 0
+        weights = F.dropout(probs, p=dropout, training=True) if dropped else probs
+        out = weights @ v  # (B, H, N, D)
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         q_quant, k_quant, v_quant, p_quant = quants
-        ctx.scale, ctx.quants, ctx.dtype = scale, quants, q.dtype
+        ctx.scale, ctx.quants, ctx.dtype, ctx.dropped = scale, quants, q.dtype, dropped
+        ctx.keep_scale = 1.0 / (1.0 - dropout) if dropped and dropout < 1 else 0.0
         ctx.shapes = (q.shape, k.shape, v.shape, probs.shape)
         none3 = [None, None, None]
+        keep = [pack_mask((weights != 0).reshape(-1))] if dropped else [None]
         saved = (
             (_pack(q_quant, _head_view(q)) if need_k else none3)
             + (_pack(k_quant, _head_view(k)) if need_q else none3)
             + (_pack(v_quant, _head_view(v)) if (need_q or need_k) else none3)
             + _pack(p_quant, _head_view(probs))
+            + keep
         )
         ctx.save_for_backward(*saved)
         ctx.set_materialize_grads(False)
-        return out, probs
+        return out, weights
 
     @staticmethod
-    def backward(ctx, grad_out, grad_probs):
+    def backward(ctx, grad_out, grad_weights):
         saved = ctx.saved_tensors
         q_quant, k_quant, v_quant, p_quant = ctx.quants
         q_shape, k_shape, v_shape, p_shape = ctx.shapes
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        probs = _unpack(p_quant, saved[9:12], p_shape, ctx.dtype)  # (B, H, N, N)
+        probs = _unpack(p_quant, saved[9:12], p_shape, ctx.dtype)  # (B, H, N, M)
+        keep, weights = None, probs
+        if ctx.dropped:
+            keep = unpack_mask(saved[12], p_shape.numel()).reshape(p_shape)
+            keep = keep.to(ctx.dtype).mul_(ctx.keep_scale)  # (B, H, N, M)
+            weights = probs * keep  # what the forward multiplied v with
         grad_q = grad_k = grad_v = None
-        if grad_out is None:  # only the returned probabilities reached the loss
-            grad_out = probs.new_zeros(v_shape)
+        if grad_out is None:  # only the returned weights reached the loss
+            grad_out = probs.new_zeros((*p_shape[:-1], v_shape[-1]))
         if need_v:
-            grad_v = probs.transpose(-2, -1) @ grad_out  # (B, H, N, D)
+            grad_v = weights.transpose(-2, -1) @ grad_out  # (B, H, M, D)
         if need_q or need_k:
             v = _unpack(v_quant, saved[6:9], v_shape, ctx.dtype)
-            grad_p = grad_out @ v.transpose(-2, -1)  # (B, H, N, N)
-            if grad_probs is not None:
-                grad_p = grad_p + grad_probs
-            grad_s = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True))  # (B, H, N, N)
+            grad_w = grad_out @ v.transpose(-2, -1)  # (B, H, N, M)
+            if grad_weights is not None:
+                grad_w = grad_w + grad_weights
+            grad_p = grad_w * keep if keep is not None else grad_w
+            grad_s = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True))  # (B, H, N, M)
             if need_q:
                 k = _unpack(k_quant, saved[3:6], k_shape, ctx.dtype)
                 grad_q = (grad_s @ k) * ctx.scale  # (B, H, N, D)
             if need_k:
                 q = _unpack(q_quant, saved[0:3], q_shape, ctx.dtype)
-                grad_k = (grad_s.transpose(-2, -1) @ q) * ctx.scale  # (B, H, N, D)
-        return grad_q, grad_k, grad_v, None, None
+                grad_k = (grad_s.transpose(-2, -1) @ q) * ctx.scale  # (B, H, M, D)
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None
+
+
+def attention_core(q, k, v, quants, scale: float, *, mask=None, dropout: float = 0.0,
+                   training: bool = False, scale_query: bool = True):  # fmt: skip
+    """Mesa's attention (``_AttentionCoreFn``): ``(o, W)`` for ``q, k, v`` (B, H, N, D)."""
+    return _AttentionCoreFn.apply(q, k, v, mask, scale, dropout, training, scale_query, quants)
 
 
 class MesaAttention(nn.Module):
@@ -738,7 +770,7 @@ class MesaAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
         if _needs_graph(q, k, v):
-            out, attn = _AttentionCoreFn.apply(q, k, v, self.scale, tuple(self.quants))
+            out, attn = attention_core(q, k, v, tuple(self.quants), self.scale)
         else:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
             out = attn @ v  # (B, H, N, D)

@@ -56,10 +56,8 @@ from edgetrain.backward.mesa import (
     MesaActivation,
     MesaState,
     RunningRangeQuantizer,
-    _head_view,
     _needs_graph,
-    _pack,
-    _unpack,
+    attention_core,
 )
 
 __all__ = [
@@ -69,8 +67,6 @@ __all__ = [
     "install_attention",
     "mesa_attention",
     "num_heads",
-    "pack_bits",
-    "unpack_bits",
 ]
 
 ATTENTION_NAME = "edgetrain_mesa"
@@ -128,28 +124,6 @@ def num_heads(model: nn.Module) -> int | None:
     return None
 
 
-# --- bit-packed masks ---------------------------------------------------------------------
-
-_BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.uint8)  # (8,)
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor -> uint8 ``(ceil(numel / 8),)``, eight elements per byte."""
-    flat = mask.reshape(-1).to(torch.uint8)  # (n,)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = _BIT_WEIGHTS.to(flat.device)
-    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)  # (n / 8,)
-
-
-def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: a bool tensor of ``shape``."""
-    weights = _BIT_WEIGHTS.to(packed.device)
-    bits = (packed[:, None] & weights) != 0  # (n / 8, 8)
-    return bits.reshape(-1)[: shape.numel()].reshape(shape)
-
-
 # --- the attention function ---------------------------------------------------------------
 
 
@@ -160,75 +134,6 @@ class _AttentionState:
     def __init__(self, quants: tuple[RunningRangeQuantizer, ...], previous: str) -> None:
         self.quants = quants
         self.previous = previous
-
-
-class _HFAttentionFn(torch.autograd.Function):
-    """Eager attention, op for op, saving 8-bit head-wise q, k, v and P and the dropout
-    keep mask as bits. Returns ``(out (B, H, N, D), weights (B, H, N, M))`` with weights
-    the dropped-out probabilities, as eager attention returns them."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scaling: float, dropout: float, training: bool, quants):
-        scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # (B, H, N, M)
-        if mask is not None:
-            if mask.dtype == torch.bool:  # True: attend (the sdpa format)
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            else:
-                scores = scores + mask
-        probs = F.softmax(scores, dim=-1)  # (B, H, N, M)
-        weights = F.dropout(probs, p=dropout, training=training)
-        out = torch.matmul(weights, v)  # (B, H, N, D)
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        q_quant, k_quant, v_quant, p_quant = quants
-        dropped = training and dropout > 0
-        ctx.scaling, ctx.quants, ctx.dtype = scaling, quants, q.dtype
-        ctx.keep_scale = 1.0 / (1.0 - dropout) if dropped and dropout < 1 else 0.0
-        ctx.dropped = dropped
-        ctx.shapes = (q.shape, k.shape, v.shape, probs.shape)
-        none3 = [None, None, None]
-        keep = [pack_bits(weights != 0)] if dropped else [None]
-        saved = (
-            (_pack(q_quant, _head_view(q)) if need_k else none3)
-            + (_pack(k_quant, _head_view(k)) if need_q else none3)
-            + (_pack(v_quant, _head_view(v)) if (need_q or need_k) else none3)
-            + _pack(p_quant, _head_view(probs))
-            + keep
-        )
-        ctx.save_for_backward(*saved)
-        ctx.set_materialize_grads(False)
-        return out, weights
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_weights):
-        saved = ctx.saved_tensors
-        q_quant, k_quant, v_quant, p_quant = ctx.quants
-        q_shape, k_shape, v_shape, p_shape = ctx.shapes
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        probs = _unpack(p_quant, saved[9:12], p_shape, ctx.dtype)  # (B, H, N, M)
-        if ctx.dropped:
-            keep = unpack_bits(saved[12], p_shape).to(ctx.dtype).mul_(ctx.keep_scale)
-            weights = probs * keep  # (B, H, N, M): what the forward multiplied v with
-        else:
-            keep, weights = None, probs
-        grad_q = grad_k = grad_v = None
-        if grad_out is None:  # only the returned weights reached the loss
-            grad_out = probs.new_zeros((*p_shape[:-1], v_shape[-1]))
-        if need_v:
-            grad_v = weights.transpose(-2, -1) @ grad_out  # (B, H, M, D)
-        if need_q or need_k:
-            v = _unpack(v_quant, saved[6:9], v_shape, ctx.dtype)
-            grad_w = grad_out @ v.transpose(-2, -1)  # (B, H, N, M)
-            if grad_weights is not None:
-                grad_w = grad_w + grad_weights
-            grad_p = grad_w * keep if keep is not None else grad_w
-            grad_s = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True))  # (B, H, N, M)
-            if need_q:
-                k = _unpack(k_quant, saved[3:6], k_shape, ctx.dtype)
-                grad_q = (grad_s @ k) * ctx.scaling  # (B, H, N, D)
-            if need_k:
-                q = _unpack(q_quant, saved[0:3], q_shape, ctx.dtype)
-                grad_k = (grad_s.transpose(-2, -1) @ q) * ctx.scaling  # (B, H, M, D)
-        return grad_q, grad_k, grad_v, None, None, None, None, None
 
 
 def _previous_function(module: nn.Module, previous: str):
@@ -286,9 +191,10 @@ def mesa_attention(
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     for quant in state.quants:
         quant.ensure_groups(query.shape[1])
-    out, weights = _HFAttentionFn.apply(
-        query, key, value, attention_mask, scaling, dropout, module.training, state.quants
-    )
+    out, weights = attention_core(
+        query, key, value, state.quants, scaling, mask=attention_mask, dropout=dropout,
+        training=module.training, scale_query=False,
+    )  # fmt: skip
     return out.transpose(1, 2).contiguous(), weights  # (B, N, H, D)
 
 
