@@ -7,9 +7,9 @@ is a pure function of the run's seed: a resumed run draws exactly the same numbe
 ``seeded_global_rng(seed, devices)``: dropout and ``nn.Linear``'s init draw only from
 torch's global generators and take no ``generator=``. Inside this context the CPU
 generator and the CUDA generators of ``devices`` are forked and seeded; on exit the
-caller's streams are restored. ``torch.manual_seed`` is never called: it reseeds *every*
-CUDA generator (queued even before CUDA initialises), which ``fork_rng(devices=[])`` would
-not restore.
+caller's streams are restored. torch's global seeding function is never called: it
+reseeds *every* CUDA generator (queued even before CUDA initialises), which
+``fork_rng(devices=[])`` would not restore.
 """
 
 from __future__ import annotations
