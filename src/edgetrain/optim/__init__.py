@@ -22,7 +22,30 @@ import torch
 from edgetrain._registry import Registry
 from edgetrain.recipe import Optimizer as OptimizerSpec
 
-__all__ = ["build", "register", "decay_param_groups"]
+__all__ = [
+    "build",
+    "register",
+    "decay_param_groups",
+    "ZOSGD",
+    "GaLoreAdamW",
+    "LowRankGradAdam",
+]
+
+# The optimizers themselves, importable from here (``from edgetrain.optim import ZOSGD``)
+# and loaded on first use, so that building a torch optimizer imports none of them.
+_LAZY = {
+    "ZOSGD": "edgetrain.optim.zo",
+    "GaLoreAdamW": "edgetrain.optim.galore",
+    "LowRankGradAdam": "edgetrain.optim.lowrank",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _BUILDERS: Registry = Registry("optimizer kind")
 
