@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +19,19 @@ import torch
 from torch import nn
 
 from edgetrain import scope as scope_mod
+from edgetrain.batches import LossFn, default_loss, model_output_logits
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import derive_seed
 
-__all__ = ["StepStats", "Estimator", "LossFn", "default_loss", "NonFiniteLossError"]
+__all__ = [
+    "StepStats",
+    "Estimator",
+    "LossFn",
+    "default_loss",
+    "model_output_logits",
+    "NonFiniteLossError",
+]
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -45,37 +52,6 @@ class StepStats:
     forward_passes: int
     backward_passes: int
     seconds: float
-
-
-def model_output_logits(output: Any) -> torch.Tensor:
-    """Logits from whatever a forward returns: a tensor, a tuple, or an object with
-    ``.logits`` (HuggingFace outputs)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"Cannot find logits in a model output of type {type(output).__name__}")
-
-
-def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Cross-entropy of ``model(x)`` against ``y`` for a batch ``(x, y)``; a batch that
-    is a dict is passed as keyword arguments and the output's ``.loss`` is used (models
-    that compute their own loss, as HuggingFace models do with ``labels``)."""
-    if isinstance(batch, dict):
-        output = model(**batch)
-        loss = getattr(output, "loss", None)
-        if loss is None:
-            raise TypeError("A dict batch needs a model whose output has .loss (pass labels=)")
-        return loss
-    x, y = batch
-    output = model(x)
-    loss = getattr(output, "loss", None)
-    if isinstance(loss, torch.Tensor):
-        return loss
-    return nn.functional.cross_entropy(model_output_logits(output), y)
 
 
 class Estimator(abc.ABC):
