@@ -9,12 +9,16 @@ file from someone else can never cost a run or run code.
   :class:`UntrustedFileError` for a file that is not a tensor-only torch file (another
   format, or a pickle that would import or call something). Never follow torch's advice
   to retry with ``weights_only=False`` for a file you did not write.
+* ``cache_dir()``: where edgetrain keeps what it can rebuild (pretrained models, linear
+  probes, downloaded data, plan caches); ``load_cache(path, what)``: a cache file's
+  contents, or None (with a warning) when it is missing or cannot be trusted.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,14 @@ import torch
 
 from edgetrain.errors import ConfigError
 
-__all__ = ["atomic_torch_save", "load_tensor_file", "UnreadableFileError", "UntrustedFileError"]
+__all__ = [
+    "atomic_torch_save",
+    "load_tensor_file",
+    "UnreadableFileError",
+    "UntrustedFileError",
+    "cache_dir",
+    "load_cache",
+]
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -74,3 +85,24 @@ def load_tensor_file(path: str | os.PathLike, what: str, advice: str = "") -> An
         raise UnreadableFileError(
             f"{path} is unreadable (truncated or corrupt: {first}).{tail}"
         ) from None
+
+
+def cache_dir() -> Path:
+    """Where pretrained models and plan caches live: ``$EDGETRAIN_CACHE`` or
+    ``~/.cache/edgetrain``."""
+    root = os.environ.get("EDGETRAIN_CACHE") or Path.home() / ".cache" / "edgetrain"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_cache(path: Path, what: str) -> dict[str, Any] | None:
+    """A cache file's contents, or None when there is none or it cannot be trusted (then
+    it is rebuilt, with a warning; it is never unpickled)."""
+    if not path.exists():
+        return None
+    try:
+        return load_tensor_file(path, what)
+    except (UnreadableFileError, UntrustedFileError) as err:
+        warnings.warn(f"{err} Rebuilding it.", RuntimeWarning, stacklevel=3)
+        return None

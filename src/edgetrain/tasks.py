@@ -12,13 +12,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,39 +26,14 @@ from edgetrain import models as models_mod
 from edgetrain._registry import Registry
 from edgetrain.errors import ConfigError
 from edgetrain.evaluate import accuracy
-from edgetrain.files import (
-    UnreadableFileError,
-    UntrustedFileError,
-    atomic_torch_save,
-    load_tensor_file,
-)
+from edgetrain.files import atomic_torch_save, cache_dir
+from edgetrain.files import load_cache as _load_cache
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import make_generator, seeded_global_rng
 
 __all__ = ["Task", "get", "names", "cache_dir", "register"]
 
 _CACHE_FORMAT = 1
-
-
-def cache_dir() -> Path:
-    """Where pretrained models and plan caches live: ``$EDGETRAIN_CACHE`` or
-    ``~/.cache/edgetrain``."""
-    root = os.environ.get("EDGETRAIN_CACHE") or Path.home() / ".cache" / "edgetrain"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _load_cache(path: Path, what: str) -> dict[str, Any] | None:
-    """A cache file's contents, or None when there is none or it cannot be trusted (then
-    it is rebuilt, with a warning; it is never unpickled)."""
-    if not path.exists():
-        return None
-    try:
-        return load_tensor_file(path, what)
-    except (UnreadableFileError, UntrustedFileError) as err:
-        warnings.warn(f"{err} Rebuilding it.", RuntimeWarning, stacklevel=3)
-        return None
 
 
 @dataclass(frozen=True)

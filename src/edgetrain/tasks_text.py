@@ -42,10 +42,11 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from edgetrain.files import atomic_torch_save
+from edgetrain.files import atomic_torch_save, cache_dir
+from edgetrain.files import load_cache as _load_cache
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import make_generator, seeded_global_rng
-from edgetrain.tasks import Task, _load_cache, cache_dir, register
+from edgetrain.tasks import Task, register
 
 __all__ = ["TextTaskConfig", "PretrainedTextTask", "minilm_path", "minilm_polarity"]
 

@@ -68,7 +68,7 @@ class ChecksumMismatchError(RuntimeError):
 def polarity_dir(cache: str | os.PathLike[str] | None = None) -> Path:
     """Where the archive and the CSV live: ``cache`` or ``cache_dir()/data/polarity``."""
     if cache is None:
-        from edgetrain.tasks import cache_dir
+        from edgetrain.files import cache_dir
 
         path = cache_dir() / "data" / "polarity"
     else:
