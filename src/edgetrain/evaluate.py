@@ -1,38 +1,49 @@
 """Evaluation: accuracy and mean loss of a classifier over a dataset, without grad, in
-eval mode (the model's previous mode is restored)."""
+eval mode (the model's previous mode is restored). Items are whatever the training data
+holds (``(x, y)`` tuples, dicts with ``labels``, any nest: edgetrain.batches), batched in
+order by a ``DataLoader`` with ``collate_fn``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from edgetrain.estimators.base import model_output_logits
+from edgetrain.batches import labels_of, model_output, model_output_logits
 
 __all__ = ["accuracy", "evaluate"]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 512) -> dict[str, float]:
-    """{'accuracy', 'loss'} of ``model`` on ``data`` (pairs (x, y))."""
+def evaluate(
+    model: nn.Module,
+    data: Dataset,
+    batch_size: int = 512,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> dict[str, float]:
+    """{'accuracy', 'loss'} of ``model`` on ``data``: the argmax of the logits against the
+    labels, and their mean cross-entropy."""
+    if len(data) == 0:
+        raise ValueError("Cannot evaluate on an empty dataset")
     was_training = model.training
     model.eval()
     try:
         correct = 0
         loss_sum = 0.0
-        n = len(data)
-        if n == 0:
-            raise ValueError("Cannot evaluate on an empty dataset")
-        for start in range(0, n, batch_size):
-            xs, ys = zip(*(data[i] for i in range(start, min(n, start + batch_size))), strict=True)
-            x, y = torch.stack(xs), torch.stack(ys)
-            logits = model_output_logits(model(x))
-            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
-        return {"accuracy": correct / n, "loss": loss_sum / n}
+        for batch in DataLoader(data, batch_size=batch_size, collate_fn=collate_fn):
+            labels = labels_of(batch)
+            if labels is None:
+                raise ValueError("Cannot evaluate a dataset without labels")
+            logits = model_output_logits(model_output(model, batch))
+            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+        return {"accuracy": correct / len(data), "loss": loss_sum / len(data)}
     finally:
         model.train(was_training)
 
 
-def accuracy(model: nn.Module, data: Dataset, batch_size: int = 512) -> float:
-    return evaluate(model, data, batch_size)["accuracy"]
+def accuracy(model: nn.Module, data: Dataset, batch_size: int = 512, collate_fn=None) -> float:
+    return evaluate(model, data, batch_size, collate_fn)["accuracy"]

@@ -30,26 +30,29 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, StackDataset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
 
 from edgetrain import distributed as dp_mod
 from edgetrain import estimators
+from edgetrain.batches import LossFn, labels_of, model_output, model_output_logits, tensors_of
 from edgetrain.errors import ConfigError
-from edgetrain.estimators.base import LossFn, NonFiniteLossError
+from edgetrain.estimators.base import NonFiniteLossError
 from edgetrain.evaluate import evaluate as evaluate_model
 from edgetrain.files import UntrustedFileError, atomic_torch_save, load_tensor_file
+from edgetrain.loader import BatchSampler, unpack_loader
 from edgetrain.memory.measure import MemoryReport, StepMeter
 from edgetrain.recipe import Recipe
-from edgetrain.seeding import cuda_devices, derive_seed, make_generator, seeded_global_rng
+from edgetrain.seeding import cuda_devices, derive_seed, seeded_global_rng
 
 __all__ = ["finetune", "FitResult", "TrainingDivergedError", "BatchSampler", "check_data"]
 
@@ -99,68 +102,57 @@ class FitResult:
         return secs[len(secs) // 2] if secs else float("nan")
 
 
-class BatchSampler:
-    """Step -> batch, a pure function of (seed, step): a fresh permutation each epoch."""
-
-    def __init__(self, data: Dataset, batch_size: int, seed: int) -> None:
-        self.data = data
-        self.n = len(data)
-        self.batch_size = min(batch_size, self.n)
-        self.seed = seed
-        self.steps_per_epoch = math.ceil(self.n / self.batch_size)
-        self._epoch = -1
-        self._perm: torch.Tensor | None = None
-
-    def indices(self, step: int) -> torch.Tensor:
-        epoch, within = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            gen = make_generator(derive_seed(self.seed, epoch, 0xBA7C4))
-            self._perm = torch.randperm(self.n, generator=gen)
-            self._epoch = epoch
-        assert self._perm is not None
-        return self._perm[within * self.batch_size : (within + 1) * self.batch_size]
-
-    def batch(self, step: int) -> Any:
-        idx = self.indices(step)
-        if isinstance(self.data, TensorDataset):
-            return tuple(t[idx] for t in self.data.tensors)
-        items = [self.data[int(i)] for i in idx]
-        return tuple(torch.stack(col) for col in zip(*items, strict=True))
+def _labels(data: Dataset, collate_fn) -> torch.Tensor | None:
+    """Every label of ``data`` (None if its items carry none)."""
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        return data.tensors[1]
+    if isinstance(data, StackDataset) and isinstance(data.datasets, dict):
+        for key in ("labels", "label"):
+            if isinstance(data.datasets.get(key), torch.Tensor):
+                return data.datasets[key]
+    labels = [labels_of(collate_fn([data[i]])) for i in range(len(data))]
+    return None if any(y is None for y in labels) else torch.cat(labels)
 
 
-def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
-    n = getattr(model, "num_classes", None)
-    if isinstance(n, int):
-        return n
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(x[:1])
-    model.train(was)
-    from edgetrain.estimators.base import model_output_logits
-
-    return int(model_output_logits(out).shape[-1])
-
-
-def check_data(model: nn.Module, data: Dataset, what: str = "training data") -> None:
-    """Raise a ValueError naming the problem if ``data`` cannot train ``model``."""
+def check_data(
+    model: nn.Module, data: Dataset, what: str = "training data", collate_fn=None
+) -> None:
+    """Raise a ConfigError naming the problem if ``data`` cannot train ``model`` with the
+    default loss: an empty dataset, examples of another shape than ``model.input_shape``
+    (``(x, y)`` items), float labels for a classifier, labels outside its classes."""
     if len(data) == 0:
         raise ConfigError(f"The {what} is empty: nothing to train on")
-    x, y = data[0]
+    collate_fn = collate_fn or default_collate
+    item = data[0]
     shape = getattr(model, "input_shape", None)
-    if shape is not None and tuple(x.shape) != tuple(shape):
+    if (
+        shape is not None
+        and isinstance(item, (tuple, list))
+        and isinstance(item[0], torch.Tensor)
+        and tuple(item[0].shape) != tuple(shape)
+    ):
         raise ConfigError(
-            f"The {what} has examples of shape {tuple(x.shape)}, but the model expects "
+            f"The {what} has examples of shape {tuple(item[0].shape)}, but the model expects "
             f"{tuple(shape)}"
         )
-    labels = (
-        data.tensors[1]
-        if isinstance(data, TensorDataset)
-        else torch.stack([data[i][1] for i in range(len(data))])
-    )
+    labels = _labels(data, collate_fn)
+    if labels is None:
+        return  # no labels: the model's own loss (or a custom loss_fn) decides
+    one = collate_fn([item])
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model_output(model, one)
+    finally:
+        model.train(was)
+    own_loss = isinstance(getattr(output, "loss", None), torch.Tensor)
     if labels.dtype.is_floating_point:
+        if own_loss:
+            return  # e.g. a regression head computing its own loss
         raise ConfigError(f"The {what} has float labels ({labels.dtype}); expected class ids")
-    n_classes = _num_classes(model, x.unsqueeze(0))
+    n = getattr(model, "num_classes", None)
+    n_classes = n if isinstance(n, int) else int(model_output_logits(output).shape[-1])
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= n_classes:
         bad = lo if lo < 0 else hi
@@ -170,7 +162,7 @@ def check_data(model: nn.Module, data: Dataset, what: str = "training data") -> 
 
 
 def _shape_error(err: RuntimeError, batch: Any) -> ConfigError:
-    shapes = [tuple(t.shape) for t in batch if isinstance(t, torch.Tensor)]
+    shapes = [tuple(t.shape) for t in tensors_of(batch)]
     return ConfigError(
         f"The model cannot run a batch of shape {shapes[0] if shapes else '?'}: {err}"
     )
@@ -196,6 +188,8 @@ def finetune(
     time_budget: float | None = None,
     stall_steps: int = 200,
     data_parallel: bool | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    num_workers: int = 0,
 ) -> FitResult:
     """Fine-tune ``model`` in place with ``recipe`` and return a :class:`FitResult`.
 
@@ -210,7 +204,19 @@ def finetune(
     ``requires_grad`` flags, modules and parameters (swapped layers restored).
     ``data_parallel``: None trains data-parallel exactly when a torch.distributed process
     group is initialised; False trains this process alone even inside one.
+
+    ``train_data`` (and ``eval_data``) is any map-style Dataset whose items are ``(x, y)``
+    tuples, dicts (``input_ids``, ``attention_mask``, ``labels``: a HuggingFace model
+    trains on them as it comes) or any nest of tensors, batched by ``collate_fn``
+    (torch's ``default_collate`` unless given) in a ``DataLoader`` with ``num_workers``
+    workers over edgetrain's seeded sampler (edgetrain.loader: the batch of a step is a
+    pure function of (seed, step), so a resumed run sees the batches an uninterrupted one
+    does). A ``DataLoader`` may be passed instead: its dataset, collate_fn and batch size
+    are used, its sampler replaced by the seeded one.
     """
+    train_data, batch_size, collate_fn = unpack_loader(train_data, batch_size, collate_fn)
+    if eval_data is not None:
+        eval_data = unpack_loader(eval_data, None, None)[0]
     if steps is not None and epochs is not None:
         raise ConfigError("Give steps or epochs, not both")
     batch_size = batch_size or recipe.batch_size
@@ -218,13 +224,15 @@ def finetune(
         raise ConfigError(f"Invalid batch_size: {batch_size} (must be >= 1)")
     if checkpoint_every < 1:
         raise ConfigError(f"Invalid checkpoint_every: {checkpoint_every} (must be >= 1)")
+    if num_workers < 0:
+        raise ConfigError(f"Invalid num_workers: {num_workers} (must be >= 0)")
     if loss_fn is None:
-        check_data(model, train_data)
+        check_data(model, train_data, collate_fn=collate_fn)
         if eval_data is not None:
-            check_data(model, eval_data, "evaluation data")
+            check_data(model, eval_data, "evaluation data", collate_fn=collate_fn)
     elif len(train_data) == 0:
         raise ConfigError("The training data is empty: nothing to train on")
-    sampler = BatchSampler(train_data, batch_size, seed)
+    sampler = BatchSampler(train_data, batch_size, seed, collate_fn=collate_fn)
     parallel = dp_mod.is_initialized() if data_parallel is None else data_parallel
     if parallel and not dp_mod.is_initialized():
         raise ConfigError("data_parallel=True needs an initialised torch.distributed group")
@@ -243,7 +251,7 @@ def finetune(
     if parallel:
         result.world_size = dp_mod.get_world_size()
     if main and evaluate and eval_data is not None:
-        result.accuracy_before = evaluate_model(model, eval_data)["accuracy"]
+        result.accuracy_before = evaluate_model(model, eval_data, collate_fn=collate_fn)["accuracy"]
     est = estimators.build(model, recipe, loss_fn, seed=seed)
     ckpt_path = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
     start_step = 0
@@ -274,6 +282,7 @@ def finetune(
             stall_steps if main else 0,
             dp,
             measure,
+            num_workers,
         )
         if dp is not None:
             dp.finish()
@@ -284,7 +293,7 @@ def finetune(
             dp.close()
         est.close()
     if main and evaluate and eval_data is not None:
-        result.accuracy_after = evaluate_model(model, eval_data)["accuracy"]
+        result.accuracy_after = evaluate_model(model, eval_data, collate_fn=collate_fn)["accuracy"]
     return result
 
 
@@ -304,6 +313,7 @@ def _loop(
     stall_steps,
     dp=None,
     measure=False,
+    num_workers=0,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -324,11 +334,12 @@ def _loop(
     # measure=True meters this run's first two steps as they run (no copy of the model):
     # their batches are drawn before the first, so that the meter knows them.
     metered = range(start_step, min(steps, start_step + 2)) if measure else range(0)
-    prefetched = {s: sampler.batch(s) for s in metered}
+    batches = iter(sampler.loader(start_step, steps, num_workers))
+    prefetched = {s: next(batches) for s in metered}
     meter = StepMeter(model, est, list(prefetched.values())) if metered else None
     try:
         for step in range(start_step, steps):
-            batch = prefetched.pop(step) if step in prefetched else sampler.batch(step)
+            batch = prefetched.pop(step) if step in prefetched else next(batches)
             if dp is not None:
                 batch = dp.shard(batch, step)
             try:
@@ -368,7 +379,7 @@ def _loop(
             bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
             if eval_data is not None and eval_every and (step + 1) % eval_every == 0:
                 eval_start = time.perf_counter()
-                acc = evaluate_model(model, eval_data)["accuracy"]
+                acc = evaluate_model(model, eval_data, collate_fn=sampler.collate_fn)["accuracy"]
                 result.evals.append(
                     {"step": step + 1, "accuracy": acc, "wall_seconds": result.wall_seconds}
                 )
