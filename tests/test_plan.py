@@ -1,6 +1,17 @@
 import pytest
+import torch
 
-from edgetrain.plan import NoRecipeFitsError, parse_budget, plan
+from edgetrain import memory, models
+from edgetrain.plan import (
+    NoRecipeFitsError,
+    parse_budget,
+    plan,
+    plan_sparse_update,
+    sparse_update_candidates,
+)
+from edgetrain.recipe import Scope
+from edgetrain.scope import select
+from edgetrain.seeding import make_generator, seeded_global_rng
 
 
 @pytest.mark.parametrize(
@@ -103,3 +114,48 @@ def test_a_failure_that_is_not_the_recipes_fault_is_not_cached(tmp_path, monkeyp
     second = plan(*args, **kwargs)
     assert len(calls) == n_first + 1  # only the failed candidate ran again
     assert all(c.error is None for c in second.fits + second.rejected)
+
+
+# --- sparse update under a budget (plan_sparse_update) -------------------------------------
+
+
+def _vit_and_images(b=8, seed=0):
+    with seeded_global_rng(seed):
+        net = models.build("vit").eval()
+    g = make_generator(seed)
+    return net, (torch.randn(b, 1, 28, 28, generator=g), torch.randint(0, 10, (b,), generator=g))
+
+
+def test_sparse_update_contribution_is_the_l1_gradient_of_what_trains():
+    net, batch = _vit_and_images()
+    candidates = sparse_update_candidates(net, batch, ratios=(0.5,))
+    assert all(p.grad is None for p in net.parameters())  # the planner leaves .grad alone
+    x, y = batch
+    torch.nn.functional.cross_entropy(net(x), y).backward()  # the true gradient, by autograd
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    for cand in candidates:
+        sel = select(net, cand.scope)
+        expected = 0.0
+        for name, _ in sel.named:
+            g = grads[name].abs()
+            mask = sel.channel_masks.get(name)
+            expected += float(g.sum() if mask is None else g[mask.expand_as(g)].sum())
+        assert cand.contribution == pytest.approx(expected, rel=1e-5)
+    assert candidates[0].scope == Scope(kind="bias")
+    assert len(candidates) == 2 + len(net.blocks)  # bias, head, last k = 1..4 at one ratio
+
+
+def test_the_sparse_update_planner_respects_the_budget_and_maximises_the_contribution():
+    net, batch = _vit_and_images()
+    ratios = (0.25, 1.0)
+    candidates = sparse_update_candidates(net, batch, ratios=ratios)
+    peaks = sorted(c.peak_bytes for c in candidates)
+    budget = (peaks[0] + peaks[-1]) // 2
+    recipe = plan_sparse_update(net, batch, budget, ratios=ratios)
+    chosen = next(c for c in candidates if c.scope == recipe.scope)
+    fitting = [c for c in candidates if c.peak_bytes <= budget]
+    assert chosen.contribution == max(c.contribution for c in fitting)
+    assert memory.measure(net, recipe, batch).peak <= budget  # measured again: it fits
+    assert any(c.peak_bytes > budget for c in candidates)  # the budget did bind
+    with pytest.raises(ValueError, match="No sparse-update scheme fits"):
+        plan_sparse_update(net, batch, peaks[0] - 1, ratios=ratios)

@@ -25,15 +25,20 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from edgetrain import presets, tasks
+from edgetrain.batches import LossFn, default_loss
 from edgetrain.errors import ConfigError
 from edgetrain.memory.measure import format_bytes, measure
-from edgetrain.recipe import Recipe
-from edgetrain.scope import find_blocks
+from edgetrain.recipe import Recipe, Scope
+from edgetrain.scope import Selection, find_blocks, select
 from edgetrain.train import BatchSampler
 
 __all__ = ["parse_budget", "plan", "Candidate", "Plan", "NoRecipeFitsError", "PRIOR"]
@@ -297,3 +302,132 @@ def plan(
             f"footprint is {format_bytes(smallest.peak)}, reached by {smallest.describe()}"
         )
     return Plan(budget=budget_bytes, fits=fits, rejected=rejected, source=source)
+
+
+# --- sparse update under a memory budget (Lin et al. 2022, contribution analysis, Eq. 3) --
+# The sparse-update layers live in edgetrain.backward.sparse_update; choosing which blocks
+# and channel ratio to train measures real steps of candidate recipes, so it is planning.
+
+__all__ += ["SparseCandidate", "sparse_update_candidates", "plan_sparse_update"]
+
+
+@dataclass
+class SparseCandidate:
+    """One sparse-update scheme: its scope, the measured peak bytes of one step, and its
+    contribution score (``sum |dL/dtheta|`` over what it trains, on the planning batch)."""
+
+    scope: Scope
+    peak_bytes: int
+    contribution: float
+
+    def describe(self) -> str:
+        s = self.scope
+        if s.kind == "bias":
+            what = "biases and norms of every layer"
+        elif s.kind == "last_blocks":
+            what = f"last {s.k} blocks" + (" + head" if s.include_head else "")
+        else:
+            what = f"blocks {list(s.blocks)} at channel ratio {s.channel_ratio:g}" + (
+                " + head" if s.include_head else ""
+            )
+        return f"{what}: peak {self.peak_bytes} B, contribution {self.contribution:.4g}"
+
+
+def _abs_gradients(model: nn.Module, batch: Any, loss_fn: LossFn) -> dict[str, torch.Tensor]:
+    """|dL/dp| for every parameter by name, from one backward; flags and .grad untouched."""
+    named = list(model.named_parameters())
+    flags = [(p, p.requires_grad) for _, p in named]
+    try:
+        for _, p in named:
+            p.requires_grad_(True)
+        loss = loss_fn(model, batch)
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return {
+        n: (g.abs() if g is not None else torch.zeros_like(p))
+        for (n, p), g in zip(named, grads, strict=True)
+    }
+
+
+def _contribution(selection: Selection, abs_grads: dict[str, torch.Tensor]) -> float:
+    total = 0.0
+    for name, _ in selection.named:
+        g = abs_grads[name]
+        mask = selection.channel_masks.get(name)
+        total += float(g.sum() if mask is None else g[mask.expand_as(g)].sum())
+    return total
+
+
+def sparse_update_candidates(
+    model: nn.Module,
+    batch: Any,
+    base: Recipe | None = None,
+    loss_fn: LossFn | None = None,
+    *,
+    ratios: Sequence[float] = (0.125, 0.25, 0.5, 1.0),
+) -> list[SparseCandidate]:
+    """Every scheme the sparse-update planner considers, measured: biases only; the head
+    only; the last ``k`` blocks (k = 1 .. all) at each channel ratio in ``ratios``, with
+    their biases and the head. Each peak is one real step of ``base`` (default: the
+    ``sparse_update`` preset) with that scope (``edgetrain.memory.measure``, on a copy);
+    each contribution is ``sum |dL/dtheta|`` over what the scheme trains, from one backward
+    on ``batch``. ``model`` is unchanged."""
+    if not ratios or not all(0 < r <= 1 for r in ratios):
+        raise ValueError(f"Invalid ratios: {tuple(ratios)} (each in (0, 1])")
+    base = base or presets.get("sparse_update")
+    loss_fn = loss_fn or default_loss
+    n_blocks = len(find_blocks(model))
+    scopes = [Scope(kind="bias"), Scope(kind="last_blocks", k=0, include_head=True)]
+    for k in range(1, n_blocks + 1):
+        for r in sorted(set(ratios)):
+            scopes.append(
+                Scope(
+                    kind="channels",
+                    blocks=tuple(range(n_blocks - k, n_blocks)),
+                    channel_ratio=r,
+                    include_head=True,
+                )
+            )
+    abs_grads = _abs_gradients(model, batch, loss_fn)
+    out = []
+    for scope in scopes:
+        try:
+            selection = select(model, scope)
+        except ValueError:  # EmptyScopeError: e.g. a model without a head
+            continue
+        report = measure(model, base.replace(scope=scope), batch, loss_fn)
+        out.append(SparseCandidate(scope, report.peak, _contribution(selection, abs_grads)))
+    return out
+
+
+def plan_sparse_update(
+    model: nn.Module,
+    batch: Any,
+    budget_bytes: int,
+    base: Recipe | None = None,
+    loss_fn: LossFn | None = None,
+    *,
+    ratios: Sequence[float] = (0.125, 0.25, 0.5, 1.0),
+) -> Recipe:
+    """The sparse-update recipe with the largest contribution whose measured peak (one real
+    step, ``MemoryReport.peak``) fits ``budget_bytes``: ``base`` (default: the
+    ``sparse_update`` preset) with the chosen scope. Raises ValueError, naming the
+    cheapest scheme, if none fits. See :func:`sparse_update_candidates`."""
+    if budget_bytes <= 0:
+        raise ValueError(f"Invalid budget_bytes: {budget_bytes} (must be > 0)")
+    base = base or presets.get("sparse_update")
+    candidates = sparse_update_candidates(model, batch, base, loss_fn, ratios=ratios)
+    fitting = [c for c in candidates if c.peak_bytes <= budget_bytes]
+    if not fitting:
+        cheapest = min(candidates, key=lambda c: c.peak_bytes)
+        raise ValueError(
+            f"No sparse-update scheme fits a budget of {budget_bytes} bytes; the cheapest "
+            f"measured is {cheapest.describe()}. Raise the budget or use a smaller batch"
+        )
+    best = max(fitting, key=lambda c: (c.contribution, -c.peak_bytes))
+    return base.replace(
+        scope=best.scope,
+        description=f"Sparse update planned for {budget_bytes} B: {best.describe()}",
+    )
