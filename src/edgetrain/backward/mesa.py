@@ -61,7 +61,9 @@ Layers covered (swapped by module type, restorable through the returned ``Swap``
 ``nn.GELU`` (8-bit input), ``nn.LayerNorm`` (8-bit input plus the exact per-row mean and
 1/std, as the reference does), ``nn.Softmax`` (8-bit *output* only: softmax's backward
 ``dx = y * (dy - sum(dy * y))`` needs nothing else; the reference saves input and output),
-and ``edgetrain.models.vit.Attention``, replaced by :class:`MesaAttention`, which shares
+and every attention module that declares ``fused_qkv_attention = True`` (edgetrain's ViT
+``Attention``: the model declares the swap, this module never imports a model; see
+:func:`is_fused_qkv_attention`), replaced by :class:`MesaAttention`, which shares
 the original ``qkv``/``proj`` parameters and runs ``softmax(q k^T * scale) v`` as one
 autograd Function that saves head-wise 8-bit q, k, v and attention probabilities (the
 probabilities once, where exact autograd keeps them for both the softmax and the second
@@ -103,7 +105,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.backward import Swap, register
-from edgetrain.models.vit import Attention
 from edgetrain.optim.perturb import pack_mask, unpack_mask
 from edgetrain.recipe import Backward
 from edgetrain.seeding import derive_seed
@@ -116,6 +117,7 @@ __all__ = [
     "MesaLayerNorm",
     "MesaSoftmax",
     "MesaAttention",
+    "is_fused_qkv_attention",
     "apply_mesa",
 ]
 
@@ -739,20 +741,36 @@ def attention_core(q, k, v, quants, scale: float, *, mask=None, dropout: float =
     return _AttentionCoreFn.apply(q, k, v, mask, scale, dropout, training, scale_query, quants)
 
 
+def is_fused_qkv_attention(module: nn.Module) -> bool:
+    """Whether ``module``'s class declares ``fused_qkv_attention = True``: it has ``qkv``
+    (an nn.Linear C -> 3C whose output is laid out (3, heads, head_dim)), ``proj``,
+    ``num_heads``, ``head_dim`` and ``scale``, and its ``forward(x, return_weights=False)``
+    returns ``(proj(softmax((q * scale) k^T) v), weights or None)``, as edgetrain's ViT
+    ``Attention`` (edgetrain.models.vit) does. Such a module is swapped for
+    :class:`MesaAttention`."""
+    return getattr(type(module), "fused_qkv_attention", False) is True
+
+
 class MesaAttention(nn.Module):
-    """Drop-in for ``edgetrain.models.vit.Attention``: same ``qkv``/``proj`` parameters
-    (as :class:`MesaLinear`), same forward arithmetic, head-wise 8-bit saved q, k, v and
-    attention probabilities."""
+    """Drop-in for an attention module that declares ``fused_qkv_attention``
+    (:func:`is_fused_qkv_attention`; edgetrain's ViT ``Attention``): same ``qkv``/``proj``
+    parameters (as :class:`MesaLinear`), same forward arithmetic, head-wise 8-bit saved
+    q, k, v and attention probabilities."""
 
     def __init__(
         self,
-        attention: Attention,
+        attention: nn.Module,
         bits: int = 8,
         *,
         state: MesaState | None = None,
         name: str = "attn",
     ) -> None:
         super().__init__()
+        if not is_fused_qkv_attention(attention):
+            raise TypeError(
+                f"MesaAttention wraps a module that declares fused_qkv_attention = True; "
+                f"{type(attention).__name__} does not (see is_fused_qkv_attention)"
+            )
         self.num_heads = attention.num_heads
         self.head_dim = attention.head_dim
         self.scale = attention.scale
@@ -794,7 +812,7 @@ def _hf_module():
 def _default_groups(model: nn.Module) -> int:
     """Channel groups for Linear/GELU/LayerNorm inputs: the model's number of heads."""
     for module in model.modules():
-        if isinstance(module, Attention):
+        if is_fused_qkv_attention(module):
             return module.num_heads
     hf = _hf_module()
     heads = hf.num_heads(model) if hf is not None else None
@@ -805,7 +823,7 @@ def _replacement(
     module: nn.Module, bits: int, groups: int, state: MesaState, name: str
 ) -> nn.Module | None:
     kw = {"state": state, "name": name}
-    if isinstance(module, Attention):
+    if is_fused_qkv_attention(module):
         return MesaAttention(module, bits, **kw)
     if isinstance(module, nn.Linear):
         return MesaLinear(module, bits, groups, **kw)

@@ -524,12 +524,18 @@ def _is_pointwise(conv: nn.Module) -> bool:
     )
 
 
-def default_targets() -> dict[type[nn.Module], tuple[str, ...]]:
-    """The edgetrain ViT's token-grid Linear layers: attention ``qkv``/``proj``, MLP
-    ``fc1``/``fc2`` (not the head, which sees the CLS token only)."""
-    from edgetrain.models.vit import Attention, MLPBlock
-
-    return {Attention: ("qkv", "proj"), MLPBlock: ("fc1", "fc2")}
+def default_targets(model: nn.Module) -> dict[type[nn.Module], tuple[str, ...]]:
+    """The token-grid Linear layers that ``model``'s own modules declare: each module class
+    with a ``token_linears`` class attribute (a tuple of the names of its Linear children
+    applied token by token) maps to it. edgetrain's ViT declares attention ``qkv``/``proj``
+    and MLP ``fc1``/``fc2`` (not the head, which sees the CLS token only); the model says
+    what is swapped, this module imports no model."""
+    out: dict[type[nn.Module], tuple[str, ...]] = {}
+    for module in model.modules():
+        names = getattr(type(module), "token_linears", None)
+        if isinstance(names, tuple) and names:
+            out.setdefault(type(module), names)
+    return out
 
 
 def _linears_in_blocks(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -563,15 +569,16 @@ def apply_wht(
     ``spec.wht_k`` and ``spec.wht_selection``); ``Swap.restore()`` puts the originals back.
 
     ``targets`` maps a parent module type to the attribute names of its Linear children to
-    swap (default :func:`default_targets`: the ViT's qkv, proj, fc1, fc2; a model that has
-    none of those types and says ``model.token_sequence = True``, its blocks mapping
-    ``(B, T, C)`` tokens to tokens, e.g. ``HFClassifier``, gets every ``nn.Linear`` inside
-    its blocks, ``edgetrain.scope.find_blocks``: all of them act on the token sequence, as
-    BERT's query/key/value, attention output, intermediate and output layers do).
-    ``grid="auto"``
-    takes ``model.grid_size`` (extra tokens = T - h*w, e.g. the CLS token) and, for a model
-    without one, uses the 1-D variant over blocks of ``block_1d`` tokens; pass ``(h, w)`` or
-    ``None`` (1-D) to choose. ``conv1x1=True`` also swaps every 1x1 stride-1 Conv2d.
+    swap (default :func:`default_targets`: what the model's modules declare in
+    ``token_linears``, the ViT's qkv, proj, fc1, fc2; a model that declares none and says
+    ``model.token_sequence = True``, its blocks mapping ``(B, T, C)`` tokens to tokens,
+    e.g. ``HFClassifier``, gets every ``nn.Linear`` inside its blocks,
+    ``edgetrain.scope.find_blocks``: all of them act on the token sequence, as BERT's
+    query/key/value, attention output, intermediate and output layers do).
+    ``grid="auto"`` takes ``model.grid_size`` (extra tokens = T - h*w, e.g. the CLS
+    token) and, for a model without one, uses the 1-D variant over blocks of ``block_1d``
+    tokens; pass ``(h, w)`` or ``None`` (1-D) to choose. ``conv1x1=True`` also swaps
+    every 1x1 stride-1 Conv2d.
     """
     if grid == "auto":
         grid = getattr(model, "grid_size", None)
@@ -580,12 +587,9 @@ def apply_wht(
     else:
         grid = (int(grid[0]), int(grid[1]))
         config = WHTConfig(k=spec.wht_k, selection=spec.wht_selection)
-    structural = (
-        targets is None
-        and getattr(model, "token_sequence", False)
-        and not any(isinstance(m, tuple(default_targets())) for m in model.modules())
-    )
-    targets = default_targets() if targets is None else dict(targets)
+    declared = default_targets(model) if targets is None else {}
+    structural = targets is None and getattr(model, "token_sequence", False) and not declared
+    targets = declared if targets is None else dict(targets)
     parent_types = tuple(targets)
     plan: list[tuple[nn.Module, str, nn.Module]] = []
     if structural:
@@ -606,9 +610,11 @@ def apply_wht(
                     plan.append((module, name, WHTConv1x1(child, config=config)))
     if not plan:
         known = ", ".join(f"{c.__name__}.{{{', '.join(n)}}}" for c, n in targets.items())
+        where = f"no nn.Linear at {known}" if known else "no module declares token_linears"
         raise ValueError(
-            f"Backward 'wht' found no layer to swap in {type(model).__name__}: no nn.Linear "
-            f"at {known}; pass targets={{ParentType: ('name', ...)}} naming its Linear layers"
+            f"Backward 'wht' found no layer to swap in {type(model).__name__}: {where}; "
+            "pass targets={ParentType: ('name', ...)} naming its Linear layers, or give its "
+            "module classes a token_linears = ('name', ...) attribute"
         )
     swap = Swap()
     for parent, name, new in plan:

@@ -8,6 +8,17 @@ per-head weights: Block Selective Reprogramming ranks tokens by the CLS row of t
 ``Block.forward_mlp``), and forward-mode AD runs through it. The Linear layers are named
 ``qkv``, ``proj``, ``fc1``, ``fc2`` as in timm, and are plain ``nn.Linear`` so
 cheaper-backward layers can be swapped in by module type.
+
+Swap declarations. The model says what the cheaper backwards may swap, as class attributes
+that edgetrain.backward reads by duck typing (the core never imports this module):
+
+* ``fused_qkv_attention = True`` (on :class:`Attention`): the module has ``qkv`` (Linear
+  C -> 3C, laid out (3, heads, head_dim)), ``proj``, ``num_heads``, ``head_dim`` and
+  ``scale``, and computes ``softmax((q * scale) k^T) v``; Mesa replaces it by its
+  ``MesaAttention`` (same parameters, same arithmetic) and takes ``num_heads`` as its
+  channel groups.
+* ``token_linears`` (on :class:`Attention` and :class:`MLPBlock`): the names of the Linear
+  children applied token by token on the patch grid; LBP-WHT swaps them.
 """
 
 from __future__ import annotations
@@ -17,6 +28,9 @@ from torch import nn
 
 
 class Attention(nn.Module):
+    fused_qkv_attention = True  # Mesa: swap for MesaAttention (see the module docstring)
+    token_linears = ("qkv", "proj")  # LBP-WHT: per-token Linear children
+
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads:
@@ -40,6 +54,8 @@ class Attention(nn.Module):
 
 
 class MLPBlock(nn.Module):
+    token_linears = ("fc1", "fc2")  # LBP-WHT: per-token Linear children
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
