@@ -1,5 +1,7 @@
 """The memory meter against facts that can be computed independently."""
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -122,10 +124,36 @@ def test_tracker_sees_a_known_temporary():
     del c
 
 
+def test_child_peak_rss_sees_what_the_child_allocated_not_the_parent():
+    # A child that touches 256 MiB (a bytes object of 1s) against one that allocates
+    # nothing. The parent (pytest with torch loaded) is far bigger than either: a child
+    # started from it directly would report the parent's high-water mark (Linux keeps
+    # ru_maxrss across exec), the launcher keeps it out.
+    mib = 2**20
+    base = memory.child_peak_rss([sys.executable, "-c", "pass"]).peak_rss
+    big = memory.child_peak_rss(
+        [sys.executable, "-c", "b = b'\\x01' * (256 * 2**20); print(len(b))"]
+    )
+    assert big.stdout.strip() == str(256 * mib)
+    assert 2 * mib < base < 64 * mib < memory.maxrss_bytes()
+    assert 256 * mib <= big.peak_rss <= 256 * mib + base + 16 * mib
+
+
+def test_child_peak_rss_reports_failures_and_timeouts():
+    with pytest.raises(RuntimeError, match="failed \\(3\\).*boom"):
+        memory.child_peak_rss(
+            [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"]
+        )
+    with pytest.raises(TimeoutError, match="longer than 0.5 s"):
+        memory.child_peak_rss([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
+
+
 @pytest.mark.slow
 def test_peak_rss_of_a_child_run(task):
+    from edgetrain.bench.rss_run import peak_rss
+
     recipe = presets.get("last_layers")
-    rss = memory.peak_rss("mnist-to-digits", "mlp", recipe, steps=3)
+    rss = peak_rss("mnist-to-digits", "mlp", recipe, steps=3)
     assert 10 * 2**20 < rss["loaded_rss"] <= rss["peak_rss"] < 4 * 2**30
 
 

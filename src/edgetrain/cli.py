@@ -284,7 +284,9 @@ def _cmd_measure(args) -> int:
     print(report)
     print(f"{'inference peak':<17}  {memory.format_bytes(inference.peak):>12}")
     if args.rss:
-        rss = memory.peak_rss(args.task, model_name, recipe, seed=args.seed)
+        from edgetrain.bench.rss_run import peak_rss
+
+        rss = peak_rss(args.task, model_name, recipe, seed=args.seed)
         print(f"{'RSS after load':<17}  {memory.format_bytes(rss['loaded_rss']):>12}")
         print(f"{'RSS peak (run)':<17}  {memory.format_bytes(rss['peak_rss']):>12}")
     return 0

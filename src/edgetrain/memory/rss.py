@@ -1,78 +1,99 @@
-"""Whole-process peak memory of a short training run, in a child process.
+"""Whole-process peak memory: the peak resident set size of a child process.
 
-The child (``python -m edgetrain.memory.rss``) imports edgetrain, loads the task and the
-pretrained model, records its peak resident set size (``ru_maxrss``: the high-water
-mark so far), trains ``steps`` steps, and records it again. A fresh process keeps the
-figure free of whatever the parent allocated. Both figures are reported: the peak after
-loading, and the peak of the whole run; their difference is what training added above
-the loading high-water mark (it can be 0 when loading peaked higher).
+:func:`child_peak_rss` runs a command in a fresh process and returns its peak resident set
+size (``ru_maxrss`` of the child, read by ``os.wait4`` when it exits: the high-water mark of
+the whole process, whatever it ran) and its output. :func:`maxrss_bytes` is the same
+high-water mark of the calling process so far, for a child that reports intermediate
+figures itself (e.g. after loading, before training).
+
+Why through a launcher. Linux keeps a process's ``ru_maxrss`` across ``execve``: a child
+forked (or vforked, as ``subprocess`` does) from a big parent starts with the parent's
+high-water mark (measured: ``python -c pass`` started from a process that holds 400 MiB
+reports 413 MiB). So the command runs as the grandchild of a small launcher (a fresh
+``python -c``, a few MiB): its high-water mark starts from the launcher's, and the
+launcher reads it with ``os.wait4``. The figure is then free of whatever the parent
+allocated.
+
+This module knows nothing of tasks or training: ``edgetrain.bench.rss_run`` is the child
+that loads a task and trains a recipe (``edgetrain measure --rss``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import resource
+import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from edgetrain.recipe import Recipe
+__all__ = ["ChildRSS", "child_peak_rss", "maxrss_bytes"]
 
-__all__ = ["peak_rss"]
-
-
-def _maxrss_bytes() -> int:
-    # Linux reports ru_maxrss in KiB (macOS in bytes).
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+# Linux reports ru_maxrss in KiB, macOS in bytes.
+_MAXRSS_SCALE = 1 if sys.platform == "darwin" else 1024
 
 
-def peak_rss(
-    task: str, model: str, recipe: Recipe, *, steps: int = 5, seed: int = 0, timeout: float = 600
-) -> dict[str, int]:
-    """{'loaded_rss': bytes, 'peak_rss': bytes} of a child process that trains ``steps``
-    steps of ``recipe`` on ``task`` with the pretrained ``model``."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "edgetrain.memory.rss",
-        "--task",
-        task,
-        "--model",
-        model,
-        "--recipe",
-        recipe.to_json(),
-        "--steps",
-        str(steps),
-        "--seed",
-        str(seed),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"RSS child process failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def maxrss_bytes() -> int:
+    """The calling process's peak resident set size so far, in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_SCALE
 
 
-def _child(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--task", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class ChildRSS:
+    """What :func:`child_peak_rss` measured: the child's peak RSS in bytes, its output."""
 
-    from edgetrain import tasks
-    from edgetrain.train import finetune
-
-    task = tasks.get(args.task)
-    net = task.pretrained(args.model)
-    train = task.train
-    recipe = Recipe.from_json(args.recipe)
-    loaded = _maxrss_bytes()
-    finetune(net, train, recipe, steps=args.steps, seed=args.seed, progress=False, evaluate=False)
-    print(json.dumps({"loaded_rss": loaded, "peak_rss": _maxrss_bytes()}))
+    peak_rss: int
+    stdout: str
+    stderr: str
 
 
-if __name__ == "__main__":
-    _child()
+# argv: [result file, command...]. Runs the command, waits for it with os.wait4, writes its
+# ru_maxrss (in the platform's unit) to the result file, exits with its exit status.
+_LAUNCHER = """\
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+proc.returncode = code = os.waitstatus_to_exitcode(status)
+with open(sys.argv[1], "w") as fh:
+    fh.write(str(usage.ru_maxrss))
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def child_peak_rss(argv: Sequence[str], *, timeout: float = 600) -> ChildRSS:
+    """Run ``argv`` (``argv[0]`` is the program, e.g. ``sys.executable``) in a fresh
+    process (the grandchild of a small launcher, see the module docstring) and return its
+    peak resident set size at exit with its stdout and stderr. Raises RuntimeError (with
+    the end of its stderr) if it exits with a non-zero status, TimeoutError (after
+    killing it) if it runs longer than ``timeout`` seconds."""
+    if not argv:
+        raise ValueError("child_peak_rss needs a command, got an empty argv")
+    with tempfile.TemporaryDirectory(prefix="edgetrain-rss-") as tmp:
+        result = os.path.join(tmp, "maxrss")
+        with (
+            open(os.path.join(tmp, "out"), "w+") as out,
+            open(os.path.join(tmp, "err"), "w+") as err,
+        ):
+            cmd = [sys.executable, "-c", _LAUNCHER, result, *argv]
+            # A session of its own, so that a timeout kills the launcher and the command.
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, start_new_session=True)
+            try:
+                code = proc.wait(timeout=timeout)
+            except BaseException as exc:  # a timeout, or the parent interrupted: stop both
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                if isinstance(exc, subprocess.TimeoutExpired):
+                    raise TimeoutError(f"{argv[0]} ran longer than {timeout} s; killed") from None
+                raise
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        if code != 0:
+            raise RuntimeError(
+                f"Child process {' '.join(argv[:3])} ... failed ({code}): {stderr[-2000:]}"
+            )
+        with open(result) as fh:
+            peak = int(fh.read()) * _MAXRSS_SCALE
+    return ChildRSS(peak, stdout, stderr)
