@@ -30,9 +30,10 @@ def params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def tiny_bert(seed: int = 0, *, num_labels: int = 2, own_head: bool = False, **config):
     """A tiny BERT built from a config (hidden 32, 4 heads, 2 layers, random weights, no
-    download), wrapped as edgetrain.integrations.hf wraps MiniLM; ``config`` overrides
-    BertConfig fields. Built under a seeded global RNG (nn init draws from it), the
-    caller's stream restored."""
+    download): ``BertForSequenceClassification`` as it comes (``own_head``), or a
+    ``BertModel`` with edgetrain's new head (HFClassifier, as MiniLM is wrapped); ``config``
+    overrides BertConfig fields. Built under a seeded global RNG (nn init draws from it),
+    the caller's stream restored."""
     transformers = pytest.importorskip("transformers")
     from edgetrain.integrations.hf import HFClassifier
     from edgetrain.seeding import seeded_global_rng
@@ -51,5 +52,26 @@ def tiny_bert(seed: int = 0, *, num_labels: int = 2, own_head: bool = False, **c
     with seeded_global_rng(seed):
         if own_head:
             cfg.num_labels = num_labels
-            return HFClassifier(transformers.BertForSequenceClassification(cfg))
+            return transformers.BertForSequenceClassification(cfg)
         return HFClassifier(transformers.BertModel(cfg, add_pooling_layer=False), num_labels)
+
+
+def text_data(n: int = 32, length: int = 16, seed: int = 99, num_labels: int = 2):
+    """A dict dataset of random token ids (items ``input_ids``, ``attention_mask``,
+    ``labels``: HuggingFace batches), the first half padded after 12 tokens."""
+    from torch.utils.data import StackDataset
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (n, length), generator=gen)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[: n // 2, 12:] = 0
+    labels = torch.randint(0, num_labels, (n,), generator=gen)
+    return StackDataset(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def text_batch(n: int = 8, length: int = 16, seed: int = 99) -> dict:
+    """One collated batch of :func:`text_data`."""
+    from torch.utils.data import default_collate
+
+    data = text_data(n, length, seed)
+    return default_collate([data[i] for i in range(n)])

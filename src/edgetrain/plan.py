@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from edgetrain import presets, tasks
-from edgetrain.batches import LossFn, default_loss
+from edgetrain.batches import LossFn, default_loss, tensors_of
 from edgetrain.errors import ConfigError
 from edgetrain.memory.measure import format_bytes, measure
 from edgetrain.recipe import Recipe, Scope
@@ -258,7 +258,7 @@ def plan(
         for r, kn in expand(task_obj.recipe(name), n_blocks)
     ]
     cache = _DryRunCache(cache_path())
-    x_shape = tuple(task_obj.train.tensors[0].shape[1:])
+    x_shape = tuple(next(tensors_of(task_obj.train[0])).shape)  # one example's input
     for cand in tqdm(candidates, desc="dry runs", disable=not progress):
         key = (
             f"v{_CACHE_VERSION}|{task}|{model}|{x_shape}|{cand.recipe.batch_size}|"
@@ -431,3 +431,34 @@ def plan_sparse_update(
         scope=best.scope,
         description=f"Sparse update planned for {budget_bytes} B: {best.describe()}",
     )
+
+
+def choose_cut(
+    model: nn.Module,
+    recipe: Recipe,
+    batch: Any,
+    budget_bytes: int,
+    loss_fn: LossFn | None = None,
+    *,
+    seed: int = 0,
+) -> int:
+    """ElasticZO: the smallest cut (the largest backprop tail) whose measured step fits
+    ``budget_bytes`` (``MemoryReport.peak`` of ``edgetrain.memory.measure``). Cuts are
+    tried from 0 (all blocks by backprop) up to ``len(blocks)`` (only the head)."""
+    n_blocks = len(find_blocks(model))
+    peaks: list[tuple[int, int]] = []
+    for cut in range(n_blocks + 1):
+        candidate = recipe.replace(**{"estimator.kind": "hybrid", "estimator.cut": cut})
+        peak = measure(model, candidate, batch, loss_fn, seed=seed).peak
+        if peak <= budget_bytes:
+            return cut
+        peaks.append((cut, peak))
+    smallest = min(peaks, key=lambda cp: cp[1])
+    raise ConfigError(
+        f"No cut fits a budget of {budget_bytes} bytes: the smallest measured step is "
+        f"{smallest[1]} bytes (cut={smallest[0]}). Raise the budget, shrink the batch, or "
+        "use a pure zeroth-order recipe"
+    )
+
+
+__all__ += ["choose_cut"]

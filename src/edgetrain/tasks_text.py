@@ -9,8 +9,8 @@ edgetrain.data.polarity; fetched on first use, never shipped).
 * Split (fixed, seeded): a few-shot training set in MeZO's style, 256 sentences per class
   (512), and a held-out test set of 500 per class (1,000), disjoint, drawn per class from
   a permutation seeded by ``split_seed``. Sentences are tokenized to ``max_length = 64``
-  tokens (99.9% of them fit) and packed as ``x = stack(input_ids, attention_mask)``,
-  ``(N, 2, 64)`` (edgetrain.integrations.hf). The test set is stored sorted by token
+  tokens (99.9% of them fit); the datasets hold HuggingFace batches, items
+  ``{"input_ids", "attention_mask", "labels"}`` (``StackDataset``). The test set is sorted by token
   count: evaluation runs it in consecutive batches, and a batch of similar lengths costs
   what its longest sentence costs (HFClassifier cuts shared padding), not 64 tokens.
 * The "pretrained" model: the encoder as shipped plus a *linear probe*: a logistic
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import StackDataset
 
 from edgetrain.files import atomic_torch_save, cache_dir
 from edgetrain.files import load_cache as _load_cache
@@ -210,10 +210,10 @@ class PretrainedTextTask(Task):
         if progress:
             print(f"{self.name}: fitting the linear probe on frozen features", flush=True)
         start = time.perf_counter()
-        x_train, y_train = self.train.tensors
-        x_test, y_test = self.test.tensors
-        f_train = pooled_features(net, x_train).double()  # (N_train, H)
-        f_test = pooled_features(net, x_test).double()  # (N_test, H)
+        train, test = self.train.datasets, self.test.datasets  # columns of the StackDatasets
+        y_train, y_test = train["labels"], test["labels"]
+        f_train = pooled_features(net, train).double()  # (N_train, H)
+        f_test = pooled_features(net, test).double()  # (N_test, H)
         feature_seconds = time.perf_counter() - start
         mean = f_train.mean(dim=0)  # (H,)
         std = f_train.std(dim=0).clamp(min=1e-6)  # (H,)
@@ -268,12 +268,17 @@ def _fit_logistic_cv(features, labels, cs: tuple[float, ...], n_folds: int):
     return LogisticRegression(C=best_c, max_iter=10_000).fit(features, labels), best_c
 
 
-def _polarity_split(task: PretrainedTextTask) -> tuple[TensorDataset, TensorDataset]:
+def _rows(columns: dict[str, torch.Tensor], index: torch.Tensor) -> StackDataset:
+    return StackDataset(**{k: v[index] for k, v in columns.items()})
+
+
+def _polarity_split(task: PretrainedTextTask) -> tuple[StackDataset, StackDataset]:
     from edgetrain.data.polarity import load_polarity
 
     cfg = task.config
     full = load_polarity(task.tokenizer("minilm"), max_length=cfg.max_length)
-    x, y = full.tensors
+    columns = full.datasets  # input_ids, attention_mask, labels
+    y = columns["labels"]
     gen = make_generator(cfg.split_seed)
     train_idx, test_idx = [], []
     for label in (0, 1):
@@ -288,9 +293,9 @@ def _polarity_split(task: PretrainedTextTask) -> tuple[TensorDataset, TensorData
         test_idx.append(members[cfg.train_per_class : cfg.train_per_class + cfg.test_per_class])
     train = torch.cat(train_idx).sort().values
     test = torch.cat(test_idx).sort().values
-    lengths = x[test, 1].sum(dim=1)  # (N_test,) tokens per sentence
+    lengths = columns["attention_mask"][test].sum(dim=1)  # (N_test,) tokens per sentence
     test = test[torch.argsort(lengths, stable=True)]  # similar lengths evaluate together
-    return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
+    return _rows(columns, train), _rows(columns, test)
 
 
 # Zeroth-order and forward-gradient learning rates on MiniLM, by preset name. Swept with
@@ -335,10 +340,10 @@ def minilm_polarity() -> PretrainedTextTask:
     config = TextTaskConfig()
     task: PretrainedTextTask
 
-    def load_target() -> tuple[TensorDataset, TensorDataset]:
+    def load_target() -> tuple[StackDataset, StackDataset]:
         return _polarity_split(task)
 
-    def load_source() -> TensorDataset:
+    def load_source() -> StackDataset:
         return task.train  # the probe's data; the encoder was pretrained elsewhere
 
     task = PretrainedTextTask(
@@ -350,7 +355,7 @@ def minilm_polarity() -> PretrainedTextTask:
             "1,000 held out; 64 tokens."
         ),
         num_classes=2,
-        input_shape=(2, config.max_length),
+        input_shape=(config.max_length,),  # one example: its token ids
         load_source=load_source,
         load_target=load_target,
         model_names=("minilm",),

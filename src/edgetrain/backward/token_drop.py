@@ -130,9 +130,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from edgetrain import structure
 from edgetrain.backward import Swap, register
 from edgetrain.backward.checkpoint import swap_forward_class
-from edgetrain.estimators.base import LossFn, default_loss
+from edgetrain.batches import LossFn, default_loss
 from edgetrain.recipe import Backward, Scope
 from edgetrain.scope import find_blocks, find_head
 
@@ -148,11 +149,19 @@ __all__ = [
     "supports_attention",
     "supports_split",
     "frozen_block_indices",
+    "unsupported_reason",
+    "SEQUENCE_RULE",
     "rank_blocks",
     "scope_by_importance",
 ]
 
 POOLINGS = ("cls", "mean")
+
+SEQUENCE_RULE = "token_drop.sequence"
+"""edgetrain.structure rule: the module that runs a model's blocks (the parent of the
+blocks' ModuleList) -> a mixin class for it whose forward runs the loop dropping tokens
+in the layers ``_token_drop_layers`` (index -> options) and carries the sequence's side
+state (an attention mask) with them. Registered by integrations (HuggingFace encoders)."""
 
 
 def keep_count(num_tokens: int, keep_ratio: float) -> int:
@@ -357,6 +366,33 @@ class TokenDropping:
         return reduction
 
 
+def _owner_of(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
+    """The module holding ``blocks`` as a direct child (None if ``model`` has none)."""
+    for module in model.modules():
+        if any(child is blocks for child in module.children()):
+            return module
+    return None
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why token dropping cannot run on ``model`` (None if it can): its blocks must follow
+    the split or the output protocol, or the module running them must have a
+    ``SEQUENCE_RULE``."""
+    try:
+        blocks = find_blocks(model)
+    except ValueError as err:
+        return str(err)
+    owner = _owner_of(model, blocks)
+    if owner is not None and structure.lookup(SEQUENCE_RULE, owner) is not None:
+        return None
+    if not all(supports_attention(b) for b in blocks):
+        return (
+            "backward 'token_drop' needs blocks that return their attention weights (or an "
+            "encoder with a token-drop rule, as HuggingFace BERT-style encoders have)"
+        )
+    return None
+
+
 @register("token_drop")
 def apply_token_drop(model: nn.Module, spec: Backward) -> Swap:
     """Make every frozen block of ``model`` reorganize its tokens as EViT does: keep
@@ -374,6 +410,22 @@ def apply_token_drop(model: nn.Module, spec: Backward) -> Swap:
             RuntimeWarning,
             stacklevel=2,
         )
+        return swap
+    owner = _owner_of(model, blocks)
+    loop = structure.lookup(SEQUENCE_RULE, owner) if owner is not None else None
+    if loop is not None:  # the owner runs the loop with the side state (see SEQUENCE_RULE)
+        if "forward" in vars(owner):
+            raise RuntimeError(
+                f"{type(owner).__name__} has a forward patched on the instance; token_drop "
+                "swaps the class and would not run it. Remove the patch"
+            )
+        layers = {
+            i: _DropOptions(spec.keep_ratio, spec.fuse_dropped, spec.drop_at_inference, True)
+            for i in frozen
+        }
+        pooling = getattr(model, "token_pooling", "cls")
+        attributes = {"_token_drop_layers": layers, "_token_drop_pooling": pooling}
+        swap_forward_class(owner, loop, swap, attributes)
         return swap
     unsupported = [i for i in frozen if not supports_attention(blocks[i])]
     if unsupported:

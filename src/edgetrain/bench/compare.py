@@ -173,15 +173,11 @@ def applicable(recipe: Recipe, model: torch.nn.Module) -> str | None:
     if recipe.backward.kind == "wht" and not tokens:
         return "backward 'wht' needs a model of tokens (the ViT's grid or a text sequence)"
     if recipe.backward.kind == "token_drop":
-        from edgetrain.backward.token_drop import supports_attention
-        from edgetrain.scope import find_blocks
+        from edgetrain.backward.token_drop import unsupported_reason
 
-        try:
-            blocks = find_blocks(model)
-        except ValueError:
-            blocks = []
-        if not tokens or not blocks or not all(supports_attention(b) for b in blocks):
-            return "backward 'token_drop' needs blocks that return their attention weights"
+        reason = unsupported_reason(model)
+        if reason is not None:
+            return reason
     if recipe.estimator.kind == "hybrid":
         from edgetrain.estimators.hybrid import hybrid_applicable
 

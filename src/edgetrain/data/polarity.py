@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import StackDataset
 
 __all__ = [
     "ARCHIVE_NAME",
@@ -186,11 +186,11 @@ def load_polarity(
     tokenizer,
     max_length: int = 64,
     cache: str | os.PathLike[str] | None = None,
-) -> TensorDataset:
-    """All 4,000 sentences tokenized: ``TensorDataset(x, y)`` with ``x`` ``(4000, 2,
-    max_length)`` int64 = stack(input_ids, attention_mask) (edgetrain.integrations.hf's
-    packing) and ``y`` ``(4000,)`` in {0, 1}."""
+) -> StackDataset:
+    """All 4,000 sentences tokenized, as HuggingFace batches: items
+    ``{"input_ids", "attention_mask", "labels"}`` (``StackDataset`` over ``(4000,
+    max_length)`` int64 ids and mask and ``(4000,)`` labels in {0, 1})."""
     from edgetrain.integrations.hf import tokenize
 
     texts, labels = read_polarity(fetch_polarity_csv(cache))
-    return TensorDataset(tokenize(texts, tokenizer, max_length), labels)
+    return StackDataset(**tokenize(texts, tokenizer, max_length), labels=labels)

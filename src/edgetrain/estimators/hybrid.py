@@ -16,14 +16,14 @@ The network is cut at block ``C = recipe.estimator.cut``:
   gradient ``g = (l+ - l-) / (2 eps)``, update ``theta_f -= lr_zo g z``. This is
   ``edgetrain.optim.zo.ZOSGD`` (rule ``sgd``) over the front's parameters, driven with
   the step's seed: the same chunked in-place perturbation, the same record.
-* the **tail** — ``blocks[C:]`` and the head (with the final norm: whatever
-  ``Split.head_modules`` lists) — trains by backprop with the recipe's optimizer
+* the **tail** — ``blocks[C:]``, the head and whatever the model registers after its
+  blocks (a final norm, a pooler) — trains by backprop with the recipe's optimizer
   (``optim.build``: sgd, momentum, adam, ...).
 
 One step, for each query i (``queries``, usually 1)::
 
     theta_f += eps z_i                      # in place, chunked (ZOSGD)
-    h = front(x)                            # torch.no_grad(): no graph, no activations
+    h = front(x)                            # front needs no grad: no graph, no activations
     l+ = loss(tail(h)); l+.backward()       # tail graph built and freed here
     theta_f -= 2 eps z_i
     h = front(x)
@@ -44,15 +44,18 @@ measures it). For small eps this is the tail gradient at ``theta`` up to O(eps^2
 first-order terms of the + and - passes cancel). With ``difference="one_sided"`` the
 passes are theta and theta + eps z_i, and the tail gradient is their average likewise.
 
-Structure: a model is cut by :func:`split_forward`, which returns a :class:`Split`
-(``stem``, ``blocks``, ``head``, ``head_modules``). The model's forward must equal
-``head(blocks[-1](...blocks[0](stem(x))))``. Built in: edgetrain's ``MLP`` (stem:
-flatten), ``CNN`` (stem: identity), ``ViT`` (stem: ``embed``, head: ``forward_head``,
-head modules: ``norm``, ``head``). Any other model either defines a method
-``split_forward(self) -> Split`` or is registered with :func:`register_split`; anything
-else gets an error naming that. ``HFClassifier`` (edgetrain.integrations.hf) defines
-``split_forward``: stem = the embeddings (and the attention mask of the batch), blocks =
-its ``EncoderBlock`` s, head = pooling and the classifier.
+Structure: the cut needs no re-implemented forward. The blocks are the model's own
+(``model.blocks``, else its longest ``nn.ModuleList``: edgetrain.scope.find_blocks), and
+the tail is ``blocks[C:]``, the head (edgetrain.scope.find_head) and every parameter
+registered after the last block (a final norm, a pooler); every other trainable parameter
+is the front. The front's parameters are held with ``requires_grad=False`` while the
+estimator lives (``close()`` gives the flags back), so each pass is the model's own
+forward on the batch as it comes (``loss_fn(model, batch)``: tuples, dicts, a HuggingFace
+model with its attention mask) and autograd records nothing before the first tail
+parameter: the front runs as under ``no_grad`` and keeps no activations, with no state
+kept on the model between passes. (The registration order stands in for the order of
+use: a model that registers its head before its blocks still has it found by
+``find_head``.)
 
 Evaluation mode (said, not silent): as the ZO estimator, the passes run with the model in
 ``eval()`` by default (no dropout; BatchNorm uses and keeps its running statistics), each
@@ -60,10 +63,9 @@ module's own mode restored after the step. ``train_mode_evals=True`` runs them i
 mode with every buffer snapshotted and restored around each pass, and the global RNG
 forked and seeded from the step seed, so both passes see the same dropout masks.
 
-A custom ``loss_fn(model, batch)`` receives a stand-in module whose ``forward`` returns
-the tail's output for the current front activations, so losses written against
-``model(x)`` work unchanged. Not supported: blockwise and ZO-Cons fronts, channel-sparse
-scopes, dict batches, journals (the tail update cannot be replayed from (seed, scalar)).
+A custom ``loss_fn(model, batch)`` receives the model itself. Not supported: blockwise and
+ZO-Cons fronts, channel-sparse scopes, journals (the tail update cannot be replayed from
+(seed, scalar)).
 
 Data parallelism (edgetrain.distributed): two hooks, both None in one process.
 ``reduce_scalars`` maps this rank's loss values (the 2q of the front's SPSA passes) to
@@ -73,14 +75,13 @@ passes, by their all-rank mean before the tail optimizer steps (what DDP does fo
 backprop step, on the tail's parameters only: the front has no gradient to send). Bytes
 per step: 16 q + the tail's gradient bytes.
 
-``choose_cut(model, recipe, batch, budget_bytes)`` picks the smallest cut (the largest
-backprop tail) whose measured step (``edgetrain.memory.measure``) fits a budget.
+``edgetrain.plan.choose_cut(model, recipe, batch, budget_bytes)`` picks the smallest cut
+(the largest backprop tail) whose measured step fits a budget.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,123 +95,37 @@ from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
 from edgetrain.optim.perturb import check_perturbation_resolves
 from edgetrain.optim.zo import ZOSGD, NonFiniteLoss
 from edgetrain.recipe import Recipe
+from edgetrain.scope import find_blocks, find_head
 from edgetrain.seeding import derive_seed
 
-__all__ = [
-    "Split",
-    "split_forward",
-    "register_split",
-    "ElasticZO",
-    "choose_cut",
-    "hybrid_applicable",
-]
+__all__ = ["ElasticZO", "hybrid_applicable", "tail_parameter_ids"]
 
 _DROPOUT_STREAM = 1 << 40  # seed path of the forked global RNG in train-mode passes
 
 
-@dataclass(frozen=True)
-class Split:
-    """A model's forward as ``head(blocks[-1](... blocks[0](stem(x))))``.
-
-    ``head_modules``: the modules whose parameters ``head`` uses (the final norm and the
-    classifier); they train with the tail. Every parameter outside ``blocks`` and
-    ``head_modules`` belongs to the stem and trains with the front.
-    """
-
-    stem: Callable[[torch.Tensor], torch.Tensor]
-    blocks: nn.ModuleList
-    head: Callable[[torch.Tensor], torch.Tensor]
-    head_modules: tuple[nn.Module, ...]
-
-    def front(self, x: torch.Tensor, cut: int) -> torch.Tensor:
-        """Stem and ``blocks[:cut]``."""
-        h = self.stem(x)
-        for block in self.blocks[:cut]:
-            h = block(h)
-        return h
-
-    def tail(self, h: torch.Tensor, cut: int) -> torch.Tensor:
-        """``blocks[cut:]`` and the head."""
-        for block in self.blocks[cut:]:
-            h = block(h)
-        return self.head(h)
-
-    def tail_parameter_ids(self, cut: int) -> set[int]:
-        ids = {id(p) for block in self.blocks[cut:] for p in block.parameters()}
-        for module in self.head_modules:
-            ids |= {id(p) for p in module.parameters()}
-        return ids
-
-
-_SPLITS: list[tuple[type, Callable[[nn.Module], Split]]] = []
-
-
-def register_split(cls: type, fn: Callable[[nn.Module], Split]) -> None:
-    """Teach :func:`split_forward` how to cut models of type ``cls``."""
-    _SPLITS.insert(0, (cls, fn))
-
-
-def _builtin_splits() -> None:
-    from edgetrain.models import CNN, MLP, ViT
-
-    register_split(MLP, lambda m: Split(lambda x: x.flatten(1), m.blocks, m.head, (m.head,)))
-    register_split(CNN, lambda m: Split(lambda x: x, m.blocks, m.head, (m.head,)))
-    register_split(ViT, lambda m: Split(m.embed, m.blocks, m.forward_head, (m.norm, m.head)))
-
-
-_builtin_splits()
-
-
-def split_forward(model: nn.Module) -> Split:
-    """The :class:`Split` of ``model`` (see the module docstring for the protocol)."""
-    custom = getattr(model, "split_forward", None)
-    if callable(custom):
-        split = custom()
-        if not isinstance(split, Split):
-            raise TypeError(f"{type(model).__name__}.split_forward() must return a Split")
-        return split
-    for cls, fn in _SPLITS:
-        if isinstance(model, cls):
-            return fn(model)
-    raise TypeError(
-        f"ElasticZO cannot cut a {type(model).__name__}: it needs the forward as stem -> "
-        "blocks -> head. Define split_forward(self) -> edgetrain.estimators.hybrid.Split "
-        "on the model, or call edgetrain.estimators.hybrid.register_split(cls, fn)"
-    )
+def tail_parameter_ids(model: nn.Module, cut: int) -> set[int]:
+    """``id`` of every parameter of the backprop tail at ``cut`` (module docstring)."""
+    blocks = find_blocks(model)
+    ids = {id(p) for block in blocks[cut:] for p in block.parameters()}
+    head = find_head(model)
+    if head is not None:
+        ids |= {id(p) for p in head.parameters()}
+    in_blocks = {id(p) for p in blocks.parameters()}
+    order = list(model.parameters())
+    last = max((i for i, p in enumerate(order) if id(p) in in_blocks), default=len(order))
+    return ids | {id(p) for p in order[last + 1 :]}
 
 
 def hybrid_applicable(recipe: Recipe, model: nn.Module) -> str | None:
-    """Why the hybrid ``recipe`` cannot run on ``model`` (None if it can). The INT8
-    variant cuts the integer model by ``model.blocks`` and needs no Split."""
+    """Why the hybrid ``recipe`` cannot run on ``model`` (None if it can)."""
     try:
-        if recipe.numerics.kind == "fixed_point":
-            from edgetrain.scope import find_blocks
-
-            blocks = find_blocks(model)
-        else:
-            blocks = split_forward(model).blocks
+        blocks = find_blocks(model)
     except (TypeError, ValueError) as err:
         return str(err)
     cut = recipe.estimator.cut
     if cut is not None and cut > len(blocks):
         return f"cut={cut} but the model has {len(blocks)} blocks"
     return None
-
-
-class _TailView(nn.Module):
-    """What a ``loss_fn(model, batch)`` sees: ``forward(...)`` returns the tail's output on
-    the current front activations ``h`` (the inputs are ignored: the front ran them)."""
-
-    def __init__(self, split: Split, cut: int) -> None:
-        super().__init__()
-        self._split = split
-        self._cut = cut
-        self.h: torch.Tensor | None = None
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.h is None:  # pragma: no cover - set by the estimator before each pass
-            raise RuntimeError("The tail view has no front activations")
-        return self._split.tail(self.h, self._cut)
 
 
 @register("hybrid")
@@ -235,15 +150,14 @@ class ElasticZO(Estimator):
             raise ValueError("ElasticZO's front supports neither blockwise nor cons steps")
         if self.selection.channel_masks:
             raise NotImplementedError("ElasticZO does not support channel-sparse scopes")
-        self.split = split_forward(model)
-        n_blocks = len(self.split.blocks)
+        n_blocks = len(find_blocks(model))
         if est.cut is None or not 0 <= est.cut <= n_blocks:
             raise ValueError(
                 f"Invalid cut: {est.cut} for a model of {n_blocks} blocks (0..{n_blocks}: "
                 "blocks before the cut train by ZO, the rest and the head by backprop)"
             )
         self.cut = int(est.cut)
-        tail_ids = self.split.tail_parameter_ids(self.cut)
+        tail_ids = tail_parameter_ids(model, self.cut)
         self.front_named = [(n, p) for n, p in self.selection.named if id(p) not in tail_ids]
         self.tail_named = [(n, p) for n, p in self.selection.named if id(p) in tail_ids]
         if not self.tail_named:
@@ -273,8 +187,10 @@ class ElasticZO(Estimator):
                 seed=self.seed,
             )
         self.optimizer = optim_mod.build([p for _, p in self.tail_named], opt, model=model)
-        self._view = _TailView(self.split, self.cut)
+        # Swaps first: they read which blocks train (token dropping drops in frozen ones).
         self._swap = backward_mod.apply(model, recipe.backward, seed=derive_seed(self.seed, 0xBAC))
+        for _, p in self.front_named:
+            p.requires_grad_(False)  # the front trains by ZO: autograd records no graph there
 
     @property
     def front_params(self) -> list[nn.Parameter]:
@@ -285,26 +201,18 @@ class ElasticZO(Estimator):
         return [p for _, p in self.tail_named]
 
     # -- the step ----------------------------------------------------------------------
-    def _pass(self, x: torch.Tensor, batch: Any) -> torch.Tensor:
-        """One pass: the front without a graph, the tail with one, its backward (the tail
-        gradient accumulates into ``.grad``). Returns the detached loss."""
-        with torch.no_grad():
-            h = self.split.front(x, self.cut)
+    def _pass(self, batch: Any) -> torch.Tensor:
+        """One pass of the whole model: the front records no graph (its parameters do not
+        require grad), the tail does and is backpropagated (its gradient accumulates into
+        ``.grad``). Returns the detached loss."""
         with torch.enable_grad():
-            self._view.h = h
-            try:
-                loss = self.loss_fn(self._view, batch)
-            finally:
-                self._view.h = None
+            loss = self.loss_fn(self.model, batch)
             value = loss.detach()
             if bool(torch.isfinite(value)):
                 loss.backward()
         return value
 
     def _step(self, batch: Any) -> tuple[float, int, int]:
-        if isinstance(batch, dict) or not isinstance(batch, (tuple, list)):
-            raise TypeError("ElasticZO needs (x, y) batches: the front runs on x")
-        x = batch[0]
         step_seed = self.step_seed()
         train_mode = self.recipe.estimator.train_mode_evals
         self.optimizer.zero_grad(set_to_none=True)
@@ -315,11 +223,11 @@ class ElasticZO(Estimator):
                 nonlocal passes
                 passes += 1
                 if not train_mode:
-                    return self._pass(x, batch)
+                    return self._pass(batch)
                 for buffer, saved in snapshot:
                     buffer.copy_(saved)
                 with self._forked_rng(derive_seed(step_seed, _DROPOUT_STREAM)):
-                    return self._pass(x, batch)
+                    return self._pass(batch)
 
             if self.zo is None:
                 value = float(closure())
@@ -387,33 +295,3 @@ class ElasticZO(Estimator):
             self._swap.restore()
         finally:
             super().close()
-
-
-def choose_cut(
-    model: nn.Module,
-    recipe: Recipe,
-    batch: Any,
-    budget_bytes: int,
-    loss_fn: LossFn | None = None,
-    *,
-    seed: int = 0,
-) -> int:
-    """The smallest cut (the largest backprop tail) whose measured step fits
-    ``budget_bytes`` (``MemoryReport.peak`` of ``edgetrain.memory.measure``). Cuts are
-    tried from 0 (all blocks by backprop) up to ``len(blocks)`` (only the head)."""
-    from edgetrain.memory import measure
-
-    n_blocks = len(split_forward(model).blocks)
-    peaks: list[tuple[int, int]] = []
-    for cut in range(n_blocks + 1):
-        candidate = recipe.replace(**{"estimator.kind": "hybrid", "estimator.cut": cut})
-        peak = measure(model, candidate, batch, loss_fn, seed=seed).peak
-        if peak <= budget_bytes:
-            return cut
-        peaks.append((cut, peak))
-    smallest = min(peaks, key=lambda cp: cp[1])
-    raise ValueError(
-        f"No cut fits a budget of {budget_bytes} bytes: the smallest measured step is "
-        f"{smallest[1]} bytes (cut={smallest[0]}). Raise the budget, shrink the batch, or "
-        "use a pure zeroth-order recipe"
-    )

@@ -1,7 +1,8 @@
 """Adapters that bring models from other libraries under every edgetrain recipe.
 
-``edgetrain.integrations.hf``: HuggingFace transformers models as ``(x, y)`` classifiers
-(x packs input_ids and attention_mask as one ``(B, 2, T)`` tensor). transformers itself is
+``edgetrain.integrations.hf``: HuggingFace transformers models with their own dict
+batches; ``HFClassifier`` puts a new head on a base model; the structure rules of
+BERT-style encoders (token dropping) are registered on import. transformers itself is
 imported only when a model is loaded: ``pip install 'edgetrain[text]'``.
 """
 
@@ -9,9 +10,7 @@ from edgetrain.integrations.hf import (
     HFClassifier,
     attn_implementation_for,
     load_classifier,
-    output_loss,
-    pack_inputs,
-    unpack_inputs,
+    tokenize,
     use_eager_attention,
 )
 
@@ -19,8 +18,6 @@ __all__ = [
     "HFClassifier",
     "attn_implementation_for",
     "load_classifier",
-    "output_loss",
-    "pack_inputs",
-    "unpack_inputs",
+    "tokenize",
     "use_eager_attention",
 ]

