@@ -303,21 +303,23 @@ def make_bert(attn: str = "sdpa", seed: int = 0, **config):
     return tiny_bert(seed, intermediate_size=128, attn_implementation=attn, **config)
 
 
-def text_batch(batch: int = 8, tokens: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def text_batch(batch: int = 8, tokens: int = 16) -> dict[str, torch.Tensor]:
+    """A HuggingFace batch, half the rows padded."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 100, (batch, tokens), generator=gen)
     mask = torch.ones_like(ids)
     mask[: batch // 2, tokens * 3 // 4 :] = 0  # half the rows padded
-    return torch.stack([ids, mask], dim=1), torch.randint(0, 2, (batch,), generator=gen)
+    labels = torch.randint(0, 2, (batch,), generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def logits_and_grads(model, x, y, dropout_seed: int = 5):
+def logits_and_grads(model, batch, dropout_seed: int = 5):
     params = list(model.parameters())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(dropout_seed)  # the same dropout masks with and without Mesa
-        logits = model(x)
-        grads = torch.autograd.grad(F.cross_entropy(logits, y), params)
-    return logits, grads
+        out = model(**batch)
+        grads = torch.autograd.grad(out.loss, params)
+    return out.logits, grads
 
 
 def test_hf_gelu_modules_and_attention_are_covered_and_restored():
@@ -348,16 +350,16 @@ def test_hf_forward_exact_and_gradients_close(mode):
     rounding, and bit-identical to the unswapped model without a graph. Gradients: relative
     error < 1% of the exact ones, each parameter's cosine > 0.999 (measured 0.0023 and
     >0.9995 for this model; train mode has dropout 0.1, attention dropout included)."""
-    x, y = text_batch()
+    batch = text_batch()
     for attn in ("eager", "sdpa"):
         model = getattr(make_bert(attn), mode)()
-        exact_logits, exact = logits_and_grads(model, x, y)
+        exact_logits, exact = logits_and_grads(model, batch)
         with torch.no_grad():
-            exact_eval = model(x)
+            exact_eval = model(**batch).logits
         swap = apply_mesa(model, Backward(kind="mesa"))
-        logits, approx = logits_and_grads(model, x, y)
+        logits, approx = logits_and_grads(model, batch)
         with torch.no_grad():
-            eval_logits = model(x)
+            eval_logits = model(**batch).logits
         swap.restore()
         if attn == "eager":
             assert torch.equal(logits, exact_logits)
@@ -391,10 +393,10 @@ def test_hf_model_with_its_own_head_runs_mesa_attention_with_the_mask():
     """A model that runs its whole backbone (BertForSequenceClassification builds its mask
     itself): the mask reaches Mesa's attention in eager format; logits equal eager's."""
     model = tiny_bert(intermediate_size=128, attn_implementation="eager", own_head=True).eval()
-    x, y = text_batch()
-    exact_logits, exact = logits_and_grads(model, x, y)
+    batch = text_batch()
+    exact_logits, exact = logits_and_grads(model, batch)
     swap = apply_mesa(model, Backward(kind="mesa"))
-    logits, approx = logits_and_grads(model, x, y)
+    logits, approx = logits_and_grads(model, batch)
     swap.restore()
     assert torch.equal(logits, exact_logits)
     for a, b in zip(exact, approx, strict=True):
