@@ -89,6 +89,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from edgetrain import structure
 from edgetrain.backward import Swap, register
 from edgetrain.recipe import Backward
 
@@ -538,6 +539,19 @@ def default_targets(model: nn.Module) -> dict[type[nn.Module], tuple[str, ...]]:
     return out
 
 
+TOKEN_SEQUENCE_RULE = "token_sequence"
+"""edgetrain.structure rule: a model whose blocks map (B, T, C) token sequences to token
+sequences (every Linear in them acts token by token). A model may also say so itself
+with ``token_sequence = True``."""
+
+
+def is_token_sequence(model: nn.Module) -> bool:
+    """Whether ``model``'s blocks map token sequences to token sequences (1-D LBP-WHT)."""
+    if getattr(model, "token_sequence", False):
+        return True
+    return bool(structure.lookup(TOKEN_SEQUENCE_RULE, model))
+
+
 def _linears_in_blocks(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     """``(parent, name, linear)`` for every nn.Linear inside ``find_blocks(model)``."""
     from edgetrain.scope import find_blocks
@@ -588,7 +602,7 @@ def apply_wht(
         grid = (int(grid[0]), int(grid[1]))
         config = WHTConfig(k=spec.wht_k, selection=spec.wht_selection)
     declared = default_targets(model) if targets is None else {}
-    structural = targets is None and getattr(model, "token_sequence", False) and not declared
+    structural = targets is None and is_token_sequence(model) and not declared
     targets = declared if targets is None else dict(targets)
     parent_types = tuple(targets)
     plan: list[tuple[nn.Module, str, nn.Module]] = []

@@ -169,7 +169,9 @@ def count_step_flops(model: torch.nn.Module, recipe: Recipe, batch: Any, seed: i
 
 def applicable(recipe: Recipe, model: torch.nn.Module) -> str | None:
     """Why ``recipe`` cannot run on ``model``, or None if it can."""
-    tokens = hasattr(model, "grid_size") or getattr(model, "token_sequence", False)
+    from edgetrain.backward.wht import is_token_sequence
+
+    tokens = hasattr(model, "grid_size") or is_token_sequence(model)
     if recipe.backward.kind == "wht" and not tokens:
         return "backward 'wht' needs a model of tokens (the ViT's grid or a text sequence)"
     if recipe.backward.kind == "token_drop":

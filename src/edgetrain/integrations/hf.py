@@ -64,6 +64,7 @@ from torch import nn
 
 from edgetrain import structure
 from edgetrain.backward.token_drop import SEQUENCE_RULE, reduce_tokens
+from edgetrain.backward.wht import TOKEN_SEQUENCE_RULE
 from edgetrain.scope import find_blocks
 
 __all__ = [
@@ -299,7 +300,12 @@ class TokenDroppingEncoder:
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
 
 
+def _holds_bert_style_encoder(model: nn.Module) -> bool:
+    return any(is_bert_style_encoder(m) for m in model.modules())
+
+
 structure.register(SEQUENCE_RULE, is_bert_style_encoder, TokenDroppingEncoder)
+structure.register(TOKEN_SEQUENCE_RULE, _holds_bert_style_encoder, True)
 
 
 # --- a base model with a new head -----------------------------------------------------
@@ -363,8 +369,6 @@ class HFClassifier(nn.Module):
     def token_pooling(self) -> str:
         """What the head reads, for token dropping's ranking: "mean" or "cls"."""
         return self.pooling
-
-    token_sequence = True  # blocks map (B, T, H) tokens to tokens (1-D LBP-WHT)
 
     @contextlib.contextmanager
     def _attention_for_call(self) -> Iterator[None]:
