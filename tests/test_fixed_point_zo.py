@@ -4,24 +4,31 @@ stall and its stochastic-rounding fix, sparse perturbation, overflow reporting; 
 projected gradient divided by the perturbation actually applied (Spall's estimate by hand,
 unbiasedness over seeds); failing steps (an exception or a NaN in any pass) leaving the
 integer weights of FixedPointZO and ElasticZO-INT8 untouched; resume through a
-weights-only checkpoint."""
+weights-only checkpoint; the numerics knobs recorded in checkpoints and results files,
+and a changed one refused at resume by name."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from edgetrain import presets
+from edgetrain.bench.compare import CompareResult, Row
+from edgetrain.errors import ConfigError
 from edgetrain.estimators import NonFiniteLossError, build
 from edgetrain.estimators.fixed_point_zo import FixedPointZO, realised_cross_moment
 from edgetrain.estimators.hybrid_int8 import ElasticZOInt8
 from edgetrain.models import MLP
 from edgetrain.recipe import Estimator, Numerics, Optimizer, Recipe
+from edgetrain.train import finetune
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -55,13 +62,18 @@ def _pretrained(digits, steps: int = 60) -> MLP:
     return model
 
 
-def _recipe(weight_bits=16, lr=3e-3, queries=2, eps=1e-3, opt="sign", **est) -> Recipe:
+def _recipe(
+    weight_bits=16, lr=3e-3, queries=2, eps=1e-3, opt="sign", numerics=None, **est
+) -> Recipe:
+    """FixedPointZO's recipe; ``numerics``: more fixed-point knobs (``rounding``, ...)."""
     return Recipe(
         estimator=Estimator(
             kind="zo", eps=eps, queries=queries, direction=est.pop("direction", "rademacher"), **est
         ),
-        optimizer=Optimizer(kind=opt, lr=lr),
-        numerics=Numerics(kind="fixed_point", weight_bits=weight_bits, activation_bits=8),
+        optimizer=Optimizer(kind=opt, lr=lr, sign_rule="projected"),
+        numerics=Numerics(
+            kind="fixed_point", weight_bits=weight_bits, activation_bits=8, **(numerics or {})
+        ),
     )
 
 
@@ -142,8 +154,7 @@ def test_8_bit_weights_stall_with_round_to_nearest_and_move_with_stochastic(digi
     def run(rounding, bits):
         est = FixedPointZO(
             _pretrained(digits),
-            _recipe(weight_bits=bits, lr=lr),
-            rounding=rounding,
+            _recipe(weight_bits=bits, lr=lr, numerics={"rounding": rounding}),
             calibration=digits[0][:256],
         )
         weights = [op.weight for op in est.int_model.affine_ops()]
@@ -185,8 +196,7 @@ def test_sparse_magnitude_perturbation_leaves_largest_weights_untouched(digits):
 def test_sparse_random_perturbation_touches_about_the_kept_fraction(digits):
     est = FixedPointZO(
         _pretrained(digits, 5),
-        _recipe(sparsity=0.8, queries=1),
-        sparse_mode="random",
+        _recipe(sparsity=0.8, queries=1, mask_on="random"),
         calibration=digits[0][:64],
     )
     before = _weights(est)
@@ -236,8 +246,23 @@ def test_rejects_recipes_it_cannot_run(digits):
     model = _pretrained(digits, 1)
     with pytest.raises(ValueError, match="fixed_point"):
         FixedPointZO(model, Recipe(estimator=Estimator(kind="zo")))
-    with pytest.raises(ValueError, match="adam"):
-        FixedPointZO(model, _recipe(opt="adam"))
+    # what the integer step cannot run is refused by the recipe itself (edgetrain.compat)
+    with pytest.raises(ConfigError, match="optimizer 'sgd' or 'sign', not 'adam'"):
+        _recipe(opt="adam")
+    with pytest.raises(ConfigError, match="cons=True"):
+        _recipe(cons=True)
+
+
+def test_sync_float_false_leaves_the_float_model(digits):
+    model = _pretrained(digits, 5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    est = FixedPointZO(
+        model, _recipe(lr=1e-2, numerics={"sync_float": False}), calibration=digits[0][:64]
+    )
+    w0 = _weights(est)
+    _train(est, digits, 3)
+    assert not all(torch.equal(u, v) for u, v in zip(w0, _weights(est), strict=True))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_overflow_count_reports_saturated_accumulators():
@@ -299,10 +324,15 @@ def test_update_uses_the_realised_integer_perturbation_spall_by_hand():
     seen: list[torch.Tensor] = []
     est = FixedPointZO(
         _one_layer(RATIOS, eps),
-        _recipe(weight_bits=8, lr=lr, queries=1, eps=eps, opt="sgd"),
+        _recipe(
+            weight_bits=8,
+            lr=lr,
+            queries=1,
+            eps=eps,
+            opt="sgd",
+            numerics={"rounding": "nearest", "sync_float": False},
+        ),
         _linear_loss(a, seen),
-        rounding="nearest",
-        sync_float=False,
         calibration=torch.rand(8, 4, generator=_gen(0)),
     )
     op = est.int_model.affine_ops()[0]
@@ -338,9 +368,16 @@ def test_mean_update_is_the_gradient_step(direction):
     seen: list[torch.Tensor] = []
     est = FixedPointZO(
         _one_layer(RATIOS, eps),
-        _recipe(weight_bits=8, lr=2e-4, queries=1, eps=eps, opt="sgd", direction=direction),
+        _recipe(
+            weight_bits=8,
+            lr=2e-4,
+            queries=1,
+            eps=eps,
+            opt="sgd",
+            direction=direction,
+            numerics={"sync_float": False},
+        ),
         None,
-        sync_float=False,
         calibration=torch.rand(8, 4, generator=_gen(0)),
     )
     op = est.int_model.affine_ops()[0]
@@ -546,3 +583,36 @@ def test_resume_bit_identical_through_weights_only_checkpoint(digits, name, tmp_
     for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(p, q)
     assert straight.overflow_stats() == resumed.overflow_stats()
+
+
+# --- the numerics knobs are recipe fields: recorded, and checked at resume --------------
+
+
+@pytest.mark.parametrize("name", ["fixed_point_zo", "elastic_zo_int8"])
+def test_numerics_knobs_are_recorded_and_a_changed_one_is_refused_at_resume(digits, name, tmp_path):
+    x, y = digits
+    data = TensorDataset(x[:256], y[:256])
+    knobs = {"numerics.rounding": "nearest", "numerics.weight_headroom": 3.0}
+    recipe = presets.get(name, steps=2, batch_size=16, **knobs)
+    quiet = dict(progress=False, evaluate=False, measure=False, checkpoint_dir=tmp_path)
+    fit = finetune(_int8_model(), data, recipe, **quiet)
+    expected = dataclasses.asdict(recipe.numerics)
+    assert set(expected) >= {"per_channel", "weight_headroom", "rounding", "sync_float"}
+    # the checkpoint: the recipe and the run's identity carry every numerics field
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for key in ("recipe", "identity"):
+        assert json.loads(state[key])["numerics"] == expected, key
+    # a results file: compare rows carry the whole recipe
+    row = Row(preset=name, recipe=fit.recipe.to_dict())
+    saved = CompareResult(meta={}, rows=[row]).to_json()
+    assert json.loads(saved)["rows"][0]["recipe"]["numerics"] == expected
+    assert Recipe.from_dict(json.loads(saved)["rows"][0]["recipe"]) == fit.recipe
+    # resuming with one knob changed is refused, naming the field and both values
+    changed = recipe.replace(**{"numerics.rounding": "stochastic", "steps": 4})
+    with pytest.raises(ConfigError, match=r"numerics\.rounding: 'nearest' -> 'stochastic'"):
+        finetune(_int8_model(), data, changed, **quiet)
+    changed = recipe.replace(**{"numerics.weight_headroom": 2.0, "steps": 4})
+    with pytest.raises(ConfigError, match=r"numerics\.weight_headroom: 3\.0 -> 2\.0"):
+        finetune(_int8_model(), data, changed, **quiet)
+    # ... while the same knobs extend the run
+    assert finetune(_int8_model(), data, recipe.replace(steps=3), **quiet).steps == 3

@@ -11,8 +11,16 @@ def test_json_round_trip_of_every_axis():
         estimator=Estimator(kind="zo", eps=1e-2, queries=4, direction="rademacher"),
         scope=Scope(kind="blocks", blocks=(0, 2), include_head=False),
         backward=Backward(kind="exact"),
-        optimizer=Optimizer(kind="adamw", lr=3e-4, betas=(0.8, 0.9), weight_decay=0.1),
-        numerics=Numerics(kind="fixed_point", weight_bits=16, activation_bits=8),
+        optimizer=Optimizer(kind="sign", lr=3e-4, betas=(0.8, 0.9), sign_rule="projected"),
+        numerics=Numerics(
+            kind="fixed_point",
+            weight_bits=16,
+            activation_bits=8,
+            per_channel=False,
+            weight_headroom=3.0,
+            rounding="nearest",
+            sync_float=False,
+        ),
         steps=7,
         batch_size=3,
     )
@@ -36,6 +44,13 @@ def test_json_round_trip_of_every_axis():
         (lambda: Scope(kind="predicate"), "predicate="),
         (lambda: Backward(bits=1), "bits: 1"),
         (lambda: Numerics(weight_bits=32), "weight_bits: 32"),
+        (lambda: Numerics(kind="fixed_point", rounding="up"), "'up'"),
+        (lambda: Numerics(kind="fixed_point", weight_headroom=0.5), "weight_headroom: 0.5"),
+        (lambda: Numerics(kind="fixed_point", error_headroom=float("nan")), "nan"),
+        (lambda: Numerics(kind="fixed_point", per_channel="yes"), "per_channel: 'yes'"),
+        (lambda: Numerics(rounding="nearest"), "rounding='nearest'"),
+        (lambda: Numerics(weight_bits=8), "weight_bits=8"),
+        (lambda: Estimator(kind="zo", mask_on="largest"), "'largest'"),
         (lambda: Recipe(steps=0), "steps: 0"),
         (lambda: Recipe(batch_size=-3), "batch_size: -3"),
         (lambda: Recipe(estimator=Estimator(kind="zo"), backward=Backward(kind="mesa")), "mesa"),
@@ -78,3 +93,26 @@ def test_a_sparse_update_knob_on_another_scope_is_refused_not_ignored():
     with pytest.raises(ConfigError, match="bias_k=1 .* needs kind 'channels'"):
         Scope(kind="last_blocks", k=2, bias_k=1)
     assert Scope(kind="channels", blocks=(-1,), bias_k=1).bias_k == 1
+
+
+def test_identity_lists_each_changed_numerics_knob_and_reads_a_missing_one_as_its_default():
+    base = Recipe(
+        estimator=Estimator(kind="zo"),
+        optimizer=Optimizer(kind="sgd"),
+        numerics=Numerics(kind="fixed_point", rounding="nearest"),
+    )
+    saved = json.loads(json.dumps(base.identity()))
+    assert base.identity_differences(saved) == []
+    other = base.replace(**{"numerics.rounding": "stochastic", "numerics.weight_headroom": 4.0})
+    assert other.identity_differences(saved) == [
+        "numerics.rounding: 'nearest' -> 'stochastic'",
+        "numerics.weight_headroom: 2.0 -> 4.0",
+    ]
+    # written before a knob existed: the field reads as its default, which is what the
+    # code of the time did; a value other than the default is still a difference
+    older = json.loads(json.dumps(saved))
+    del older["numerics"]["sync_float"], older["numerics"]["error_headroom"]
+    assert base.identity_differences(older) == []
+    assert base.replace(**{"numerics.sync_float": False}).identity_differences(older) == [
+        "numerics.sync_float: True -> False"
+    ]

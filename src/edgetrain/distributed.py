@@ -37,8 +37,8 @@ Hybrid recipes (ElasticZO: ZO for the front, backprop for the tail) combine both
 front's loss values go through the ``reduce_scalars`` hook, and the tail's gradients,
 after the estimator averaged them over its passes, through its ``reduce_gradients`` hook,
 which this module sets to a shard-weighted all-reduce of one flat buffer of the tail's
-``.grad`` tensors (the front has none to send). Estimators with neither path (the
-fixed-point ones) raise NotImplementedError.
+``.grad`` tensors (the front has none to send). Recipes with neither path (the
+fixed-point ones: ``compat.distributed_reason``) raise NotImplementedError.
 
 Communication is measured, per step and per rank, as the payload bytes of the collectives
 the rank enters (``CommCounter``): for ZO a few floats (two-sided SPSA, q = 1: two float64,
@@ -73,6 +73,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from edgetrain import compat
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -430,6 +432,9 @@ class DataParallel:
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         self._base_loss_fn: Callable[..., torch.Tensor] | None = None
         check_shards(n_examples, batch_size, self.world)
+        refused = compat.distributed_reason(est.recipe)
+        if refused is not None:
+            raise NotImplementedError(refused)
         from edgetrain.estimators.backprop import Backprop
 
         if isinstance(est, Backprop):

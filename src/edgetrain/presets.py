@@ -287,22 +287,28 @@ def fixed_point_zo() -> Recipe:
     paper's method section was not readable to us), quantized to 8 bits (k/32, |k| <=
     127, our choice) and applied as round(eps_q k / 32) grid steps, eps_q = round(eps / s);
     eps 1e-3 is ours too. On mnist-to-digits (MLP, 300 steps, seed 0) the normal direction
-    reached 86.3%, Rademacher 85.3%. Runs on chain models (MLP, CNN with BN folded), not
-    the ViT."""
+    reached 86.3%, Rademacher 85.3%. The update is sign(l+ - l-) z averaged over the
+    directions (``sign_rule="projected"``). Weight scales per output channel, a weight
+    grid of twice the largest weight (one bit of headroom); both ours. Runs on chain
+    models (MLP, CNN with BN folded), not the ViT."""
     return Recipe(
         name="fixed_point_zo",
         estimator=Estimator(kind="zo", eps=1e-3, queries=4, direction="gaussian"),
         scope=Scope(kind="all"),
-        optimizer=Optimizer(kind="sign", lr=3e-3),
-        numerics=Numerics(kind="fixed_point", weight_bits=16, activation_bits=8),
+        optimizer=Optimizer(kind="sign", lr=3e-3, sign_rule="projected"),
+        numerics=Numerics(
+            kind="fixed_point",
+            weight_bits=16,
+            activation_bits=8,
+            per_channel=True,
+            weight_headroom=2.0,
+            rounding="stochastic",
+            sync_float=True,
+        ),
         steps=1000,
         batch_size=64,
         description="Fixed-point ZO (16-bit weights, 8-bit activations), sign-m-SPSA",
     )
-
-
-# Numerics and Backward are imported for the presets that later issues add here.
-_ = (Backward, Numerics)
 
 
 # --- partial backprop (issue 5) ---------------------------------------------------------
@@ -400,13 +406,24 @@ def elastic_zo_int8() -> Recipe:
     steps, batch 32, from 65.7%): 95.9% test accuracy (float elastic_zo with the same cut:
     96.7%, mezo: 84.1%); zo_lr 1e-4 (SGD) or sign at 1e-3 also trained; zo_lr above
     ~1e-4 saturates the 8-bit front weights. Its integer footprint
-    (``ElasticZOInt8.footprint``) is 2.6x smaller than the same step in float32."""
+    (``ElasticZOInt8.footprint``) is 2.6x smaller than the same step in float32. One
+    weight scale per tensor (the integer backward needs it), weight and error grids of
+    twice the largest value seen at calibration (ours)."""
     return Recipe(
         name="elastic_zo_int8",
         estimator=Estimator(kind="hybrid", cut=1, eps=1e-3, direction="rademacher", zo_lr=1e-5),
         scope=Scope(kind="all"),
         optimizer=Optimizer(kind="sgd", lr=3e-2),
-        numerics=Numerics(kind="fixed_point", weight_bits=8, activation_bits=8),
+        numerics=Numerics(
+            kind="fixed_point",
+            weight_bits=8,
+            activation_bits=8,
+            per_channel=False,
+            weight_headroom=2.0,
+            rounding="stochastic",
+            error_headroom=2.0,
+            sync_float=True,
+        ),
         steps=1000,
         batch_size=32,
         description="ElasticZO-INT8: integer ZO front (block 0), 8-bit backprop tail",

@@ -11,7 +11,9 @@ numerics   the arithmetic the step runs in (float32, fixed_point)
 =========  ================================================================
 
 Each axis is a dataclass whose fields are typed, defaulted and validated in
-``__post_init__`` with a message that names the bad value. A ``Recipe`` round-trips
+``__post_init__`` with a message that names the bad value. Which values of different
+axes combine is one table, ``edgetrain.compat``: ``Recipe(...)`` refuses a pair that does
+not run, naming both values. A ``Recipe`` round-trips
 through JSON (``Recipe.from_json(r.to_json()) == r``), except a ``Scope`` built from a
 Python predicate, which cannot be written down and says so.
 """
@@ -132,7 +134,10 @@ class Estimator:
     sparsity: float = 0.0
     """Sparse MeZO: fraction of each tensor's weights (the largest) left unperturbed."""
     mask_on: str = "abs"
-    """Sparse MeZO mask statistic: ``abs`` (|theta| <= threshold) or ``signed``."""
+    """Which weights a sparse perturbation (``sparsity``) leaves out: Sparse MeZO's mask
+    statistic ``abs`` (perturb |theta| <= threshold) or ``signed``; or (fixed point only)
+    ``random``, a fresh random subset of each tensor per direction, regenerated from the
+    seed with z."""
     cut: int | None = None
     """Hybrid: index of the first backprop block; blocks before it train by ZO."""
     zo_lr: float | None = None
@@ -151,7 +156,7 @@ class Estimator:
         _choice(self.difference, ("two_sided", "one_sided"), "difference")
         _choice(self.direction, ("gaussian", "rademacher"), "direction")
         _in_unit(self.sparsity, "sparsity", closed_high=False)
-        _choice(self.mask_on, ("abs", "signed"), "mask_on")
+        _choice(self.mask_on, ("abs", "signed", "random"), "mask_on")
         _choice(self.block_zo, ("none", "round_robin", "every_block"), "block_zo")
         _choice(self.block_granularity, ("block", "sublayer", "linear"), "block_granularity")
         _in_unit(self.grad_sparsity, "grad_sparsity", closed_high=False)
@@ -302,12 +307,40 @@ class Optimizer:
 
 @dataclass(frozen=True)
 class Numerics:
-    """The arithmetic of the step: ``float32`` or ``fixed_point`` (integer weights and
-    activations of ``weight_bits`` / ``activation_bits``)."""
+    """The arithmetic of the step: ``float32``, or ``fixed_point``: the model converted to
+    an integer model (``edgetrain.numerics.convert``: ``weight_bits`` integer weights,
+    ``activation_bits`` activations, int32 accumulators) that the step trains in integer
+    arithmetic (estimator ``zo``: FixedPointZO, Feng et al. 2024; ``hybrid``:
+    ElasticZO-INT8, Sugiura & Matsutani 2025). The fields after the bit widths are the
+    fixed-point knobs; with ``float32`` they keep their defaults.
+
+    Calibration is data, not a knob: the activation scales come from the inputs of the
+    first step's batch (all of it), or from the batch given to the estimator's
+    ``calibration=`` / ``calibrate(x)``.
+    """
 
     kind: str = "float32"
     weight_bits: int = 16
+    """Integer weight width (the paper's working point: 16; 8 needs stochastic rounding)."""
     activation_bits: int = 8
+    """Integer activation width."""
+    per_channel: bool | None = None
+    """One weight scale per output channel (True) or per tensor (False). None: per channel
+    for estimator ``zo``, per tensor for ``hybrid`` (ElasticZO-INT8 propagates errors
+    through one weight scale per tensor and refuses True)."""
+    weight_headroom: float = 2.0
+    """The weight grid spans this multiple of the largest |w| at conversion (2.0: one bit
+    of room for the largest weights to grow instead of saturating); >= 1."""
+    rounding: str = "stochastic"
+    """Integer weight updates: ``stochastic`` (unbiased, so updates below one grid step
+    survive in expectation) or ``nearest`` (rounds them to 0: the 8-bit stall)."""
+    error_headroom: float = 2.0
+    """ElasticZO-INT8: the tail's error scales, calibrated once on the first batch, span
+    this multiple of the largest error seen; >= 1."""
+    sync_float: bool = True
+    """After each step, write the dequantized integer weights into the float model (so
+    that evaluating the model sees the training; the deployed model is the estimator's
+    ``int_model``). False leaves the float model as it was."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -316,6 +349,21 @@ class Numerics:
             bits = getattr(self, name)
             if not 4 <= bits <= 16:
                 raise ConfigError(f"Invalid {name}: {bits} (4..16)")
+        for name in ("weight_headroom", "error_headroom"):
+            if not getattr(self, name) >= 1.0:  # also rejects NaN
+                raise ConfigError(f"Invalid {name}: {getattr(self, name)} (must be >= 1)")
+        _choice(self.rounding, ("stochastic", "nearest"), "rounding")
+        if self.kind == "float32":
+            changed = [
+                f"{f.name}={getattr(self, f.name)!r}"
+                for f in dataclasses.fields(self)
+                if f.name != "kind" and getattr(self, f.name) != f.default
+            ]
+            if changed:
+                raise ConfigError(
+                    f"Numerics {', '.join(changed)} is a fixed-point knob, and numerics kind "
+                    "'float32' has none; set kind='fixed_point' or leave it at its default"
+                )
 
 
 RUN_LENGTH_FIELDS = ("steps", "description")
@@ -355,14 +403,9 @@ class Recipe:
             raise ConfigError(f"Invalid steps: {self.steps} (must be an integer >= 1)")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"Invalid batch_size: {self.batch_size} (must be an integer >= 1)")
-        est, opt = self.estimator, self.optimizer
-        if opt.kind in ("galore", "lowrank") and est.kind not in ("backprop", "hybrid"):
-            raise ConfigError(f"Optimizer {opt.kind!r} needs a gradient: estimator backprop")
-        if self.backward.kind != "exact" and est.kind in ("zo", "forward_grad"):
-            raise ConfigError(
-                f"Backward {self.backward.kind!r} changes a backward pass, and estimator "
-                f"{est.kind!r} runs none"
-            )
+        from edgetrain import compat  # the table imports this module
+
+        compat.check(self)  # the axis values combine (edgetrain.compat)
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with fields changed. ``"axis.field"`` keys change one field of an axis:
@@ -435,6 +478,10 @@ class Recipe:
         """``"axis.field: saved -> this"`` for each field whose value differs from the
         identity ``saved`` (as :meth:`identity` wrote it)."""
         mine = json.loads(json.dumps(self.identity()))  # tuples as JSON lists, as saved
+        try:  # a field added since ``saved`` was written reads as its default
+            saved = json.loads(json.dumps(Recipe.from_dict(saved).identity()))
+        except (TypeError, ValueError):
+            pass  # not a recipe any more (a field removed, a rule added): compare as written
         out = []
         for key in sorted(set(mine) | set(saved)):
             a, b = saved.get(key), mine.get(key)

@@ -168,7 +168,9 @@ def count_step_flops(model: torch.nn.Module, recipe: Recipe, batch: Any, seed: i
 
 
 def applicable(recipe: Recipe, model: torch.nn.Module) -> str | None:
-    """Why ``recipe`` cannot run on ``model``, or None if it can."""
+    """Why ``recipe`` cannot run on ``model``, or None if it can. Which axis values combine
+    is ``edgetrain.compat``'s table (``Recipe(...)`` refuses the rest): this adds only what
+    the model decides."""
     from edgetrain.backward.wht import is_token_sequence
 
     tokens = hasattr(model, "grid_size") or is_token_sequence(model)
@@ -186,7 +188,7 @@ def applicable(recipe: Recipe, model: torch.nn.Module) -> str | None:
         reason = hybrid_applicable(recipe, model)
         if reason is not None:
             return f"ElasticZO: {reason}"
-    if recipe.numerics.kind == "fixed_point" and recipe.estimator.kind in ("zo", "hybrid"):
+    if recipe.numerics.kind == "fixed_point":  # estimator zo or hybrid (compat)
         from edgetrain.numerics.fixed_point import convert
 
         if getattr(model, "input_shape", None) is None:

@@ -1,7 +1,8 @@
 """Gradient sources, one module each: backprop, zo, forward_grad, hybrid.
 
-``build(model, recipe, loss_fn=None, seed=0)`` returns the estimator for
-``recipe.estimator.kind``. A module adds its kind with ``register(kind)(cls)``.
+``build(model, recipe, loss_fn=None, seed=0)`` returns the estimator that runs
+``recipe``: the class the compatibility table (``edgetrain.compat.runner``) names for its
+estimator and numerics kinds. A module adds its kind with ``register(kind)(cls)``.
 """
 
 from __future__ import annotations
@@ -10,16 +11,12 @@ import importlib
 
 from torch import nn
 
+from edgetrain import compat
 from edgetrain._registry import Registry
+from edgetrain.batches import LossFn, default_loss
 from edgetrain.errors import ConfigError
 from edgetrain.estimators.backprop import Backprop
-from edgetrain.estimators.base import (
-    Estimator,
-    LossFn,
-    NonFiniteLossError,
-    StepStats,
-    default_loss,
-)
+from edgetrain.estimators.base import Estimator, NonFiniteLossError, StepStats
 from edgetrain.recipe import Recipe
 
 __all__ = [
@@ -44,17 +41,10 @@ _MODULES = {
 
 
 def _kind_of(recipe: Recipe) -> str:
-    """The estimator that runs ``recipe``: integer numerics route zeroth-order recipes to
-    the fixed-point estimator and hybrid ones to ElasticZO-INT8 (the arithmetic changes
-    the whole step, not one layer)."""
-    kind = recipe.estimator.kind
-    if recipe.numerics.kind == "fixed_point":
-        if kind == "zo":
-            return "fixed_point_zo"
-        if kind == "hybrid":
-            return "hybrid_int8"
-        raise ValueError(f"Fixed-point numerics run with estimator 'zo' or 'hybrid', not {kind!r}")
-    return kind
+    """The estimator class that runs ``recipe``, from the compatibility table: integer
+    numerics route zeroth-order recipes to the fixed-point estimator and hybrid ones to
+    ElasticZO-INT8 (the arithmetic changes the whole step, not one layer)."""
+    return compat.runner(recipe).runs_as
 
 
 def register(kind: str):

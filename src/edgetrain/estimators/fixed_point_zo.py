@@ -62,12 +62,12 @@ Why weight bits matter: with 8-bit weights the grid step ``s = max|w| / 127`` is
 nearest then rounds every update to 0 and training stalls, which is the paper's finding
 that 8-bit weights do not converge (its loss-landscape figures). Stochastic rounding keeps
 the expected update (``rounding="stochastic"``, the default); ``rounding="nearest"``
-reproduces the stall.
+reproduces the stall (``recipe.numerics.rounding``).
 
 Sparse perturbation (``recipe.estimator.sparsity``): a fraction of each tensor's weights
-is left unperturbed, hence not updated: the largest by ``|w_q|`` (``sparse_mode=
-"magnitude"``, the Sparse-MeZO reading of the recipe field; the mask is taken once per
-step from the unperturbed weights) or a fresh random subset per direction (``"random"``:
+is left unperturbed, hence not updated: the largest by ``|w_q|`` (``estimator.mask_on=
+"abs"``, the Sparse-MeZO reading of the recipe field; the mask is taken once per step
+from the unperturbed weights) or a fresh random subset per direction (``"random"``:
 ternary ``z``, regenerated from the seed with ``z``).
 
 ``recipe.estimator.difference == "one_sided"`` uses ``l(w_q + delta_i) - l(w_q)`` (and
@@ -80,7 +80,8 @@ loss function) leaves the integer weights bit for bit as they were before it.
 Not implemented: the paper's other enhancements shown in its ablations (momentum-guided
 sampling, a sharpness-aware perturbation): their exact definitions were not available to
 us when this was written. Blockwise, ZO-Cons and gradient-pruning variants of the ``zo``
-axis are rejected with a clear error. The loss is computed from dequantized logits on the
+axis, weight decay and optimizers other than ``sgd`` / ``sign`` are refused at
+``Recipe(...)`` (edgetrain.compat). The loss is computed from dequantized logits on the
 host in float32; an integer-only device would need only the comparison of two such
 scalars for sign-m-SPSA.
 """
@@ -97,8 +98,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgetrain.batches import LossFn
 from edgetrain.estimators import register
-from edgetrain.estimators.base import Estimator, LossFn
+from edgetrain.estimators.base import Estimator
 from edgetrain.numerics.export import int_model_arrays, int_model_from_arrays
 from edgetrain.numerics.fixed_point import (
     INT32_MAX,
@@ -175,18 +177,17 @@ class _Trainable:
 class FixedPointZO(Estimator):
     """Zeroth-order training of an integer model (Feng et al. 2024), see the module doc.
 
-    ``calibration``: a float input batch for the activation scales; if None, the inputs
-    of the first ``step`` batch calibrate. ``sign``: sign-m-SPSA (None: from the recipe,
-    True when ``recipe.optimizer.kind == "sign"``). ``rounding``: ``"stochastic"`` or
-    ``"nearest"`` for the weight update. ``sparse_mode``: ``"magnitude"`` or ``"random"``.
-    ``per_channel``: one weight scale per output channel. ``weight_headroom``: the weight
-    grid spans this multiple of the largest weight (2.0: one bit of room for the largest
-    weights to grow instead of saturating). ``sync_float``: after each step,
-    write the dequantized integer weights into the float model (so that evaluating
-    ``model`` sees the training; the deployed model is ``int_model``).
+    Every knob is a recipe field (``recipe.numerics``: ``weight_bits``,
+    ``activation_bits``, ``per_channel``, ``weight_headroom``, ``rounding``,
+    ``sync_float``; sign-m-SPSA is ``optimizer.kind == "sign"``; the sparse mask is
+    ``estimator.mask_on``), so results files and checkpoints record them; which values
+    combine is checked at ``Recipe(...)`` (edgetrain.compat). ``calibration``: a float
+    input batch for the activation scales (data, not a knob); if None, the inputs of the
+    first ``step`` batch calibrate.
     """
 
     kind = "fixed_point_zo"
+    default_per_channel = True
 
     def __init__(
         self,
@@ -196,48 +197,14 @@ class FixedPointZO(Estimator):
         *,
         seed: int = 0,
         calibration: torch.Tensor | None = None,
-        sign: bool | None = None,
-        rounding: str = "stochastic",
-        sparse_mode: str = "magnitude",
-        per_channel: bool = True,
-        weight_headroom: float = 2.0,
-        sync_float: bool = True,
     ) -> None:
         super().__init__(model, recipe, loss_fn, seed=seed)
-        est, opt, num = recipe.estimator, recipe.optimizer, recipe.numerics
+        num = recipe.numerics
         if num.kind != "fixed_point":
             raise ValueError(
                 f"FixedPointZO trains in fixed point; recipe.numerics.kind is {num.kind!r}. "
                 "Use Numerics(kind='fixed_point', weight_bits=16, activation_bits=8)"
             )
-        if opt.kind not in ("sgd", "sign"):
-            raise ValueError(
-                f"FixedPointZO's integer update supports optimizer kinds 'sgd' (m-SPSA) and "
-                f"'sign' (sign-m-SPSA); got {opt.kind!r}"
-            )
-        if opt.weight_decay:
-            raise ValueError(f"FixedPointZO has no weight decay; got {opt.weight_decay}")
-        if est.block_zo != "none" or est.cons:
-            raise ValueError("FixedPointZO supports neither blockwise nor cons (ZO-Cons) steps")
-        if est.grad_sparsity:
-            raise ValueError(
-                f"FixedPointZO has no gradient pruning; got grad_sparsity={est.grad_sparsity} "
-                "(use Estimator(sparsity=...) for sparse perturbation)"
-            )
-        if est.sparsity and est.mask_on != "abs" and sparse_mode == "magnitude":
-            raise ValueError(f"Sparse magnitude masks support mask_on='abs', not {est.mask_on!r}")
-        if rounding not in ("stochastic", "nearest"):
-            raise ValueError(f"Invalid rounding: {rounding!r}; expected 'stochastic' or 'nearest'")
-        if sparse_mode not in ("magnitude", "random"):
-            raise ValueError(
-                f"Invalid sparse_mode: {sparse_mode!r}; expected 'magnitude' or 'random'"
-            )
-        self.sign = (opt.kind == "sign") if sign is None else bool(sign)
-        self.rounding = rounding
-        self.sparse_mode = sparse_mode
-        self.per_channel = per_channel
-        self.weight_headroom = weight_headroom
-        self.sync_float = sync_float
         self.int_model: IntModel | None = None
         self.int_module: IntModule | None = None
         self._trainables: list[_Trainable] = []
@@ -246,6 +213,18 @@ class FixedPointZO(Estimator):
         self.last_projected: list[float] = []
         if calibration is not None:
             self.calibrate(calibration)
+
+    @property
+    def per_channel(self) -> bool:
+        """One weight scale per output channel (``numerics.per_channel``; None: per channel
+        here, per tensor for ElasticZO-INT8)."""
+        chosen = self.recipe.numerics.per_channel
+        return self.default_per_channel if chosen is None else chosen
+
+    @property
+    def sign(self) -> bool:
+        """sign-m-SPSA (optimizer ``sign``) rather than m-SPSA (``sgd``)."""
+        return self.recipe.optimizer.kind == "sign"
 
     # ------------------------------------------------------------------ setup
 
@@ -259,7 +238,7 @@ class FixedPointZO(Estimator):
                 weight_bits=num.weight_bits,
                 activation_bits=num.activation_bits,
                 per_channel=self.per_channel,
-                weight_headroom=self.weight_headroom,
+                weight_headroom=num.weight_headroom,
             )
         )
         return self.int_model
@@ -329,7 +308,7 @@ class FixedPointZO(Estimator):
                 normal.mul_(GAUSSIAN_DENOMINATOR).round_().clamp_(-127, 127)  # in place
                 z = normal.to(torch.int64)
                 del normal
-            if est.sparsity and self.sparse_mode == "random":
+            if est.sparsity and est.mask_on == "random":
                 keep = torch.rand(end - start, generator=gen, dtype=torch.float64) >= est.sparsity
                 z = z * keep
             elif mask is not None:
@@ -356,7 +335,7 @@ class FixedPointZO(Estimator):
     def _make_masks(self) -> None:
         sparsity = self.recipe.estimator.sparsity
         self._masks = []
-        if not sparsity or self.sparse_mode != "magnitude":
+        if not sparsity or self.recipe.estimator.mask_on == "random":
             return
         for tr in self._trainables:
             mag = tr.tensor.view(-1).abs()
@@ -430,7 +409,7 @@ class FixedPointZO(Estimator):
         finally:
             self._masks = []
         self.last_projected = projected
-        if self.sync_float:
+        if self.recipe.numerics.sync_float:
             write_back(self.int_model)
         loss = base if base is not None else float(np.mean(losses))
         return loss, forwards, 0
@@ -472,7 +451,7 @@ class FixedPointZO(Estimator):
                 numerator = torch.zeros(end - start, dtype=torch.int64)
                 for k, (_, _, z) in zip(coeffs, chunks, strict=True):
                     numerator += k[channel] * z
-                if self.rounding == "stochastic":
+                if self.recipe.numerics.rounding == "stochastic":
                     offset = torch.randint(
                         0, denominator, (end - start,), generator=rounding_gen, dtype=torch.int64
                     )
@@ -526,5 +505,5 @@ class FixedPointZO(Estimator):
             for key, value in state.get("stats", {}).items():
                 setattr(int_model.stats, key, int(value))
             self._set_int_model(int_model)
-            if self.sync_float:
+            if self.recipe.numerics.sync_float:
                 write_back(int_model)  # the float model shows the resumed weights

@@ -61,8 +61,9 @@ A failing step (a non-finite loss: ``NonFiniteLossError``; or an exception in a 
 leaves every integer weight bit for bit as it was: the losses and the tail's update
 coefficients are all computed and checked before the first weight changes.
 
-Not supported: one-sided differences, blockwise/ZO-Cons fronts, custom loss functions,
-per-channel weight scales (the error propagation needs one weight scale per tensor).
+Not supported: one-sided differences, blockwise/ZO-Cons fronts, per-channel weight scales
+(the error propagation needs one weight scale per tensor): refused at ``Recipe(...)``
+(edgetrain.compat); and custom loss functions.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain import scope as scope_mod
+from edgetrain.batches import LossFn
 from edgetrain.estimators import register
-from edgetrain.estimators.base import LossFn
 from edgetrain.estimators.fixed_point_zo import FixedPointZO
 from edgetrain.numerics.fixed_point import (
     INT32_MAX,
@@ -149,14 +150,15 @@ def _saturate_count(x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, in
 class ElasticZOInt8(FixedPointZO):
     """ElasticZO-INT8 on an integer model; see the module docstring.
 
-    ``calibration``: a float input batch for the activation scales (None: the first
-    step's inputs). ``rounding``: ``"stochastic"`` (default) or ``"nearest"`` for both
-    updates. ``error_headroom``: the calibrated error scales span this multiple of the
-    largest error seen. ``sync_float``: write the integer weights back into the float
-    model after each step (so that evaluating ``model`` sees the training).
+    Its knobs are recipe fields, as FixedPointZO's (``recipe.numerics``: ``weight_bits``,
+    ``activation_bits``, ``weight_headroom``, ``rounding`` for both updates,
+    ``error_headroom`` for the calibrated error scales, ``sync_float``; weight scales are
+    per tensor). ``calibration``: a float input batch for the activation scales (None: the
+    first step's inputs).
     """
 
     kind = "hybrid_int8"
+    default_per_channel = False
 
     def __init__(
         self,
@@ -166,40 +168,22 @@ class ElasticZOInt8(FixedPointZO):
         *,
         seed: int = 0,
         calibration: torch.Tensor | None = None,
-        rounding: str = "stochastic",
-        weight_headroom: float = 2.0,
-        error_headroom: float = 2.0,
-        sync_float: bool = True,
     ) -> None:
         est = recipe.estimator
         if est.kind != "hybrid":
             raise ValueError(f"ElasticZO-INT8 needs estimator kind 'hybrid', got {est.kind!r}")
-        if est.difference != "two_sided":
-            raise ValueError("ElasticZO-INT8 supports difference='two_sided' only")
         if loss_fn is not None:
             raise ValueError(
                 "ElasticZO-INT8 computes the cross-entropy of the integer logits itself; "
                 "it takes no loss_fn"
             )
-        if not error_headroom >= 1.0:
-            raise ValueError(f"Invalid error_headroom: {error_headroom} (must be >= 1)")
         self.cut = int(est.cut)
-        self.error_headroom = float(error_headroom)
         self.error_scales: dict[int, float] = {}
         self.error_clips = 0
         self.gradient_saturations = 0
         self._tail_start = 0
         self._tail_params: list[_TailParam] = []
-        super().__init__(
-            model,
-            recipe,
-            None,
-            seed=seed,
-            rounding=rounding,
-            per_channel=False,
-            weight_headroom=weight_headroom,
-            sync_float=sync_float,
-        )
+        super().__init__(model, recipe, None, seed=seed)
         n_blocks = len(scope_mod.find_blocks(model))
         if not 0 <= self.cut <= n_blocks:
             raise ValueError(f"Invalid cut: {self.cut} for a model of {n_blocks} blocks")
@@ -312,6 +296,7 @@ class ElasticZOInt8(FixedPointZO):
         observe: bool,
     ) -> None:
         stats = self.int_model.stats
+        headroom = self.recipe.numerics.error_headroom
         trainable = {tp.index for tp in self._tail_params}
         earliest = min(trainable)
         for record in reversed(saved):
@@ -321,7 +306,7 @@ class ElasticZOInt8(FixedPointZO):
                     e = e * record.mask
                 if observe:
                     largest = float(e.abs().max()) * e_scale
-                    scale = largest * self.error_headroom / ERROR_QMAX
+                    scale = largest * headroom / ERROR_QMAX
                     self.error_scales[record.index] = scale if scale > 0 else e_scale
                 s_e = self.error_scales[record.index]
                 m0, shift = quantize_multiplier(e_scale / s_e)
@@ -419,7 +404,7 @@ class ElasticZOInt8(FixedPointZO):
             self._masks = []
         self._apply_tail(tail)
         self.last_projected = projected
-        if self.sync_float:
+        if self.recipe.numerics.sync_float:
             write_back(self.int_model)
         return float(np.mean(losses)), passes, passes
 
@@ -439,7 +424,7 @@ class ElasticZOInt8(FixedPointZO):
         if right > 62:  # two stages, each unbiased: still unbiased
             value = self._shift_round(value, right - 62, gen)
             right = 62
-        if self.rounding == "nearest":
+        if self.recipe.numerics.rounding == "nearest":
             offset = torch.full_like(value, 1 << (right - 1))
         else:
             offset = torch.randint(0, 1 << right, value.shape, generator=gen, dtype=torch.int64)

@@ -7,6 +7,12 @@ stochastic rounding. ``fixed_point``: ``convert(model, calibration) -> IntModel`
 forward is integer arithmetic with int32 accumulation and gemmlowp requantization, exact
 and deterministic, with saturation counted. ``export``: ``export_int`` / ``load_int``
 (npz) and ``run_integer_reference``, a numpy integer-only runtime for exported files.
+
+The knobs of a fixed-point training run (bit widths, per-channel scales, weight and error
+headroom, rounding of the integer update, writing back into the float model) are fields
+of the recipe's numerics axis, ``edgetrain.recipe.Numerics``; the estimators that train in
+fixed point (``estimators/fixed_point_zo.py``, ``estimators/hybrid_int8.py``) read them
+from there, so results files and checkpoints record them.
 """
 
 from edgetrain.numerics.export import export_int, load_int, run_integer_reference
