@@ -29,7 +29,7 @@ from edgetrain.integrations.hf import (  # noqa: E402
     use_eager_attention,
 )
 from edgetrain.scope import find_head, select  # noqa: E402
-from edgetrain.tasks_text import minilm_path  # noqa: E402
+from edgetrain.tasks.text import minilm_path  # noqa: E402
 from edgetrain.train import check_data  # noqa: E402
 
 SENTENCES = [

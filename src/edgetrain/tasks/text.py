@@ -46,7 +46,7 @@ from edgetrain.files import atomic_torch_save, cache_dir
 from edgetrain.files import load_cache as _load_cache
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import make_generator, seeded_global_rng
-from edgetrain.tasks import Task, register
+from edgetrain.tasks.base import Task, register
 
 __all__ = ["TextTaskConfig", "PretrainedTextTask", "minilm_path", "minilm_polarity"]
 

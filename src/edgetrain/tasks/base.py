@@ -229,4 +229,3 @@ def _mnist_to_digits() -> Task:
 
 
 register(_mnist_to_digits, "mnist-to-digits")
-from edgetrain import tasks_text as _tasks_text  # noqa: E402, F401 - registers "minilm-polarity"
