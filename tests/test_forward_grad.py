@@ -265,8 +265,10 @@ def test_state_dict_resumes_exactly() -> None:
     [("sgd", 0.0), ("sgd", 0.1), ("momentum", 0.1), ("adam", 0.1), ("adamw", 0.1)],
 )
 def test_update_matches_torch_optim_given_the_same_estimate(kind: str, weight_decay: float) -> None:
-    """Feed (jvp * v) as .grad to torch.optim on a copy: the weights must agree. Weight
-    decay skips the 1-D tensors (biases), as the backprop builders' param groups do."""
+    """Feed (jvp * v) as .grad to torch.optim on a copy: the weights must agree bit for
+    bit (one update core, edgetrain.optim.functional, over torch's functional sgd/adam).
+    Weight decay skips the 1-D tensors (biases), as the backprop builders' param groups
+    do."""
     from edgetrain.optim import decay_param_groups
 
     batch = teacher_batch(32)
@@ -291,7 +293,7 @@ def test_update_matches_torch_optim_given_the_same_estimate(kind: str, weight_de
             p.grad = record.jvps[0] * v
         opt.step()
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert torch.equal(a, b)  # the same functional core as torch.optim: bit for bit
 
 
 def test_a_few_steps_lower_the_loss() -> None:
@@ -472,3 +474,33 @@ def test_direction_statistics() -> None:
         if direction == "rademacher":
             assert set(v.unique().tolist()) == {-1.0, 1.0}
         assert torch.equal(v, torch.cat([t.flatten() for t in est.direction(0)]))
+
+
+@pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
+def test_directions_are_the_zeroth_order_generators_and_the_update_regenerates_them(direction):
+    """One direction generator: v is edgetrain.optim.perturb's z on the plan of the
+    trainable parameters (ids 0, 1, ... in scope order), here with chunks small enough
+    that the weight spans several and the biases share one; the update regenerates the q
+    directions chunk by chunk and moves theta by exactly -lr (1/q) sum_k jvp_k v_k."""
+    from edgetrain.optim.perturb import materialize_directions
+
+    model = small_mlp()
+    recipe = fg_recipe(queries=2, direction=direction, lr=0.1)
+    recipe = recipe.replace(**{"estimator.chunk_elements": 96})
+    est = build(model, recipe, seed=3)
+    shapes = [p.shape for p in est.params]
+    assert max(p.numel() for p in est.params) > 96  # a weight spans chunks
+    for seed in (0, 17):
+        expected = materialize_directions(
+            shapes, seed, list(range(len(shapes))), direction=direction, chunk_elements=96
+        )
+        assert_same(est.direction(seed), expected)
+    rng = torch.get_rng_state()
+    before = [p.detach().clone() for p in est.params]
+    est.step(teacher_batch(16))
+    assert torch.equal(torch.get_rng_state(), rng)  # never the global RNG
+    record = est.last_record
+    vs = [est.direction(s) for s in record.seeds]
+    for k, (p, p0) in enumerate(zip(est.params, before, strict=True)):
+        g = sum(j / 2 * v[k] for j, v in zip(record.jvps, vs, strict=True))
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * g, rtol=0, atol=1e-7)

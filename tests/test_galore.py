@@ -169,7 +169,7 @@ def test_non_matrix_parameters_follow_adamw():
             opt.zero_grad()
             ((p - i) ** 3).sum().backward()
             opt.step()
-    torch.testing.assert_close(bias_a, bias_b, atol=1e-6, rtol=1e-6)
+    assert torch.equal(bias_a, bias_b)  # functional.adamw: torch's AdamW bit for bit
 
 
 def test_built_from_recipe_and_validates():
@@ -217,12 +217,14 @@ def vit_case():
 
 
 def bert_case():
-    from edgetrain.integrations.hf import pack_inputs
-
     net = tiny_bert()
     gen = make_generator(1)
     ids = torch.randint(1, 64, (4, 16), generator=gen)
-    batch = pack_inputs(ids, torch.ones(4, 16, dtype=torch.long)), torch.tensor([0, 1, 0, 1])
+    batch = {  # a HuggingFace batch, as a collator makes it
+        "input_ids": ids,
+        "attention_mask": torch.ones(4, 16, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 0, 1]),
+    }
     keys = ("query", "value", "key", "intermediate.dense", "output.dense")
     embeddings = net.backbone.embeddings.word_embeddings.weight  # (64, 32): 2-D, not projected
     return net, batch, keys, net.classifier.weight, embeddings
@@ -270,5 +272,41 @@ def test_a_group_without_projection_is_plain_adamw():
             opt.zero_grad()
             ((W - i) ** 3).sum().backward()
             opt.step()
-    torch.testing.assert_close(W_a, W_b, atol=1e-6, rtol=1e-6)
+    assert torch.equal(W_a, W_b)  # functional.adamw: torch's AdamW bit for bit
     assert "projector" not in galore.state[W_a]
+
+
+def test_step_returns_the_closures_loss_and_a_scheduler_sets_the_lr():
+    """torch.optim behaviour: step(closure) evaluates the closure with grad enabled and
+    returns what it returned; a StepLR's lr is the one the update uses (the same weights
+    as a run given the same lrs by hand)."""
+    X, Y = regression_problem()
+
+    def run(lrs_by_hand=None):
+        W = nn.Parameter(torch.zeros(24, 32))
+        opt = GaLoreAdamW([W], lr=1e-2, rank=4, update_gap=3)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+        lrs = []
+        for t in range(5):
+            if lrs_by_hand is not None:
+                opt.param_groups[0]["lr"] = lrs_by_hand[t]
+            lrs.append(opt.param_groups[0]["lr"])
+            returned = []
+
+            def closure(returned=returned):
+                opt.zero_grad()
+                loss = (X @ W.t() - Y).square().mean()
+                loss.backward()
+                returned.append(loss)
+                return loss
+
+            assert opt.step(closure) is returned[0]
+            if lrs_by_hand is None:
+                sched.step()
+        return W.detach(), lrs
+
+    w_sched, lrs = run()
+    assert lrs == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3, 1e-4], rel=1e-12)
+    w_hand, _ = run(lrs)
+    assert torch.equal(w_sched, w_hand)
+    assert not torch.equal(w_sched, run([1e-2] * 5)[0])  # the schedule mattered

@@ -161,3 +161,28 @@ def test_built_from_recipe_and_validates():
     assert opt.defaults["rank"] == 4 and opt.defaults["update_gap"] == 7
     with pytest.raises(ValueError, match="update_gap"):
         LowRankGradAdam(nn.Linear(2, 2).parameters(), update_gap=0)
+
+
+def test_weights_without_factors_are_torch_adamw_and_step_returns_the_closures_loss():
+    """A bias and a matrix too small for factors get functional.adamw: torch.optim.AdamW's
+    update bit for bit; step(closure) returns the closure's loss."""
+    gen = torch.Generator().manual_seed(4)
+    start = [torch.randn(7, generator=gen), torch.randn(6, 5, generator=gen)]
+    ours = [nn.Parameter(t.clone()) for t in start]
+    ref = [nn.Parameter(t.clone()) for t in start]
+    lowrank = LowRankGradAdam(ours, lr=1e-2, weight_decay=0.1, rank=4)
+    adamw = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
+    assert not any(uses_factors(p.shape, 4) for p in ours)
+    for i in range(4):
+        for params, opt in ((ours, lowrank), (ref, adamw)):
+
+            def closure(params=params, opt=opt, i=i):
+                opt.zero_grad()
+                loss = sum(((p - i) ** 3).sum() for p in params)
+                loss.backward()
+                return loss
+
+            loss = opt.step(closure)
+            assert isinstance(loss, torch.Tensor) and loss.grad_fn is not None
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a, b)

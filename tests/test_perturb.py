@@ -15,6 +15,8 @@ from torch.utils._pytree import tree_flatten
 from edgetrain.optim.perturb import (
     Perturber,
     add_direction_,
+    direction_range,
+    fill_directions_,
     materialize_directions,
     pack_mask,
     plan_chunks,
@@ -239,3 +241,34 @@ def test_a_perturbation_below_the_weights_resolution_is_refused_at_once():
     with pytest.warns(RuntimeWarning, match="moves only"):
         estimators.build(net, presets.get("mezo", **{"estimator.eps": half_eps / 2}))
     estimators.build(net, presets.get("mezo"))  # MeZO's eps: no warning, no error
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_direction_range_is_the_optimizers_z_of_a_flat_tensor_for_any_range(direction):
+    """direction_range(seed, n, start, end, key=k) is entries [start, end) of the z that
+    ZOSGD draws for a parameter of n elements with id k (a tensor larger than a chunk),
+    regenerated from the seed alone, whatever the range's alignment to chunks."""
+    n, chunk = 1000, 128
+    (full,) = materialize_directions([(n,)], 11, [3], direction=direction, chunk_elements=chunk)
+    whole = direction_range(11, n, key=3, direction=direction, chunk_elements=chunk)
+    assert whole.dtype == torch.float32 and torch.equal(whole, full)
+    for start, end in [(0, 1), (5, 130), (127, 129), (256, 384), (900, 1000), (400, 400)]:
+        part = direction_range(11, n, start, end, key=3, direction=direction, chunk_elements=chunk)
+        assert torch.equal(part, full[start:end]), (start, end)
+    other = direction_range(11, n, key=4, direction=direction, chunk_elements=chunk)
+    assert not torch.equal(other, whole)
+    if direction == "rademacher":
+        assert set(whole.unique().tolist()) == {-1.0, 1.0}
+    with pytest.raises(ValueError, match=r"Invalid range \[10, 5\) of a tensor of 1000"):
+        direction_range(11, n, 10, 5)
+
+
+def test_fill_directions_casts_to_the_outputs_dtype_without_the_global_rng():
+    shapes = [(40, 3), (7,), (5,)]
+    expected = materialize_directions(shapes, 2, chunk_elements=64)
+    outs = [torch.empty(s, dtype=torch.float64) for s in shapes]
+    rng = torch.get_rng_state()
+    fill_directions_(outs, 2, Perturber("gaussian", 64))
+    assert torch.equal(torch.get_rng_state(), rng)
+    for out, z in zip(outs, expected, strict=True):
+        assert out.dtype == torch.float64 and torch.equal(out, z.double())

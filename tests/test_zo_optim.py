@@ -678,3 +678,118 @@ def test_every_block_reduces_each_blocks_losses_before_updating_it(difference):
     assert calls == [2, 2] * 3  # per block: (l+, l-) or (l(theta), l+)
     assert record.evaluations == 4 and len(record.grads) == 2
     assert all(torch.equal(a, b) for a, b in zip(alone, reduced, strict=True))
+
+
+# --- torch.optim behaviour: step's return value, schedulers, state_dict ---------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, where",
+    [
+        (dict(), "pair"),  # two-sided: theta is never evaluated
+        (dict(difference="one_sided"), "first"),
+        (dict(cons=True), "first"),
+        (dict(queries=3), "pair"),
+    ],
+)
+def test_step_returns_the_closures_loss(kwargs, where):
+    """As torch.optim's step(closure): the closure's loss, a float. One-sided and ZO-Cons
+    evaluate theta first and return that value; two-sided SPSA returns the mean of the
+    first query's pair, the values the closure returned at theta + eps z and theta - eps z."""
+    X, y, w0 = _least_squares()
+    w = torch.nn.Parameter(w0.clone())
+    opt = ZOSGD([w], lr=0.01, seed=3, **kwargs)
+    values: list[float] = []
+
+    def closure() -> torch.Tensor:
+        loss = ((X @ w - y) ** 2).mean()
+        values.append(float(loss))
+        return loss
+
+    for _ in range(2):
+        values.clear()
+        with torch.no_grad():
+            at_theta = float(((X @ w - y) ** 2).mean())
+        returned = opt.step(closure)
+        assert isinstance(returned, float) and returned == opt.last_record.loss
+        if where == "first":
+            assert returned == values[0] == at_theta
+        else:
+            assert returned == 0.5 * (values[0] + values[1])
+            assert returned == pytest.approx(at_theta, rel=1e-3)  # L(theta) + O(eps^2)
+
+
+def test_torch_lr_schedulers_drive_the_lr_and_replay_follows_them():
+    """StepLR chained with MultiplicativeLR changes param_groups' lr; each step reads it
+    into its record; the weights equal those of a run given the same lrs by hand, and
+    replaying the records from the base weights reproduces them bit for bit."""
+    X, y, w0 = _least_squares()
+
+    def run(lrs_by_hand=None):
+        ws = [torch.nn.Parameter(w0[:6].clone()), torch.nn.Parameter(w0[6:].clone())]
+        opt = ZOSGD([{"params": ws[:1]}, {"params": ws[1:], "lr": 0.02}], lr=0.01, seed=1)
+        scheds = [
+            torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+            torch.optim.lr_scheduler.MultiplicativeLR(opt, lambda t: 0.9),
+        ]
+        out = []
+        for t in range(6):
+            if lrs_by_hand is not None:
+                for group, lr in zip(opt.param_groups, lrs_by_hand[t], strict=True):
+                    group["lr"] = lr
+            opt.step(lambda: ((X @ torch.cat(list(ws)) - y) ** 2).mean())
+            if lrs_by_hand is None:
+                for sched in scheds:
+                    sched.step()
+            out.append((opt.last_record, [w.detach().clone() for w in ws]))
+        return out
+
+    scheduled = run()
+    lrs = [record.lrs for record, _ in scheduled]
+    for t, step_lrs in enumerate(lrs):
+        expected = [base * 0.5 ** (t // 2) * 0.9**t for base in (0.01, 0.02)]
+        assert step_lrs == pytest.approx(expected, rel=1e-12), t
+    for (_, weights), (_, by_hand) in zip(scheduled, run(lrs), strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(weights, by_hand, strict=True))
+
+    ws = [torch.nn.Parameter(w0[:6].clone()), torch.nn.Parameter(w0[6:].clone())]
+    replayer = ZOSGD([{"params": ws[:1]}, {"params": ws[1:], "lr": 0.02}], lr=0.01, seed=1)
+    for record, _ in scheduled:
+        replayer.apply_record(record)
+    assert all(torch.equal(a, b) for a, b in zip(ws, scheduled[-1][1], strict=True))
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_state_dict_and_scheduler_round_trip_through_a_file(rule):
+    """Optimizer and scheduler state saved mid-run with torch.save, loaded with
+    weights_only=True into fresh objects: the resumed run equals the uninterrupted one."""
+    import io
+
+    X, y, w0 = _least_squares()
+
+    def make(w):
+        opt = ZOSGD([w], lr=0.02, rule=rule, seed=4)
+        return opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8)
+
+    def steps(w, opt, sched, n):
+        for _ in range(n):
+            opt.step(lambda: ((X @ w - y) ** 2).mean())
+            sched.step()
+
+    w = torch.nn.Parameter(w0.clone())
+    opt, sched = make(w)
+    steps(w, opt, sched, 3)
+    buffer = io.BytesIO()
+    torch.save({"w": w.detach(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buffer)
+    steps(w, opt, sched, 3)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    w2 = torch.nn.Parameter(saved["w"].clone())
+    opt2, sched2 = make(w2)
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    assert opt2.step_count == 3 and opt2.param_groups[0]["lr"] == pytest.approx(0.02 * 0.8**3)
+    steps(w2, opt2, sched2, 3)
+    assert torch.equal(w2, w)
+    assert opt2.last_record == opt.last_record

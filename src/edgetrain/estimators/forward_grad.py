@@ -32,19 +32,22 @@ the numbers are the same.
 
 Randomness and memory
 ---------------------
-``v_k`` is drawn from a dedicated ``torch.Generator`` (one per device) seeded with
-``self.step_seed(k)``, parameter by parameter in scope order, never from the global RNG.
-``v_k`` is freed as soon as its JVP is done; the update *regenerates* each ``v_k`` from
-its seed, one parameter at a time. So a step never holds more than one model-sized
-direction (during a JVP) and never a model-sized gradient: the update's transients are
-the size of the largest trainable tensor, whatever ``q`` is. Keeping the ``q``
+``v_k`` is the float direction of ``edgetrain.optim.perturb`` for the seed
+``self.step_seed(k)``, the generator the zeroth-order optimizer uses: the trainable
+parameters (scope order, ids 0, 1, ...) follow ``plan_chunks`` with
+``recipe.estimator.chunk_elements``, and chunk ``c`` of the tensor (or run of small
+tensors) with id ``i`` is drawn from a dedicated ``torch.Generator`` per device seeded
+with ``derive_seed(step_seed(k), i, c)``, never from the global RNG. ``v_k`` is freed as
+soon as its JVP is done; the update *regenerates* each ``v_k`` from its seed, chunk by
+chunk. So a step never holds more than one model-sized direction (during a JVP) and never
+a model-sized gradient: the update's transients are one parameter's estimate (at most the
+largest trainable tensor) and one chunk of z, whatever ``q`` is. Keeping the ``q``
 directions would cost ``q`` copies of the trainable parameters (an accumulated estimate,
-one); regenerating costs one more pass of the RNG over them. Measured on one CPU core,
-batch 32, q = 2, the whole update (regeneration included) takes 3.4 ms of an 11 ms step
-on the reference MLP, 0.6 of 34 ms on the CNN and 3.3 of 167 ms on the ViT. The same
-code path makes the update reproducible from the step's ``(seed, jvp)`` pairs alone:
-``last_record`` holds them, and ``apply_record()`` / ``replay()`` re-apply them without
-running the model.
+one); regenerating costs one more pass of the RNG over them. The same code path makes the
+update reproducible from the step's ``(seed, jvp)`` pairs alone: ``last_record`` holds
+them, and ``apply_record()`` / ``replay()`` re-apply them without running the model. The
+optimizer arithmetic is ``edgetrain.optim.functional``'s (torch's functional ``sgd`` /
+``adam``), applied to one parameter at a time as its estimate completes.
 
 Modes (explicit, never silent)
 ------------------------------
@@ -89,16 +92,18 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call
 
+from edgetrain.batches import LossFn
 from edgetrain.estimators import register
-from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
+from edgetrain.estimators.base import Estimator, NonFiniteLossError
+from edgetrain.optim import functional
+from edgetrain.optim.perturb import Perturber, fill_directions_, plan_chunks
 from edgetrain.recipe import Recipe
-from edgetrain.seeding import cuda_devices, make_generator, seeded_global_rng
+from edgetrain.seeding import cuda_devices, seeded_global_rng
 
 __all__ = [
     "ForwardGrad",
     "ForwardGradRecord",
     "ForwardADUnsupportedError",
-    "draw_direction",
     "SUPPORTED_OPTIMIZERS",
 ]
 
@@ -153,23 +158,6 @@ class ForwardGradRecord:
         )
 
 
-def draw_direction(
-    shape: torch.Size,
-    generator: torch.Generator,
-    dtype: torch.dtype,
-    device: torch.device,
-    kind: str,
-) -> torch.Tensor:
-    """One tensor of a random direction: entries i.i.d. with mean 0 and variance 1,
-    ``gaussian`` (N(0, 1)) or ``rademacher`` (+-1 with probability 1/2 each)."""
-    if kind == "gaussian":
-        return torch.randn(shape, generator=generator, dtype=dtype, device=device)
-    if kind == "rademacher":
-        bits = torch.randint(0, 2, shape, generator=generator, dtype=dtype, device=device)
-        return bits.mul_(2).sub_(1)
-    raise ValueError(f"Invalid direction: {kind!r}; expected gaussian or rademacher")
-
-
 def _is_forward_ad_failure(err: BaseException) -> bool:
     text = str(err).lower()
     return any(marker in text for marker in _FORWARD_AD_MARKERS)
@@ -216,7 +204,12 @@ class ForwardGrad(Estimator):
         self.direction_kind = recipe.estimator.direction
         self.train_mode = recipe.estimator.train_mode_evals
         self._loss_module = _LossModule(model, self.loss_fn)
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._perturber = Perturber(self.direction_kind, recipe.estimator.chunk_elements)
+        self._plan = plan_chunks(
+            [p.numel() for p in self.params],
+            list(range(len(self.params))),
+            self._perturber.chunk_elements,
+        )
         # Channel masks of a channel-sparse scope (shaped to broadcast over the weight:
         # edgetrain.scope.Selection), by parameter position.
         masks = dict(self.selection.channel_masks)
@@ -232,28 +225,16 @@ class ForwardGrad(Estimator):
 
     # --- directions ---------------------------------------------------------------------
 
-    def _seeded_generators(self, seed: int) -> dict[torch.device, torch.Generator]:
-        for p in self.params:
-            if p.device not in self._generators:
-                self._generators[p.device] = make_generator(seed, p.device)
-        for gen in self._generators.values():
-            gen.manual_seed(seed)
-        return self._generators
-
-    def _iter_direction(self, seed: int) -> Iterator[torch.Tensor]:
-        """The direction of ``seed``, one tensor per trainable parameter, in scope order.
-        Channel-sparse scopes zero the channels they do not train."""
-        gens = self._seeded_generators(seed)
-        for p, row_mask in zip(self.params, self._row_masks, strict=True):
-            v = draw_direction(p.shape, gens[p.device], p.dtype, p.device, self.direction_kind)
-            if row_mask is not None:
-                v.mul_(row_mask)
-            yield v
-
     def direction(self, seed: int) -> list[torch.Tensor]:
         """The whole direction drawn for ``seed`` (one tensor per trainable parameter, in
-        ``self.params`` order), exactly as a step draws it."""
-        return list(self._iter_direction(seed))
+        ``self.params`` order, of its dtype), exactly as a step draws it. Channel-sparse
+        scopes zero the channels they do not train."""
+        vs = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in self.params]
+        fill_directions_(vs, seed, self._perturber)
+        for v, row_mask in zip(vs, self._row_masks, strict=True):
+            if row_mask is not None:
+                v.mul_(row_mask)
+        return vs
 
     # --- the forward-mode pass ----------------------------------------------------------
 
@@ -279,7 +260,7 @@ class ForwardGrad(Estimator):
             overrides.update({f"model.{name}": b for name, b in buffers.items()})
         try:
             with torch.no_grad(), fwAD.dual_level():
-                for name, p, v in zip(names, self.params, self._iter_direction(seed), strict=True):
+                for name, p, v in zip(names, self.params, self.direction(seed), strict=True):
                     overrides[f"model.{name}"] = fwAD.make_dual(p.detach(), v)
                 del v  # the duals hold the only reference: freed with them below
                 loss = functional_call(self._loss_module, overrides, (batch,))
@@ -350,23 +331,37 @@ class ForwardGrad(Estimator):
 
     # --- the update ---------------------------------------------------------------------
 
-    def _estimates(self, record: ForwardGradRecord) -> Iterator[torch.Tensor]:
-        """The averaged forward gradient, one parameter at a time: the q directions are
-        regenerated in lock-step (one generator per direction), so the only transient is
-        one parameter-sized tensor per direction being summed."""
+    def _estimates(self, record: ForwardGradRecord) -> Iterator[tuple[int, torch.Tensor]]:
+        """The averaged forward gradient ``(1/q) sum_k jvp_k v_k`` of each trainable
+        parameter, as ``(position, estimate)`` in ``self.params`` order, each yielded as
+        soon as its last chunk is summed: the q directions are regenerated chunk by chunk,
+        so the transients are the estimates of the parameters of the current chunk and one
+        chunk of z."""
         q = len(record.seeds)
-        streams = []
-        for seed in record.seeds:
-            gens = {p.device: make_generator(seed, p.device) for p in self.params}
-            streams.append(gens)
-        for p, row_mask in zip(self.params, self._row_masks, strict=True):
-            estimate = torch.zeros_like(p, memory_format=torch.preserve_format)
-            for gens, jvp in zip(streams, record.jvps, strict=True):
-                v = draw_direction(p.shape, gens[p.device], p.dtype, p.device, self.direction_kind)
-                estimate.add_(v, alpha=jvp / q)
-            if row_mask is not None:
-                estimate.mul_(row_mask)
-            yield estimate
+        open_estimates: dict[int, torch.Tensor] = {}
+        for chunk in self._plan:
+            device = self.params[chunk.segments[0].index].device
+            for seg in chunk.segments:
+                if seg.index not in open_estimates:
+                    p = self.params[seg.index]
+                    open_estimates[seg.index] = torch.zeros(
+                        p.numel(), dtype=p.dtype, device=p.device
+                    )
+            for seed, jvp in zip(record.seeds, record.jvps, strict=True):
+                z = self._perturber.direction(seed, chunk.key, chunk.number, chunk.numel, device)
+                for seg in chunk.segments:
+                    estimate = open_estimates[seg.index]
+                    piece = z[seg.offset : seg.offset + seg.end - seg.start]  # z's device:
+                    # that of the chunk's first tensor (small tensors share chunks)
+                    estimate[seg.start : seg.end].add_(piece.to(estimate.device), alpha=jvp / q)
+            for seg in chunk.segments:
+                p = self.params[seg.index]
+                if seg.end == p.numel():
+                    estimate = open_estimates.pop(seg.index).view(p.shape)
+                    row_mask = self._row_masks[seg.index]
+                    if row_mask is not None:
+                        estimate.mul_(row_mask)
+                    yield seg.index, estimate
 
     def _init_state(self) -> None:
         kind = self.recipe.optimizer.kind
@@ -384,38 +379,40 @@ class ForwardGrad(Estimator):
                 f"A record needs one jvp per seed, got {len(record.seeds)} seeds and "
                 f"{len(record.jvps)} jvps"
             )
-        spec = self.recipe.optimizer
         self._init_state()
         self._optimizer_steps += 1
-        t = self._optimizer_steps
-        lr = spec.lr
         with torch.no_grad():
-            for i, (p, g) in enumerate(zip(self.params, self._estimates(record), strict=True)):
-                row_mask = self._row_masks[i]
-                # MeZO and torch practice: biases and norm weights (1-D) are not decayed.
-                wd = 0.0 if spec.decay_matrices_only and p.dim() < 2 else spec.weight_decay
-                if wd and spec.kind != "adamw":  # L2 penalty in the gradient (torch.optim)
-                    g.add_(p if row_mask is None else p * row_mask, alpha=wd)
-                if spec.kind == "sgd":
-                    p.add_(g, alpha=-lr)
-                elif spec.kind == "momentum":
-                    buf = self._momentum_buffers[i]
-                    if t == 1:
-                        buf.copy_(g)
-                    else:
-                        buf.mul_(spec.momentum).add_(g)
-                    p.add_(buf, alpha=-lr)
-                else:  # adam / adamw, as torch.optim.Adam(W) with amsgrad=False
-                    beta1, beta2 = spec.betas
-                    if spec.kind == "adamw" and wd:
-                        decay = 1 - lr * wd
-                        p.mul_(decay if row_mask is None else torch.where(row_mask, decay, 1.0))
-                    exp_avg, exp_avg_sq = self._exp_avg[i], self._exp_avg_sq[i]
-                    exp_avg.lerp_(g, 1 - beta1)
-                    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    step_size = lr / (1 - beta1**t)
-                    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(spec.adam_eps)
-                    p.addcdiv_(exp_avg, denom, value=-step_size)
+            for i, estimate in self._estimates(record):
+                self._update(i, estimate, self._optimizer_steps)
+
+    def _update(self, i: int, g: torch.Tensor, t: int) -> None:
+        """Parameter ``i``'s update from its estimate ``g`` at optimizer step ``t``, as
+        torch.optim's rule of ``optimizer.kind`` (edgetrain.optim.functional)."""
+        spec = self.recipe.optimizer
+        p, row_mask, lr = self.params[i], self._row_masks[i], spec.lr
+        # MeZO and torch practice: biases and norm weights (1-D) are not decayed.
+        wd = 0.0 if spec.decay_matrices_only and p.dim() < 2 else spec.weight_decay
+        if wd and row_mask is not None:
+            # A channel-sparse scope decays only the channels it trains.
+            if spec.kind == "adamw":
+                functional.decay_([p], lr=lr, weight_decay=wd, masks=[row_mask])
+            else:  # L2 penalty in the gradient, masked as the estimate
+                g.add_(p * row_mask, alpha=wd)
+            wd = 0.0
+        if spec.kind == "sgd":
+            functional.sgd([p], [g], lr=lr, weight_decay=wd)
+        elif spec.kind == "momentum":
+            buffers = [self._momentum_buffers[i]]
+            functional.momentum_sgd(
+                [p], [g], buffers, lr=lr, momentum=spec.momentum, weight_decay=wd
+            )
+        else:  # adam / adamw, as torch.optim.Adam(W) with amsgrad=False
+            rule = functional.adamw if spec.kind == "adamw" else functional.adam
+            beta1, beta2 = spec.betas
+            rule(
+                [p], [g], [self._exp_avg[i]], [self._exp_avg_sq[i]], t, lr=lr, beta1=beta1,
+                beta2=beta2, eps=spec.adam_eps, weight_decay=wd,
+            )  # fmt: skip
 
     def replay(self, records: Iterable[ForwardGradRecord]) -> None:
         """Re-apply recorded steps in order (e.g. from a journal) from the weights and

@@ -46,6 +46,11 @@ so ``GaLoreAdamW(model.parameters())`` alone projects every matrix.
 ``edgetrain.optim.build(params, spec, model=model)`` forms the groups from
 ``spec.galore_targets``.
 
+The arithmetic is ``edgetrain.optim.functional``'s: the projected step ``-lr N_t`` is
+``functional.adam_delta`` of ``R_t`` (torch's functional Adam applied to zeros), the
+decay ``functional.decay_``, and a tensor that is not projected gets
+``functional.adamw``, torch.optim.AdamW's update bit for bit.
+
 Optimizer state of a projected m x n weight: two moments of r x max(m, n) plus the
 projector r x min(m, n), against Adam's 2 m n: the moments are r / min(m, n) of Adam's.
 """
@@ -58,7 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgetrain.optim import register
+from edgetrain.optim import functional, register
 from edgetrain.optim._checks import check_lowrank_adam_args
 from edgetrain.recipe import Optimizer as OptimizerSpec
 
@@ -69,7 +74,6 @@ __all__ = [
     "galore_projector",
     "project",
     "project_back",
-    "adamw_direction",
 ]
 
 GALORE_TARGETS = ("block_linear", "all_matrices")
@@ -144,25 +148,6 @@ def project_back(low_rank: torch.Tensor, projector: torch.Tensor, shape: torch.S
     return projector @ low_rank if m < n else low_rank @ projector.t()
 
 
-def adamw_direction(
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    step: int,
-    beta1: float,
-    beta2: float,
-    eps: float,
-) -> torch.Tensor:
-    """Update the moments in place and return Adam's bias-corrected direction
-    ``(M / (1 - b1^t)) / (sqrt(V) / sqrt(1 - b2^t) + eps)`` for step ``t = step``."""
-    exp_avg.lerp_(grad, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    bias1 = 1.0 - beta1**step
-    bias2_sqrt = (1.0 - beta2**step) ** 0.5
-    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
-    return (exp_avg / bias1).div_(denom)
-
-
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW with GaLore projection of the 2-D parameters of the groups that ask for it
     (see the module docstring).
@@ -230,21 +215,18 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         grad, memory_format=torch.preserve_format
                     )
                 state["step"] += 1
-                direction = adamw_direction(
-                    grad,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    int(state["step"]),
-                    beta1,
-                    beta2,
-                    group["eps"],
+                t = int(state["step"])
+                moments = [state["exp_avg"]], [state["exp_avg_sq"]]
+                adam = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"])
+                if not projected:
+                    functional.adamw([p], [grad], *moments, t, weight_decay=wd, **adam)
+                    continue
+                (delta,) = functional.adam_delta([grad], *moments, t, **adam)  # -lr N_t
+                functional.decay_([p], lr=lr, weight_decay=wd)
+                # W += alpha P (-lr N_t)  (or alpha (-lr N_t) Q^T)
+                p.add_(
+                    project_back(delta, state["projector"], p.shape), alpha=group["galore_scale"]
                 )
-                if projected:
-                    direction = project_back(direction, state["projector"], p.shape)
-                    direction.mul_(group["galore_scale"])
-                if wd != 0:
-                    p.mul_(1.0 - lr * wd)
-                p.add_(direction, alpha=-lr)
         return loss
 
 

@@ -32,8 +32,10 @@ To first order the weight update is ``-lr (Adam(G B^T) B + A Adam(A^T G))``: the
 seen through the rank-r factor subspaces, a rank <= 2r matrix, computed with two thin
 matmuls and no SVD. Restarts (ours): every ``update_gap`` steps the factors are folded
 into the weight (already done, since ``W`` carries ``A B`` at every step) and re-drawn,
-``A = 0`` and ``B ~ N(0, 1/r)`` from a generator seeded by ``derive_seed(seed, parameter
-index, restart index)`` (never the global RNG), with fresh moments. ``A = 0`` makes the
+``A = 0`` and ``B ~ N(0, 1/r)``, ``B = z / sqrt(r)`` with z the float direction of
+``edgetrain.optim.perturb.direction_range`` for the seed ``derive_seed(seed, parameter
+index, restart index)`` (the generator every edgetrain direction comes from; never the
+global RNG), with fresh moments. ``A = 0`` makes the
 product zero at a restart, so ``W`` is continuous; ``B`` random makes the first steps a
 random-subspace projection ``G B^T B`` that the training of ``B`` then adapts. Over many
 restarts the accumulated update has full rank, so the weights are not constrained to
@@ -49,6 +51,11 @@ optimizer is the same as training a LoRA-style ``W_0 + A B`` with Adam on ``A`` 
 (tests/test_lowrank.py checks that equivalence), except that the model is never
 reparameterized: the weight tensor itself is updated in place.
 
+The Adam arithmetic is ``edgetrain.optim.functional``'s: the factor steps are
+``functional.adam_delta`` (torch's functional Adam applied to zeros), the decoupled decay
+of a factored weight ``functional.decay_``, and a weight without factors gets
+``functional.adamw``, torch.optim.AdamW's update bit for bit.
+
 State per 2-D weight: ``A``, ``B`` and two moments for each, 3 r (m + n) values, against
 Adam's 2 m n; a weight where that is not smaller (r >= min(m, n) for small matrices)
 gets plain AdamW, as does every parameter that is not 2-D.
@@ -61,11 +68,11 @@ from typing import Any
 
 import torch
 
-from edgetrain.optim import register
+from edgetrain.optim import functional, register
 from edgetrain.optim._checks import check_lowrank_adam_args
-from edgetrain.optim.galore import adamw_direction
+from edgetrain.optim.perturb import direction_range
 from edgetrain.recipe import Optimizer as OptimizerSpec
-from edgetrain.seeding import derive_seed, make_generator
+from edgetrain.seeding import derive_seed
 
 __all__ = ["LowRankGradAdam", "factor_gradients", "uses_factors"]
 
@@ -127,8 +134,8 @@ class LowRankGradAdam(torch.optim.Optimizer):
         r = group["rank"]
         restarts = int(state.get("restarts", torch.tensor(0.0)))
         seed = derive_seed(group["seed"], self._param_index(p), restarts)
-        gen = make_generator(seed, p.device)
-        B = torch.randn(r, n, generator=gen, device=p.device, dtype=p.dtype) / r**0.5
+        z = direction_range(seed, r * n, device=p.device).view(r, n)  # (r, n), N(0, 1)
+        B = z.to(p.dtype) / r**0.5
         state["A"] = torch.zeros(m, r, device=p.device, dtype=p.dtype)  # (m, r)
         state["B"] = B  # (r, n)
         for name in ("exp_avg_A", "exp_avg_sq_A"):
@@ -154,32 +161,30 @@ class LowRankGradAdam(torch.optim.Optimizer):
                 if grad.is_sparse:
                     raise RuntimeError("LowRankGradAdam does not support sparse gradients")
                 state = self.state[p]
-                if wd != 0:
-                    p.mul_(1.0 - lr * wd)
+                adam = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
                 if not uses_factors(p.shape, group["rank"]):
                     if not state:
                         state["step"] = torch.tensor(0.0)
                         state["exp_avg"] = torch.zeros_like(p)
                         state["exp_avg_sq"] = torch.zeros_like(p)
                     state["step"] += 1
-                    direction = adamw_direction(
-                        grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]),
-                        beta1, beta2, eps,
-                    )  # fmt: skip
-                    p.add_(direction, alpha=-lr)
+                    moments = [state["exp_avg"]], [state["exp_avg_sq"]]
+                    t = int(state["step"])
+                    functional.adamw([p], [grad], *moments, t, weight_decay=wd, **adam)
                     continue
+                functional.decay_([p], lr=lr, weight_decay=wd)
                 if "A" not in state or int(state["factor_step"]) >= group["update_gap"]:
                     self._restart(p, state, group)
                 A, B = state["A"], state["B"]
                 grad_A, grad_B = factor_gradients(grad, A, B)  # (m, r), (r, n)
                 state["factor_step"] += 1
-                t = int(state["factor_step"])
-                step_A = adamw_direction(
-                    grad_A, state["exp_avg_A"], state["exp_avg_sq_A"], t, beta1, beta2, eps
-                ).mul_(-lr)  # (m, r)
-                step_B = adamw_direction(
-                    grad_B, state["exp_avg_B"], state["exp_avg_sq_B"], t, beta1, beta2, eps
-                ).mul_(-lr)  # (r, n)
+                step_A, step_B = functional.adam_delta(  # -lr Adam(G_A), -lr Adam(G_B)
+                    [grad_A, grad_B],
+                    [state["exp_avg_A"], state["exp_avg_B"]],
+                    [state["exp_avg_sq_A"], state["exp_avg_sq_B"]],
+                    int(state["factor_step"]),
+                    **adam,
+                )  # (m, r), (r, n)
                 B.add_(step_B)  # B' = B + dB
                 # A'B' - AB = A dB + dA B'
                 p.add_(A @ step_B).add_(step_A @ B)

@@ -30,6 +30,14 @@ step's seed. This module is that regeneration, made memory-bounded and fast:
 
 ``add_direction_(params, seed, alpha, ...)`` is the functional core: ``p += alpha * z``;
 ``ZOSGD`` (edgetrain.optim.zo) drives the same plan and generator.
+
+This module is the one place edgetrain draws float random directions: ZOSGD's z, the
+forward-gradient estimator's tangents v (``fill_directions_`` on the plan of its
+trainable tensors, and ``Perturber.direction`` chunk by chunk when its update
+regenerates them), the low-rank optimizer's random factor (``direction_range``).
+``direction_range(seed, numel, start, end)`` is the entry point for any estimator that
+needs the float N(0, 1) / Rademacher values of a flat range of one tensor from a seed,
+e.g. to quantize them into integer directions.
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ __all__ = [
     "plan_chunks",
     "Perturber",
     "add_direction_",
+    "fill_directions_",
+    "direction_range",
     "materialize_directions",
     "pack_mask",
     "unpack_mask",
@@ -367,6 +377,81 @@ def add_direction_(
             torch._foreach_add_(targets, sources, alpha=alpha)
 
 
+def fill_directions_(
+    outs: Sequence[torch.Tensor],
+    seed: int,
+    perturber: Perturber,
+    param_ids: Sequence[int] | None = None,
+    *,
+    grad_sparsity: Sequence[float] | None = None,
+    support_seed: int | None = None,
+) -> None:
+    """In place: ``outs[k] = z_k``, the whole direction of tensor k for ``seed``, drawn
+    chunk by chunk on the plan of these tensors (``param_ids[k]``, default ``k``, keys
+    tensor k's chunks), as ``add_direction_`` and ``ZOSGD`` draw it. The outputs may have
+    any floating dtype (z is drawn in float32 and cast on the copy) and must be
+    contiguous; only one chunk of z exists at a time besides them. ``grad_sparsity`` (one
+    ratio per tensor) and ``support_seed``: z pruned by ``prune_``."""
+    ids = list(range(len(outs))) if param_ids is None else [int(i) for i in param_ids]
+    if len(ids) != len(outs):
+        raise ValueError(f"{len(ids)} param_ids for {len(outs)} tensors")
+    if grad_sparsity is not None and support_seed is None:
+        raise ValueError("grad_sparsity needs the support_seed of the step")
+    flats = [flat_view(o) for o in outs]
+    with torch.no_grad():
+        for chunk in plan_chunks([f.numel() for f in flats], ids, perturber.chunk_elements):
+            device = flats[chunk.segments[0].index].device
+            z = perturber.direction(seed, chunk.key, chunk.number, chunk.numel, device)
+            if grad_sparsity is not None:
+                ratios = [grad_sparsity[seg.index] for seg in chunk.segments]
+                prune_(z, chunk, ratios, support_seed, perturber)
+            for seg in chunk.segments:
+                flats[seg.index][seg.start : seg.end].copy_(
+                    z[seg.offset : seg.offset + seg.end - seg.start]
+                )
+
+
+def direction_range(
+    seed: int,
+    numel: int,
+    start: int = 0,
+    end: int | None = None,
+    *,
+    key: int = 0,
+    direction: str = "gaussian",
+    chunk_elements: int = 1 << 16,
+    device: torch.device | str = "cpu",
+    perturber: Perturber | None = None,
+) -> torch.Tensor:
+    """Entries ``[start, end)`` of the float direction z of one flat tensor of ``numel``
+    elements, as a new float32 tensor of ``end - start`` values: N(0, 1) (``gaussian``)
+    or +-1 (``rademacher``), i.i.d.
+
+    z is cut into chunks of ``chunk_elements`` (rounded down to a multiple of 32 for
+    Rademacher, as ``Perturber`` does); chunk c is drawn from a dedicated generator seeded
+    with ``derive_seed(seed, key, c)`` (never the global RNG). So any range is a pure
+    function of ``(seed, key, numel)`` and can be regenerated on its own, drawing only the
+    chunks it overlaps, and the values equal ZOSGD's z of a parameter with id ``key``
+    planned in chunks of its own (any tensor of more than ``chunk_elements`` elements).
+    Meant for estimators that derive their own directions from float draws (the integer
+    directions of fixed-point ZO quantize these values: ``round(32 z)``, ``sign(z)``).
+    A ``perturber`` reuses its generators and buffers (its direction and chunk size win).
+    """
+    perturber = perturber or Perturber(direction, chunk_elements)
+    end = numel if end is None else int(end)
+    if not 0 <= start <= end <= numel:
+        raise ValueError(f"Invalid range [{start}, {end}) of a tensor of {numel} elements")
+    device = torch.device(device)
+    size = perturber.chunk_elements
+    out = torch.empty(end - start, dtype=torch.float32, device=device)
+    for number in range(start // size, -(-end // size)):
+        lo, hi = number * size, min((number + 1) * size, numel)
+        z = perturber.direction(seed, key, number, hi - lo, device)
+        a, b = max(lo, start), min(hi, end)
+        out[a - start : b - start] = z[a - lo : b - lo]
+    return out
+
+
 def materialize_directions(
     shapes: Sequence[Sequence[int] | torch.Size],
     seed: int,
@@ -381,20 +466,12 @@ def materialize_directions(
     """The whole z of each tensor, as new tensors (for tests and analysis only: this is
     exactly what the optimizer never does). Same plan and seeds as ``add_direction_``.
     ``grad_sparsity`` (one ratio per tensor) and ``support_seed``: z pruned by ``prune_``."""
+    outs = [torch.zeros(tuple(s), dtype=torch.float32, device=device) for s in shapes]
     perturber = Perturber(direction, chunk_elements)
-    numels = [math.prod(s) for s in shapes]
-    ids = list(range(len(shapes))) if param_ids is None else list(param_ids)
-    if grad_sparsity is not None and support_seed is None:
-        raise ValueError("grad_sparsity needs the support_seed of the step")
-    outs = [torch.zeros(n, dtype=torch.float32, device=device) for n in numels]
-    for chunk in plan_chunks(numels, ids, perturber.chunk_elements):
-        z = perturber.direction(seed, chunk.key, chunk.number, chunk.numel, device)
-        if grad_sparsity is not None:
-            ratios = [grad_sparsity[seg.index] for seg in chunk.segments]
-            prune_(z, chunk, ratios, support_seed, perturber)
-        for seg in chunk.segments:
-            outs[seg.index][seg.start : seg.end] = z[seg.offset : seg.offset + seg.end - seg.start]
-    return [o.view(tuple(s)) for o, s in zip(outs, shapes, strict=True)]
+    fill_directions_(
+        outs, seed, perturber, param_ids, grad_sparsity=grad_sparsity, support_seed=support_seed
+    )
+    return outs
 
 
 # The typical |z_i|: the median of |N(0, 1)| (0.6745) and of a Rademacher sign (1).

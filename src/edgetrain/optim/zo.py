@@ -73,6 +73,15 @@ Weight decay is per param group, torch style: ``edgetrain.estimators.zo`` puts b
 norm weights (1-D tensors) in groups of their own with weight_decay 0, as MeZO's
 ``zo_update`` decays only what is not a bias or a layer norm (large_models/trainer.py).
 
+The update rules' arithmetic is ``edgetrain.optim.functional``'s (torch's functional
+``sgd`` / ``adam`` underneath, the code torch.optim.SGD / Adam run): per chunk of the
+plan, ZOSGD forms the estimate ``g_hat + weight_decay * theta`` (masked by Sparse MeZO's
+mask) in a reusable chunk buffer and hands its pieces, the parameters' chunk views and
+the state's to the core, which updates them in place. One fast path stays here: plain SGD
+with one query and no mask folds the restore into the update, ``theta += ((eps - lr g)
+z)``, one pass over the weights instead of a restore and then ``functional.sgd`` (equal
+up to rounding, tests/test_zo_optim.py).
+
 Run-wide counters (the step, the last record) are attributes, saved by ``state_dict()``
 under the top-level key ``"zo_run"``; ``self.state`` holds per-parameter state only, so
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` can name every key.
@@ -103,6 +112,7 @@ from typing import Any
 
 import torch
 
+from edgetrain.optim import functional
 from edgetrain.optim.perturb import (
     DIRECTIONS,
     Chunk,
@@ -539,8 +549,16 @@ class ZOSGD(torch.optim.Optimizer):
         reduce_scalars: ReduceScalars | None = None,
     ) -> float | None:
         """One ZO step: ``estimate(closure, seed, reduce_scalars=...)`` then
-        ``apply_record``. Returns the loss of the record (at theta, or the mean of the
-        two-sided pair).
+        ``apply_record``. Returns the closure's loss as a float, as torch.optim's
+        ``step(closure)`` returns it: the value the closure returned at theta (one-sided
+        differences and ZO-Cons evaluate there), or, for two-sided SPSA, which never
+        evaluates theta itself, the mean of the two values it returned at theta +- eps z
+        (L(theta) + O(eps^2)). ``record.loss`` of ``last_record`` holds the same value.
+
+        The lr of each param group is read when the step starts (into the record), so
+        torch's LR schedulers (``torch.optim.lr_scheduler.StepLR`` ...) work unchanged.
+        Build the closure with ``edgetrain.optim.zo_closure`` to fix the model's mode
+        and pair the dropout masks of the step's evaluations.
 
         Without a closure there is nothing to evaluate, and that is an error, with one
         exception: when every group's lr is 0 (what
@@ -623,7 +641,8 @@ class ZOSGD(torch.optim.Optimizer):
                 losses[point] = point_value
                 if point == "minus":
                     record.grads.append((losses["plus"] - point_value) / (2 * self.eps))
-                    if point_query == 0 and phase == 0:
+                    if point_query == 0 and phase == 0 and "base" not in losses:
+                        # no evaluation at theta (ZO-Cons makes one): the pair's mean
                         record.loss = 0.5 * (losses["plus"] + point_value)
                 elif point == "plus" and not two_sided:
                     record.grads.append((point_value - losses["base"]) / self.eps)
@@ -823,15 +842,16 @@ class ZOSGD(torch.optim.Optimizer):
                 group = self.param_groups[gi]
                 lr, wd = ctx.record.lrs[gi], group["weight_decay"]
                 masks = ctx.masks.get(gi)
-                bias1 = bias2 = 1.0
+                step = 0
                 if rule in ("momentum", "adam"):
                     for p in group["params"]:
-                        bias1, bias2 = self._advance_state(p, self.state[p], group)
+                        step = self._advance_state(p, self.state[p])
                 fused = rule == "sgd" and q == 1 and masks is None
                 for c, chunk in enumerate(self._plans[gi]):
                     targets = self._segments(gi, chunk)
                     if fused:
-                        # (theta + r z)(1 - k lr wd) - k lr g z: one pass (two with decay)
+                        # (theta + r z)(1 - k lr wd) - k lr g z: the restore and
+                        # functional.sgd on g z + wd theta in one pass (two with decay)
                         z = self._direction(ctx, seeds[0], chunk, gi)
                         decay = 1.0 - step_coef * lr * wd
                         if wd:
@@ -865,32 +885,48 @@ class ZOSGD(torch.optim.Optimizer):
                             d.add_(z, alpha=grads[i] / q)
                     pieces = self._pieces(d, chunk)
                     if wd:
+                        # L2 decay belongs to the estimate (masked with it): the core
+                        # runs with weight_decay=0.
                         torch._foreach_add_(pieces, targets, alpha=wd)
                         if m is not None:
                             _apply_mask_(d, m)
-                    if rule == "sgd":
-                        torch._foreach_add_(targets, pieces, alpha=-step_coef * lr)
-                    elif rule == "sign":
-                        d.sign_()
-                        torch._foreach_add_(targets, pieces, alpha=-step_coef * lr)
-                    elif rule == "momentum":
-                        bufs = self._state_pieces(gi, chunk, "momentum_buffer")
-                        torch._foreach_mul_(bufs, group["momentum"])
-                        torch._foreach_add_(bufs, pieces)
-                        torch._foreach_add_(targets, bufs, alpha=-lr)
-                    else:  # adam
-                        beta1, beta2 = group["betas"]
-                        exp_avg = self._state_pieces(gi, chunk, "exp_avg")
-                        exp_avg_sq = self._state_pieces(gi, chunk, "exp_avg_sq")
-                        torch._foreach_lerp_(exp_avg, pieces, 1 - beta1)
-                        torch._foreach_mul_(exp_avg_sq, beta2)
-                        torch._foreach_addcmul_(exp_avg_sq, pieces, pieces, value=1 - beta2)
-                        denom = self.perturber.scratch(device, "denom", chunk.numel)
-                        denoms = self._pieces(denom, chunk)
-                        for out, v in zip(denoms, exp_avg_sq, strict=True):
-                            torch.sqrt(v, out=out)
-                        denom.div_(math.sqrt(bias2)).add_(group["adam_eps"])
-                        torch._foreach_addcdiv_(targets, exp_avg, denoms, value=-lr / bias1)
+                    self._apply_rule(rule, gi, chunk, targets, pieces, lr, step_coef, step)
+
+    def _apply_rule(
+        self,
+        rule: str,
+        gi: int,
+        chunk: Chunk,
+        targets: list[torch.Tensor],
+        pieces: list[torch.Tensor],
+        lr: float,
+        step_coef: float,
+        step: int,
+    ) -> None:
+        """theta += step_coef * s for one chunk, s the rule's step on the estimate
+        ``pieces`` (edgetrain.optim.functional; momentum/Adam state read and written
+        through views of the chunk). ``step``: Adam's step number of this update."""
+        group = self.param_groups[gi]
+        if rule == "sgd":
+            functional.sgd(targets, pieces, lr=step_coef * lr)
+        elif rule == "sign":
+            functional.sign_sgd(targets, pieces, lr=step_coef * lr)  # pieces <- sign
+        elif rule == "momentum":
+            buffers = self._state_pieces(gi, chunk, "momentum_buffer")
+            functional.momentum_sgd(targets, pieces, buffers, lr=lr, momentum=group["momentum"])
+        else:  # adam
+            beta1, beta2 = group["betas"]
+            functional.adam(
+                targets,
+                pieces,
+                self._state_pieces(gi, chunk, "exp_avg"),
+                self._state_pieces(gi, chunk, "exp_avg_sq"),
+                step,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["adam_eps"],
+            )
 
     def _state_pieces(self, gi: int, chunk: Chunk, key: str) -> list[torch.Tensor]:
         params = self.param_groups[gi]["params"]
@@ -914,13 +950,13 @@ class ZOSGD(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
 
-    def _advance_state(self, p: torch.Tensor, state: dict, group: dict) -> tuple[float, float]:
+    def _advance_state(self, p: torch.Tensor, state: dict) -> int:
+        """Create the state if new; Adam: count this update. Returns Adam's step number."""
         self._new_state(p, state)
         if self.rule == "momentum":
-            return 1.0, 1.0
+            return 0
         state["step"] += 1
-        beta1, beta2 = group["betas"]
-        return 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+        return int(state["step"])
 
     def state_tensors(self) -> Iterator[torch.Tensor]:
         """Model-size state (momentum, Adam moments) for the memory meter."""
