@@ -4,7 +4,14 @@ to one.
 ``build(params, spec)`` returns a ``torch.optim.Optimizer`` for gradient-based
 estimators: ``sgd``, ``momentum``, ``adam``, ``adamw`` are torch's own; ``sign``,
 ``galore`` and ``lowrank`` are edgetrain's (registered by their modules).
-Zeroth-order optimizers (``ZOSGD``) take a closure and live in ``edgetrain.optim.zo``.
+Zeroth-order optimizers (``ZOSGD``) take a closure and live in ``edgetrain.optim.zo``;
+``zo_closure(model, loss_fn, batch)`` builds that closure with the model's mode and the
+dropout masks of a step's evaluations fixed (edgetrain.optim.closure).
+
+Every update rule runs through one functional core, ``edgetrain.optim.functional``
+(torch's functional ``sgd`` / ``adam`` where they fit): torch.optim's optimizers, ZOSGD,
+the forward-gradient estimator, GaLore and the low-rank optimizer. Every random float
+direction comes from ``edgetrain.optim.perturb``.
 
 Weight decay of the torch builders: with ``spec.decay_matrices_only`` (the default) and a
 nonzero ``weight_decay``, biases and norm weights (1-D tensors, chosen by ``p.dim()``) go
@@ -29,6 +36,7 @@ __all__ = [
     "ZOSGD",
     "GaLoreAdamW",
     "LowRankGradAdam",
+    "zo_closure",
 ]
 
 # The optimizers themselves, importable from here (``from edgetrain.optim import ZOSGD``)
@@ -37,6 +45,7 @@ _LAZY = {
     "ZOSGD": "edgetrain.optim.zo",
     "GaLoreAdamW": "edgetrain.optim.galore",
     "LowRankGradAdam": "edgetrain.optim.lowrank",
+    "zo_closure": "edgetrain.optim.closure",
 }
 
 
@@ -46,6 +55,7 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _BUILDERS: Registry = Registry("optimizer kind")
 
