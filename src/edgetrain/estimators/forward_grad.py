@@ -92,6 +92,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call
 
+from edgetrain import structure
 from edgetrain.batches import LossFn
 from edgetrain.estimators import register
 from edgetrain.estimators.base import Estimator, NonFiniteLossError
@@ -108,6 +109,11 @@ __all__ = [
 ]
 
 SUPPORTED_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+
+FORWARD_AD_RULE = "forward_ad.context"
+"""edgetrain.structure rule: a model -> a function of the model returning the context
+manager its forward-mode passes run in (a model family whose default ops have no
+forward-AD formula, as HuggingFace's sdpa attention on CPU, switches them for the pass)."""
 
 # Words torch uses when an op has no forward-mode derivative, lower-cased: "Trying to use
 # forward AD with <op> that does not support it", "You must implement the jvp function
@@ -238,6 +244,12 @@ class ForwardGrad(Estimator):
 
     # --- the forward-mode pass ----------------------------------------------------------
 
+    def _forward_ad_context(self) -> contextlib.AbstractContextManager:
+        """What the model family needs around a forward-mode pass (``FORWARD_AD_RULE``:
+        HuggingFace models run it with eager attention), else nothing."""
+        make = structure.lookup(FORWARD_AD_RULE, self.model)
+        return make(self.model) if make is not None else contextlib.nullcontext()
+
     @contextlib.contextmanager
     def _pass_mode(self) -> Iterator[None]:
         previous = [(module, module.training) for module in self.model.modules()]
@@ -259,7 +271,7 @@ class ForwardGrad(Estimator):
         if buffers:
             overrides.update({f"model.{name}": b for name, b in buffers.items()})
         try:
-            with torch.no_grad(), fwAD.dual_level():
+            with self._forward_ad_context(), torch.no_grad(), fwAD.dual_level():
                 for name, p, v in zip(names, self.params, self.direction(seed), strict=True):
                     overrides[f"model.{name}"] = fwAD.make_dual(p.detach(), v)
                 del v  # the duals hold the only reference: freed with them below

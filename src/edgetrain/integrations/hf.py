@@ -39,11 +39,13 @@ torch's fused ``scaled_dot_product_attention`` on CPU, which HuggingFace models 
 default ("sdpa"). :func:`use_eager_attention` switches a model to the plain-ops "eager"
 attention for good and warns that it did; :func:`load_classifier` takes
 ``attn_implementation``, and :func:`attn_implementation_for` picks "eager" for a recipe
-whose estimator needs forward AD. An ``HFClassifier`` also handles it by itself: with
-``forward_ad_attention="eager"`` (the default) a forward that runs under forward-mode AD
-uses eager attention for that call only (with a one-time warning), and every other
-forward keeps the model's own attention. ``forward_ad_attention=None`` turns that off,
-and the estimator then raises ForwardADUnsupportedError naming the fix.
+whose estimator needs forward AD. Any model holding a HuggingFace model (an
+``HFClassifier``, an ``AutoModelForSequenceClassification`` as it comes) is also handled
+by itself: the rule registered here (``forward_grad.FORWARD_AD_RULE``) runs each
+forward-mode pass with eager attention (with a warning), and every other forward keeps
+the model's own attention. ``model.forward_ad_attention = None`` turns that off (an
+``HFClassifier`` argument), and the estimator then raises ForwardADUnsupportedError
+naming the fix.
 
 transformers is imported only when a function needs it: ``pip install edgetrain[text]``.
 """
@@ -59,12 +61,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from edgetrain import structure
 from edgetrain.backward.token_drop import SEQUENCE_RULE, reduce_tokens
 from edgetrain.backward.wht import TOKEN_SEQUENCE_RULE
+from edgetrain.estimators.forward_grad import FORWARD_AD_RULE
 from edgetrain.scope import find_blocks
 
 __all__ = [
@@ -133,14 +135,6 @@ class ClassifierOutput(dict):
     @property
     def logits(self) -> torch.Tensor:
         return self["logits"]
-
-
-def _in_forward_ad() -> bool:
-    """True inside ``forward_ad.dual_level()`` or a functorch transform (``jvp``)."""
-    if getattr(fwAD, "_current_level", -1) >= 0:
-        return True
-    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
 
 
 def _attn_of(model: nn.Module) -> str | None:
@@ -304,6 +298,54 @@ def _holds_bert_style_encoder(model: nn.Module) -> bool:
     return any(is_bert_style_encoder(m) for m in model.modules())
 
 
+# --- forward-mode AD: eager attention for the pass --------------------------------------
+
+
+def _outermost_attention_models(model: nn.Module) -> list[nn.Module]:
+    """The outermost HuggingFace models inside ``model`` whose attention is not eager."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") or outer == "" for outer, _ in found):
+            continue
+        if callable(getattr(module, "set_attn_implementation", None)) and _attn_of(module) not in (
+            None,
+            "eager",
+        ):
+            found.append((name, module))
+    return [m for _, m in found]
+
+
+def _needs_eager_for_forward_ad(model: nn.Module) -> bool:
+    return getattr(model, "forward_ad_attention", "eager") is not None and bool(
+        _outermost_attention_models(model)
+    )
+
+
+@contextlib.contextmanager
+def eager_attention_for_forward_ad(model: nn.Module) -> Iterator[None]:
+    """Every HuggingFace model inside ``model`` runs "eager" attention for the body (plain
+    ops, which forward-mode AD differentiates), its own attention restored after; warns
+    that it does. ``FORWARD_AD_RULE``'s value for models holding one (see the module
+    docstring); ``model.forward_ad_attention = None`` turns it off."""
+    switched = [(m, _attn_of(m)) for m in _outermost_attention_models(model)]
+    for m, current in switched:
+        warnings.warn(
+            f"{type(m).__name__} uses {current!r} attention, which has no forward-mode AD "
+            "formula; forward-mode passes run with 'eager' attention (same result, plain "
+            f"ops; other passes keep {current!r}). Call use_eager_attention(model) to "
+            "switch for good.",
+            UserWarning,
+            stacklevel=4,
+        )
+        m.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        for m, current in switched:
+            m.set_attn_implementation(current)
+
+
+structure.register(FORWARD_AD_RULE, _needs_eager_for_forward_ad, eager_attention_for_forward_ad)
 structure.register(SEQUENCE_RULE, is_bert_style_encoder, TokenDroppingEncoder)
 structure.register(TOKEN_SEQUENCE_RULE, _holds_bert_style_encoder, True)
 
@@ -354,7 +396,6 @@ class HFClassifier(nn.Module):
         self.max_length = max_length
         self.num_classes = int(num_classes)
         self.classifier = nn.Linear(hidden, self.num_classes)
-        self._warned_forward_ad = False
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -369,29 +410,6 @@ class HFClassifier(nn.Module):
     def token_pooling(self) -> str:
         """What the head reads, for token dropping's ranking: "mean" or "cls"."""
         return self.pooling
-
-    @contextlib.contextmanager
-    def _attention_for_call(self) -> Iterator[None]:
-        wanted = self.forward_ad_attention
-        current = _attn_of(self.backbone)
-        if wanted is None or current in (None, wanted) or not _in_forward_ad():
-            yield
-            return
-        if not self._warned_forward_ad:
-            self._warned_forward_ad = True
-            warnings.warn(
-                f"{type(self.backbone).__name__} uses {current!r} attention, which has no "
-                f"forward-mode AD formula; forward-mode passes run with {wanted!r} attention "
-                "(same result, plain ops; other passes keep "
-                f"{current!r}). Call use_eager_attention(model) to switch for good.",
-                UserWarning,
-                stacklevel=4,
-            )
-        self.backbone.set_attn_implementation(wanted)
-        try:
-            yield
-        finally:
-            self.backbone.set_attn_implementation(current)
 
     def _trim(self, input_ids: torch.Tensor, mask: torch.Tensor):
         if not self.trim_padding or mask.shape[1] == 0:
@@ -423,8 +441,7 @@ class HFClassifier(nn.Module):
         encoder = getattr(self.backbone, "encoder", None)
         if isinstance(encoder, TokenDroppingEncoder):  # tokens may be dropped: follow them
             kwargs[TOKEN_TRACE] = trace
-        with self._attention_for_call():
-            states = self.backbone(input_ids=input_ids, attention_mask=mask, **kwargs)
+        states = self.backbone(input_ids=input_ids, attention_mask=mask, **kwargs)
         return self._pool(states.last_hidden_state, trace.get("token_mask", mask))  # (B, H)
 
     def forward(
