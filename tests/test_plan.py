@@ -1,11 +1,17 @@
+import re
+
 import pytest
 import torch
 
 from edgetrain import memory, models
+from edgetrain.bench.compare import applicable
+from edgetrain.loader import BatchSampler
+from edgetrain.memory.measure import format_bytes
 from edgetrain.plan import (
     NoRecipeFitsError,
     parse_budget,
     plan,
+    plan_model,
     plan_sparse_update,
     sparse_update_candidates,
 )
@@ -159,3 +165,122 @@ def test_the_sparse_update_planner_respects_the_budget_and_maximises_the_contrib
     assert any(c.peak_bytes > budget for c in candidates)  # the budget did bind
     with pytest.raises(ValueError, match="No sparse-update scheme fits"):
         plan_sparse_update(net, batch, peaks[0] - 1, ratios=ratios)
+
+
+# --- your own model (plan_model) ------------------------------------------------------------
+
+
+class _BlockNet(torch.nn.Module):
+    """A small classifier with its blocks in an nn.ModuleList (not named ``blocks``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Linear(12, 24)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.ReLU()) for _ in range(3)
+        )
+        self.out = torch.nn.Linear(24, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.out(x)
+
+
+def _own_model_case():
+    with seeded_global_rng(0):
+        net = _BlockNet()
+    g = make_generator(1)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(48, 12, generator=g), torch.randint(0, 3, (48,), generator=g)
+    )
+    # LBP-WHT needs a model of tokens: this MLP is not one.
+    return net, data, ["full_bp", "last_layers", "mezo", "lbp_wht"], None, "lbp_wht", "tokens"
+
+
+def _hf_case():
+    from tests.conftest import text_data, tiny_bert
+
+    net = tiny_bert(own_head=True)  # BertForSequenceClassification, dict batches
+    # Fixed-point numerics convert Linear/ReLU chains of a fixed input_shape: BERT is not one.
+    names = ["full_bp", "last_layers", "mezo", "fixed_point_zo"]
+    return net, text_data(32), names, 8, "fixed_point_zo", "fixed-point"
+
+
+@pytest.fixture(scope="module", params=["own_module", "tiny_hf"])
+def planned(request):
+    """(model, data, batch_size, the plan with room for every candidate, the refused preset
+    and a word of its reason)."""
+    case = _own_model_case if request.param == "own_module" else _hf_case
+    net, data, names, batch_size, refused, reason = case()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    flags = [p.requires_grad for p in net.parameters()]
+    roomy = plan_model(net, data, "1GB", preset_names=names, batch_size=batch_size)
+    # The planner measures on copies: the model is as it came.
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert [p.requires_grad for p in net.parameters()] == flags
+    return net, data, names, batch_size, roomy, refused, reason
+
+
+def test_plan_model_best_fit_is_measured_under_the_budget_and_ranked_as_plan_ranks(planned):
+    net, data, names, batch_size, roomy, _, _ = planned
+    peaks = sorted(c.peak for c in roomy.fits)
+    assert len(peaks) > 3 and peaks[0] < peaks[-1]
+    budget = peaks[len(peaks) // 2]  # binds: some candidates fit, some do not
+    result = plan_model(net, data, budget, preset_names=names, batch_size=batch_size)
+    assert result.fits and all(c.peak <= budget for c in result.fits)
+    assert all(c.peak > budget for c in result.rejected if c.peak is not None)
+    assert any(c.peak is not None for c in result.rejected)  # the budget did bind
+    # The ranking is plan's: the fits of the roomy plan that fit, in the same order.
+    assert [c.describe() for c in result.fits] == [
+        c.describe() for c in roomy.fits if c.peak <= budget
+    ]
+    assert [c.score for c in result.fits] == sorted((c.score for c in result.fits), reverse=True)
+    # The best is measured again, by hand, on the first batch a training run draws: it fits.
+    best = result.best
+    batch = BatchSampler(data, best.recipe.batch_size, 0).batch(0)
+    assert memory.measure(net, best.recipe, batch).peak == best.peak <= budget
+    # With room for everything, the prior's first preset at its largest batch wins.
+    assert roomy.best.preset == "full_bp"
+    assert roomy.best.knobs["batch_size"] == (batch_size or 32)
+
+
+def test_plan_model_below_every_candidate_names_the_smallest_peak(planned):
+    net, data, names, batch_size, roomy, _, _ = planned
+    smallest = min(roomy.fits, key=lambda c: c.peak)
+    expected = (
+        f"smallest measured footprint is {format_bytes(smallest.peak)}, "
+        f"reached by {smallest.describe()}"
+    )
+    with pytest.raises(NoRecipeFitsError, match=re.escape(expected)):
+        plan_model(net, data, smallest.peak - 1, preset_names=names, batch_size=batch_size)
+
+
+def test_plan_model_rejects_what_cannot_run_on_the_model_with_its_reason(planned):
+    net, _, _, _, roomy, refused, reason = planned
+    refusals = [c for c in roomy.rejected if c.preset == refused]
+    assert refusals and all(c.peak is None for c in refusals)
+    assert all(c.error.startswith("not applicable: ") and reason in c.error for c in refusals)
+    assert applicable(refusals[0].recipe, net) in refusals[0].error  # compare's own reason
+    assert all(c.preset != refused for c in roomy.fits)
+
+
+def test_plan_model_with_nothing_that_can_run_names_the_first_reason():
+    net, data, *_ = _own_model_case()
+    with pytest.raises(NoRecipeFitsError, match=r"could run a dry-run step; the first, lbp_wht"):
+        plan_model(net, data, "1GB", preset_names=["lbp_wht"])
+
+
+def test_plan_model_takes_a_dataloader_and_plans_at_its_batch_size():
+    net, data, *_ = _own_model_case()
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    via_loader = plan_model(net, loader, "1GB", preset_names=["mezo"])
+    direct = plan_model(net, data, "1GB", preset_names=["mezo"], batch_size=8)
+    assert [c.knobs["batch_size"] for c in via_loader.fits] == [8, 4, 2]
+    assert [(c.describe(), c.peak) for c in via_loader.fits] == [
+        (c.describe(), c.peak) for c in direct.fits
+    ]
+    # A batch size larger than the data is capped at the data.
+    capped = plan_model(net, data, "1GB", preset_names=["mezo"], batch_size=1000)
+    assert capped.best.knobs["batch_size"] == len(data)

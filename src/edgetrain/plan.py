@@ -18,6 +18,12 @@ budget (whose feasible set contains the smaller one's) never makes the best choi
 
 Dry runs are cached on disk (``cache_dir()/plan-cache.json``) by task, model, batch shape
 and recipe digest, so a second plan over the same candidates is fast.
+
+``plan_model(model, data, budget)`` does the same for your own model and data (any
+dataset ``finetune`` takes): the same knobs, dry runs on the first batch of your data,
+the same ranking (one function, ``_rank``) with the prior; candidates that cannot run on
+the model are rejected with the reason. Its dry runs are not cached (your model has no
+stable key).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +42,13 @@ from torch import nn
 from edgetrain import presets, tasks
 from edgetrain.batches import LossFn, default_loss, tensors_of
 from edgetrain.errors import ConfigError
+from edgetrain.loader import BatchSampler, unpack_loader
 from edgetrain.memory.measure import format_bytes, measure
 from edgetrain.recipe import Recipe, Scope
 from edgetrain.scope import Selection, find_blocks, select
-from edgetrain.train import BatchSampler
+from edgetrain.train import check_data
 
-__all__ = ["parse_budget", "plan", "Candidate", "Plan", "NoRecipeFitsError", "PRIOR"]
+__all__ = ["parse_budget", "plan", "plan_model", "Candidate", "Plan", "NoRecipeFitsError", "PRIOR"]
 
 PRIOR = (
     "full_bp",
@@ -231,6 +238,42 @@ class _DryRunCache:
             tmp.replace(self.path)
 
 
+def _rank(
+    candidates: list[Candidate], budget_bytes: int, accuracies: dict[str, float]
+) -> tuple[list[Candidate], list[Candidate]]:
+    """``(fits, rejected)``: the measured candidates whose peak fits ``budget_bytes``, best
+    first by the total order of the module docstring (``accuracies`` by preset, else
+    ``PRIOR``; then capacity; then less memory; then the name), and every other candidate.
+    Sets each candidate's ``accuracy`` and ``score``. Raises NoRecipeFitsError naming the
+    smallest measured peak (or, when none ran, the first error) if nothing fits."""
+    prior_rank = {name: i for i, name in enumerate(PRIOR)}
+    for cand in candidates:
+        cand.accuracy = accuracies.get(cand.preset)
+        primary = (
+            (1, cand.accuracy)
+            if cand.accuracy is not None
+            else (0, -prior_rank.get(cand.preset, len(PRIOR)))
+        )
+        cand.score = (*primary, *_capacity(cand.knobs), -(cand.peak or 0), cand.describe())
+    measured = [c for c in candidates if c.peak is not None]
+    fits = sorted(
+        (c for c in measured if c.peak <= budget_bytes), key=lambda c: c.score, reverse=True
+    )
+    fit_ids = {id(c) for c in fits}
+    rejected = [c for c in candidates if id(c) not in fit_ids]
+    if not fits:
+        if not measured:
+            failed = next((c for c in candidates if c.error), None)
+            why = f"; the first, {failed.describe()}: {failed.error}" if failed else ""
+            raise NoRecipeFitsError(f"No candidate recipe could run a dry-run step{why}")
+        smallest = min(measured, key=lambda c: c.peak)
+        raise NoRecipeFitsError(
+            f"Nothing fits a budget of {format_bytes(budget_bytes)}: the smallest measured "
+            f"footprint is {format_bytes(smallest.peak)}, reached by {smallest.describe()}"
+        )
+    return fits, rejected
+
+
 def plan(
     task: str = "mnist-to-digits",
     model: str | None = None,
@@ -279,29 +322,89 @@ def plan(
         cand.peak, cand.error = hit.get("peak"), hit.get("error")
     cache.save()
 
-    prior_rank = {name: i for i, name in enumerate(PRIOR)}
-    for cand in candidates:
-        cand.accuracy = accuracies.get(cand.preset)
-        primary = (
-            (1, cand.accuracy)
-            if cand.accuracy is not None
-            else (0, -prior_rank.get(cand.preset, len(PRIOR)))
-        )
-        cand.score = (*primary, *_capacity(cand.knobs), -(cand.peak or 0), cand.describe())
-    measured = [c for c in candidates if c.peak is not None]
-    fits = sorted(
-        (c for c in measured if c.peak <= budget_bytes), key=lambda c: c.score, reverse=True
-    )
-    rejected = [c for c in candidates if c not in fits]
-    if not fits:
-        if not measured:
-            raise NoRecipeFitsError("No candidate recipe could run a dry-run step")
-        smallest = min(measured, key=lambda c: c.peak)
-        raise NoRecipeFitsError(
-            f"Nothing fits a budget of {format_bytes(budget_bytes)}: the smallest measured "
-            f"footprint is {format_bytes(smallest.peak)}, reached by {smallest.describe()}"
-        )
+    fits, rejected = _rank(candidates, budget_bytes, accuracies)
     return Plan(budget=budget_bytes, fits=fits, rejected=rejected, source=source)
+
+
+def plan_model(
+    model: nn.Module,
+    data: Any,
+    budget: str | int = "3MB",
+    *,
+    preset_names: list[str] | None = None,
+    batch_size: int | None = None,
+    loss_fn: LossFn | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Plan:
+    """:func:`plan` for your own model: which presets fit ``budget`` on ``model`` and
+    ``data``, best first.
+
+    ``data`` is what ``edgetrain.finetune`` takes: a map-style dataset (``(x, y)`` tuples,
+    dicts such as HuggingFace batches, any nest of tensors) or a ``DataLoader`` (its
+    dataset, collate_fn and batch size are used). Every preset of ``preset_names``
+    (default: all) is expanded over its knobs (:func:`expand`: trained blocks, hybrid cut,
+    rank, sparsity, the batch size and its half and quarter); ``batch_size`` replaces each
+    preset's own as the largest tried (both are capped at ``len(data)``). Each candidate's
+    peak is that of a real dry run (``edgetrain.memory.measure``, two steps on a copy of
+    ``model``, which stays unchanged) on the first batch the training run would draw
+    (``edgetrain.loader.BatchSampler(data, batch_size, seed).batch(0)``), with
+    ``loss_fn`` (default: ``edgetrain.batches.default_loss``).
+
+    A candidate that cannot run on ``model`` is rejected without a dry run, the reason as
+    its ``error`` (``edgetrain.bench.compare.applicable``: e.g. LBP-WHT on a model that is
+    not a token sequence); one whose dry run raises is rejected with that error. The fits
+    are ranked exactly as :func:`plan` ranks them, with the prior (``PRIOR``): no compare
+    results exist for your model. Dry runs are not cached (only :func:`plan`'s built-in
+    tasks are: your model has no stable key to cache them under), so every call measures
+    every candidate. Raises NoRecipeFitsError, naming the smallest measured peak, when
+    nothing fits.
+    """
+    from tqdm.auto import tqdm
+
+    from edgetrain.bench.compare import applicable
+
+    budget_bytes = parse_budget(budget)
+    dataset, batch_size, collate_fn = unpack_loader(data, batch_size, collate_fn)
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"Invalid batch_size: {batch_size} (must be >= 1)")
+    if loss_fn is None:
+        check_data(model, dataset, collate_fn=collate_fn)
+    elif len(dataset) == 0:
+        raise ConfigError("The data is empty: nothing to plan on")
+    try:
+        n_blocks = len(find_blocks(model))
+    except ValueError:
+        n_blocks = 0  # no blocks: block-wise knobs have one value, recipes needing blocks fail
+    candidates = []
+    for name in preset_names or presets.names():
+        recipe = presets.get(name)
+        size = min(batch_size or recipe.batch_size, len(dataset))
+        candidates += [
+            Candidate(name, r, kn) for r, kn in expand(recipe.replace(batch_size=size), n_blocks)
+        ]
+    batches: dict[int, Any] = {}  # batch size -> the first batch of that size
+    for cand in tqdm(candidates, desc="dry runs", disable=not progress):
+        reason = applicable(cand.recipe, model)
+        if reason is not None:
+            cand.error = f"not applicable: {reason}"
+            continue
+        size = cand.recipe.batch_size
+        if size not in batches:
+            sampler = BatchSampler(dataset, size, seed, collate_fn=collate_fn)
+            batches[size] = sampler.batch(0)
+        try:
+            cand.peak = measure(model, cand.recipe, batches[size], loss_fn, seed=seed).peak
+        except Exception as err:  # noqa: BLE001 - a candidate that fails is rejected, named
+            cand.error = f"{type(err).__name__}: {err}"
+    fits, rejected = _rank(candidates, budget_bytes, {})
+    return Plan(
+        budget=budget_bytes,
+        fits=fits,
+        rejected=rejected,
+        source="the documented prior (plan.PRIOR)",
+    )
 
 
 # --- sparse update under a memory budget (Lin et al. 2022, contribution analysis, Eq. 3) --
