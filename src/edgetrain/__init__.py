@@ -4,7 +4,7 @@ The entry points, loaded on first use (``import edgetrain`` stays light)::
 
     edgetrain.finetune(model, train_data, recipe)     # edgetrain.train.finetune
     edgetrain.measure(model, recipe, batch)           # edgetrain.memory.measure (a dry run)
-    edgetrain.plan.plan(task, model, budget)          # the budget planner (a module)
+    edgetrain.plan.plan_model(model, data, budget)    # the budget planner (a module)
     edgetrain.presets.get("mezo")                     # the named recipes
     edgetrain.optim.ZOSGD                             # the optimizers
 """
