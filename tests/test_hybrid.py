@@ -8,6 +8,7 @@ from torch import nn
 
 from edgetrain import models, presets
 from edgetrain.bench.compare import applicable
+from edgetrain.errors import ConfigError
 from edgetrain.estimators import NonFiniteLossError, build, default_loss
 from edgetrain.estimators.hybrid import ElasticZO, tail_parameter_ids
 from edgetrain.estimators.hybrid_int8 import ElasticZOInt8
@@ -100,6 +101,23 @@ def test_front_and_tail_parameters_follow_the_cut():
     assert not any(n.startswith("blocks.3") for n in front)
     with pytest.raises(ValueError, match="cut"):
         build(small_vit(), hybrid_recipe(cut=5))
+
+
+@pytest.mark.parametrize(
+    "estimator, match",
+    [
+        (dict(cut=None), "needs cut="),
+        (dict(cut=-1), "Invalid cut: -1"),
+        (dict(cut=1, cons=True), "cons=True.*'hybrid'"),
+        (dict(cut=1, block_zo="round_robin"), "'round_robin'.*'hybrid'"),
+    ],
+)
+def test_what_the_constructor_no_longer_checks_is_refused_by_the_recipe(estimator, match):
+    """ElasticZO's constructor checks only the cut against the model; a missing or negative
+    cut, a ZO-Cons or blockwise front are refused at Recipe(...) (edgetrain.compat and the
+    estimator axis), a channel-sparse scope too (tests/test_compat.py)."""
+    with pytest.raises(ConfigError, match=match):
+        Recipe(estimator=Estimator(kind="hybrid", **estimator))
 
 
 # --- memory: the front stores nothing ---------------------------------------------------

@@ -102,7 +102,7 @@ RUNNERS: dict[tuple[str, str], Runner] = {
             "zo",
             "float32",
             runs_as="zo",
-            optimizers=("sgd", "sign", "momentum", "adam"),
+            optimizers=("sgd", "sign", "momentum", "adam", "adamw"),
             backwards=("exact",),
             knobs=_ZO_KNOBS,
             mask_on=("abs", "signed"),
@@ -113,7 +113,7 @@ RUNNERS: dict[tuple[str, str], Runner] = {
             "forward_grad",
             "float32",
             runs_as="forward_grad",
-            optimizers=_TORCH_OPTIMIZERS,
+            optimizers=_TORCH_OPTIMIZERS + _LOW_RANK_OPTIMIZERS,  # low-rank: on .grad
             backwards=("exact",),
             knobs=(),
             mask_on=(),
@@ -275,6 +275,18 @@ def _per_tensor_int8(r: Recipe) -> str | None:
     return None
 
 
+def _forward_grad_low_rank_dense(r: Recipe) -> str | None:
+    kind = r.optimizer.kind
+    if r.estimator.kind == "forward_grad" and kind in _LOW_RANK_OPTIMIZERS:
+        if _channel_sparse(r.scope):
+            return (
+                f"optimizer {kind!r} with estimator 'forward_grad' steps whole weights (its "
+                f"projected step moves every channel): scope 'channels' below ratio 1 is "
+                f"not supported; use channel_ratio=1 or optimizer 'adamw'"
+            )
+    return None
+
+
 def _default(axis: Any, name: str) -> Any:
     return next(f.default for f in fields(axis) if f.name == name)
 
@@ -306,6 +318,11 @@ RULES: tuple[Rule, ...] = (
         "fixed_point_sign_projected",
         "fixed point with optimizer 'sign' is sign-m-SPSA: sign_rule 'projected'",
         _fixed_point_sign_is_projected,
+    ),
+    Rule(
+        "forward_grad_low_rank_dense",
+        "forward gradients with galore or lowrank need a dense scope (no channel-sparse one)",
+        _forward_grad_low_rank_dense,
     ),
     Rule(
         "int8_per_tensor",

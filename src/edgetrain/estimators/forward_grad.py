@@ -16,7 +16,9 @@ difference, no eps) by one forward pass with tangents (a Jacobian-vector product
 
 plus weight decay (``lr * wd * theta``), or the averaged estimate is fed to momentum /
 Adam / AdamW, which follow torch.optim's update rules exactly (``optimizer.kind`` ``sgd``,
-``momentum``, ``adam``, ``adamw``; the other kinds are rejected at construction).
+``momentum``, ``adam``, ``adamw``), or to a projected optimizer (``galore``, ``lowrank``:
+see "Projected optimizers" below). Which kinds combine is edgetrain.compat's table,
+checked when the Recipe is made (``sign`` is refused there).
 
 How the pass runs
 -----------------
@@ -48,6 +50,27 @@ update reproducible from the step's ``(seed, jvp)`` pairs alone: ``last_record``
 them, and ``apply_record()`` / ``replay()`` re-apply them without running the model. The
 optimizer arithmetic is ``edgetrain.optim.functional``'s (torch's functional ``sgd`` /
 ``adam``), applied to one parameter at a time as its estimate completes.
+
+Projected optimizers (GaLore, low-rank)
+---------------------------------------
+With ``optimizer.kind`` ``galore`` (Zhao et al. 2024, edgetrain.optim.galore) or
+``lowrank`` (Gooneratne et al. 2020, edgetrain.optim.lowrank) the estimate is handed to
+the optimizer ``edgetrain.optim.build(params, spec, model=model)`` builds, as backprop
+would hand it a gradient: each parameter's averaged estimate, as soon as it completes,
+becomes its ``.grad``, the optimizer steps (it skips the parameters whose ``.grad`` is
+None, so it updates that one parameter, exactly as one step over all of them would) and
+the ``.grad`` is freed. No paper tried forward gradients with GaLore; it is the
+recipe's combination. What it costs: the estimate must be a whole tensor shaped as its
+weight while the optimizer reads it, one full-size gradient buffer of the parameter
+being stepped, the transient the other rules also hold, plus GaLore's SVD of it every
+``update_gap`` steps and its projection. That is inherent to GaLore: the projector is the
+top singular vectors of the full gradient matrix ``G`` (m x n) and the step is Adam on
+``P^T G``, so ``G`` cannot be consumed chunk by chunk as the elementwise rules consume
+z; the low-rank optimizer likewise forms ``G B^T`` and ``A^T G`` from the whole ``G``.
+With ``q`` directions the estimate has rank at most ``q``: GaLore's rank-r projector
+then keeps the estimate whole (for r >= q) and its other r - q directions are arbitrary
+singular vectors of a zero spectrum. Channel-sparse scopes are refused (compat rule
+``forward_grad_low_rank_dense``): the projected step moves every channel of a weight.
 
 Modes (explicit, never silent)
 ------------------------------
@@ -92,6 +115,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call
 
+from edgetrain import optim as optim_mod
 from edgetrain import structure
 from edgetrain.batches import LossFn
 from edgetrain.estimators import register
@@ -105,10 +129,11 @@ __all__ = [
     "ForwardGrad",
     "ForwardGradRecord",
     "ForwardADUnsupportedError",
-    "SUPPORTED_OPTIMIZERS",
+    "PROJECTED_OPTIMIZERS",
 ]
 
-SUPPORTED_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+PROJECTED_OPTIMIZERS = ("galore", "lowrank")
+"""Optimizer kinds stepped as torch.optim optimizers on ``.grad`` = the estimate."""
 
 FORWARD_AD_RULE = "forward_ad.context"
 """edgetrain.structure rule: a model -> a function of the model returning the context
@@ -200,12 +225,6 @@ class ForwardGrad(Estimator):
         self, model: nn.Module, recipe: Recipe, loss_fn: LossFn | None = None, *, seed: int = 0
     ) -> None:
         super().__init__(model, recipe, loss_fn, seed=seed)
-        spec = recipe.optimizer
-        if spec.kind not in SUPPORTED_OPTIMIZERS:
-            raise ValueError(
-                f"Optimizer {spec.kind!r} is not supported by the forward_grad estimator; "
-                f"use one of {', '.join(SUPPORTED_OPTIMIZERS)}"
-            )
         self.queries = recipe.estimator.queries
         self.direction_kind = recipe.estimator.direction
         self.train_mode = recipe.estimator.train_mode_evals
@@ -227,6 +246,10 @@ class ForwardGrad(Estimator):
         self._exp_avg: list[torch.Tensor] | None = None
         self._exp_avg_sq: list[torch.Tensor] | None = None
         self._optimizer_steps = 0
+        # GaLore / low-rank: a torch.optim optimizer stepped on .grad = the estimate.
+        self._projected: torch.optim.Optimizer | None = None
+        if recipe.optimizer.kind in PROJECTED_OPTIMIZERS:
+            self._projected = optim_mod.build(self.params, recipe.optimizer, model=model)
         self.last_record: ForwardGradRecord | None = None
 
     # --- directions ---------------------------------------------------------------------
@@ -395,7 +418,15 @@ class ForwardGrad(Estimator):
         self._optimizer_steps += 1
         with torch.no_grad():
             for i, estimate in self._estimates(record):
-                self._update(i, estimate, self._optimizer_steps)
+                if self._projected is None:
+                    self._update(i, estimate, self._optimizer_steps)
+                    continue
+                p = self.params[i]
+                p.grad = estimate  # the one full-size gradient buffer, while it steps
+                try:
+                    self._projected.step()  # updates p alone: the others have no .grad
+                finally:
+                    p.grad = None
 
     def _update(self, i: int, g: torch.Tensor, t: int) -> None:
         """Parameter ``i``'s update from its estimate ``g`` at optimizer step ``t``, as
@@ -445,6 +476,9 @@ class ForwardGrad(Estimator):
         for tensors in (self._momentum_buffers, self._exp_avg, self._exp_avg_sq):
             if tensors is not None:
                 yield from tensors
+        if self._projected is not None:
+            for state in self._projected.state.values():
+                yield from (v for v in state.values() if isinstance(v, torch.Tensor))
 
     def state_dict(self) -> dict[str, Any]:
         def copy(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
@@ -456,6 +490,7 @@ class ForwardGrad(Estimator):
             "momentum_buffers": copy(self._momentum_buffers),
             "exp_avg": copy(self._exp_avg),
             "exp_avg_sq": copy(self._exp_avg_sq),
+            "projected": None if self._projected is None else self._projected.state_dict(),
             "last_record": None if self.last_record is None else self.last_record.to_dict(),
         }
 
@@ -479,5 +514,7 @@ class ForwardGrad(Estimator):
         self._momentum_buffers = load(state.get("momentum_buffers"), "momentum")
         self._exp_avg = load(state.get("exp_avg"), "exp_avg")
         self._exp_avg_sq = load(state.get("exp_avg_sq"), "exp_avg_sq")
+        if self._projected is not None:
+            self._projected.load_state_dict(state["projected"])
         record = state.get("last_record")
         self.last_record = None if record is None else ForwardGradRecord.from_dict(record)

@@ -146,12 +146,10 @@ class ElasticZO(Estimator):
                 f"ElasticZO runs float32 numerics; {recipe.numerics.kind!r} is ElasticZO-INT8 "
                 "(edgetrain.estimators.hybrid_int8, built by estimators.build)"
             )
-        if est.block_zo != "none" or est.cons:
-            raise ValueError("ElasticZO's front supports neither blockwise nor cons steps")
-        if self.selection.channel_masks:
-            raise NotImplementedError("ElasticZO does not support channel-sparse scopes")
+        # Blockwise and cons fronts, channel-sparse scopes and a missing or negative cut are
+        # refused by the Recipe (edgetrain.compat); a cut past the last block needs the model.
         n_blocks = len(find_blocks(model))
-        if est.cut is None or not 0 <= est.cut <= n_blocks:
+        if est.cut > n_blocks:
             raise ValueError(
                 f"Invalid cut: {est.cut} for a model of {n_blocks} blocks (0..{n_blocks}: "
                 "blocks before the cut train by ZO, the rest and the head by backprop)"

@@ -18,7 +18,10 @@ regenerations of z per step instead of four). The family, each selectable:
   (one extra evaluation at theta per step, shared by the queries).
 * ``direction``: ``gaussian`` z ~ N(0, I) (MeZO); ``rademacher`` z in {-1, +1}^d.
 * ``rule``: ``sgd`` (MeZO); ``sign`` (ZO-SignSGD); ``momentum`` (heavy ball on g_hat);
-  ``adam`` (ZO-Adam, Chen et al. 2019 / MeZO-Adam); momentum and Adam keep model-size state.
+  ``adam`` (ZO-Adam, Chen et al. 2019 / MeZO-Adam); ``adamw`` (Adam on g_hat with
+  decoupled weight decay, Loshchilov & Hutter 2019, Algorithm 2: theta *= 1 - lr wd, then
+  the Adam step; no paper tried it with SPSA, it is the recipe's combination); momentum,
+  Adam and AdamW keep model-size state.
   ``sign_rule`` says which sign: ``elementwise`` theta -= lr sign(g_hat) (Liu et al. 2019,
   "signSGD via Zeroth-Order Oracle": the sign of every coordinate of the estimate) or
   ``projected`` theta -= lr (1/q) sum_i sign(g_i) z_i, what ZO-Bench's code runs for
@@ -77,10 +80,12 @@ The update rules' arithmetic is ``edgetrain.optim.functional``'s (torch's functi
 ``sgd`` / ``adam`` underneath, the code torch.optim.SGD / Adam run): per chunk of the
 plan, ZOSGD forms the estimate ``g_hat + weight_decay * theta`` (masked by Sparse MeZO's
 mask) in a reusable chunk buffer and hands its pieces, the parameters' chunk views and
-the state's to the core, which updates them in place. One fast path stays here: plain SGD
-with one query and no mask folds the restore into the update, ``theta += ((eps - lr g)
-z)``, one pass over the weights instead of a restore and then ``functional.sgd`` (equal
-up to rounding, tests/test_zo_optim.py).
+the state's to the core, which updates them in place. ``adamw`` leaves the decay out of
+the estimate: ``functional.adamw`` applies it decoupled (``functional.decay_`` with
+Sparse MeZO's mask, so only the perturbed weights decay, as the L2 term is masked). One
+fast path stays here: plain SGD with one query and no mask folds the restore into the
+update, ``theta += ((eps - lr g) z)``, one pass over the weights instead of a restore
+and then ``functional.sgd`` (equal up to rounding, tests/test_zo_optim.py).
 
 Run-wide counters (the step, the last record) are attributes, saved by ``state_dict()``
 under the top-level key ``"zo_run"``; ``self.state`` holds per-parameter state only, so
@@ -141,7 +146,7 @@ __all__ = [
     "ReduceScalars",
 ]
 
-RULES = ("sgd", "sign", "momentum", "adam")
+RULES = ("sgd", "sign", "momentum", "adam", "adamw")
 SIGN_RULES = ("elementwise", "projected")
 BLOCK_ZO = ("none", "round_robin", "every_block")
 GRAD_SPARSITY_GROUPS = ("layer", "global")
@@ -843,7 +848,7 @@ class ZOSGD(torch.optim.Optimizer):
                 lr, wd = ctx.record.lrs[gi], group["weight_decay"]
                 masks = ctx.masks.get(gi)
                 step = 0
-                if rule in ("momentum", "adam"):
+                if rule in ("momentum", "adam", "adamw"):
                     for p in group["params"]:
                         step = self._advance_state(p, self.state[p])
                 fused = rule == "sgd" and q == 1 and masks is None
@@ -861,7 +866,8 @@ class ZOSGD(torch.optim.Optimizer):
                         continue
                     device = targets[0].device
                     m = None if masks is None else unpack_mask(masks[c], chunk.numel)
-                    in_place = q == 1 and not wd
+                    l2 = 0.0 if rule == "adamw" else wd  # AdamW decays decoupled
+                    in_place = q == 1 and not l2
                     if in_place:
                         # One direction, no decay: g_hat = g z is z scaled in place, so the
                         # step needs no buffer beyond z's own.
@@ -884,13 +890,14 @@ class ZOSGD(torch.optim.Optimizer):
                         else:
                             d.add_(z, alpha=grads[i] / q)
                     pieces = self._pieces(d, chunk)
-                    if wd:
+                    if l2:
                         # L2 decay belongs to the estimate (masked with it): the core
                         # runs with weight_decay=0.
-                        torch._foreach_add_(pieces, targets, alpha=wd)
+                        torch._foreach_add_(pieces, targets, alpha=l2)
                         if m is not None:
                             _apply_mask_(d, m)
-                    self._apply_rule(rule, gi, chunk, targets, pieces, lr, step_coef, step)
+                    mask = None if m is None else self._pieces(m, chunk)
+                    self._apply_rule(rule, gi, chunk, targets, pieces, lr, step_coef, step, mask)
 
     def _apply_rule(
         self,
@@ -902,10 +909,13 @@ class ZOSGD(torch.optim.Optimizer):
         lr: float,
         step_coef: float,
         step: int,
+        mask: list[torch.Tensor] | None = None,
     ) -> None:
         """theta += step_coef * s for one chunk, s the rule's step on the estimate
         ``pieces`` (edgetrain.optim.functional; momentum/Adam state read and written
-        through views of the chunk). ``step``: Adam's step number of this update."""
+        through views of the chunk). ``step``: Adam's step number of this update.
+        ``mask``: Sparse MeZO's mask of each piece, which AdamW's decoupled decay keeps
+        to (the other rules got their decay masked in the estimate)."""
         group = self.param_groups[gi]
         if rule == "sgd":
             functional.sgd(targets, pieces, lr=step_coef * lr)
@@ -914,9 +924,19 @@ class ZOSGD(torch.optim.Optimizer):
         elif rule == "momentum":
             buffers = self._state_pieces(gi, chunk, "momentum_buffer")
             functional.momentum_sgd(targets, pieces, buffers, lr=lr, momentum=group["momentum"])
-        else:  # adam
+        else:  # adam, adamw (stateful: ZO-Cons never gets here, step_coef is 1)
+            wd = group["weight_decay"] if rule == "adamw" else 0.0
+            if wd and mask is not None:
+                functional.decay_(targets, lr=lr, weight_decay=wd, masks=mask)
+                wd = 0.0
+            update = functional.adamw if wd else functional.adam
+            # The estimate is float32 (z's dtype); Adam's moments are the weights' dtype.
+            pieces = [
+                g if g.dtype == t.dtype else g.to(t.dtype)
+                for g, t in zip(pieces, targets, strict=True)
+            ]
             beta1, beta2 = group["betas"]
-            functional.adam(
+            update(
                 targets,
                 pieces,
                 self._state_pieces(gi, chunk, "exp_avg"),
@@ -926,6 +946,7 @@ class ZOSGD(torch.optim.Optimizer):
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["adam_eps"],
+                weight_decay=wd,
             )
 
     def _state_pieces(self, gi: int, chunk: Chunk, key: str) -> list[torch.Tensor]:
@@ -945,7 +966,7 @@ class ZOSGD(torch.optim.Optimizer):
     def _new_state(self, p: torch.Tensor, state: dict) -> None:
         if self.rule == "momentum" and "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        elif self.rule == "adam" and "exp_avg" not in state:
+        elif self.rule in ("adam", "adamw") and "exp_avg" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
