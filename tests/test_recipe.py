@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from edgetrain.errors import ConfigError
 from edgetrain.recipe import Backward, Estimator, Numerics, Optimizer, Recipe, Scope
 
 
@@ -11,7 +12,7 @@ def test_json_round_trip_of_every_axis():
         estimator=Estimator(kind="zo", eps=1e-2, queries=4, direction="rademacher"),
         scope=Scope(kind="blocks", blocks=(0, 2), include_head=False),
         backward=Backward(kind="exact"),
-        optimizer=Optimizer(kind="sign", lr=3e-4, betas=(0.8, 0.9), sign_rule="projected"),
+        optimizer=Optimizer(kind="sign", lr=3e-4, sign_rule="projected"),
         numerics=Numerics(
             kind="fixed_point",
             weight_bits=16,
@@ -27,6 +28,62 @@ def test_json_round_trip_of_every_axis():
     text = recipe.to_json()
     assert json.loads(text)["scope"]["blocks"] == [0, 2]
     assert Recipe.from_json(text) == recipe
+    adam = Recipe(optimizer=Optimizer(kind="adam", betas=(0.8, 0.9)))
+    assert Recipe.from_json(adam.to_json()) == adam
+
+
+# A value away from the default for every field that only some kinds of its axis read.
+_OWNED_VALUES = {
+    "k": 2,
+    "blocks": (0,),
+    "include_head": False,
+    "channel_ratio": 0.5,
+    "channel_ratios": (0.5,),
+    "bias_k": 1,
+    "channel_select": "first",
+    "wht_k": 4,
+    "wht_selection": "energy",
+    "bits": 4,
+    "keep_ratio": 0.7,
+    "fuse_dropped": False,
+    "drop_at_inference": True,
+    "stochastic_rounding": True,
+    "momentum": 0.5,
+    "betas": (0.8, 0.9),
+    "adam_eps": 1e-6,
+    "rank": 4,
+    "update_gap": 10,
+    "galore_scale": 0.5,
+    "galore_targets": "all_matrices",
+    "sign_rule": "projected",
+}
+
+
+def _owned_fields():
+    import dataclasses
+
+    for cls, kinds in (
+        (Scope, ("all", "last_blocks", "blocks", "bias", "channels")),
+        (Backward, ("exact", "wht", "mesa", "token_drop", "checkpoint")),
+        (Optimizer, ("sgd", "momentum", "adam", "adamw", "sign", "galore", "lowrank")),
+    ):
+        for f in dataclasses.fields(cls):
+            if "kinds" in f.metadata:
+                yield pytest.param(cls, f.name, f.metadata["kinds"], kinds, id=f.name)
+
+
+@pytest.mark.parametrize(("cls", "name", "readers", "kinds"), list(_owned_fields()))
+def test_a_field_set_for_a_kind_that_does_not_read_it_is_refused(cls, name, readers, kinds):
+    """Every kind-specific field: accepted with a kind that reads it, refused (naming the
+    field and the kind) with every kind that does not."""
+    value = _OWNED_VALUES[name]
+    for kind in kinds:
+        if kind in readers:
+            extra = {"blocks": (0,)} if cls is Scope and kind == "blocks" else {}
+            assert getattr(cls(kind=kind, **{name: value, **extra}), name) == value
+        else:
+            with pytest.raises(ConfigError, match=rf"{name}=.* is read by .* not {kind!r}"):
+                cls(kind=kind, **{name: value})
 
 
 @pytest.mark.parametrize(
@@ -90,7 +147,9 @@ def test_a_sparse_update_knob_on_another_scope_is_refused_not_ignored():
     from edgetrain.errors import ConfigError
     from edgetrain.recipe import Scope
 
-    with pytest.raises(ConfigError, match="bias_k=1 .* needs kind 'channels'"):
+    with pytest.raises(
+        ConfigError, match="scope.bias_k=1 is read by scope kind 'channels', not 'last_blocks'"
+    ):
         Scope(kind="last_blocks", k=2, bias_k=1)
     assert Scope(kind="channels", blocks=(-1,), bias_k=1).bias_k == 1
 

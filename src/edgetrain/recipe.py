@@ -78,6 +78,28 @@ def _check_types(axis: Any) -> None:
             raise ConfigError(f"Invalid {name}.{f.name}: {value!r} (expected a sequence)")
 
 
+def _for(*kinds: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A field read only by the axis kinds ``kinds`` (see :func:`_check_owners`)."""
+    return field(default=default, metadata={"kinds": kinds}, **kwargs)
+
+
+def _check_owners(axis: Any) -> None:
+    """A field that only some kinds of its axis read, set away from its default for a kind
+    that does not read it, is refused by name rather than silently ignored."""
+    name = type(axis).__name__.lower()
+    for f in dataclasses.fields(axis):
+        kinds = f.metadata.get("kinds")
+        if kinds is None or axis.kind in kinds:
+            continue
+        value = getattr(axis, f.name)
+        if value != f.default:
+            readers = ", ".join(repr(k) for k in kinds)
+            raise ConfigError(
+                f"{name}.{f.name}={value!r} is read by {name} kind {readers}, not "
+                f"{axis.kind!r}; leave it at its default ({f.default!r})"
+            )
+
+
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise ConfigError(f"Invalid {what}: {value!r}; expected one of {', '.join(allowed)}")
@@ -189,16 +211,16 @@ class Scope:
     """
 
     kind: str = "all"
-    k: int = 1
-    blocks: tuple[int, ...] = ()
-    include_head: bool = True
-    channel_ratio: float = 1.0
-    channel_ratios: tuple[float, ...] = ()
+    k: int = _for("last_blocks", default=1)
+    blocks: tuple[int, ...] = _for("blocks", "channels", default=())
+    include_head: bool = _for("last_blocks", "blocks", "channels", default=True)
+    channel_ratio: float = _for("channels", default=1.0)
+    channel_ratios: tuple[float, ...] = _for("channels", default=())
     """Sparse update: one ratio per selected block (overrides ``channel_ratio``)."""
-    bias_k: int | None = None
+    bias_k: int | None = _for("channels", default=None)
     """Sparse update: biases of the last ``bias_k`` blocks train (None: those of the
     weight-selected blocks), the bias-update depth separate from the weight-update one."""
-    channel_select: str = "magnitude"
+    channel_select: str = _for("channels", default="magnitude")
     """Sparse update: which channels train, ``magnitude`` (ranked by weight norm, as
     tiny-training) or ``first``."""
     predicate: Callable[..., bool] | None = field(default=None, compare=False)
@@ -215,16 +237,12 @@ class Scope:
         object.__setattr__(self, "channel_ratios", tuple(float(r) for r in self.channel_ratios))
         for ratio in self.channel_ratios:
             _in_unit(ratio, "channel_ratios entry", closed_low=False)
-        if self.bias_k is not None and self.kind != "channels":
-            raise ConfigError(
-                f"Scope bias_k={self.bias_k} is the sparse update's bias depth: it needs "
-                f"kind 'channels', not {self.kind!r}"
-            )
         if self.bias_k is not None and self.bias_k < 0:
             raise ConfigError(f"Invalid bias_k: {self.bias_k} (number of last blocks, >= 0)")
         _choice(self.channel_select, ("magnitude", "first"), "channel_select")
         if self.kind == "predicate" and not callable(self.predicate):
             raise ConfigError("Scope kind 'predicate' needs a callable predicate=")
+        _check_owners(self)
 
 
 @dataclass(frozen=True)
@@ -237,15 +255,19 @@ class Backward:
     """
 
     kind: str = "exact"
-    wht_k: int = 6
-    wht_selection: str = "lp_tri"
-    bits: int = 8
-    keep_ratio: float = 0.5
-    fuse_dropped: bool = True
+    wht_k: int = _for("wht", default=6)
+    """LBP-WHT: low-pass order of the kept Walsh-Hadamard bases."""
+    wht_selection: str = _for("wht", default="lp_tri")
+    """LBP-WHT: which bases, ``lp_tri`` (the paper's triangular low-pass) or ``energy``."""
+    bits: int = _for("mesa", default=8)
+    """Mesa: bits of a saved activation."""
+    keep_ratio: float = _for("token_drop", default=0.5)
+    """BSR: the ratio of tokens a frozen block keeps."""
+    fuse_dropped: bool = _for("token_drop", default=True)
     """BSR/EViT: the dropped tokens are fused into one token (attention-weighted mean)."""
-    drop_at_inference: bool = False
+    drop_at_inference: bool = _for("token_drop", default=False)
     """BSR: drop tokens in no-grad forwards too (inference speed-up, as EViT)."""
-    stochastic_rounding: bool = False
+    stochastic_rounding: bool = _for("mesa", default=False)
     """Mesa: stochastic instead of nearest rounding when quantizing saved activations."""
 
     def __post_init__(self) -> None:
@@ -257,6 +279,7 @@ class Backward:
         if not 2 <= self.bits <= 16:
             raise ConfigError(f"Invalid bits: {self.bits} (2..16)")
         _in_unit(self.keep_ratio, "keep_ratio", closed_low=False)
+        _check_owners(self)
 
 
 @dataclass(frozen=True)
@@ -265,19 +288,19 @@ class Optimizer:
 
     kind: str = "sgd"
     lr: float = 1e-2
-    momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = _for("momentum", default=0.9)
+    betas: tuple[float, float] = _for("adam", "adamw", "galore", "lowrank", default=(0.9, 0.999))
     weight_decay: float = 0.0
-    adam_eps: float = 1e-8
-    rank: int = 8
+    adam_eps: float = _for("adam", "adamw", "galore", "lowrank", default=1e-8)
+    rank: int = _for("galore", "lowrank", default=8)
     """GaLore / low-rank gradient rank."""
-    update_gap: int = 50
+    update_gap: int = _for("galore", "lowrank", default=50)
     """GaLore: steps between projection refreshes."""
-    galore_scale: float = 0.25
-    galore_targets: str = "block_linear"
+    galore_scale: float = _for("galore", default=0.25)
+    galore_targets: str = _for("galore", default="block_linear")
     """GaLore: which weights are projected: ``block_linear`` (every nn.Linear inside the
     model's blocks: attention and MLP, as the reference), ``all_matrices`` (every 2-D)."""
-    sign_rule: str = "elementwise"
+    sign_rule: str = _for("sign", default="elementwise")
     """ZO sign update: ``elementwise`` sign(g_hat) or ``projected`` sign(g) * z (ZO-Bench)."""
     decay_matrices_only: bool = True
     """Weight decay skips biases and norm weights (1-D tensors), as MeZO and AdamW usage."""
@@ -303,6 +326,7 @@ class Optimizer:
         _positive(self.galore_scale, "galore_scale")
         _choice(self.galore_targets, ("block_linear", "all_matrices"), "galore_targets")
         _choice(self.sign_rule, ("elementwise", "projected"), "sign_rule")
+        _check_owners(self)
 
 
 @dataclass(frozen=True)
