@@ -346,7 +346,7 @@ def test_block_granularities_follow_the_structure():
 
 
 class Wrapped(nn.Module):
-    """A block that wraps one module (as EncoderBlock wraps an HF layer)."""
+    """A block that wraps one module (a layer inside a wrapper block)."""
 
     def __init__(self) -> None:
         super().__init__()
