@@ -158,32 +158,20 @@ def _capacity(knobs: dict[str, Any]) -> tuple:
 
 
 def expand(recipe: Recipe, n_blocks: int) -> list[tuple[Recipe, dict[str, Any]]]:
-    """The preset and its knob variants."""
+    """The preset and its knob variants: the knobs of each axis (scope, estimator,
+    backward, optimizer), each method's ``planner_knobs`` next to it, crossed in that
+    order, then three batch sizes."""
+    from edgetrain import backward, estimators, optim
+    from edgetrain import scope as scope_axis
+
     variants: list[tuple[Recipe, dict[str, Any]]] = [(recipe, {})]
-    if recipe.scope.kind == "last_blocks":
-        variants = [
-            (r.replace(**{"scope.k": k}), {**kn, "trained_blocks": k})
-            for r, kn in variants
-            for k in range(n_blocks + 1)
-        ]
-    if recipe.estimator.kind == "hybrid":
-        variants = [
-            (r.replace(**{"estimator.cut": c}), {**kn, "cut": c})
-            for r, kn in variants
-            for c in range(n_blocks + 1)
-        ]
-    if recipe.optimizer.kind in ("galore", "lowrank"):
-        variants = [
-            (r.replace(**{"optimizer.rank": rank}), {**kn, "rank": rank})
-            for r, kn in variants
-            for rank in (2, 4, 8, 16)
-        ]
-    if recipe.estimator.sparsity > 0:
-        variants = [
-            (r.replace(**{"estimator.sparsity": s}), {**kn, "sparsity": s})
-            for r, kn in variants
-            for s in (0.5, 0.75, 0.9)
-        ]
+    for axis in (scope_axis, estimators, backward, optim):
+        for knob, field_path, values in axis.planner_knobs(recipe, n_blocks):
+            variants = [
+                (r.replace(**{field_path: v}), {**kn, knob: v})
+                for r, kn in variants
+                for v in values
+            ]
     sizes = sorted(
         {recipe.batch_size, max(1, recipe.batch_size // 2), max(1, recipe.batch_size // 4)},
         reverse=True,

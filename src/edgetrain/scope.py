@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from edgetrain.errors import ConfigError, ConfigIndexError
-from edgetrain.recipe import Scope
+from edgetrain.recipe import Recipe, Scope
 
 __all__ = [
     "Selection",
@@ -40,6 +40,7 @@ __all__ = [
     "channel_masks",
     "input_channel_norms",
     "EmptyScopeError",
+    "planner_knobs",
 ]
 
 
@@ -291,3 +292,11 @@ def apply(model: nn.Module, scope: Scope) -> Selection:
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
     return selection
+
+
+def planner_knobs(recipe: Recipe, n_blocks: int) -> list[tuple[str, str, list]]:
+    """The planner's knobs of the scope axis, (knob, recipe field, values): how many last
+    blocks train (0 .. ``n_blocks``) for a ``last_blocks`` scope."""
+    if recipe.scope.kind == "last_blocks":
+        return [("trained_blocks", "scope.k", list(range(n_blocks + 1)))]
+    return []

@@ -3,7 +3,13 @@
 ``apply(model, spec) -> Swap`` installs what ``spec.kind`` needs (``exact``: nothing);
 ``Swap.restore()`` puts the original modules back. Each kind lives in its own module
 (wht.py, mesa.py, token_drop.py, checkpoint.py) and registers itself here with
-``register(kind)``.
+``register(kind)``; sparse_update.py is the backward of the channel-sparse scope.
+
+One method, one place: a kind's module holds its swap, its presets (``@preset``), and
+optionally ``applicable(recipe, model) -> str | None`` and ``planner_knobs(recipe,
+n_blocks)``; ``_MODULES`` (kind -> module) is the one line that registers it.
+``load_all()`` imports every module; ``applicable`` / ``planner_knobs`` ask the modules of
+a recipe's backward kind and scope kind.
 """
 
 from __future__ import annotations
@@ -15,10 +21,10 @@ from typing import Any
 
 from torch import nn
 
-from edgetrain._registry import Registry
-from edgetrain.recipe import Backward
+from edgetrain._registry import Registry, all_knobs, first_reason
+from edgetrain.recipe import Backward, Recipe
 
-__all__ = ["Swap", "apply", "register"]
+__all__ = ["Swap", "apply", "register", "load_all", "applicable", "planner_knobs"]
 
 
 class Swap:
@@ -72,6 +78,35 @@ _MODULES = {
     "token_drop": "edgetrain.backward.token_drop",
     "checkpoint": "edgetrain.backward.checkpoint",
 }
+"""Backward kind -> the module of that method: one line per method."""
+_SCOPE_MODULES = {
+    "channels": "edgetrain.backward.sparse_update",
+}
+"""Scope kind -> the module of its backward (a channel-sparse scope saves only the input
+channels it trains; estimators.backprop installs it)."""
+
+
+def load_all() -> None:
+    """Import every method module of this axis (registering its kinds and presets)."""
+    for module in (*_MODULES.values(), *_SCOPE_MODULES.values()):
+        importlib.import_module(module)
+
+
+def _modules_of(recipe: Recipe) -> list[str]:
+    """The modules of ``recipe``'s backward kind and scope kind (those that have one)."""
+    found = (_MODULES.get(recipe.backward.kind), _SCOPE_MODULES.get(recipe.scope.kind))
+    return [m for m in found if m is not None]
+
+
+def applicable(recipe: Recipe, model: nn.Module) -> str | None:
+    """Why ``model`` cannot run ``recipe``'s backward, or None: the first reason of the
+    ``applicable`` functions of its modules."""
+    return first_reason(_modules_of(recipe), recipe, model)
+
+
+def planner_knobs(recipe: Recipe, n_blocks: int) -> list[tuple[str, str, list]]:
+    """The planner's knobs of ``recipe``'s backward: (knob, recipe field, values)."""
+    return all_knobs(_modules_of(recipe), recipe, n_blocks)
 
 
 def register(kind: str):

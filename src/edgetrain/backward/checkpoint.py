@@ -35,8 +35,9 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from edgetrain._registry import preset
 from edgetrain.backward import Swap, register
-from edgetrain.recipe import Backward
+from edgetrain.recipe import Backward, Estimator, Optimizer, Recipe, Scope
 from edgetrain.scope import find_blocks
 
 __all__ = [
@@ -171,3 +172,23 @@ def apply_checkpoint(model: nn.Module, spec: Backward) -> Swap:
         swap.restore()
         raise
     return swap
+
+
+# --- presets ------------------------------------------------------------------------------
+
+
+@preset
+def checkpointed() -> Recipe:
+    """Full backprop with activation checkpointing per block (torch.utils.checkpoint;
+    Chen et al. 2016): saves only block inputs, recomputes each block in backward (the
+    blocks' class is swapped, edgetrain.backward.checkpoint). For comparison."""
+    return Recipe(
+        name="checkpointed",
+        estimator=Estimator(kind="backprop"),
+        scope=Scope(kind="all"),
+        backward=Backward(kind="checkpoint"),
+        optimizer=Optimizer(kind="adam", lr=1e-3),
+        steps=150,
+        batch_size=32,
+        description="Full backprop with per-block activation checkpointing, Adam",
+    )

@@ -104,9 +104,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgetrain._registry import preset
 from edgetrain.backward import Swap, register
 from edgetrain.optim.perturb import pack_mask, unpack_mask
-from edgetrain.recipe import Backward
+from edgetrain.recipe import Backward, Estimator, Optimizer, Recipe, Scope
 from edgetrain.seeding import derive_seed
 
 __all__ = [
@@ -875,3 +876,24 @@ def apply_mesa(model: nn.Module, spec: Backward, *, seed: int = 0) -> Swap:
     swap.on_restore(state.shared.clear)
     swap.track_state("mesa", state)
     return swap
+
+
+# --- presets ------------------------------------------------------------------------------
+
+
+@preset
+def mesa() -> Recipe:
+    """Mesa (Pan et al. 2021): exact forward, 8-bit saved activations with per-head /
+    per-group running ranges for Linear, GELU, Softmax, LayerNorm and attention matmuls
+    (HuggingFace models too: their GELU modules and attention function). Rounding to
+    nearest; the reference kernel rounds stochastically (``backward.stochastic_rounding``)."""
+    return Recipe(
+        name="mesa",
+        estimator=Estimator(kind="backprop"),
+        scope=Scope(kind="all"),
+        backward=Backward(kind="mesa", bits=8, stochastic_rounding=False),
+        optimizer=Optimizer(kind="adam", lr=1e-3),
+        steps=150,
+        batch_size=32,
+        description="Backprop with 8-bit saved activations (Mesa), Adam",
+    )

@@ -90,8 +90,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from edgetrain import structure
+from edgetrain._registry import preset
 from edgetrain.backward import Swap, register
-from edgetrain.recipe import Backward
+from edgetrain.recipe import Backward, Estimator, Optimizer, Recipe, Scope
 
 __all__ = [
     "WHTConfig",
@@ -634,3 +635,34 @@ def apply_wht(
     for parent, name, new in plan:
         swap.replace(parent, name, new)
     return swap
+
+
+# --- the axis hooks -----------------------------------------------------------------------
+
+
+def applicable(recipe: Recipe, model: nn.Module) -> str | None:
+    """Why ``model`` cannot run LBP-WHT, or None: it needs tokens (the ViT's grid or a
+    text sequence)."""
+    if hasattr(model, "grid_size") or is_token_sequence(model):
+        return None
+    return "backward 'wht' needs a model of tokens (the ViT's grid or a text sequence)"
+
+
+# --- presets ------------------------------------------------------------------------------
+
+
+@preset
+def lbp_wht() -> Recipe:
+    """LBP-WHT (Yang et al., NeurIPS 2023): activations and output gradients of the ViT's
+    qkv/proj/fc1/fc2 projected on the low-pass 2-D Walsh-Hadamard bases r + c < 6 of each
+    8x8 token patch; only the projection is saved, gradients computed in that space."""
+    return Recipe(
+        name="lbp_wht",
+        estimator=Estimator(kind="backprop"),
+        scope=Scope(kind="all"),
+        backward=Backward(kind="wht", wht_k=6, wht_selection="lp_tri"),
+        optimizer=Optimizer(kind="adam", lr=1e-3),
+        steps=150,
+        batch_size=32,
+        description="LBP-WHT low-rank backprop, lp_tri k=6, Adam",
+    )

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from edgetrain import estimators, presets, tasks
+from edgetrain import backward, estimators, optim, presets, tasks
 from edgetrain.errors import ConfigError
 from edgetrain.recipe import Recipe
 from edgetrain.train import BatchSampler, finetune
@@ -170,33 +170,12 @@ def count_step_flops(model: torch.nn.Module, recipe: Recipe, batch: Any, seed: i
 def applicable(recipe: Recipe, model: torch.nn.Module) -> str | None:
     """Why ``recipe`` cannot run on ``model``, or None if it can. Which axis values combine
     is ``edgetrain.compat``'s table (``Recipe(...)`` refuses the rest): this adds only what
-    the model decides."""
-    from edgetrain.backward.wht import is_token_sequence
-
-    tokens = hasattr(model, "grid_size") or is_token_sequence(model)
-    if recipe.backward.kind == "wht" and not tokens:
-        return "backward 'wht' needs a model of tokens (the ViT's grid or a text sequence)"
-    if recipe.backward.kind == "token_drop":
-        from edgetrain.backward.token_drop import unsupported_reason
-
-        reason = unsupported_reason(model)
+    the model decides, as each method's module says (its ``applicable``), asking the
+    backward axis, then the estimator, then the optimizer."""
+    for axis in (backward, estimators, optim):
+        reason = axis.applicable(recipe, model)
         if reason is not None:
             return reason
-    if recipe.estimator.kind == "hybrid":
-        from edgetrain.estimators.hybrid import hybrid_applicable
-
-        reason = hybrid_applicable(recipe, model)
-        if reason is not None:
-            return f"ElasticZO: {reason}"
-    if recipe.numerics.kind == "fixed_point":  # estimator zo or hybrid (compat)
-        from edgetrain.numerics.fixed_point import convert
-
-        if getattr(model, "input_shape", None) is None:
-            return "fixed-point numerics convert chain models of a fixed input_shape"
-        try:
-            convert(copy.deepcopy(model).eval(), torch.zeros(2, *model.input_shape))
-        except (TypeError, ValueError, NotImplementedError) as err:
-            return f"fixed-point numerics need a chain of Linear/Conv/ReLU/pool layers: {err}"
     return None
 
 

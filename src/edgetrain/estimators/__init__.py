@@ -1,8 +1,16 @@
-"""Gradient sources, one module each: backprop, zo, forward_grad, hybrid.
+"""Gradient sources, one module each: backprop, zo, forward_grad, hybrid (and the
+fixed-point runners fixed_point_zo, hybrid_int8).
 
 ``build(model, recipe, loss_fn=None, seed=0)`` returns the estimator that runs
 ``recipe``: the class the compatibility table (``edgetrain.compat.runner``) names for its
 estimator and numerics kinds. A module adds its kind with ``register(kind)(cls)``.
+
+One method, one place: a kind's module holds its estimator, its presets (``@preset``), and
+optionally ``applicable(recipe, model) -> str | None`` (what the model decides) and
+``planner_knobs(recipe, n_blocks) -> [(knob, field, values)]`` (what ``plan`` varies).
+``_MODULES`` (kind -> module) is the one line that registers it; ``load_all()`` imports
+every module, ``applicable`` / ``planner_knobs`` ask the modules of a recipe's estimator
+kind and of the class that runs it.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import importlib
 from torch import nn
 
 from edgetrain import compat
-from edgetrain._registry import Registry
+from edgetrain._registry import Registry, all_knobs, first_reason
 from edgetrain.batches import LossFn, default_loss
 from edgetrain.errors import ConfigError
 from edgetrain.estimators.backprop import Backprop
@@ -27,17 +35,47 @@ __all__ = [
     "default_loss",
     "build",
     "register",
+    "load_all",
+    "applicable",
+    "planner_knobs",
 ]
 
 _KINDS: Registry = Registry("estimator kind")
 _KINDS.register("backprop", Backprop)
 _MODULES = {
+    "backprop": "edgetrain.estimators.backprop",
     "zo": "edgetrain.estimators.zo",
     "forward_grad": "edgetrain.estimators.forward_grad",
     "hybrid": "edgetrain.estimators.hybrid",
     "fixed_point_zo": "edgetrain.estimators.fixed_point_zo",
     "hybrid_int8": "edgetrain.estimators.hybrid_int8",
 }
+"""Estimator kind (or the class a recipe runs as, ``compat.Runner.runs_as``) -> the module
+of that method: one line per method."""
+
+
+def load_all() -> None:
+    """Import every method module of this axis (registering its kinds and presets)."""
+    for module in _MODULES.values():
+        importlib.import_module(module)
+
+
+def _modules_of(recipe: Recipe) -> list[str]:
+    """The modules of ``recipe``'s estimator kind and of the class that runs it (they
+    differ under integer numerics: zo -> fixed_point_zo, hybrid -> hybrid_int8)."""
+    kinds = dict.fromkeys((recipe.estimator.kind, _kind_of(recipe)))
+    return [_MODULES[k] for k in kinds if k in _MODULES]
+
+
+def applicable(recipe: Recipe, model: nn.Module) -> str | None:
+    """Why ``model`` cannot run ``recipe``'s estimator, or None: the first reason of the
+    ``applicable`` functions of its modules."""
+    return first_reason(_modules_of(recipe), recipe, model)
+
+
+def planner_knobs(recipe: Recipe, n_blocks: int) -> list[tuple[str, str, list]]:
+    """The planner's knobs of ``recipe``'s estimator: (knob, recipe field, values)."""
+    return all_knobs(_modules_of(recipe), recipe, n_blocks)
 
 
 def _kind_of(recipe: Recipe) -> str:

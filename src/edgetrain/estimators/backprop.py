@@ -23,8 +23,10 @@ from torch import nn
 
 from edgetrain import backward as backward_mod
 from edgetrain import optim as optim_mod
+from edgetrain._registry import preset
 from edgetrain.estimators.base import Estimator, LossFn
-from edgetrain.recipe import Recipe
+from edgetrain.recipe import Estimator as EstimatorSpec
+from edgetrain.recipe import Optimizer, Recipe, Scope
 from edgetrain.seeding import derive_seed
 
 __all__ = ["Backprop"]
@@ -97,3 +99,52 @@ class Backprop(Estimator):
             self._sparse_swap.restore()
         finally:
             super().close()
+
+
+# --- presets ------------------------------------------------------------------------------
+
+
+@preset
+def full_bp() -> Recipe:
+    """Full backprop with Adam on every parameter: the baseline everything is measured
+    against. lr 1e-3 is Adam's usual default; it adapts the pretrained model in ~150 steps."""
+    return Recipe(
+        name="full_bp",
+        estimator=EstimatorSpec(kind="backprop"),
+        scope=Scope(kind="all"),
+        optimizer=Optimizer(kind="adam", lr=1e-3),
+        steps=150,
+        batch_size=32,
+        description="Full backprop, Adam, all parameters",
+    )
+
+
+@preset
+def last_layers() -> Recipe:
+    """Backprop through the last block and the head only (the classic transfer-learning
+    baseline). The frozen front stores no activations."""
+    return Recipe(
+        name="last_layers",
+        estimator=EstimatorSpec(kind="backprop"),
+        scope=Scope(kind="last_blocks", k=1, include_head=True),
+        optimizer=Optimizer(kind="adam", lr=1e-3),
+        steps=150,
+        batch_size=32,
+        description="Backprop, Adam, last block + head",
+    )
+
+
+@preset
+def bias_only() -> Recipe:
+    """Bias-only fine-tuning (BitFit, Ben Zaken et al. 2022; TinyTL, Cai et al. 2020):
+    only one-dimensional tensors train. Weights need no gradient, so no layer keeps its
+    input for a weight gradient. Higher lr: biases move slowly."""
+    return Recipe(
+        name="bias_only",
+        estimator=EstimatorSpec(kind="backprop"),
+        scope=Scope(kind="bias"),
+        optimizer=Optimizer(kind="adam", lr=1e-2),
+        steps=150,
+        batch_size=32,
+        description="Backprop, Adam, biases and norm parameters only",
+    )

@@ -88,6 +88,7 @@ scalars for sign-m-SPSA.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -98,6 +99,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgetrain._registry import preset
 from edgetrain.batches import LossFn
 from edgetrain.estimators import register
 from edgetrain.estimators.base import Estimator
@@ -112,7 +114,8 @@ from edgetrain.numerics.fixed_point import (
     write_back,
 )
 from edgetrain.numerics.quant import qrange
-from edgetrain.recipe import Recipe
+from edgetrain.recipe import Estimator as EstimatorSpec
+from edgetrain.recipe import Numerics, Optimizer, Recipe, Scope
 from edgetrain.seeding import make_generator
 
 __all__ = ["FixedPointZO", "FRACTION_BITS", "GAUSSIAN_DENOMINATOR", "realised_cross_moment"]
@@ -507,3 +510,60 @@ class FixedPointZO(Estimator):
             self._set_int_model(int_model)
             if self.recipe.numerics.sync_float:
                 write_back(int_model)  # the float model shows the resumed weights
+
+
+# --- the axis hooks -----------------------------------------------------------------------
+
+
+def chain_model_reason(model: nn.Module) -> str | None:
+    """Why fixed-point numerics cannot convert ``model`` (a copy is converted on zeros of
+    its ``input_shape``), or None: they take chains of Linear/Conv/ReLU/pool layers."""
+    if getattr(model, "input_shape", None) is None:
+        return "fixed-point numerics convert chain models of a fixed input_shape"
+    try:
+        convert(copy.deepcopy(model).eval(), torch.zeros(2, *model.input_shape))
+    except (TypeError, ValueError, NotImplementedError) as err:
+        return f"fixed-point numerics need a chain of Linear/Conv/ReLU/pool layers: {err}"
+    return None
+
+
+def applicable(recipe: Recipe, model: nn.Module) -> str | None:
+    """Why ``model`` cannot run a fixed-point zeroth-order ``recipe``, or None."""
+    return chain_model_reason(model)
+
+
+# --- presets ------------------------------------------------------------------------------
+
+
+@preset
+def fixed_point_zo() -> Recipe:
+    """Stepping Forward on the Last Mile (Feng et al. 2024): QZO-FF on an integer model,
+    16-bit weights and 8-bit activations (the paper's working point), sign-m-SPSA over
+    m=4 directions, stochastically rounded integer update. Perturbations along a standard
+    normal direction, as the authors' patent on the method states (US 2025/0384337 A1:
+    "a random perturbation vector that follows standard, normal distribution"; the
+    paper's method section was not readable to us), quantized to 8 bits (k/32, |k| <=
+    127, our choice) and applied as round(eps_q k / 32) grid steps, eps_q = round(eps / s);
+    eps 1e-3 is ours too. On mnist-to-digits (MLP, 300 steps, seed 0) the normal direction
+    reached 86.3%, Rademacher 85.3%. The update is sign(l+ - l-) z averaged over the
+    directions (``sign_rule="projected"``). Weight scales per output channel, a weight
+    grid of twice the largest weight (one bit of headroom); both ours. Runs on chain
+    models (MLP, CNN with BN folded), not the ViT."""
+    return Recipe(
+        name="fixed_point_zo",
+        estimator=EstimatorSpec(kind="zo", eps=1e-3, queries=4, direction="gaussian"),
+        scope=Scope(kind="all"),
+        optimizer=Optimizer(kind="sign", lr=3e-3, sign_rule="projected"),
+        numerics=Numerics(
+            kind="fixed_point",
+            weight_bits=16,
+            activation_bits=8,
+            per_channel=True,
+            weight_headroom=2.0,
+            rounding="stochastic",
+            sync_float=True,
+        ),
+        steps=1000,
+        batch_size=64,
+        description="Fixed-point ZO (16-bit weights, 8-bit activations), sign-m-SPSA",
+    )

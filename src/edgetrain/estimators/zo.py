@@ -36,8 +36,8 @@ zo-bench/utils.py ``OPT_PERTURBATION_LEVEL_TO_REGEX``):
 * ``sublayer``: inside a block, each child module that holds parameters (a ViT block's
   norm1, attn, norm2, mlp; ZO-Bench's ``mlp-attn``: self_attn, fc1, fc2 and the two layer
   norms of an OPT layer), after descending through single wrappers (a block whose only
-  parameter-holding child is one module, such as an HF encoder layer inside an
-  EncoderBlock, is split at that module's children); parameters held by the block itself
+  parameter-holding child is one module, such as a layer inside a wrapper block,
+  is split at that module's children); parameters held by the block itself
   form one more. Outside the blocks as for ``block``.
 * ``linear``: every module that holds parameters itself (each Linear, norm, embedding;
   ZO-Bench's ``linear``); a module's own parameters (a ViT's cls_token and pos_embed)
@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from edgetrain import scope as scope_mod
+from edgetrain._registry import preset
 from edgetrain.estimators import register
 from edgetrain.estimators._modes import evaluation_mode, forked_rng
 from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
@@ -69,7 +70,8 @@ from edgetrain.journal import JournalWriter, read_journal
 from edgetrain.optim import decay_param_groups
 from edgetrain.optim.perturb import check_perturbation_resolves
 from edgetrain.optim.zo import ZOSGD, NonFiniteLoss, ReduceScalars, ZORecord
-from edgetrain.recipe import Recipe
+from edgetrain.recipe import Estimator as EstimatorSpec
+from edgetrain.recipe import Optimizer, Recipe, Scope
 from edgetrain.seeding import derive_seed
 
 __all__ = [
@@ -356,3 +358,99 @@ class ZO(Estimator):
             self._journal.close()
             self._journal = None
         super().close()
+
+
+# --- the axis hooks -----------------------------------------------------------------------
+
+
+SPARSITY_VALUES = (0.5, 0.75, 0.9)
+"""The perturbed-out fractions the planner tries for a sparse perturbation."""
+
+
+def sparsity_knobs(recipe: Recipe) -> list[tuple[str, str, list]]:
+    """Sparse MeZO's sparsity as a planner knob, when ``recipe`` perturbs sparsely (the
+    zeroth-order front of a hybrid recipe too)."""
+    if recipe.estimator.sparsity > 0:
+        return [("sparsity", "estimator.sparsity", list(SPARSITY_VALUES))]
+    return []
+
+
+def planner_knobs(recipe: Recipe, n_blocks: int) -> list[tuple[str, str, list]]:
+    """The planner's knobs of a zeroth-order recipe: (knob, recipe field, values)."""
+    return sparsity_knobs(recipe)
+
+
+# --- presets: MeZO and its family (issue 3) ----------------------------------------------
+# Defaults are tuned on mnist-to-digits with the ViT (the compare default); the sweep is in
+# docs/methods.m
+
+
+def _zo(name: str, description: str, optimizer: Optimizer, **estimator) -> Recipe:
+    return Recipe(
+        name=name,
+        estimator=EstimatorSpec(kind="zo", **{"eps": 1e-3, **estimator}),
+        scope=Scope(kind="all"),
+        optimizer=optimizer,
+        steps=1000,
+        batch_size=32,
+        description=description,
+    )
+
+
+@preset
+def mezo() -> Recipe:
+    """MeZO (Malladi et al. 2023): two-sided SPSA with one Gaussian direction per step,
+    z regenerated from the step seed (never stored), ZO-SGD. No weight decay; given one,
+    biases and norm weights are not decayed (``decay_matrices_only``, the default), as
+    MeZO's ``zo_update`` (large_models/trainer.py) skips them."""
+    return _zo("mezo", "MeZO: two-sided SPSA, Gaussian z, ZO-SGD", Optimizer(kind="sgd", lr=3e-5))
+
+
+@preset
+def sparse_mezo() -> Recipe:
+    """Sparse MeZO (Liu et al. 2024): perturb and update only the small-magnitude weights
+    (per-tensor threshold at the 25th percentile of |w|, set once; mask recomputed from
+    the current weights every step)."""
+    return _zo(
+        "sparse_mezo",
+        "Sparse MeZO: perturb the 25% smallest-|w| of each tensor",
+        Optimizer(kind="sgd", lr=3e-4),
+        sparsity=0.75,
+        mask_on="abs",
+    )
+
+
+@preset
+def zo_sign() -> Recipe:
+    """ZO-SignSGD (Liu et al. 2019, "signSGD via Zeroth-Order Oracle"; ZO-Bench's
+    ZO-SGD-Sign): theta -= lr * sign(g_hat), the sign of every coordinate of the SPSA
+    estimate g_hat = g z (``sign_rule="elementwise"``). That is the algorithm of Liu et al.,
+    and the rule these defaults were tuned with (docs/methods.md). ZO-Bench's code runs
+    another rule for ``zo_sign_opt``, theta -= lr * sign(g) * z (trainer.py ``zo_step``; the
+    elementwise form is there, commented out): a ZO-SGD step with the scalar g replaced by
+    its sign, lr * |z| long along +-z, available as ``sign_rule="projected"``; its lr
+    needs its own tuning."""
+    return _zo("zo_sign", "ZO-SignSGD", Optimizer(kind="sign", lr=1e-3, sign_rule="elementwise"))
+
+
+@preset
+def zo_momentum() -> Recipe:
+    """ZO-SGD with heavy-ball momentum (ZO-Bench's ZO-SGD-MMT, Zhang et al. 2024: torch's
+    SGD with momentum on the gradient g z); keeps a model-size momentum buffer."""
+    return _zo("zo_momentum", "ZO-SGD with momentum 0.9", Optimizer(kind="momentum", lr=3e-6))
+
+
+@preset
+def zo_adam() -> Recipe:
+    """ZO-Adam (ZO-AdaMM, Chen et al. 2019; ZO-Bench: torch's Adam on the gradient g z);
+    keeps two model-size moment buffers."""
+    return _zo("zo_adam", "ZO-Adam", Optimizer(kind="adam", lr=1e-3))
+
+
+@preset
+def zo_cons() -> Recipe:
+    """ZO-SGD-Cons (ZO-Bench): after the estimate, keep the best of theta, theta - step and
+    theta + step (5 forwards per step with two-sided differences)."""
+    return _zo(
+        "zo_cons", "ZO-SGD-Cons: keep the best of three", Optimizer(kind="sgd", lr=3e-5), cons=True
+    )

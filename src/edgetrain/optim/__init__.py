@@ -2,8 +2,11 @@
 to one.
 
 ``build(params, spec)`` returns a ``torch.optim.Optimizer`` for gradient-based
-estimators: ``sgd``, ``momentum``, ``adam``, ``adamw`` are torch's own; ``sign``,
-``galore`` and ``lowrank`` are edgetrain's (registered by their modules).
+estimators: ``sgd``, ``momentum``, ``adam``, ``adamw`` are torch's own; ``galore`` and
+``lowrank`` are edgetrain's, one module each (``_MODULES``: one line per method), holding
+the optimizer, its presets and optionally ``applicable(recipe, model)`` /
+``planner_knobs(recipe, n_blocks)``, which ``applicable`` and ``planner_knobs`` here ask
+for a recipe's optimizer kind. ``sign`` is a rule of ZOSGD, not built here.
 Zeroth-order optimizers (``ZOSGD``) take a closure and live in ``edgetrain.optim.zo``;
 ``zo_closure(model, loss_fn, batch)`` builds that closure with the model's mode and the
 dropout masks of a step's evaluations fixed (edgetrain.optim.closure).
@@ -22,12 +25,14 @@ them undecayed. Param groups passed in as dicts are used as given.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable
 
 import torch
 
-from edgetrain._registry import Registry
+from edgetrain._registry import Registry, all_knobs, first_reason
 from edgetrain.recipe import Optimizer as OptimizerSpec
+from edgetrain.recipe import Recipe
 
 __all__ = [
     "build",
@@ -37,6 +42,9 @@ __all__ = [
     "GaLoreAdamW",
     "LowRankGradAdam",
     "zo_closure",
+    "load_all",
+    "applicable",
+    "planner_knobs",
 ]
 
 # The optimizers themselves, importable from here (``from edgetrain.optim import ZOSGD``)
@@ -51,13 +59,17 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _BUILDERS: Registry = Registry("optimizer kind")
+_MODULES = {
+    "galore": "edgetrain.optim.galore",
+    "lowrank": "edgetrain.optim.lowrank",
+}
+"""Optimizer kind -> the module of that method (torch's own kinds are registered below):
+one line per method."""
 
 
 def register(kind: str):
@@ -133,7 +145,7 @@ def build(
     """The optimizer ``spec`` names, over ``params``. ``model`` (the module they belong
     to) lets GaLore choose its projected weights by structure (``spec.galore_targets``,
     edgetrain.optim.galore.galore_param_groups): the one place its groups are formed."""
-    _load_plugins()
+    load_all()
     params = list(params)
     if spec.kind == "galore":
         from edgetrain.optim.galore import galore_param_groups
@@ -144,13 +156,23 @@ def build(
     return _BUILDERS.get(spec.kind)(params, spec)
 
 
-def _load_plugins() -> None:
-    """Import the modules that register edgetrain's own optimizers (if present)."""
-    import importlib
+def load_all() -> None:
+    """Import every method module of this axis (registering its kinds and presets)."""
+    for module in _MODULES.values():
+        importlib.import_module(module)
 
-    for module in ("edgetrain.optim.sign", "edgetrain.optim.galore", "edgetrain.optim.lowrank"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
+
+def _modules_of(recipe: Recipe) -> list[str]:
+    module = _MODULES.get(recipe.optimizer.kind)
+    return [] if module is None else [module]
+
+
+def applicable(recipe: Recipe, model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot run ``recipe``'s optimizer, or None: the ``applicable`` of its
+    kind's module, if it has one."""
+    return first_reason(_modules_of(recipe), recipe, model)
+
+
+def planner_knobs(recipe: Recipe, n_blocks: int) -> list[tuple[str, str, list]]:
+    """The planner's knobs of ``recipe``'s optimizer: (knob, recipe field, values)."""
+    return all_knobs(_modules_of(recipe), recipe, n_blocks)

@@ -68,9 +68,11 @@ from typing import Any
 
 import torch
 
+from edgetrain._registry import preset
 from edgetrain.optim import functional, register
 from edgetrain.optim._checks import check_lowrank_adam_args
 from edgetrain.optim.perturb import direction_range
+from edgetrain.recipe import Estimator, Optimizer, Recipe, Scope
 from edgetrain.recipe import Optimizer as OptimizerSpec
 from edgetrain.seeding import derive_seed
 
@@ -202,4 +204,30 @@ def _build_lowrank(params: list[torch.nn.Parameter], spec: OptimizerSpec) -> Low
         weight_decay=spec.weight_decay,
         rank=spec.rank,
         update_gap=spec.update_gap,
+    )
+
+
+# --- the axis hooks -----------------------------------------------------------------------
+
+
+def planner_knobs(recipe: Recipe, n_blocks: int) -> list[tuple[str, str, list]]:
+    """The planner's knob: the rank of the gradient factors."""
+    return [("rank", "optimizer.rank", [2, 4, 8, 16])]
+
+
+# --- presets ------------------------------------------------------------------------------
+
+
+@preset
+def lowrank_grad() -> Recipe:
+    """Low-rank gradient approximation (after Gooneratne et al. 2020): each 2-D weight is
+    updated as W0 + AB with Adam on the rank-8 factors, restarted every 50 steps."""
+    return Recipe(
+        name="lowrank_grad",
+        estimator=Estimator(kind="backprop"),
+        scope=Scope(kind="all"),
+        optimizer=Optimizer(kind="lowrank", lr=1e-3, rank=8, update_gap=50),
+        steps=150,
+        batch_size=32,
+        description="Backprop, Adam on rank-8 gradient factors",
     )
