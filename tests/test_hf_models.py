@@ -55,7 +55,9 @@ def test_every_preset_trains_the_auto_model_on_dict_batches(name):
 
     result = finetune(model, data, recipe, batch_size=8, eval_data=data, progress=False)
 
-    assert result.steps == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    assert result.steps == 4 and all(
+        torch.isfinite(torch.tensor(h["loss"])) for h in result.history
+    )
     assert result.accuracy_before is not None and result.accuracy_after is not None
     assert result.memory is not None and result.memory.peak > result.memory.params
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, start[k])]

@@ -33,7 +33,6 @@ __all__ = [
 ]
 
 
-
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the step's update was not applied."""
 
