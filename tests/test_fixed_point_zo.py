@@ -70,7 +70,9 @@ def _recipe(
         estimator=Estimator(
             kind="zo", eps=eps, queries=queries, direction=est.pop("direction", "rademacher"), **est
         ),
-        optimizer=Optimizer(kind=opt, lr=lr, sign_rule="projected"),
+        optimizer=Optimizer(
+            kind=opt, lr=lr, **({"sign_rule": "projected"} if opt == "sign" else {})
+        ),
         numerics=Numerics(
             kind="fixed_point", weight_bits=weight_bits, activation_bits=8, **(numerics or {})
         ),

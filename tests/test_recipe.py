@@ -175,3 +175,14 @@ def test_identity_lists_each_changed_numerics_knob_and_reads_a_missing_one_as_it
     assert base.replace(**{"numerics.sync_float": False}).identity_differences(older) == [
         "numerics.sync_float: True -> False"
     ]
+
+
+def test_replacing_a_kind_resets_the_fields_only_other_kinds_read():
+    recipe = Recipe(
+        estimator=Estimator(kind="zo"), optimizer=Optimizer(kind="sign", sign_rule="projected")
+    )
+    sgd = recipe.replace(**{"optimizer.kind": "sgd", "optimizer.lr": 0.1})
+    assert sgd.optimizer.sign_rule == "elementwise" and sgd.optimizer.lr == 0.1
+    assert sgd.replace(**{"optimizer.kind": "sign"}).optimizer.sign_rule == "elementwise"
+    with pytest.raises(ConfigError, match="sign_rule='projected' is read by"):
+        recipe.replace(**{"optimizer.kind": "sgd", "optimizer.sign_rule": "projected"})

@@ -433,7 +433,10 @@ class Recipe:
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with fields changed. ``"axis.field"`` keys change one field of an axis:
-        ``recipe.replace(**{"optimizer.lr": 1e-3, "steps": 50})``."""
+        ``recipe.replace(**{"optimizer.lr": 1e-3, "steps": 50})``. Changing an axis's
+        ``kind`` puts back at their defaults the fields that only other kinds read (a
+        ``sign_rule`` when ``optimizer.kind`` goes from ``sign`` to ``sgd``), unless the same
+        call sets them: then the new kind refuses them by name."""
         top: dict[str, Any] = {}
         per_axis: dict[str, dict[str, Any]] = {}
         for key, value in changes.items():
@@ -456,6 +459,11 @@ class Recipe:
                     f"Unknown {axis} field(s): {', '.join(sorted(bad))}; "
                     f"known: {', '.join(sorted(valid))}"
                 )
+            if "kind" in fields_ and fields_["kind"] != base.kind:
+                for f in dataclasses.fields(base):
+                    kinds = f.metadata.get("kinds")
+                    if kinds and fields_["kind"] not in kinds and f.name not in fields_:
+                        fields_[f.name] = f.default  # read by none of the new kind
             top[axis] = dataclasses.replace(base, **fields_)
         return dataclasses.replace(self, **top)
 
