@@ -394,7 +394,9 @@ def test_mean_update_is_the_gradient_step(direction):
         est.step(batch)
         total += (op.weight - w0).to(torch.float64)
         op.weight.copy_(w0)
-    assert int(est.update_saturations) == 0
+    # A clamped update biases the mean: at most one in a thousand steps (the 4-sigma tail
+    # of the quantized normal can push a 19-step weight past the 8-bit range).
+    assert int(est.update_saturations) <= n // 1000
     mean = total / n
     target = -2e-4 * a / s[:, None]  # (C, 4) grid steps: 4.1, 1.0, 5.2 where a != 0
     trained = a != 0

@@ -114,6 +114,7 @@ from edgetrain.numerics.fixed_point import (
     write_back,
 )
 from edgetrain.numerics.quant import qrange
+from edgetrain.optim.perturb import Perturber, direction_range
 from edgetrain.recipe import Estimator as EstimatorSpec
 from edgetrain.recipe import Numerics, Optimizer, Recipe, Scope
 from edgetrain.seeding import make_generator
@@ -125,8 +126,9 @@ FRACTION_BITS = 16
 GAUSSIAN_DENOMINATOR = 32
 """Quantized Gaussian directions are integers ``round(32 n)`` in [-127, 127] (8 bits)."""
 
-_Z_PATH = 1  # seed sub-paths: (1, query, tensor) for z; (2, tensor) for rounding
+_Z_PATH = 1  # seed sub-paths: (1, query) for z (key: the tensor); (2, tensor) for rounding
 _ROUND_PATH = 2
+_KEEP_PATH = 3  # (1, query, tensor, 3): the random sparse subset of a direction
 _GAUSSIAN_KMAX = 127
 
 
@@ -214,6 +216,8 @@ class FixedPointZO(Estimator):
         self._masks: list[torch.Tensor | None] = []
         self.update_saturations = 0
         self.last_projected: list[float] = []
+        est = recipe.estimator
+        self._perturber = Perturber(est.direction, est.chunk_elements)  # the one generator
         if calibration is not None:
             self.calibrate(calibration)
 
@@ -296,24 +300,25 @@ class FixedPointZO(Estimator):
 
     def _z_chunks(self, t: int, query: int) -> Iterator[tuple[int, int, torch.Tensor]]:
         """The integer direction of tensor ``t`` for ``query``, chunk by chunk
-        (regenerated identically from the step seed on every call)."""
+        (regenerated identically from the step seed on every call): the float direction
+        of the one generator (edgetrain.optim.perturb.direction_range: N(0, 1) or +-1)
+        quantized, ``clamp(round(32 z), -127, 127)`` for Gaussian, ``z`` itself for
+        Rademacher."""
         tr = self._trainables[t]
-        gen = make_generator(self.step_seed(_Z_PATH, query, t))
+        seed = self.step_seed(_Z_PATH, query)
         est = self.recipe.estimator
-        n, chunk = tr.tensor.numel(), est.chunk_elements
+        n, chunk = tr.tensor.numel(), self._perturber.chunk_elements
         mask = self._masks[t] if self._masks else None
+        keep_gen = make_generator(self.step_seed(_Z_PATH, query, t, _KEEP_PATH))
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
-            if est.direction == "rademacher":
-                z = torch.randint(0, 2, (end - start,), generator=gen, dtype=torch.int64) * 2 - 1
-            else:
-                normal = torch.randn(end - start, generator=gen, dtype=torch.float64)
-                normal.mul_(GAUSSIAN_DENOMINATOR).round_().clamp_(-127, 127)  # in place
-                z = normal.to(torch.int64)
-                del normal
+            z = direction_range(seed, n, start, end, key=t, perturber=self._perturber)
+            if est.direction == "gaussian":
+                z.mul_(GAUSSIAN_DENOMINATOR).round_().clamp_(-127, 127)  # in place
+            z = z.to(torch.int64)
             if est.sparsity and est.mask_on == "random":
-                keep = torch.rand(end - start, generator=gen, dtype=torch.float64) >= est.sparsity
-                z = z * keep
+                keep = torch.rand(end - start, generator=keep_gen, dtype=torch.float64)
+                z = z * (keep >= est.sparsity)
             elif mask is not None:
                 z = z * mask[start:end]
             yield start, end, z
