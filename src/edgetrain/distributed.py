@@ -75,6 +75,7 @@ import torch.distributed as dist
 from torch import nn
 
 from edgetrain import compat
+from edgetrain.batches import batch_length, select_rows
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -202,33 +203,13 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
 
-def _batch_length(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, dict):
-        return _batch_length(next(iter(batch.values())))
-    if isinstance(batch, (tuple, list)) and batch:
-        return _batch_length(batch[0])
-    raise TypeError(f"Cannot find the batch dimension of a {type(batch).__name__}")
-
-
 def shard_batch(batch: Any, rank: int | None = None, world: int | None = None) -> Any:
-    """This rank's slice (along dim 0) of every tensor of ``batch`` (a tensor, a tuple or
-    list, or a dict of them); see ``shard_bounds``."""
+    """This rank's slice (along dim 0) of every tensor of ``batch`` whose dim 0 is the
+    batch's (any nest: edgetrain.batches); see ``shard_bounds``."""
     rank = get_rank() if rank is None else rank
     world = get_world_size() if world is None else world
-    start, stop = shard_bounds(_batch_length(batch), rank, world)
-
-    def cut(item: Any) -> Any:
-        if isinstance(item, torch.Tensor):
-            return item[start:stop]
-        if isinstance(item, dict):
-            return {k: cut(v) for k, v in item.items()}
-        if isinstance(item, (tuple, list)):
-            return type(item)(cut(v) for v in item)
-        return item
-
-    return cut(batch)
+    start, stop = shard_bounds(batch_length(batch), rank, world)
+    return select_rows(batch, slice(start, stop))
 
 
 def check_shards(n_examples: int, batch_size: int, world: int) -> None:
@@ -476,7 +457,7 @@ class DataParallel:
 
     def shard(self, batch: Any, step: int | None = None) -> Any:
         """This rank's shard of the global ``batch``; sets the shard's weight n_r / n."""
-        n = _batch_length(batch)
+        n = batch_length(batch)
         start, stop = shard_bounds(n, self.rank, self.world)
         self.weight = (stop - start) / n
         self.step = step
