@@ -54,6 +54,7 @@ def test_the_public_api_has_its_examples():
         "AutoModelForSequenceClassification",
         "StackDataset(",
         "ZOSGD(",
+        "ForwardGradient(",
         "zo_closure(",
         "lr_scheduler.",
         ".load_state_dict(",

@@ -23,9 +23,11 @@ checked when the Recipe is made (``sign`` is refused there).
 How the pass runs
 -----------------
 Dual numbers from ``torch.autograd.forward_ad`` (the mechanism ``torch.func.jvp`` is built
-on) are attached to the trainable parameters only, and the model is called through
-``torch.func.functional_call``: frozen parameters and buffers stay plain constants (no
-tangent, no memory for one). The pass runs under ``torch.no_grad()`` on detached
+on) are attached to the trainable parameters only, swapped into the model for the call
+with the reparametrization ``torch.func.functional_call`` runs on
+(edgetrain.optim.forward_gradient.loss_and_jvp, shared with the ``ForwardGradient``
+optimizer): frozen parameters and buffers stay plain constants (no tangent, no memory
+for one). The pass runs under ``torch.no_grad()`` on detached
 primals, so autograd records no graph and saves no activation; the tangent of each
 activation lives only as long as the activation itself. We use ``forward_ad`` rather
 than ``torch.func.jvp`` because the functorch transform refuses in-place updates of
@@ -45,7 +47,10 @@ chunk. So a step never holds more than one model-sized direction (during a JVP) 
 a model-sized gradient: the update's transients are one parameter's estimate (at most the
 largest trainable tensor) and one chunk of z, whatever ``q`` is. Keeping the ``q``
 directions would cost ``q`` copies of the trainable parameters (an accumulated estimate,
-one); regenerating costs one more pass of the RNG over them. The same code path makes the
+one); regenerating costs one more pass of the RNG over them (the direction, the regenerated
+estimates and the per-parameter update are edgetrain.optim.forward_gradient's
+``directions``, ``averaged_estimates`` and ``update_``, which the ``ForwardGradient``
+optimizer runs too). The same code path makes the
 update reproducible from the step's ``(seed, jvp)`` pairs alone: ``last_record`` holds
 them, and ``apply_record()`` / ``replay()`` re-apply them without running the model. The
 optimizer arithmetic is ``edgetrain.optim.functional``'s (torch's functional ``sgd`` /
@@ -111,18 +116,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import nn
-from torch.func import functional_call
 
 from edgetrain import optim as optim_mod
-from edgetrain import structure
 from edgetrain._registry import preset
 from edgetrain.batches import LossFn
 from edgetrain.estimators import register
 from edgetrain.estimators.base import Estimator, NonFiniteLossError
-from edgetrain.optim import functional
-from edgetrain.optim.perturb import Perturber, fill_directions_, plan_chunks
+from edgetrain.optim import forward_gradient as fg
+from edgetrain.optim.forward_gradient import FORWARD_AD_RULE, ForwardADUnsupportedError
+from edgetrain.optim.perturb import Perturber, plan_chunks
 from edgetrain.recipe import Estimator as EstimatorSpec
 from edgetrain.recipe import Optimizer, Recipe, Scope
 from edgetrain.seeding import cuda_devices, seeded_global_rng
@@ -132,34 +135,15 @@ __all__ = [
     "ForwardGradRecord",
     "ForwardADUnsupportedError",
     "PROJECTED_OPTIMIZERS",
+    "FORWARD_AD_RULE",
 ]
 
 PROJECTED_OPTIMIZERS = ("galore", "lowrank")
 """Optimizer kinds stepped as torch.optim optimizers on ``.grad`` = the estimate."""
 
-FORWARD_AD_RULE = "forward_ad.context"
-"""edgetrain.structure rule: a model -> a function of the model returning the context
-manager its forward-mode passes run in (a model family whose default ops have no
-forward-AD formula, as HuggingFace's sdpa attention on CPU, switches them for the pass)."""
-
-# Words torch uses when an op has no forward-mode derivative, lower-cased: "Trying to use
-# forward AD with <op> that does not support it", "You must implement the jvp function
-# for custom autograd.Function to use it with forward mode AD", "... not implemented for
-# forward-mode AD".
-_FORWARD_AD_MARKERS = (
-    "forward ad",
-    "forward mode",
-    "forward-mode",
-    "forward_ad",
-    "jvp",
-    "fw_grad",
-    "forward grad",
-    "not implemented for forward",
-)
-
-
-class ForwardADUnsupportedError(NotImplementedError):
-    """The model's forward uses an op that has no forward-mode AD formula."""
+# FORWARD_AD_RULE (the structure rule of a model's forward-mode context) and
+# ForwardADUnsupportedError live in edgetrain.optim.forward_gradient, shared with the
+# ForwardGradient optimizer; imported here, where integrations look for them.
 
 
 @dataclass(frozen=True)
@@ -191,24 +175,6 @@ class ForwardGradRecord:
         )
 
 
-def _is_forward_ad_failure(err: BaseException) -> bool:
-    text = str(err).lower()
-    return any(marker in text for marker in _FORWARD_AD_MARKERS)
-
-
-class _LossModule(nn.Module):
-    """``loss_fn(model, batch)`` as a module, so ``functional_call`` can swap the model's
-    tensors for the duration of one call (names are prefixed ``model.``)."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
-
-
 @register("forward_grad")
 class ForwardGrad(Estimator):
     """Forward-gradient estimator (Baydin et al. 2022): ``q`` exact JVPs per step along
@@ -230,7 +196,6 @@ class ForwardGrad(Estimator):
         self.queries = recipe.estimator.queries
         self.direction_kind = recipe.estimator.direction
         self.train_mode = recipe.estimator.train_mode_evals
-        self._loss_module = _LossModule(model, self.loss_fn)
         self._perturber = Perturber(self.direction_kind, recipe.estimator.chunk_elements)
         self._plan = plan_chunks(
             [p.numel() for p in self.params],
@@ -260,20 +225,9 @@ class ForwardGrad(Estimator):
         """The whole direction drawn for ``seed`` (one tensor per trainable parameter, in
         ``self.params`` order, of its dtype), exactly as a step draws it. Channel-sparse
         scopes zero the channels they do not train."""
-        vs = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in self.params]
-        fill_directions_(vs, seed, self._perturber)
-        for v, row_mask in zip(vs, self._row_masks, strict=True):
-            if row_mask is not None:
-                v.mul_(row_mask)
-        return vs
+        return fg.directions(self.params, seed, self._perturber, self._row_masks)
 
     # --- the forward-mode pass ----------------------------------------------------------
-
-    def _forward_ad_context(self) -> contextlib.AbstractContextManager:
-        """What the model family needs around a forward-mode pass (``FORWARD_AD_RULE``:
-        HuggingFace models run it with eager attention), else nothing."""
-        make = structure.lookup(FORWARD_AD_RULE, self.model)
-        return make(self.model) if make is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _pass_mode(self) -> Iterator[None]:
@@ -291,33 +245,14 @@ class ForwardGrad(Estimator):
         """``(loss, grad loss . v)`` at the current weights for the direction of ``seed``,
         by one forward pass with tangents, in the module's current mode. ``buffers``
         (names as in ``model.named_buffers()``) replace the model's buffers for the pass."""
-        names = self.selection.names
-        overrides: dict[str, torch.Tensor] = {}
-        if buffers:
-            overrides.update({f"model.{name}": b for name, b in buffers.items()})
-        try:
-            with self._forward_ad_context(), torch.no_grad(), fwAD.dual_level():
-                for name, p, v in zip(names, self.params, self.direction(seed), strict=True):
-                    overrides[f"model.{name}"] = fwAD.make_dual(p.detach(), v)
-                del v  # the duals hold the only reference: freed with them below
-                loss = functional_call(self._loss_module, overrides, (batch,))
-                primal, tangent = fwAD.unpack_dual(loss)
-                overrides.clear()
-                if tangent is None:  # the loss does not depend on the trainable parameters
-                    tangent = torch.zeros_like(primal)
-                return float(primal), float(tangent)
-        except (RuntimeError, NotImplementedError) as err:
-            if isinstance(err, ForwardADUnsupportedError) or not _is_forward_ad_failure(err):
-                raise
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-            raise ForwardADUnsupportedError(
-                f"Forward-mode AD failed in the forward of {type(self.model).__name__}: "
-                f"{first_line} Some fused kernels have no forward-AD formula, e.g. torch's "
-                "scaled_dot_product_attention on CPU, which HuggingFace models use by "
-                'default. Load the model with attn_implementation="eager" '
-                '(AutoModel.from_pretrained(path, attn_implementation="eager")), or write '
-                "the fused op out in plain PyTorch ops."
-            ) from err
+        return fg.loss_and_jvp(
+            self.model,
+            self.selection.names,
+            self.params,
+            self.direction(seed),
+            lambda: self.loss_fn(self.model, batch),
+            buffers=buffers,
+        )
 
     @contextlib.contextmanager
     def _rng_context(self, query: int) -> Iterator[None]:
@@ -374,31 +309,9 @@ class ForwardGrad(Estimator):
         soon as its last chunk is summed: the q directions are regenerated chunk by chunk,
         so the transients are the estimates of the parameters of the current chunk and one
         chunk of z."""
-        q = len(record.seeds)
-        open_estimates: dict[int, torch.Tensor] = {}
-        for chunk in self._plan:
-            device = self.params[chunk.segments[0].index].device
-            for seg in chunk.segments:
-                if seg.index not in open_estimates:
-                    p = self.params[seg.index]
-                    open_estimates[seg.index] = torch.zeros(
-                        p.numel(), dtype=p.dtype, device=p.device
-                    )
-            for seed, jvp in zip(record.seeds, record.jvps, strict=True):
-                z = self._perturber.direction(seed, chunk.key, chunk.number, chunk.numel, device)
-                for seg in chunk.segments:
-                    estimate = open_estimates[seg.index]
-                    piece = z[seg.offset : seg.offset + seg.end - seg.start]  # z's device:
-                    # that of the chunk's first tensor (small tensors share chunks)
-                    estimate[seg.start : seg.end].add_(piece.to(estimate.device), alpha=jvp / q)
-            for seg in chunk.segments:
-                p = self.params[seg.index]
-                if seg.end == p.numel():
-                    estimate = open_estimates.pop(seg.index).view(p.shape)
-                    row_mask = self._row_masks[seg.index]
-                    if row_mask is not None:
-                        estimate.mul_(row_mask)
-                    yield seg.index, estimate
+        return fg.averaged_estimates(
+            self.params, self._plan, self._perturber, record.seeds, record.jvps, self._row_masks
+        )
 
     def _init_state(self) -> None:
         kind = self.recipe.optimizer.kind
@@ -437,27 +350,13 @@ class ForwardGrad(Estimator):
         p, row_mask, lr = self.params[i], self._row_masks[i], spec.lr
         # MeZO and torch practice: biases and norm weights (1-D) are not decayed.
         wd = 0.0 if spec.decay_matrices_only and p.dim() < 2 else spec.weight_decay
-        if wd and row_mask is not None:
-            # A channel-sparse scope decays only the channels it trains.
-            if spec.kind == "adamw":
-                functional.decay_([p], lr=lr, weight_decay=wd, masks=[row_mask])
-            else:  # L2 penalty in the gradient, masked as the estimate
-                g.add_(p * row_mask, alpha=wd)
-            wd = 0.0
-        if spec.kind == "sgd":
-            functional.sgd([p], [g], lr=lr, weight_decay=wd)
-        elif spec.kind == "momentum":
-            buffers = [self._momentum_buffers[i]]
-            functional.momentum_sgd(
-                [p], [g], buffers, lr=lr, momentum=spec.momentum, weight_decay=wd
-            )
-        else:  # adam / adamw, as torch.optim.Adam(W) with amsgrad=False
-            rule = functional.adamw if spec.kind == "adamw" else functional.adam
-            beta1, beta2 = spec.betas
-            rule(
-                [p], [g], [self._exp_avg[i]], [self._exp_avg_sq[i]], t, lr=lr, beta1=beta1,
-                beta2=beta2, eps=spec.adam_eps, weight_decay=wd,
-            )  # fmt: skip
+        moments = (None, None) if self._exp_avg is None else (self._exp_avg[i], self._exp_avg_sq[i])
+        fg.update_(
+            p, g, t, rule=spec.kind, lr=lr, weight_decay=wd, momentum=spec.momentum,
+            betas=spec.betas, eps=spec.adam_eps, row_mask=row_mask,
+            momentum_buffer=None if self._momentum_buffers is None else self._momentum_buffers[i],
+            exp_avg=moments[0], exp_avg_sq=moments[1],
+        )  # fmt: skip
 
     def replay(self, records: Iterable[ForwardGradRecord]) -> None:
         """Re-apply recorded steps in order (e.g. from a journal) from the weights and

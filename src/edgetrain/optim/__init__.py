@@ -39,6 +39,7 @@ __all__ = [
     "register",
     "decay_param_groups",
     "ZOSGD",
+    "ForwardGradient",
     "GaLoreAdamW",
     "LowRankGradAdam",
     "zo_closure",
@@ -51,6 +52,7 @@ __all__ = [
 # and loaded on first use, so that building a torch optimizer imports none of them.
 _LAZY = {
     "ZOSGD": "edgetrain.optim.zo",
+    "ForwardGradient": "edgetrain.optim.forward_gradient",
     "GaLoreAdamW": "edgetrain.optim.galore",
     "LowRankGradAdam": "edgetrain.optim.lowrank",
     "zo_closure": "edgetrain.optim.closure",
