@@ -11,10 +11,11 @@ Who calls it:
 * backprop: ``edgetrain.optim.build`` gives torch.optim.SGD / Adam / AdamW, which run
   torch's functional ``sgd`` / ``adam``, the same functions :func:`sgd`,
   :func:`momentum_sgd`, :func:`adam` and :func:`adamw` call;
-* ``ZOSGD`` (optim/zo.py): its rules sgd / sign / momentum / adam, on chunk pieces of the
-  SPSA estimate ``g_hat + weight_decay * theta``;
-* ``ForwardGrad`` (estimators/forward_grad.py): sgd / momentum / adam / adamw on the
-  averaged forward gradient, one parameter at a time;
+* ``ZOSGD`` (optim/zo.py): its rules sgd / sign / momentum / adam / adamw, on chunk pieces
+  of the SPSA estimate (``g_hat + weight_decay * theta``; adamw's decay decoupled);
+* forward gradients, the ``ForwardGradient`` optimizer and the ``ForwardGrad`` estimator
+  (optim/forward_gradient.py ``update_``): sgd / momentum / adam / adamw on the averaged
+  forward gradient, one parameter at a time;
 * ``GaLoreAdamW`` (optim/galore.py) and ``LowRankGradAdam`` (optim/lowrank.py): Adam's
   step in a low-rank space through :func:`adam_delta`, decoupled decay through
   :func:`decay_`, plain AdamW for the tensors they do not project.
