@@ -35,13 +35,14 @@ INT8 = dict(kind="fixed_point", weight_bits=8, activation_bits=8)
 SPARSE_CHANNELS = dict(kind="channels", blocks=(-1,), channel_ratio=0.5)
 
 
-def _recipe(est=None, scope=None, back=None, opt=None, num=None) -> Recipe:
+def _recipe(est=None, scope=None, back=None, opt=None, num=None, top=None) -> Recipe:
     return Recipe(
         estimator=Estimator(**(est or {})),
         scope=Scope(**(scope or {})),
         backward=Backward(**(back or {})),
         optimizer=Optimizer(**(opt or {})),
         numerics=Numerics(**(num or {})),
+        **(top or {}),
     )
 
 
@@ -190,17 +191,29 @@ REFUSED = [
         dict(est=dict(kind="zo"), num={**FIXED, "error_headroom": 4.0}),
         ("error_headroom=4.0", "'zo'"),
     ),
+    (
+        "micro_batches_float",
+        dict(est=dict(kind="zo"), num=FIXED, top=dict(micro_batch_size=4)),
+        ("micro_batch_size=4", "'fixed_point'"),
+    ),
+    (
+        "micro_batches_float",
+        dict(est=dict(kind="hybrid", cut=1), num=INT8, top=dict(micro_batch_size=2)),
+        ("micro_batch_size=2", "'fixed_point'"),
+    ),
 ]
 
 
-def _axes(est=None, scope=None, back=None, opt=None, num=None) -> SimpleNamespace:
-    """The five axes, each valid alone, without the Recipe that would refuse them."""
+def _axes(est=None, scope=None, back=None, opt=None, num=None, top=None) -> SimpleNamespace:
+    """The five axes, each valid alone, without the Recipe that would refuse them (and the
+    top-level fields ``top``)."""
     return SimpleNamespace(
         estimator=Estimator(**(est or {})),
         scope=Scope(**(scope or {})),
         backward=Backward(**(back or {})),
         optimizer=Optimizer(**(opt or {})),
         numerics=Numerics(**(num or {})),
+        **(top or {}),
     )
 
 

@@ -301,6 +301,17 @@ def _error_headroom_is_int8(r: Recipe) -> str | None:
     return None
 
 
+def _micro_batches_float(r: Recipe) -> str | None:
+    size = getattr(r, "micro_batch_size", None)
+    if size is not None and r.numerics.kind != "float32":
+        return (
+            f"micro_batch_size={size} (gradient accumulation) runs with numerics 'float32', "
+            f"not {r.numerics.kind!r}: the fixed-point estimators (fixed_point_zo, hybrid_int8) "
+            f"do not split a batch (set micro_batch_size=None)"
+        )
+    return None
+
+
 RULES: tuple[Rule, ...] = (
     Rule("cons_stateless", "ZO-Cons needs a stateless optimizer: sgd or sign", _cons_stateless),
     Rule("cons_no_decay", "ZO-Cons has no weight decay", _cons_no_decay),
@@ -333,6 +344,11 @@ RULES: tuple[Rule, ...] = (
         "error_headroom_int8",
         "numerics.error_headroom is ElasticZO-INT8's (estimator 'hybrid')",
         _error_headroom_is_int8,
+    ),
+    Rule(
+        "micro_batches_float",
+        "gradient accumulation (micro_batch_size) runs with numerics float32 only",
+        _micro_batches_float,
     ),
 )
 """The field-level rules, each refusing with a message that names both values."""

@@ -415,6 +415,12 @@ class Recipe:
     steps: int = 200
     batch_size: int = 32
     description: str = ""
+    micro_batch_size: int | None = None
+    """Gradient accumulation: each step's batch runs as consecutive micro-batches of this
+    many rows (the last one smaller when it does not divide), so a step holds the
+    activations of one micro-batch; the update is that of the whole batch (the mean loss:
+    each micro-batch weighs by its rows), within float tolerance. None: the whole batch
+    at once. docs/methods.md, "Gradient accumulation"."""
 
     def __post_init__(self) -> None:
         for axis, cls in _AXES.items():
@@ -427,6 +433,11 @@ class Recipe:
             raise ConfigError(f"Invalid steps: {self.steps} (must be an integer >= 1)")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"Invalid batch_size: {self.batch_size} (must be an integer >= 1)")
+        mbs = self.micro_batch_size
+        if mbs is not None and (not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1):
+            raise ConfigError(
+                f"Invalid micro_batch_size: {mbs!r} (an integer >= 1, or None for the whole batch)"
+            )
         from edgetrain import compat  # the table imports this module
 
         compat.check(self)  # the axis values combine (edgetrain.compat)
@@ -500,10 +511,14 @@ class Recipe:
         """The recipe as it decides the trajectory of the steps taken: everything except
         the run length and the description (``RUN_LENGTH_FIELDS``). A checkpoint or a
         journal records this, so a finished run can be extended (20 steps, then asked
-        for 30) while a real change of recipe is refused."""
+        for 30) while a real change of recipe is refused. ``micro_batch_size`` is left
+        out when None, so a journal or checkpoint written before that field existed still
+        matches."""
         out = self.to_dict()
         for name in RUN_LENGTH_FIELDS:
             out.pop(name)
+        if out["micro_batch_size"] is None:  # as identities written before the field read
+            out.pop("micro_batch_size")
         return out
 
     def identity_differences(self, saved: dict[str, Any]) -> list[str]:

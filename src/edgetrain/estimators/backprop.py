@@ -10,6 +10,15 @@ so the unselected channels are never touched by any optimizer; a copied selectio
 written back into its weight after every optimizer step. Order: scope, sparse-update
 swap, optimizer, backward swap (a backward kind such as token_drop sees which blocks are
 frozen).
+
+Gradient accumulation (``recipe.micro_batch_size``, Estimator.micro_batches): each
+micro-batch's loss, times its rows over the batch's, is backpropagated in turn and one
+optimizer step follows; the reported loss is the weighted mean. For a mean-reduced loss
+this is the whole batch's gradient within float tolerance, with the saved activations of
+one micro-batch. Not for BatchNorm in train mode: it normalises each micro-batch by that
+micro-batch's own statistics (and updates its running statistics once per micro-batch),
+so a model with BatchNorm (the CNN) takes a different, smaller-batch step. A step
+counts one forward and one backward pass over the batch however it is split.
 """
 
 from __future__ import annotations
@@ -64,14 +73,28 @@ class Backprop(Estimator):
         # is not finite must not keep them either. Buffers are small; parameters are not
         # touched before the check.
         buffers = [(b, b.clone()) for b in self.model.buffers()]
-        loss = self.loss_fn(self.model, batch)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            with torch.no_grad():
-                for buffer, saved in buffers:
-                    buffer.copy_(saved)
-        self.check_finite(value)
-        loss.backward()
+        parts = self.micro_batches(batch)
+        value = 0.0
+        for micro, weight in parts:
+            # Gradient accumulation (recipe.micro_batch_size): each micro-batch's loss,
+            # weighted by its share of the rows, is backpropagated before the next one
+            # runs, so only one micro-batch's activations are ever saved; the gradients
+            # sum in .grad to the whole batch's for a mean-reduced loss.
+            loss = self.loss_fn(self.model, micro)
+            part = float(loss.detach())
+            if not math.isfinite(part):
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for buffer, saved in buffers:
+                        buffer.copy_(saved)
+                self.check_finite(part)
+            if len(parts) == 1:
+                value = part
+                loss.backward()
+            else:
+                value += weight * part
+                (loss * weight).backward()
+            del loss
         self.optimizer.step()
         return value, 1, 1
 

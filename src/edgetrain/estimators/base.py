@@ -5,6 +5,12 @@ the model, the trainable selection (from the recipe's scope), its optimizer stat
 step counter; ``state_dict()`` / ``load_state_dict()`` resume it exactly. Per-step
 randomness comes from ``self.step_seed()``, a pure function of the run seed and the step
 index (edgetrain.seeding), never from the global RNG.
+
+Gradient accumulation (``recipe.micro_batch_size``): :meth:`Estimator.micro_batches` is
+the one place a step's batch is split into consecutive micro-batches, each with its
+weight (its rows over the batch's rows), and :meth:`Estimator.mean_loss` is their
+weighted mean, the loss of the whole batch for a mean-reduced loss. Every estimator that
+takes a micro-batch size reads them from here (docs/methods.md, "Gradient accumulation").
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 from torch import nn
 
 from edgetrain import scope as scope_mod
-from edgetrain.batches import LossFn, default_loss, model_output_logits
+from edgetrain.batches import LossFn, batch_length, default_loss, model_output_logits, select_rows
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import derive_seed
 
@@ -82,6 +88,43 @@ class Estimator(abc.ABC):
     def step_seed(self, *path: int) -> int:
         """The seed of the current step (and optional sub-path, e.g. a query index)."""
         return derive_seed(self.seed, self.step_count, *path)
+
+    def micro_batches(self, batch: Any) -> list[tuple[Any, float]]:
+        """``batch`` as ``(micro_batch, weight)`` pairs: consecutive runs of
+        ``recipe.micro_batch_size`` rows (the last one smaller when that does not divide
+        the batch; ``edgetrain.batches.select_rows``, any nest), each weighing its rows over
+        the batch's, the weights summing to 1. One pair ``(batch, 1.0)``, the batch itself,
+        when no size is set or the batch is no larger than it."""
+        size = self.recipe.micro_batch_size
+        if size is None:
+            return [(batch, 1.0)]
+        n = batch_length(batch)
+        if n <= size:
+            return [(batch, 1.0)]
+        return [
+            (
+                select_rows(batch, slice(start, min(start + size, n))),
+                (min(start + size, n) - start) / n,
+            )
+            for start in range(0, n, size)
+        ]
+
+    def mean_loss(self, batch: Any) -> torch.Tensor:
+        """``loss_fn`` of the whole ``batch`` as the weighted mean of its micro-batches'
+        losses (:meth:`micro_batches`), each micro-batch run after the previous one's
+        result is summed: in a ``no_grad`` (or forward-AD) pass only one micro-batch's
+        activations are alive at a time. The plain ``loss_fn(model, batch)`` without a
+        split. For a backward use the micro-batches one by one instead: a sum of graphs
+        keeps every micro-batch's activations until the backward."""
+        parts = self.micro_batches(batch)
+        if len(parts) == 1:
+            return self.loss_fn(self.model, parts[0][0])
+        total: torch.Tensor | None = None
+        for micro, weight in parts:
+            term = self.loss_fn(self.model, micro) * weight
+            total = term if total is None else total + term
+        assert total is not None
+        return total
 
     def step(self, batch: Any) -> StepStats:
         start = time.perf_counter()

@@ -99,6 +99,15 @@ JVP of the mean loss over the whole batch is the (shard-size weighted) mean of t
 shards' JVPs, so the update is the one a single process would make on the whole batch,
 up to float rounding.
 
+Gradient accumulation
+---------------------
+With ``recipe.micro_batch_size`` each direction's pass runs micro-batch by micro-batch
+(Estimator.micro_batches) along the same ``v_k``, regenerated from its seed for each: the
+JVP of the weighted mean loss is the weighted mean of the micro-batches' JVPs (each
+weighs by its rows), so the estimate is the whole batch's within float tolerance, with
+one micro-batch's activations and tangents alive. In train mode the dropout RNG is seeded
+once per direction, before its micro-batches.
+
 Fused kernels
 -------------
 Some fused kernels have no forward-AD formula (torch's CPU flash attention behind
@@ -254,6 +263,23 @@ class ForwardGrad(Estimator):
             buffers=buffers,
         )
 
+    def _accumulated_derivative(
+        self, batch: Any, seed: int, buffers: dict[str, torch.Tensor] | None
+    ) -> tuple[float, float]:
+        """``directional_derivative`` of the whole batch from its micro-batches
+        (``recipe.micro_batch_size``, Estimator.micro_batches): the JVP of the weighted
+        mean loss is the weighted mean of the micro-batches' JVPs along the same direction
+        (regenerated from ``seed`` for each: one micro-batch's duals alive at a time)."""
+        parts = self.micro_batches(batch)
+        if len(parts) == 1:
+            return self.directional_derivative(batch, seed, buffers=buffers)
+        loss = jvp = 0.0
+        for micro, weight in parts:
+            part_loss, part_jvp = self.directional_derivative(micro, seed, buffers=buffers)
+            loss += weight * part_loss
+            jvp += weight * part_jvp
+        return loss, jvp
+
     @contextlib.contextmanager
     def _rng_context(self, query: int) -> Iterator[None]:
         """Train-mode passes may draw dropout masks from torch's global generator: fork it
@@ -281,7 +307,7 @@ class ForwardGrad(Estimator):
                 if snapshot is not None and k > 0:
                     buffers = {name: b.clone() for name, b in snapshot.items()}
                 with self._rng_context(k):
-                    loss, jvp = self.directional_derivative(batch, seed, buffers=buffers)
+                    loss, jvp = self._accumulated_derivative(batch, seed, buffers)
                 losses.append(loss)
                 jvps.append(jvp)
         loss = sum(losses) / len(losses)

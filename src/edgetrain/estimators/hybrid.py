@@ -63,6 +63,12 @@ module's own mode restored after the step. ``train_mode_evals=True`` runs them i
 mode with every buffer snapshotted and restored around each pass, and the global RNG
 forked and seeded from the step seed, so both passes see the same dropout masks.
 
+Gradient accumulation (``recipe.micro_batch_size``, Estimator.micro_batches): each pass
+runs the micro-batches in turn at the same perturbed front (the same z), so the front's
+SPSA loss is the weighted mean of theirs and the tail's gradient the weighted sum of
+theirs, both the whole batch's within float tolerance; one micro-batch's tail
+activations are alive at a time.
+
 A custom ``loss_fn(model, batch)`` receives the model itself. Not supported: blockwise and
 ZO-Cons fronts, channel-sparse scopes, journals (the tail update cannot be replayed from
 (seed, scalar)).
@@ -204,13 +210,25 @@ class ElasticZO(Estimator):
     def _pass(self, batch: Any) -> torch.Tensor:
         """One pass of the whole model: the front records no graph (its parameters do not
         require grad), the tail does and is backpropagated (its gradient accumulates into
-        ``.grad``). Returns the detached loss."""
+        ``.grad``). Returns the detached loss. With ``recipe.micro_batch_size`` the pass
+        runs micro-batch by micro-batch at the same (perturbed) front weights, each loss
+        weighted by its share of the rows and backpropagated before the next one runs:
+        the loss is the whole batch's mean and the tail's ``.grad`` gains the whole
+        batch's gradient, with one micro-batch's tail activations alive."""
+        parts = self.micro_batches(batch)
+        total: torch.Tensor | None = None
         with torch.enable_grad():
-            loss = self.loss_fn(self.model, batch)
-            value = loss.detach()
-            if bool(torch.isfinite(value)):
-                loss.backward()
-        return value
+            for micro, weight in parts:
+                loss = self.loss_fn(self.model, micro)
+                if len(parts) > 1:
+                    loss = loss * weight
+                value = loss.detach()
+                if bool(torch.isfinite(value)):
+                    loss.backward()
+                del loss
+                total = value if total is None else total + value
+        assert total is not None
+        return total
 
     def _step(self, batch: Any) -> tuple[float, int, int]:
         step_seed = self.step_seed()

@@ -47,6 +47,14 @@ Data parallelism: ``reduce_scalars`` (None by default) is the extension point th
 edgetrain.distributed sets: each step's loss values go through it (ZOSGD.estimate) before
 the projected gradients are formed, so every rank applies the same update.
 
+Gradient accumulation (``recipe.micro_batch_size``): each loss evaluation is the
+weighted mean of the micro-batches' losses (``Estimator.mean_loss``) at the same
+perturbed weights: the perturbation is applied once per point, then every micro-batch
+runs under ``no_grad``. So the projected gradient ``(l+ - l-) / (2 eps)`` is that of the
+whole batch's mean loss, within float tolerance, with one micro-batch's activations
+alive; the journal record (seed, scalars) is unchanged. In train mode the buffers are
+restored and the dropout RNG seeded once per point, before its micro-batches.
+
 Journal: ``attach_journal(path)`` appends each step's record; ``ZO.resume(model, path)``
 loads a model holding the base weights, replays the journal bit for bit and continues.
 """
@@ -217,12 +225,15 @@ class ZO(Estimator):
         with self._evaluation_mode(train_mode) as snapshot:
 
             def closure() -> torch.Tensor:
+                # At each perturbed point (theta + eps z, theta - eps z: the same z) every
+                # micro-batch runs before the weights move again: the loss is the
+                # weighted mean of theirs (Estimator.mean_loss), the whole batch's.
                 if not train_mode:
-                    return self.loss_fn(self.model, batch)
+                    return self.mean_loss(batch)
                 for buffer, saved in snapshot:
                     buffer.copy_(saved)
                 with self._forked_rng(derive_seed(step_seed, _DROPOUT_STREAM)):
-                    return self.loss_fn(self.model, batch)
+                    return self.mean_loss(batch)
 
             try:
                 record = self.optimizer.estimate(
