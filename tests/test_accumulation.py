@@ -214,9 +214,9 @@ def test_micro_batch_size_is_validated(bad):
         Recipe(micro_batch_size=bad)
 
 
-def test_the_identity_names_a_micro_batch_size_and_omits_none():
+def test_the_identity_names_a_micro_batch_size():
     recipe = presets.get("mezo")
-    assert "micro_batch_size" not in recipe.identity()  # journals written before match
+    assert recipe.identity()["micro_batch_size"] is None
     split = recipe.replace(micro_batch_size=4)
     assert split.identity_differences(recipe.identity()) == ["micro_batch_size: None -> 4"]
     assert Recipe.from_json(split.to_json()) == split

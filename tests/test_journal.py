@@ -178,3 +178,21 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     assert_same_weights(model, uninterrupted)
     assert len(read_journal(path).records) == steps
     assert read_journal(path).records == read_journal(tmp_path / "whole.journal").records
+
+
+def test_a_journal_written_before_a_recipe_field_existed_continues(tmp_path):
+    """A header whose recipe lacks a field added since reads it as its default (as
+    checkpoints do); a real change of recipe is still refused, naming the field."""
+    from edgetrain import presets
+    from edgetrain.errors import ConfigError
+    from edgetrain.journal import JournalWriter
+
+    recipe = presets.get("mezo")
+    old = recipe.identity()
+    del old["micro_batch_size"]  # as a journal of the previous session wrote it
+    path = tmp_path / "journal.jsonl"
+    JournalWriter(path, {"recipe": old, "seed": 0}).close()
+    JournalWriter(path, {"recipe": recipe.identity(), "seed": 0}).close()  # continues
+    other = recipe.replace(**{"optimizer.lr": 1e-4}).identity()
+    with pytest.raises(ConfigError, match=r"recipe \(optimizer.lr: "):
+        JournalWriter(path, {"recipe": other, "seed": 0})

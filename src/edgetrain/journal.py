@@ -34,6 +34,7 @@ from torch import nn
 
 from edgetrain.errors import ConfigError
 from edgetrain.optim.zo import ZOSGD, ZORecord
+from edgetrain.recipe import Recipe
 
 __all__ = [
     "JOURNAL_FORMAT",
@@ -135,8 +136,11 @@ class JournalWriter:
         if self.path.exists() and self.path.stat().st_size > 0:
             journal = read_journal(self.path)
             saved, mine = _normalise(journal.header), _normalise(header)
+            named = _recipe_differences(saved, mine)
             if saved != mine:
                 differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+                if "recipe" in differ and named:
+                    differ[differ.index("recipe")] = f"recipe ({'; '.join(named)})"
                 raise ConfigError(
                     f"{self.path} is the journal of another run (its header differs in "
                     f"{', '.join(differ)}); choose another path or resume with that run's "
@@ -181,6 +185,22 @@ class JournalWriter:
 def _normalise(obj: Any) -> Any:
     """JSON round trip (tuples become lists) so headers compare as written."""
     return json.loads(json.dumps(obj))
+
+
+def _recipe_differences(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+    """The recipe fields in which two headers differ (``Recipe.identity_differences``:
+    a field added since ``saved`` was written reads as its default). Where they differ
+    in nothing but that, ``saved["recipe"]`` is set to ``mine["recipe"]``, so the
+    header comparison accepts a journal written before a recipe field existed."""
+    if not (isinstance(saved.get("recipe"), dict) and isinstance(mine.get("recipe"), dict)):
+        return []
+    try:
+        named = Recipe.from_dict(mine["recipe"]).identity_differences(saved["recipe"])
+    except (TypeError, ValueError):
+        return []
+    if not named:
+        saved["recipe"] = mine["recipe"]
+    return named
 
 
 def optimizer_from_header(model: nn.Module, header: dict[str, Any]) -> ZOSGD:

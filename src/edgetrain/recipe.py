@@ -511,14 +511,11 @@ class Recipe:
         """The recipe as it decides the trajectory of the steps taken: everything except
         the run length and the description (``RUN_LENGTH_FIELDS``). A checkpoint or a
         journal records this, so a finished run can be extended (20 steps, then asked
-        for 30) while a real change of recipe is refused. ``micro_batch_size`` is left
-        out when None, so a journal or checkpoint written before that field existed still
-        matches."""
+        for 30) while a real change of recipe is refused. A field added since a saved
+        identity was written reads as its default (:meth:`identity_differences`)."""
         out = self.to_dict()
         for name in RUN_LENGTH_FIELDS:
             out.pop(name)
-        if out["micro_batch_size"] is None:  # as identities written before the field read
-            out.pop("micro_batch_size")
         return out
 
     def identity_differences(self, saved: dict[str, Any]) -> list[str]:
