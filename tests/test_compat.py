@@ -201,6 +201,21 @@ REFUSED = [
         dict(est=dict(kind="hybrid", cut=1), num=INT8, top=dict(micro_batch_size=2)),
         ("micro_batch_size=2", "'fixed_point'"),
     ),
+    (
+        "lora_float",
+        dict(est=dict(kind="zo"), scope=dict(kind="lora"), num=FIXED),
+        ("'lora'", "'fixed_point'"),
+    ),
+    (
+        "lora_backward",
+        dict(scope=dict(kind="lora"), back=dict(kind="mesa")),
+        ("'lora'", "'mesa'"),
+    ),
+    (
+        "lora_backward",
+        dict(scope=dict(kind="lora"), back=dict(kind="wht")),
+        ("'lora'", "'wht'"),
+    ),
 ]
 
 

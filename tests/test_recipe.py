@@ -41,6 +41,11 @@ _OWNED_VALUES = {
     "channel_ratios": (0.5,),
     "bias_k": 1,
     "channel_select": "first",
+    "lora_r": 4,
+    "lora_alpha": 32.0,
+    "lora_dropout": 0.1,
+    "lora_targets": ("Linear", "Conv2d"),
+    "lora_merge": False,
     "wht_k": 4,
     "wht_selection": "energy",
     "bits": 4,
@@ -63,7 +68,7 @@ def _owned_fields():
     import dataclasses
 
     for cls, kinds in (
-        (Scope, ("all", "last_blocks", "blocks", "bias", "channels")),
+        (Scope, ("all", "last_blocks", "blocks", "bias", "channels", "lora")),
         (Backward, ("exact", "wht", "mesa", "token_drop", "checkpoint")),
         (Optimizer, ("sgd", "momentum", "adam", "adamw", "sign", "galore", "lowrank")),
     ):

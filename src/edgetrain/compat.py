@@ -312,6 +312,33 @@ def _micro_batches_float(r: Recipe) -> str | None:
     return None
 
 
+_LORA_BACKWARD = ("exact", "token_drop", "checkpoint")
+"""Backward kinds that keep LoRA's layers: they swap whole blocks' forwards (token
+dropping, checkpointing); Mesa and LBP-WHT replace the adapted Linear layers themselves
+(Mesa's attention reads ``qkv.weight``, bypassing the adapter)."""
+
+
+def _lora_float(r: Recipe) -> str | None:
+    if r.scope.kind == "lora" and r.numerics.kind != "float32":
+        return (
+            f"scope 'lora' (peft adapters) runs with numerics 'float32', not "
+            f"{r.numerics.kind!r}: the integer forward of fixed point runs the model's own "
+            "Linear layers, not peft's adapted ones"
+        )
+    return None
+
+
+def _lora_backward(r: Recipe) -> str | None:
+    kind = r.backward.kind
+    if r.scope.kind == "lora" and kind not in _LORA_BACKWARD:
+        return (
+            f"scope 'lora' runs with backward {', '.join(map(repr, _LORA_BACKWARD))}, not "
+            f"{kind!r}: {kind!r} replaces the adapted Linear layers by its own and would "
+            "bypass the adapters"
+        )
+    return None
+
+
 RULES: tuple[Rule, ...] = (
     Rule("cons_stateless", "ZO-Cons needs a stateless optimizer: sgd or sign", _cons_stateless),
     Rule("cons_no_decay", "ZO-Cons has no weight decay", _cons_no_decay),
@@ -349,6 +376,12 @@ RULES: tuple[Rule, ...] = (
         "micro_batches_float",
         "gradient accumulation (micro_batch_size) runs with numerics float32 only",
         _micro_batches_float,
+    ),
+    Rule("lora_float", "scope 'lora' runs with numerics float32 only", _lora_float),
+    Rule(
+        "lora_backward",
+        "scope 'lora' runs with backward exact, token_drop or checkpoint",
+        _lora_backward,
     ),
 )
 """The field-level rules, each refusing with a message that names both values."""

@@ -44,7 +44,9 @@ __all__ = [
 ]
 
 ESTIMATOR_KINDS = ("backprop", "zo", "forward_grad", "hybrid")
-SCOPE_KINDS = ("all", "last_blocks", "blocks", "bias", "channels", "predicate")
+SCOPE_KINDS = ("all", "last_blocks", "blocks", "bias", "channels", "predicate", "lora")
+LORA_TARGET_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding")
+"""Module types LoRA adapts (``Scope.lora_targets``), as peft's LoRA layers support them."""
 BACKWARD_KINDS = ("exact", "wht", "mesa", "token_drop", "checkpoint")
 OPTIMIZER_KINDS = ("sgd", "momentum", "adam", "adamw", "sign", "galore", "lowrank")
 NUMERICS_KINDS = ("float32", "fixed_point")
@@ -207,13 +209,16 @@ class Scope:
     dimension); ``channels`` (the sparse update: a ratio ``channel_ratio`` of the input
     channels of the selected blocks' weights, plus their biases, or those of the last
     ``bias_k`` blocks); ``predicate``
-    (``predicate(module_name, module, param_name, param) -> bool``).
+    (``predicate(module_name, module, param_name, param) -> bool``); ``lora`` (LoRA, Hu
+    et al. 2021, injected with peft: rank-``lora_r`` adapters on every module of a type in
+    ``lora_targets`` inside the blocks, plus the head if ``include_head``;
+    edgetrain.backward.lora).
     """
 
     kind: str = "all"
     k: int = _for("last_blocks", default=1)
     blocks: tuple[int, ...] = _for("blocks", "channels", default=())
-    include_head: bool = _for("last_blocks", "blocks", "channels", default=True)
+    include_head: bool = _for("last_blocks", "blocks", "channels", "lora", default=True)
     channel_ratio: float = _for("channels", default=1.0)
     channel_ratios: tuple[float, ...] = _for("channels", default=())
     """Sparse update: one ratio per selected block (overrides ``channel_ratio``)."""
@@ -223,11 +228,33 @@ class Scope:
     channel_select: str = _for("channels", default="magnitude")
     """Sparse update: which channels train, ``magnitude`` (ranked by weight norm, as
     tiny-training) or ``first``."""
+    lora_r: int = _for("lora", default=8)
+    """LoRA: the rank of each adapter (peft's ``r``)."""
+    lora_alpha: float = _for("lora", default=16.0)
+    """LoRA: the scale numerator, the update is ``(lora_alpha / lora_r) B A x``."""
+    lora_dropout: float = _for("lora", default=0.0)
+    """LoRA: dropout on the adapter's input (peft's ``lora_dropout``)."""
+    lora_targets: tuple[str, ...] = _for("lora", default=("Linear",))
+    """LoRA: the module types adapted, every module of one of these ``torch.nn`` types
+    inside the model's blocks (edgetrain.scope.find_blocks): a structure rule, no names."""
+    lora_merge: bool = _for("lora", default=True)
+    """LoRA: when the estimator closes, fold the trained adapters into the base weights
+    (peft's merge), so the model comes back in its own structure with the trained values;
+    False removes them unmerged (the base weights as they came)."""
     predicate: Callable[..., bool] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         _check_types(self)
         _choice(self.kind, SCOPE_KINDS, "scope kind")
+        if self.lora_r < 1:
+            raise ConfigError(f"Invalid lora_r: {self.lora_r} (the adapter rank, >= 1)")
+        _positive(self.lora_alpha, "lora_alpha")
+        _in_unit(self.lora_dropout, "lora_dropout", closed_high=False)
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if not self.lora_targets:
+            raise ConfigError("Invalid lora_targets: () (name at least one module type)")
+        for target in self.lora_targets:
+            _choice(target, LORA_TARGET_TYPES, "lora_targets entry")
         if self.kind == "last_blocks" and self.k < 0:
             raise ConfigError(f"Invalid k: {self.k} (number of last blocks, >= 0)")
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))

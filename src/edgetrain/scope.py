@@ -23,6 +23,7 @@ a depthwise convolution's channel ``W[j]``), the ``int(C_in * ratio)`` largest k
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "input_channel_norms",
     "EmptyScopeError",
     "planner_knobs",
+    "register_installer",
 ]
 
 
@@ -58,6 +60,9 @@ class Selection:
 
     named: list[tuple[str, nn.Parameter]]
     channel_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    undo: Callable[[], None] = field(default=lambda: None, repr=False)
+    """Undoes what an installing scope kind put into the model (LoRA's adapters; see
+    :func:`register_installer`); idempotent, a no-op for the other kinds."""
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -238,6 +243,12 @@ def select(model: nn.Module, scope: Scope) -> Selection:
     elif scope.kind == "bias":
         # Biases and norm affine parameters: every one-dimensional tensor.
         chosen = {id(p) for _, p in named if p.dim() == 1}
+    elif scope.kind in _INSTALLERS or scope.kind == "lora":
+        raise ConfigError(
+            f"Scope kind {scope.kind!r} installs the parameters it trains; use "
+            "edgetrain.scope.apply (the estimators do), after importing its method module "
+            "(for 'lora', edgetrain.backward.lora)"
+        )
     elif scope.kind == "predicate":
         chosen = set()
         for mod_name, module in model.named_modules():
@@ -285,8 +296,30 @@ def _with_bias_depth(
     return (chosen & weights) | biases
 
 
-def apply(model: nn.Module, scope: Scope) -> Selection:
-    """Select by ``scope`` and freeze everything else (``requires_grad``)."""
+Installer = Callable[[nn.Module, Scope, int], tuple[list[nn.Parameter], Callable[[], None]]]
+_INSTALLERS: dict[str, Installer] = {}
+
+
+def register_installer(kind: str, install: Installer) -> None:
+    """Declare that scope ``kind`` trains parameters it first puts into the model (LoRA's
+    adapters): ``install(model, scope, seed) -> (trainable parameters, undo)``. The kind's
+    method module registers it at import (edgetrain.backward.lora); :func:`apply` runs it
+    and hands ``undo`` to the estimator through :attr:`Selection.undo`."""
+    _INSTALLERS[kind] = install
+
+
+def apply(model: nn.Module, scope: Scope, *, seed: int = 0) -> Selection:
+    """Select by ``scope`` and freeze everything else (``requires_grad``). A kind with an
+    installer (:func:`register_installer`) first installs its parameters (drawn from
+    ``seed``); the selection's ``undo`` takes them out again."""
+    if scope.kind in _INSTALLERS:
+        params, undo = _INSTALLERS[scope.kind](model, scope, seed)
+        ids = {id(p) for p in params}
+        selection = Selection([(n, p) for n, p in model.named_parameters() if id(p) in ids])
+        selection.undo = undo
+        for p in model.parameters():
+            p.requires_grad_(id(p) in ids)
+        return selection
     selection = select(model, scope)
     chosen = {id(p) for p in selection.params}
     for p in model.parameters():

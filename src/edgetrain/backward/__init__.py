@@ -24,7 +24,7 @@ from torch import nn
 from edgetrain._registry import Registry, all_knobs, first_reason
 from edgetrain.recipe import Backward, Recipe
 
-__all__ = ["Swap", "apply", "register", "load_all", "applicable", "planner_knobs"]
+__all__ = ["Swap", "apply", "register", "load_all", "load_scope", "applicable", "planner_knobs"]
 
 
 class Swap:
@@ -81,6 +81,7 @@ _MODULES = {
 """Backward kind -> the module of that method: one line per method."""
 _SCOPE_MODULES = {
     "channels": "edgetrain.backward.sparse_update",
+    "lora": "edgetrain.backward.lora",
 }
 """Scope kind -> the module of its backward (a channel-sparse scope saves only the input
 channels it trains; estimators.backprop installs it)."""
@@ -90,6 +91,13 @@ def load_all() -> None:
     """Import every method module of this axis (registering its kinds and presets)."""
     for module in (*_MODULES.values(), *_SCOPE_MODULES.values()):
         importlib.import_module(module)
+
+
+def load_scope(kind: str) -> None:
+    """Import the module of scope ``kind``, if it has one (registering its installer:
+    LoRA's adapters, edgetrain.scope.register_installer)."""
+    if kind in _SCOPE_MODULES:
+        importlib.import_module(_SCOPE_MODULES[kind])
 
 
 def _modules_of(recipe: Recipe) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgetrain import backward as backward_mod
 from edgetrain import scope as scope_mod
 from edgetrain.batches import LossFn, batch_length, default_loss, model_output_logits, select_rows
 from edgetrain.recipe import Recipe
@@ -79,7 +80,9 @@ class Estimator(abc.ABC):
         self.step_count = 0
         # The scope freezes what it does not train; close() gives the flags back.
         self._caller_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-        self.selection = scope_mod.apply(model, recipe.scope)
+        backward_mod.load_scope(recipe.scope.kind)  # a scope kind's installer (LoRA)
+        self.selection = scope_mod.apply(model, recipe.scope, seed=derive_seed(self.seed, 0x5C0))
+        self._undo_scope = self.selection.undo  # subclasses may replace the selection
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -156,5 +159,6 @@ class Estimator(abc.ABC):
         """Undo the model changes the estimator made: the scope's freezing (each
         parameter's ``requires_grad`` as the caller had it). Subclasses that swap layers
         restore them first, then call ``super().close()``. Idempotent."""
+        self._undo_scope()  # an installing scope's parameters out (LoRA: merged or not)
         for p, flag in self._caller_requires_grad:
             p.requires_grad_(flag)

@@ -1,0 +1,193 @@
+"""Scope kind 'lora' (edgetrain.backward.lora): peft's LoRA adapters for every estimator,
+undone on close, merged for export."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from edgetrain import estimators
+from edgetrain.backward.lora import applicable, lora_targets, merge_lora
+from edgetrain.batches import model_output_logits
+from edgetrain.errors import ConfigError
+from edgetrain.recipe import Estimator, Optimizer, Recipe, Scope
+from tests.conftest import text_batch, tiny_bert
+
+peft = pytest.importorskip("peft")
+
+RECIPES = {
+    "backprop": (Estimator(kind="backprop"), Optimizer(kind="adamw", lr=1e-2)),
+    "zo": (Estimator(kind="zo", eps=1e-3), Optimizer(kind="sgd", lr=1e-2)),
+    "zo_adam": (Estimator(kind="zo", eps=1e-3), Optimizer(kind="adam", lr=1e-2)),
+    "forward_grad": (Estimator(kind="forward_grad", queries=4), Optimizer(kind="sgd", lr=1e-2)),
+    "hybrid": (Estimator(kind="hybrid", cut=1), Optimizer(kind="adam", lr=1e-2)),
+}
+
+
+def _vit():
+    from edgetrain.models import build
+    from edgetrain.seeding import seeded_global_rng
+
+    with seeded_global_rng(0):
+        model = build("vit")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, *model.input_shape, generator=gen)
+    y = torch.randint(0, model.head.out_features, (8,), generator=gen)
+    return model, (x, y)
+
+
+def _bert():
+    return tiny_bert(own_head=True), text_batch(8)
+
+
+MODELS = {"vit": _vit, "bert": _bert}
+
+
+def _loss(model, batch) -> float:
+    from edgetrain.batches import default_loss
+
+    with torch.no_grad():
+        return float(default_loss(model, batch))
+
+
+def _snapshot(model):
+    return {
+        "classes": [(n, type(m)) for n, m in model.named_modules()],
+        "keys": list(model.state_dict()),
+        "params": [(n, id(p), p.requires_grad) for n, p in model.named_parameters()],
+        "attrs": set(vars(model)),
+    }
+
+
+def _recipe(kind: str, **scope) -> Recipe:
+    est, opt = RECIPES[kind]
+    return Recipe(estimator=est, scope=Scope(kind="lora", **scope), optimizer=opt, steps=8)
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("kind", list(RECIPES))
+def test_lora_trains_only_adapters_and_head_and_comes_back_as_it_came(model_name, kind):
+    model, batch = MODELS[model_name]()
+    model.eval()  # no dropout: the loss is a function of the weights
+    before = _snapshot(model)
+    head_ids = (
+        {id(p) for p in model.classifier.parameters()}
+        if model_name == "bert"
+        else {id(p) for p in model.head.parameters()}
+    )
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in head_ids}
+    loss0 = _loss(model, batch)
+
+    est = estimators.build(model, _recipe(kind, lora_merge=False), seed=0)
+    adapters = [(n, p) for n, p in est.selection.named if "lora_" in n]
+    assert adapters and all(isinstance(p, nn.Parameter) for _, p in adapters)
+    assert {n for n, _ in est.selection.named} - {n for n, _ in adapters}  # the head trains
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable <= {id(p) for p in est.params}  # ElasticZO's front: ZO, no autograd
+    start = {n: p.detach().clone() for n, p in adapters}
+    for _ in range(8):
+        est.step(batch)
+        if kind in ("zo", "zo_adam"):  # no backward: no gradient buffer anywhere
+            assert all(p.grad is None for p in model.parameters())
+    moved = [n for n, p in adapters if not torch.equal(p.detach(), start[n])]
+    assert moved, "no adapter moved"
+    named = dict(model.named_parameters())
+    for n, value in base.items():  # the base weights live on as the LoRA layers' base_layer
+        parts = n.split(".")
+        adapted = ".".join(parts[:-1] + ["base_layer", parts[-1]])
+        assert torch.equal(named.get(n, named.get(adapted)).detach(), value), n
+    if kind != "zo":  # plain ZO-SGD over 8 steps is noise-bound; the rest descend
+        assert _loss(model, batch) < loss0, kind
+
+    est.close()
+    est.close()  # idempotent
+    assert _snapshot(model) == before
+    for n, p in model.named_parameters():
+        if n in base:
+            assert torch.equal(p.detach(), base[n]), n  # unmerged: the base as it came
+
+
+def test_lora_needs_no_head_and_the_targets_are_by_structure():
+    model, batch = _vit()
+    names = lora_targets(model, Scope(kind="lora"))
+    assert names == [
+        f"blocks.{i}.{leaf}"
+        for i in range(len(model.blocks))
+        for leaf in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    ]
+    assert "head" not in names
+    est = estimators.build(model, _recipe("backprop", include_head=False), seed=0)
+    assert all("lora_" in n for n in est.selection.names)
+    est.close()
+
+
+def test_merge_at_close_equals_the_adapted_outputs():
+    model, batch = _bert()
+    model.eval()
+    start = copy.deepcopy(model)
+    before = _snapshot(model)
+    est = estimators.build(model, _recipe("backprop"), seed=0)
+    for _ in range(3):
+        est.step(batch)
+    with torch.no_grad():
+        adapted = model_output_logits(model(**batch)).clone()
+    est.close()
+    assert _snapshot(model) == before
+    with torch.no_grad():
+        merged = model_output_logits(model(**batch))
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the trained values are in the base weights: not the start
+        assert not torch.allclose(merged, model_output_logits(start(**batch)), atol=1e-4)
+
+
+def test_merge_lora_folds_adapters_for_export():
+    model, (x, y) = _vit()
+    model.eval()
+    est = estimators.build(model, _recipe("backprop"), seed=0)
+    for _ in range(3):
+        est.step((x, y))
+    with torch.no_grad():
+        adapted = model(x).clone()
+    exported = merge_lora(copy.deepcopy(model))  # a deep copy of the adapted model
+    assert not any("lora_" in k for k in exported.state_dict())
+    assert list(exported.state_dict()) == [
+        k.replace("base_layer.", "") for k in model.state_dict() if "lora_" not in k
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), adapted, rtol=1e-5, atol=1e-5)
+    est.close()
+
+
+def test_adapters_are_drawn_from_the_run_seed_not_the_global_rng():
+    def adapters(seed):
+        model, _ = _vit()
+        state = torch.random.get_rng_state()
+        est = estimators.build(model, _recipe("backprop"), seed=seed)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        out = [p.detach().clone() for n, p in est.selection.named if "lora_A" in n]
+        est.close()
+        return out
+
+    a, b, c = adapters(0), adapters(0), adapters(1)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    assert not all(torch.equal(u, v) for u, v in zip(a, c, strict=True))
+
+
+def test_applicable_names_what_lora_needs():
+    recipe = _recipe("backprop")
+    model, _ = _vit()
+    assert applicable(recipe, model) is None
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))
+    conv.blocks = nn.ModuleList([conv[0]])
+    reason = applicable(recipe, conv)
+    assert reason is not None and "Linear" in reason
+    with pytest.raises(ConfigError, match="no module of type Linear"):
+        estimators.build(conv, recipe)
+    assert all(p.requires_grad for p in conv.parameters())
+    with pytest.raises(ConfigError, match="installs the parameters"):
+        from edgetrain.scope import select
+
+        select(model, Scope(kind="lora"))
