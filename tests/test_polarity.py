@@ -128,6 +128,36 @@ def test_pretrained_is_the_encoder_with_a_cached_linear_probe(text_task):
 
 
 @SLOW
+def test_aligned_task_starts_from_the_verbaliser_head_and_both_carry_both_figures(text_task):
+    from edgetrain import tasks
+    from edgetrain.tasks.text import DEFAULT_TEMPLATES
+
+    aligned = tasks.get("minilm-polarity-aligned")
+    net = aligned.pretrained()  # on first use: the frozen features again, about 30 s
+    assert net.normalize and not text_task.pretrained().normalize
+    assert aligned.config.templates == DEFAULT_TEMPLATES
+    assert torch.equal(aligned.test.datasets["input_ids"], text_task.test.datasets["input_ids"])
+    mine, theirs = aligned.before_figures(), text_task.before_figures()
+    assert mine["head"] == "aligned" and theirs["head"] == "probe"
+    assert {k: v for k, v in mine.items() if k != "head"} == {
+        k: v for k, v in theirs.items() if k != "head"
+    }
+    assert aligned.baseline_accuracy() == mine["aligned"]
+    assert text_task.baseline_accuracy() == mine["probe"]
+    meta = aligned.probe_meta()
+    print(
+        f"\nminilm-polarity aligned head ('It was terrible.' / 'It was great.'): zero-shot "
+        f"{mine['aligned_zero_shot']:.3f}, with s={meta['aligned_scale']:.1f} and its bias "
+        f"{mine['aligned']:.3f}; probe {mine['probe']:.3f}"
+    )
+    # Measured: 0.678 zero-shot, 0.693 with s = 17.9: above chance, below the probe.
+    assert 0.62 <= mine["aligned_zero_shot"] <= 0.74 and 0.63 <= mine["aligned"] <= 0.75
+    assert 5.0 < meta["aligned_scale"] < 50.0
+    norms = net.head.weight.norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, meta["aligned_scale"]))
+
+
+@SLOW
 def test_full_bp_steps_lower_the_loss_on_a_small_batch(text_task):
     from edgetrain import presets
     from edgetrain.train import finetune

