@@ -17,8 +17,11 @@ For each case:
   ``forward``;
 * the global RNG streams are untouched: the CPU state, and no CUDA generator reseeded
   (``torch.manual_seed`` would queue a reseed of every CUDA device even without one);
-* ``copy.deepcopy`` of a model while the recipe's layers are swapped in gives a copy that
-  runs and trains its own weights;
+* ``copy.deepcopy`` of a model while the recipe's layers are swapped in (or its adapters
+  installed) gives a copy that runs and trains its own weights: halving the copy's
+  weights leaves the original's output alone and gives what the original computes with
+  its own weights halved; a swap keeps the ``state_dict`` keys (an installing scope,
+  LoRA's adapters, adds its own);
 * a NaN loss leaves the weights of the last good step.
 """
 
@@ -40,6 +43,8 @@ from edgetrain.seeding import make_generator, seeded_global_rng
 from edgetrain.train import finetune
 from tests.conftest import text_data, tiny_bert
 
+INSTALLING_SCOPES = ("lora", "prefix", "prompt")
+"""Scope kinds that add parameters (peft's adapters) while the estimator lives."""
 MODEL_NAMES = ["mlp", "cnn", "vit", "tiny_bert", "hf_seq_cls"]
 STEPS, BATCH = 4, 8
 
@@ -217,20 +222,30 @@ def test_a_nan_loss_keeps_the_last_good_weights(preset, model_name, calls_ok):
 @pytest.mark.parametrize(("preset", "model_name"), CASES)
 def test_a_deep_copy_while_swapped_trains_its_own_weights(preset, model_name):
     recipe, net, data = _case(preset, model_name)
-    base = copy.deepcopy(net)
+    base_keys = list(net.state_dict())
     batch = _first_batch(data)
     est = estimators.build(net, recipe, seed=0)
     try:
+        if recipe.scope.kind not in INSTALLING_SCOPES:  # swapped layers keep the keys
+            assert list(net.state_dict()) == base_keys, "a swap changed the state_dict keys"
+        net.eval()
+        with torch.no_grad():
+            before = model_output_logits(model_output(net, batch))
         twin = copy.deepcopy(net)
         with torch.no_grad():
             for p in twin.parameters():
                 p.mul_(0.5)
-        reference = copy.deepcopy(base)
-        reference.load_state_dict(twin.state_dict())
-        twin.eval(), reference.eval()
-        with torch.no_grad():
             out = model_output_logits(model_output(twin, batch))
-            expected = model_output_logits(model_output(reference, batch))
+            after = model_output_logits(model_output(net, batch))
+            # The original with its own weights halved, then restored: what the copy
+            # must compute if it runs its own (halved) weights and nothing of ours.
+            kept = [p.detach().clone() for p in net.parameters()]
+            for p in net.parameters():
+                p.mul_(0.5)
+            expected = model_output_logits(model_output(net, batch))
+            for p, k in zip(net.parameters(), kept, strict=True):
+                p.copy_(k)
+        assert torch.equal(after, before), "halving the copy's weights changed ours"
         assert torch.allclose(out, expected, atol=1e-5), "the copy runs the original's weights"
         if not any(p.requires_grad for p in twin.parameters()):
             return  # a gradient-free recipe: nothing records a graph

