@@ -107,6 +107,13 @@ def test_compare_quick_writes_json_table_and_two_pngs_and_rerenders(tmp_path, ca
     rerender = tmp_path / "again"
     assert main(["compare", "--from", str(out / "results.json"), "--out", str(rerender)]) == 0
     assert (rerender / "results.md").read_text() == table
+    assert data["meta"]["before"] == {}  # mnist-to-digits has one starting head
+    # A text task's starting heads (probe, aligned) are named in the table's header.
+    data["meta"]["before"] = {"head": "probe", "probe": 0.743, "aligned_zero_shot": 0.678}
+    (tmp_path / "text.json").write_text(json.dumps(data))
+    assert main(["compare", "--from", str(tmp_path / "text.json"), "--out", str(rerender)]) == 0
+    header = (rerender / "results.md").read_text().splitlines()[0]
+    assert header.endswith("Before fine-tuning: probe 74.3%, aligned zero shot 67.8%")
 
 
 def test_compare_equal_time_gives_each_preset_the_same_budget(tmp_path):

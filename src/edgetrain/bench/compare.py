@@ -218,6 +218,7 @@ def compare(
         presets=names,
         train_examples=len(task_obj.train),
         test_examples=len(task_obj.test),
+        before=task_obj.before_figures(model),
     )
     rows: list[Row] = []
     overall = tqdm(recipes, desc="compare", unit="preset", disable=not progress)

@@ -57,6 +57,11 @@ def markdown_table(result: CompareResult) -> str:
         head += f", equal time {meta['equal_time']:g}s per preset"
     elif meta.get("quick"):
         head += ", quick mode"
+    before = {k: v for k, v in (meta.get("before") or {}).items() if isinstance(v, float)}
+    if before:  # the starting heads of a text task, side by side
+        head += ". Before fine-tuning: " + ", ".join(
+            f"{k.replace('_', ' ')} {100 * v:.1f}%" for k, v in before.items()
+        )
     lines = [
         head,
         "",

@@ -146,6 +146,12 @@ class Task:
         self.pretrained(model)
         return float(self._memo[f"{model}:meta"]["target_accuracy_before"])
 
+    def before_figures(self, model: str | None = None) -> dict[str, Any]:
+        """The "before" figures a results table shows beside ``baseline_accuracy``: test
+        accuracies of other starting heads where a task has them (the text tasks' linear
+        probe and aligned head); none here."""
+        return {}
+
     def _pretrain(self, net: nn.Module, cfg: PretrainConfig, *, progress: bool) -> dict:
         from tqdm.auto import tqdm
 
