@@ -191,18 +191,21 @@ def compare(
     eval_points: int = 8,
     on_row=None,
     save_to: str | Path | None = None,
+    steps: int | None = None,
 ) -> CompareResult:
     """Run ``preset_names`` (default: all) on ``task`` with ``model`` and return rows.
 
     ``save_to``: a results file rewritten (atomically) after every preset, so a long run
     that is stopped keeps every finished row (``edgetrain compare --from`` renders it).
-    ``eval_points``: evaluations on the test set during each run (2 with ``quick``)."""
+    ``eval_points``: evaluations on the test set during each run (2 with ``quick``).
+    ``steps``: every preset's run length instead of its own (a screening run)."""
     from tqdm.auto import tqdm
 
     task_obj = tasks.get(task)
     model = model or task_obj.default_model
     names = preset_names or presets.names()
-    recipes = [task_obj.recipe(n) for n in names]  # unknown names fail before any work
+    lengths = {} if steps is None else {"steps": steps}
+    recipes = [task_obj.recipe(n, **lengths) for n in names]  # unknown names fail first
     if eval_points < 1:
         raise ValueError(f"Invalid eval_points: {eval_points} (must be >= 1)")
     if equal_time is not None and equal_time <= 0:
