@@ -51,6 +51,8 @@ def _recipe_from_args(args):
         overrides["optimizer.lr"] = args.lr
     if getattr(args, "batch_size", None) is not None:
         overrides["batch_size"] = args.batch_size
+    if getattr(args, "micro_batch_size", None) is not None:
+        overrides["micro_batch_size"] = args.micro_batch_size
     if getattr(args, "steps", None) is not None:
         overrides["steps"] = args.steps
     return tasks.get(args.task).recipe(args.recipe, **overrides)
@@ -68,6 +70,13 @@ def _add_common(p: argparse.ArgumentParser, *, recipe: bool = True) -> None:
             help="override a recipe field, e.g. --set optimizer.lr=1e-3 (repeatable)",
         )
         p.add_argument("--batch-size", type=int, default=None)
+        p.add_argument(
+            "--micro-batch-size",
+            type=int,
+            default=None,
+            help="gradient accumulation: run each batch in micro-batches of this many rows "
+            "(the memory of a micro-batch, the update of the whole batch)",
+        )
     p.add_argument("--seed", type=int, default=0)
 
 
