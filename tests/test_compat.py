@@ -216,6 +216,21 @@ REFUSED = [
         dict(scope=dict(kind="lora"), back=dict(kind="wht")),
         ("'lora'", "'wht'"),
     ),
+    (
+        "prompt_learning_float",
+        dict(est=dict(kind="zo"), scope=dict(kind="prompt"), num=FIXED),
+        ("'prompt'", "'fixed_point'"),
+    ),
+    (
+        "prompt_learning_backward",
+        dict(scope=dict(kind="prefix"), back=dict(kind="checkpoint")),
+        ("'prefix'", "'checkpoint'"),
+    ),
+    (
+        "prompt_learning_backward",
+        dict(scope=dict(kind="prompt"), back=dict(kind="token_drop")),
+        ("'prompt'", "'token_drop'"),
+    ),
 ]
 
 

@@ -46,6 +46,9 @@ _OWNED_VALUES = {
     "lora_dropout": 0.1,
     "lora_targets": ("Linear", "Conv2d"),
     "lora_merge": False,
+    "num_virtual_tokens": 4,
+    "prefix_init": "random",
+    "prompt_init": "random",
     "wht_k": 4,
     "wht_selection": "energy",
     "bits": 4,
@@ -68,7 +71,7 @@ def _owned_fields():
     import dataclasses
 
     for cls, kinds in (
-        (Scope, ("all", "last_blocks", "blocks", "bias", "channels", "lora")),
+        (Scope, ("all", "last_blocks", "blocks", "bias", "channels", "lora", "prefix", "prompt")),
         (Backward, ("exact", "wht", "mesa", "token_drop", "checkpoint")),
         (Optimizer, ("sgd", "momentum", "adam", "adamw", "sign", "galore", "lowrank")),
     ):

@@ -339,6 +339,36 @@ def _lora_backward(r: Recipe) -> str | None:
     return None
 
 
+_PROMPT_LEARNING_BACKWARD = {"prefix": ("exact",), "prompt": ("exact", "checkpoint")}
+"""Backward kinds that keep the virtual tokens (edgetrain.backward.prompt_learning):
+checkpointing recomputes whole blocks on the prompt-extended sequence; a prefix lives in a
+per-forward cache that a block's recomputation would append to twice; Mesa, LBP-WHT and
+token dropping swap the blocks' attention or token sequence, which are not built for the
+n extra positions or keys."""
+
+
+def _prompt_learning_float(r: Recipe) -> str | None:
+    kind = r.scope.kind
+    if kind in _PROMPT_LEARNING_BACKWARD and r.numerics.kind != "float32":
+        return (
+            f"scope {kind!r} (peft's virtual tokens) runs with numerics 'float32', not "
+            f"{r.numerics.kind!r}: the integer forward of fixed point runs a chain model of "
+            "fixed input shape, not a HuggingFace transformer with virtual tokens"
+        )
+    return None
+
+
+def _prompt_learning_backward(r: Recipe) -> str | None:
+    kind, back = r.scope.kind, r.backward.kind
+    allowed = _PROMPT_LEARNING_BACKWARD.get(kind)
+    if allowed is not None and back not in allowed:
+        return (
+            f"scope {kind!r} runs with backward {_or(allowed)}, not {back!r}: {back!r} "
+            "changes the blocks that carry the virtual tokens"
+        )
+    return None
+
+
 RULES: tuple[Rule, ...] = (
     Rule("cons_stateless", "ZO-Cons needs a stateless optimizer: sgd or sign", _cons_stateless),
     Rule("cons_no_decay", "ZO-Cons has no weight decay", _cons_no_decay),
@@ -382,6 +412,16 @@ RULES: tuple[Rule, ...] = (
         "lora_backward",
         "scope 'lora' runs with backward exact, token_drop or checkpoint",
         _lora_backward,
+    ),
+    Rule(
+        "prompt_learning_float",
+        "scopes 'prefix' and 'prompt' run with numerics float32 only",
+        _prompt_learning_float,
+    ),
+    Rule(
+        "prompt_learning_backward",
+        "scope 'prefix' runs with backward exact, 'prompt' with exact or checkpoint",
+        _prompt_learning_backward,
     ),
 )
 """The field-level rules, each refusing with a message that names both values."""

@@ -38,13 +38,27 @@ __all__ = [
     "Recipe",
     "ESTIMATOR_KINDS",
     "SCOPE_KINDS",
+    "INSTALLING_SCOPE_KINDS",
     "BACKWARD_KINDS",
     "OPTIMIZER_KINDS",
     "NUMERICS_KINDS",
 ]
 
 ESTIMATOR_KINDS = ("backprop", "zo", "forward_grad", "hybrid")
-SCOPE_KINDS = ("all", "last_blocks", "blocks", "bias", "channels", "predicate", "lora")
+SCOPE_KINDS = (
+    "all",
+    "last_blocks",
+    "blocks",
+    "bias",
+    "channels",
+    "predicate",
+    "lora",
+    "prefix",
+    "prompt",
+)
+INSTALLING_SCOPE_KINDS = ("lora", "prefix", "prompt")
+"""Scope kinds whose trained parameters their method module puts into the model
+(edgetrain.scope.register_installer; the module is edgetrain.backward.load_scope's)."""
 LORA_TARGET_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding")
 """Module types LoRA adapts (``Scope.lora_targets``), as peft's LoRA layers support them."""
 BACKWARD_KINDS = ("exact", "wht", "mesa", "token_drop", "checkpoint")
@@ -212,13 +226,19 @@ class Scope:
     (``predicate(module_name, module, param_name, param) -> bool``); ``lora`` (LoRA, Hu
     et al. 2021, injected with peft: rank-``lora_r`` adapters on every module of a type in
     ``lora_targets`` inside the blocks, plus the head if ``include_head``;
-    edgetrain.backward.lora).
+    edgetrain.backward.lora); ``prefix`` (prefix tuning, Li & Liang 2021: trained
+    key/value prefixes at every attention layer) and ``prompt`` (prompt tuning, Lester et
+    al. 2021: trained input embeddings prepended to the tokens), each
+    ``num_virtual_tokens`` long, built with peft's modules on a HuggingFace transformer,
+    plus the head if ``include_head``; edgetrain.backward.prompt_learning).
     """
 
     kind: str = "all"
     k: int = _for("last_blocks", default=1)
     blocks: tuple[int, ...] = _for("blocks", "channels", default=())
-    include_head: bool = _for("last_blocks", "blocks", "channels", "lora", default=True)
+    include_head: bool = _for(
+        "last_blocks", "blocks", "channels", "lora", "prefix", "prompt", default=True
+    )
     channel_ratio: float = _for("channels", default=1.0)
     channel_ratios: tuple[float, ...] = _for("channels", default=())
     """Sparse update: one ratio per selected block (overrides ``channel_ratio``)."""
@@ -241,11 +261,29 @@ class Scope:
     """LoRA: when the estimator closes, fold the trained adapters into the base weights
     (peft's merge), so the model comes back in its own structure with the trained values;
     False removes them unmerged (the base weights as they came)."""
+    num_virtual_tokens: int | None = _for("prefix", "prompt", default=None)
+    """Prefix / prompt tuning: how many virtual tokens (None: ZO-Bench's defaults, 5 for
+    ``prefix`` and 10 for ``prompt``; its run.py ``num_prefix``, ``num_virtual_tokens``)."""
+    prefix_init: str = _for("prefix", default="activations")
+    """Prefix tuning: ``activations`` (the keys and values the model itself computes for
+    random vocabulary tokens, MeZO's and ZO-Bench's default ``prefix_init_by_real_act``)
+    or ``random`` (peft's PrefixEncoder as it comes: N(0, 1) entries)."""
+    prompt_init: str = _for("prompt", default="vocab")
+    """Prompt tuning: ``vocab`` (the embeddings of random vocabulary tokens, peft's
+    ``SAMPLE_VOCAB``, what ZO-Bench's prompt runs use) or ``random`` (peft's ``RANDOM``:
+    N(0, 1) entries)."""
     predicate: Callable[..., bool] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         _check_types(self)
         _choice(self.kind, SCOPE_KINDS, "scope kind")
+        if self.num_virtual_tokens is not None and self.num_virtual_tokens < 1:
+            raise ConfigError(
+                f"Invalid num_virtual_tokens: {self.num_virtual_tokens} (must be >= 1, or None "
+                "for the default of the kind)"
+            )
+        _choice(self.prefix_init, ("activations", "random"), "prefix_init")
+        _choice(self.prompt_init, ("vocab", "random"), "prompt_init")
         if self.lora_r < 1:
             raise ConfigError(f"Invalid lora_r: {self.lora_r} (the adapter rank, >= 1)")
         _positive(self.lora_alpha, "lora_alpha")

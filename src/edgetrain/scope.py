@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from edgetrain.errors import ConfigError, ConfigIndexError
-from edgetrain.recipe import Recipe, Scope
+from edgetrain.recipe import INSTALLING_SCOPE_KINDS, Recipe, Scope
 
 __all__ = [
     "Selection",
@@ -243,11 +243,11 @@ def select(model: nn.Module, scope: Scope) -> Selection:
     elif scope.kind == "bias":
         # Biases and norm affine parameters: every one-dimensional tensor.
         chosen = {id(p) for _, p in named if p.dim() == 1}
-    elif scope.kind in _INSTALLERS or scope.kind == "lora":
+    elif scope.kind in _INSTALLERS or scope.kind in INSTALLING_SCOPE_KINDS:
         raise ConfigError(
             f"Scope kind {scope.kind!r} installs the parameters it trains; use "
             "edgetrain.scope.apply (the estimators do), after importing its method module "
-            "(for 'lora', edgetrain.backward.lora)"
+            f"(edgetrain.backward.load_scope({scope.kind!r}))"
         )
     elif scope.kind == "predicate":
         chosen = set()
@@ -302,8 +302,10 @@ _INSTALLERS: dict[str, Installer] = {}
 
 def register_installer(kind: str, install: Installer) -> None:
     """Declare that scope ``kind`` trains parameters it first puts into the model (LoRA's
-    adapters): ``install(model, scope, seed) -> (trainable parameters, undo)``. The kind's
-    method module registers it at import (edgetrain.backward.lora); :func:`apply` runs it
+    adapters, prefix and prompt tuning's virtual tokens; the kinds of
+    ``recipe.INSTALLING_SCOPE_KINDS``): ``install(model, scope, seed) -> (trainable
+    parameters, undo)``. The kind's method module registers it at import
+    (edgetrain.backward.lora, edgetrain.backward.prompt_learning); :func:`apply` runs it
     and hands ``undo`` to the estimator through :attr:`Selection.undo`."""
     _INSTALLERS[kind] = install
 
@@ -312,6 +314,12 @@ def apply(model: nn.Module, scope: Scope, *, seed: int = 0) -> Selection:
     """Select by ``scope`` and freeze everything else (``requires_grad``). A kind with an
     installer (:func:`register_installer`) first installs its parameters (drawn from
     ``seed``); the selection's ``undo`` takes them out again."""
+    if scope.kind in INSTALLING_SCOPE_KINDS and scope.kind not in _INSTALLERS:
+        raise ConfigError(
+            f"Scope kind {scope.kind!r} installs the parameters it trains, and its method "
+            f"module is not imported: call edgetrain.backward.load_scope({scope.kind!r}) "
+            "first (the estimators do)"
+        )
     if scope.kind in _INSTALLERS:
         params, undo = _INSTALLERS[scope.kind](model, scope, seed)
         ids = {id(p) for p in params}

@@ -82,6 +82,8 @@ _MODULES = {
 _SCOPE_MODULES = {
     "channels": "edgetrain.backward.sparse_update",
     "lora": "edgetrain.backward.lora",
+    "prefix": "edgetrain.backward.prompt_learning",
+    "prompt": "edgetrain.backward.prompt_learning",
 }
 """Scope kind -> the module of its backward (a channel-sparse scope saves only the input
 channels it trains; estimators.backprop installs it)."""
