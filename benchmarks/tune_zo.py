@@ -23,6 +23,18 @@ from edgetrain import tasks
 from edgetrain.train import TrainingDivergedError, finetune
 
 
+def _value(text: str):
+    """A --set value: a bool, an int, a float, else the string."""
+    if text in ("True", "False"):
+        return text == "True"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", default="mnist-to-digits")
@@ -33,6 +45,13 @@ def main() -> None:
     parser.add_argument("--lrs", default="1e-5,3e-5,1e-4,3e-4")
     parser.add_argument("--eps", default="1e-3")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="another recipe override, e.g. scope.include_head=False (repeatable)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -42,7 +61,8 @@ def main() -> None:
     for name in args.presets.split(","):
         for eps in (float(e) for e in args.eps.split(",")):
             for lr in (float(x) for x in args.lrs.split(",")):
-                recipe = task.recipe(name, **{"optimizer.lr": lr, "estimator.eps": eps})
+                extra = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+                recipe = task.recipe(name, **{"optimizer.lr": lr, "estimator.eps": eps, **extra})
                 net = task.pretrained(args.model)
                 start = time.perf_counter()
                 try:
@@ -62,7 +82,7 @@ def main() -> None:
                 except TrainingDivergedError:
                     acc, loss = float("nan"), math.inf
                 print(
-                    f"{name:12s} lr={lr:<8g} eps={eps:<8g} acc={acc:.3f} "
+                    f"{name:12s} {' '.join(args.set)} lr={lr:<8g} eps={eps:<8g} acc={acc:.3f} "
                     f"loss={loss:.3f} {time.perf_counter() - start:.0f}s",
                     flush=True,
                 )

@@ -42,13 +42,18 @@ def test_every_preset_lowers_the_loss_on_the_built_in_task(task, name):
     recipe = presets.get(name)
     model_name = "mlp"
     net = task.pretrained(model_name)
+    data = task.train
     if applicable(recipe, net) is not None:
         model_name = "vit"
         net = task.pretrained(model_name)
-    subset = torch.utils.data.Subset(task.train, range(256))
+    if applicable(recipe, net) is not None:  # a transformers-only scope (prefix, prompt)
+        from tests.conftest import text_data, tiny_bert
+
+        model_name, net, data = "a tiny BERT", tiny_bert(own_head=True), text_data(256)
+    subset = torch.utils.data.Subset(data, range(256))
     before = evaluate(net, subset)["loss"]
     steps = min(recipe.steps, 100)
-    finetune(net, task.train, recipe, steps=steps, progress=False, measure=False, evaluate=False)
+    finetune(net, data, recipe, steps=steps, progress=False, measure=False, evaluate=False)
     after = evaluate(net, subset)["loss"]
     assert after < before, f"{name} on {model_name}: loss {before:.4f} -> {after:.4f}"
 

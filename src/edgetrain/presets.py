@@ -54,6 +54,8 @@ _ORDER = (
     "mezo_lora",
     "zo_adam_lora",
     "forward_grad_lora",
+    "mezo_prefix",
+    "mezo_prompt",
 )
 """The order of ``names()`` (and so of ``compare``'s table): the built-in presets by
 family, as they were listed before they moved next to their methods (module load order

@@ -103,8 +103,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgetrain._registry import preset
 from edgetrain.errors import ConfigError
-from edgetrain.recipe import Recipe, Scope
+from edgetrain.recipe import Estimator, Optimizer, Recipe, Scope
 from edgetrain.scope import find_head, register_installer
 from edgetrain.seeding import seeded_global_rng
 
@@ -491,3 +492,44 @@ def applicable(recipe: Recipe, model: nn.Module) -> str | None:
     except ConfigError as err:
         return str(err)
     return None
+
+
+# --- presets ------------------------------------------------------------------------------
+
+MEZO_PREFIX = {"lr": 1e-2, "eps": 1e-1}
+MEZO_PROMPT = {"lr": 1e-2, "eps": 1e-2}
+
+
+def _mezo_recipe(name: str, kind: str, description: str, lr: float, eps: float) -> Recipe:
+    return Recipe(
+        name=name,
+        estimator=Estimator(kind="zo", eps=eps),
+        scope=Scope(kind=kind),
+        optimizer=Optimizer(kind="sgd", lr=lr),
+        steps=1000,
+        batch_size=32,
+        description=description,
+    )
+
+
+@preset
+def mezo_prefix() -> Recipe:
+    """MeZO on prefix tuning (Malladi et al. 2023, Sec. 3 and Table 4's "MeZO (prefix)";
+    ZO-Bench's ZO-SGD with the prefix scheme): 5 prefix keys and values per layer,
+    initialised from the model's own activations, plus the head, by two-sided SPSA and
+    ZO-SGD. MeZO's prefix grid is lr {1e-2, 1e-3} with eps 1e-1 (its Table 15): a prefix
+    lives on the scale of activations, not of weights. Applies to HuggingFace
+    transformers (the reference models have no attention cache)."""
+    return _mezo_recipe(
+        "mezo_prefix", "prefix", "MeZO on 5 prefix tokens per layer + head, ZO-SGD", **MEZO_PREFIX
+    )
+
+
+@preset
+def mezo_prompt() -> Recipe:
+    """MeZO on prompt tuning (ZO-Bench's ZO-SGD with the prompt scheme): 10 virtual input
+    tokens drawn from the vocabulary's embeddings, plus the head. eps 1e-2: an embedding
+    entry is ~1e-2 to 1e-1, so the prefix's 1e-1 would swamp it."""
+    return _mezo_recipe(
+        "mezo_prompt", "prompt", "MeZO on 10 virtual input tokens + head, ZO-SGD", **MEZO_PROMPT
+    )
