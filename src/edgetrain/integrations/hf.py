@@ -85,9 +85,21 @@ __all__ = [
     "pooled_features",
     "quiet_transformers",
     "FORWARD_AD_ESTIMATORS",
+    "Trainer",  # noqa: F822 - a lazy attribute (__getattr__)
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> Any:
+    """``Trainer`` (edgetrain.integrations.hf_trainer) on use only: importing
+    ``transformers.Trainer`` takes seconds."""
+    if name == "Trainer":
+        from edgetrain.integrations.hf_trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Estimator kinds whose passes run under forward-mode AD.
 FORWARD_AD_ESTIMATORS = ("forward_grad",)
