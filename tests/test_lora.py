@@ -20,7 +20,7 @@ peft = pytest.importorskip("peft")
 
 RECIPES = {
     "backprop": (Estimator(kind="backprop"), Optimizer(kind="adamw", lr=1e-2)),
-    "zo": (Estimator(kind="zo", eps=1e-3), Optimizer(kind="sgd", lr=1e-2)),
+    "zo": (Estimator(kind="zo", eps=1e-3), Optimizer(kind="sgd", lr=3e-3)),
     "zo_adam": (Estimator(kind="zo", eps=1e-3), Optimizer(kind="adam", lr=1e-2)),
     "forward_grad": (Estimator(kind="forward_grad", queries=4), Optimizer(kind="sgd", lr=1e-2)),
     "hybrid": (Estimator(kind="hybrid", cut=1), Optimizer(kind="adam", lr=1e-2)),
@@ -99,8 +99,7 @@ def test_lora_trains_only_adapters_and_head_and_comes_back_as_it_came(model_name
         parts = n.split(".")
         adapted = ".".join(parts[:-1] + ["base_layer", parts[-1]])
         assert torch.equal(named.get(n, named.get(adapted)).detach(), value), n
-    if kind != "zo":  # plain ZO-SGD over 8 steps is noise-bound; the rest descend
-        assert _loss(model, batch) < loss0, kind
+    assert _loss(model, batch) < loss0, kind
 
     est.close()
     est.close()  # idempotent
