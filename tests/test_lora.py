@@ -251,3 +251,21 @@ def test_a_mezo_lora_step_on_minilm_stays_within_5_percent_of_inference():
     assert step.grads == step.saved_activations == step.optimizer_state == 0
     assert step.trainable_params < 0.02 * step.params
     assert step.peak <= 1.05 * inference.peak
+
+
+def test_without_peft_the_lora_presets_are_skipped_with_the_install_line(monkeypatch):
+    """The main job (`pip install -e .`, no peft) skips the adapter presets, not fails."""
+    import importlib.util
+
+    from edgetrain import presets
+    from edgetrain.backward import prompt_learning
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a)
+    )
+    model, _ = _vit()
+    assert "pip install 'edgetrain[text]'" in applicable(presets.get("mezo_lora"), model)
+    bert, _ = _bert()
+    reason = prompt_learning.applicable(presets.get("mezo_prefix"), bert)
+    assert "pip install 'edgetrain[text]'" in reason

@@ -51,6 +51,7 @@ presets load without it.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 from torch import nn
@@ -193,6 +194,8 @@ def applicable(recipe: Recipe, model: nn.Module) -> str | None:
     ``lora_targets`` (nn.Linear by default) inside the model's blocks."""
     if recipe.scope.kind != "lora":
         return None
+    if importlib.util.find_spec("peft") is None:
+        return "scope 'lora' needs the peft library: pip install 'edgetrain[text]'"
     try:
         names = lora_targets(model, recipe.scope)
     except ConfigError as err:

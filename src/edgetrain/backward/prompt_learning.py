@@ -96,6 +96,7 @@ extras).
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -485,6 +486,8 @@ def applicable(recipe: Recipe, model: nn.Module) -> str | None:
     its layers and heads from the backbone's config."""
     if recipe.scope.kind not in _KINDS:
         return None
+    if importlib.util.find_spec("peft") is None:
+        return f"scope {recipe.scope.kind!r} needs the peft library: pip install 'edgetrain[text]'"
     try:
         backbone = _require_backbone(model, recipe.scope.kind)
         if recipe.scope.kind == "prefix":
