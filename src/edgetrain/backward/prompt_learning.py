@@ -520,7 +520,7 @@ def mezo_prefix() -> Recipe:
     """MeZO on prefix tuning (Malladi et al. 2023, Sec. 3 and Table 4's "MeZO (prefix)";
     ZO-Bench's ZO-SGD with the prefix scheme): 5 prefix keys and values per layer,
     initialised from the model's own activations, plus the head, by two-sided SPSA and
-    ZO-SGD. MeZO's prefix grid is lr {1e-2, 1e-3} with eps 1e-1 (its Table 15): a prefix
+    ZO-SGD. MeZO's prefix grid is lr {1e-2, 1e-3} with eps 1e-1 (its hyperparameter appendix): a prefix
     lives on the scale of activations, not of weights. Applies to HuggingFace
     transformers (the reference models have no attention cache)."""
     return _mezo_recipe(
