@@ -305,9 +305,23 @@ def register_installer(kind: str, install: Installer) -> None:
     adapters, prefix and prompt tuning's virtual tokens; the kinds of
     ``recipe.INSTALLING_SCOPE_KINDS``): ``install(model, scope, seed) -> (trainable
     parameters, undo)``. The kind's method module registers it at import
-    (edgetrain.backward.lora, edgetrain.backward.prompt_learning); :func:`apply` runs it
-    and hands ``undo`` to the estimator through :attr:`Selection.undo`."""
+    (edgetrain.backward.lora, edgetrain.backward.prompt_learning); :func:`apply` runs it,
+    adds the head's parameters when ``scope.include_head`` and hands ``undo``, made
+    idempotent, to the estimator through :attr:`Selection.undo`."""
     _INSTALLERS[kind] = install
+
+
+def _once(undo: Callable[[], None]) -> Callable[[], None]:
+    """``undo`` that runs the first time it is called only."""
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            undo()
+
+    return run
 
 
 def apply(model: nn.Module, scope: Scope, *, seed: int = 0) -> Selection:
@@ -322,9 +336,12 @@ def apply(model: nn.Module, scope: Scope, *, seed: int = 0) -> Selection:
         )
     if scope.kind in _INSTALLERS:
         params, undo = _INSTALLERS[scope.kind](model, scope, seed)
+        head = find_head(model) if scope.include_head else None
+        if head is not None:  # the head trains fully, in place, beside what was installed
+            params = [*params, *head.parameters()]
         ids = {id(p) for p in params}
         selection = Selection([(n, p) for n, p in model.named_parameters() if id(p) in ids])
-        selection.undo = undo
+        selection.undo = _once(undo)
         for p in model.parameters():
             p.requires_grad_(id(p) in ids)
         return selection

@@ -59,7 +59,7 @@ from torch import nn
 from edgetrain._registry import preset
 from edgetrain.errors import ConfigError
 from edgetrain.recipe import Estimator, Optimizer, Recipe, Scope
-from edgetrain.scope import find_blocks, find_head, register_installer
+from edgetrain.scope import find_blocks, register_installer
 from edgetrain.seeding import seeded_global_rng
 
 __all__ = ["install", "lora_targets", "merge_lora", "applicable"]
@@ -116,7 +116,8 @@ def install(
     model: nn.Module, scope: Scope, seed: int
 ) -> tuple[list[nn.Parameter], Callable[[], None]]:
     """Inject peft's LoRA layers into ``model`` (in place) and return the trainable
-    parameters (the adapters, then the head's if ``scope.include_head``) and the undo."""
+    parameters it installed (the adapters; ``scope.apply`` adds the head's with
+    ``scope.include_head``) and the undo."""
     peft, lora_layer = _peft()
     names = lora_targets(model, scope)
     if not names:
@@ -147,15 +148,8 @@ def install(
         for part in (layer.lora_A, layer.lora_B)
         for p in part[_ADAPTER].parameters()
     ]
-    head = find_head(model) if scope.include_head else None
-    head_params = [] if head is None else list(head.parameters())
-    done = False
 
     def undo() -> None:
-        nonlocal done
-        if done:
-            return
-        done = True
         for parent, attr, layer in reversed(layers):
             if getattr(parent, attr) is not layer:  # merge_lora took it out already
                 continue
@@ -165,7 +159,7 @@ def install(
         for key in set(vars(model)) - before:
             delattr(model, key)
 
-    return adapters + head_params, undo
+    return adapters, undo
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -107,7 +107,7 @@ from torch import nn
 from edgetrain._registry import preset
 from edgetrain.errors import ConfigError
 from edgetrain.recipe import Estimator, Optimizer, Recipe, Scope
-from edgetrain.scope import find_head, register_installer
+from edgetrain.scope import register_installer
 from edgetrain.seeding import seeded_global_rng
 
 __all__ = [
@@ -427,7 +427,7 @@ def install(
 ) -> tuple[list[nn.Parameter], Callable[[], None]]:
     """Put ``scope.kind``'s virtual tokens (peft's PromptEmbedding or PrefixEncoder) into
     ``model``'s backbone, with its hooks, and return the trainable parameters (the virtual
-    tokens, then the head's if ``scope.include_head``) and the undo."""
+    tokens; ``scope.apply`` adds the head's with ``scope.include_head``) and the undo."""
     if scope.kind not in _KINDS:
         raise ConfigError("prompt_learning.install takes scope kind 'prefix' or 'prompt'")
     backbone = _require_backbone(model, scope.kind)
@@ -454,15 +454,8 @@ def install(
             handles.append(pooler.register_forward_pre_hook(_pooler_pre_hook, with_kwargs=True))
     else:
         handles.append(backbone.register_forward_pre_hook(_prefix_pre_hook, with_kwargs=True))
-    head = find_head(model) if scope.include_head else None
-    head_params = [] if head is None else list(head.parameters())
-    done = False
 
     def undo() -> None:
-        nonlocal done
-        if done:
-            return
-        done = True
         for handle in handles:
             handle.remove()
         if isinstance(pooler, nn.Module) and hasattr(pooler, "edgetrain_virtual_tokens"):
@@ -470,7 +463,7 @@ def install(
         if getattr(backbone, PROMPT_MODULE, None) is module:
             delattr(backbone, PROMPT_MODULE)
 
-    return list(module.parameters()) + head_params, undo
+    return list(module.parameters()), undo
 
 
 register_installer("prefix", install)
@@ -520,8 +513,8 @@ def mezo_prefix() -> Recipe:
     """MeZO on prefix tuning (Malladi et al. 2023, Sec. 3 and Table 4's "MeZO (prefix)";
     ZO-Bench's ZO-SGD with the prefix scheme): 5 prefix keys and values per layer,
     initialised from the model's own activations, plus the head, by two-sided SPSA and
-    ZO-SGD. MeZO's prefix grid is lr {1e-2, 1e-3} with eps 1e-1 (its hyperparameter appendix): a prefix
-    lives on the scale of activations, not of weights. Applies to HuggingFace
+    ZO-SGD. MeZO's prefix grid is lr {1e-2, 1e-3} with eps 1e-1 (its hyperparameter
+    appendix): a prefix lives on the scale of activations, not of weights. Applies to HuggingFace
     transformers (the reference models have no attention cache)."""
     return _mezo_recipe(
         "mezo_prefix", "prefix", "MeZO on 5 prefix tokens per layer + head, ZO-SGD", **MEZO_PREFIX
