@@ -5,7 +5,7 @@
     edgetrain measure  --task mnist-to-digits --model vit --recipe full_bp [--rss]
     edgetrain plan     --task mnist-to-digits --model vit --budget 3MB
     edgetrain finetune --budget 3MB                     # the planner's best recipe
-    edgetrain compare  [--task T] [--model M] [--presets a,b] [--quick] [--equal-time S]
+    edgetrain compare  [--task T] [--model M] [--presets a,b] [--seeds N] [--quick] [--resume]
     edgetrain compare  --from results/results.json
     torchrun --nproc-per-node N -m edgetrain finetune ...   # data-parallel (gloo, CPU)
 
@@ -24,7 +24,11 @@ import ast
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "DEFAULT_SEEDS"]
+
+DEFAULT_SEEDS = 3
+"""Seeds per preset of a default ``edgetrain compare``: one seed cannot tell a 2-point gap
+from noise (``edgetrain.bench.summary``)."""
 
 
 class CLIError(Exception):
@@ -140,6 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8,
         help="test-set evaluations during each preset's run (default: %(default)s; 2 with --quick)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fine-tuning seeds per preset, --seed, --seed + 1, ... (default: 3; 1 with "
+        "--quick): accuracy as mean +- sd",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished runs of a stopped comparison in --out and run only the rest",
     )
     p.add_argument("--out", default="results", help="output directory (default: %(default)s)")
     p.add_argument(
@@ -318,9 +335,11 @@ def _cmd_compare(args) -> int:
             quick=args.quick,
             equal_time=args.equal_time,
             seed=args.seed,
+            seeds=(1 if args.quick else DEFAULT_SEEDS) if args.seeds is None else args.seeds,
             progress=not args.no_progress,
             eval_points=args.eval_points,
-            save_to=out / "results.json",  # after every preset: a stopped run keeps its rows
+            save_to=out / "results.json",  # after every run: a stopped run keeps its rows
+            resume=args.resume,
         )
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(result)

@@ -8,8 +8,9 @@ from a formula), keeps those whose peak fits, and ranks them.
 Ranking is one fixed total order over candidates, independent of the budget, so a larger
 budget (whose feasible set contains the smaller one's) never makes the best choice worse:
 
-1. the preset's accuracy from the latest compare results (``results/results.json`` or
-   ``results=``), when the file has that preset for this task and model; otherwise its
+1. the preset's accuracy (the mean over its seeds) from the latest compare results
+   (``results/results.json`` or ``results=``), when the file has that preset for this
+   task and model; otherwise its
    place in ``PRIOR`` (a documented prior: the ordering the literature and our own runs
    suggest, best first);
 2. then more capacity: more trained blocks, an earlier hybrid cut (more backprop),
@@ -189,11 +190,11 @@ def _load_accuracies(path: Path | None, task: str, model: str) -> dict[str, floa
     meta = data.get("meta", {})
     if meta.get("task") != task or meta.get("model") != model:
         return {}
-    return {
-        r["preset"]: r["accuracy_after"]
-        for r in data.get("rows", [])
-        if r.get("status") == "ok" and r.get("accuracy_after") is not None
-    }
+    by_preset: dict[str, list[float]] = {}
+    for r in data.get("rows", []):
+        if r.get("status") == "ok" and r.get("accuracy_after") is not None:
+            by_preset.setdefault(r["preset"], []).append(r["accuracy_after"])
+    return {name: sum(accs) / len(accs) for name, accs in by_preset.items()}  # seeds' mean
 
 
 def cache_path() -> Path:

@@ -9,8 +9,11 @@ peak memory by category (``edgetrain.memory.measure``). A preset that does not a
 the model (token dropping needs attention weights, say) is skipped with its reason; one
 that fails records its error and the comparison goes on.
 
-The result is self-describing: every recipe, the seed, library versions, git commit,
-device and date travel with the rows (``CompareResult.to_json``).
+With several seeds (``seeds=3``: what ``edgetrain compare`` runs by default) every preset
+runs once per seed and each run is its own row; ``edgetrain.bench.summary`` gives the mean,
+the spread and which differences exceed it. The result is self-describing: every recipe,
+the seeds, library versions, git commit, device and date travel with the rows
+(``CompareResult.to_json``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ two evaluation points: a smoke test of every preset in under two minutes, not a 
 class Row:
     preset: str
     recipe: dict[str, Any]
+    seed: int = 0
     status: str = "ok"  # ok | skipped | failed
     reason: str = ""
     steps: int = 0
@@ -179,6 +183,73 @@ def applicable(recipe: Recipe, model: torch.nn.Module) -> str | None:
     return None
 
 
+def _seed_list(seed: int, seeds: int | list[int] | tuple[int, ...] | None) -> list[int]:
+    if seeds is None:
+        return [seed]
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ConfigError(f"Invalid seeds: {seeds} (the number of seeds, >= 1)")
+        return [seed + i for i in range(seeds)]
+    listed = [int(s) for s in seeds]
+    if not listed or len(set(listed)) != len(listed):
+        raise ConfigError(f"Invalid seeds: {seeds!r} (distinct seeds, at least one)")
+    return listed
+
+
+_RESUME_KEYS = ("task", "model", "quick", "equal_time", "steps", "eval_points")
+
+
+def _resumable_rows(path: Path, meta: dict[str, Any]) -> list[Row]:
+    """The finished rows of an earlier run of the same comparison saved at ``path`` (ok
+    and skipped rows; failed ones run again). A file of another comparison is refused,
+    not mixed in."""
+    if not path.exists():
+        return []
+    earlier = CompareResult.load(path)
+    differ = [k for k in _RESUME_KEYS if earlier.meta.get(k) != meta.get(k)]
+    if differ:
+        raise ConfigError(
+            f"cannot resume from {path}: it holds another comparison ("
+            + ", ".join(f"{k} {earlier.meta.get(k)!r} there, {meta.get(k)!r} here" for k in differ)
+            + "); choose another --out or drop --resume"
+        )
+    return [r for r in earlier.rows if r.status in ("ok", "skipped")]
+
+
+def _finetune_row(
+    row: Row, recipe: Recipe, task_obj: Any, base_model: torch.nn.Module, *, run: dict[str, Any]
+) -> None:
+    """Fine-tune a copy of ``base_model`` with ``recipe`` and fill ``row`` with what the
+    run measured."""
+    steps, budget, seed = run["steps"], run["budget"], row.seed
+    net = copy.deepcopy(base_model)
+    if run["flops"].get(recipe.name) is None:  # FLOPs depend on shapes, not on the seed
+        sampler = BatchSampler(task_obj.train, recipe.batch_size, seed)
+        run["flops"][recipe.name] = count_step_flops(net, recipe, sampler.batch(0), seed)
+    row.flops_per_step = run["flops"][recipe.name]
+    every = max(1, steps // run["eval_points"]) if budget is None else max(1, recipe.steps // 8)
+    fit = finetune(
+        net,
+        task_obj.train,
+        recipe,
+        steps=steps,
+        eval_data=task_obj.test,
+        seed=seed,
+        progress=run["progress"],
+        eval_every=every,
+        time_budget=budget,
+    )
+    row.steps = fit.steps
+    row.accuracy_after = fit.accuracy_after
+    row.wall_seconds = fit.wall_seconds
+    row.median_step_seconds = fit.median_step_seconds
+    row.forward_passes = fit.forward_passes
+    row.backward_passes = fit.backward_passes
+    row.memory = fit.memory.to_dict() if fit.memory else None
+    row.evals = [{"step": 0, "accuracy": row.accuracy_before, "wall_seconds": 0.0}, *fit.evals]
+    row.final_loss = fit.history[-1]["loss"] if fit.history else None
+
+
 def compare(
     task: str = "mnist-to-digits",
     model: str | None = None,
@@ -187,16 +258,24 @@ def compare(
     quick: bool = False,
     equal_time: float | None = None,
     seed: int = 0,
+    seeds: int | list[int] | None = None,
     progress: bool = True,
     eval_points: int = 8,
     on_row=None,
     save_to: str | Path | None = None,
+    resume: bool = False,
     steps: int | None = None,
 ) -> CompareResult:
     """Run ``preset_names`` (default: all) on ``task`` with ``model`` and return rows.
 
-    ``save_to``: a results file rewritten (atomically) after every preset, so a long run
-    that is stopped keeps every finished row (``edgetrain compare --from`` renders it).
+    ``seeds``: how many fine-tuning seeds (``seed``, ``seed + 1``, ...) or which; every
+    preset runs once per seed, seed by seed (a stopped run has whole tables of the first
+    seeds), and each run is a row of its own (``Row.seed``); ``edgetrain.bench.summary``
+    turns them into means and spreads. The seed drives the batch order, the perturbations
+    and dropout; the pretrained model is the task's one checkpoint for every seed.
+    ``save_to``: a results file rewritten (atomically) after every run, so a long run
+    that is stopped keeps every finished row (``edgetrain compare --from`` renders it);
+    with ``resume`` the finished rows already in that file are kept and not run again.
     ``eval_points``: evaluations on the test set during each run (2 with ``quick``).
     ``steps``: every preset's run length instead of its own (a screening run)."""
     from tqdm.auto import tqdm
@@ -204,73 +283,72 @@ def compare(
     task_obj = tasks.get(task)
     model = model or task_obj.default_model
     names = preset_names or presets.names()
+    seed_list = _seed_list(seed, seeds)
     lengths = {} if steps is None else {"steps": steps}
     recipes = [task_obj.recipe(n, **lengths) for n in names]  # unknown names fail first
     if eval_points < 1:
-        raise ValueError(f"Invalid eval_points: {eval_points} (must be >= 1)")
+        raise ConfigError(f"Invalid eval_points: {eval_points} (must be >= 1)")
     if equal_time is not None and equal_time <= 0:
-        raise ValueError(f"Invalid --equal-time: {equal_time} (seconds, > 0)")
-    base_model = task_obj.pretrained(model, progress=progress)
-    before = task_obj.baseline_accuracy(model)
+        raise ConfigError(f"Invalid --equal-time: {equal_time} (seconds, > 0)")
+    if resume and save_to is None:
+        raise ConfigError("resume=True needs save_to (the results file to resume from)")
+    if quick:
+        eval_points = min(eval_points, 2)
     meta = run_metadata(
         task=task,
         model=model,
-        seed=seed,
+        seed=seed_list[0],
+        seeds=seed_list,
         quick=quick,
         equal_time=equal_time,
+        steps=steps,
+        eval_points=eval_points,
         presets=names,
+    )
+    done = _resumable_rows(Path(save_to), meta) if resume else []
+    base_model = task_obj.pretrained(model, progress=progress)
+    before = task_obj.baseline_accuracy(model)
+    meta.update(
         train_examples=len(task_obj.train),
         test_examples=len(task_obj.test),
         before=task_obj.before_figures(model),
     )
+    finished = {(r.preset, r.seed): r for r in done}
+    reasons = {r.name: applicable(r, base_model) for r in recipes}
+    run = {"eval_points": eval_points, "progress": progress, "flops": {}}
+    for r in done:
+        run["flops"].setdefault(r.preset, r.flops_per_step)
     rows: list[Row] = []
-    overall = tqdm(recipes, desc="compare", unit="preset", disable=not progress)
-    for recipe in overall:
-        overall.set_postfix(preset=recipe.name, refresh=True)
-        row = Row(preset=recipe.name, recipe=recipe.to_dict(), accuracy_before=before)
-        reason = applicable(recipe, base_model)
-        if reason:
-            row.status, row.reason = "skipped", reason
-            rows.append(row)
+    # A preset that does not apply is recorded once (under the first seed), not per seed.
+    todo = [
+        (s, rec)
+        for s in seed_list
+        for rec in recipes
+        if not (reasons[rec.name] and s != seed_list[0])
+    ]
+    overall = tqdm(todo, desc="compare", unit="run", disable=not progress)
+    for s, recipe in overall:
+        if (recipe.name, s) in finished:
+            rows.append(finished[(recipe.name, s)])
             continue
-        steps = recipe.steps
-        if quick:
-            steps = max(5, steps // QUICK_FACTOR)
-            eval_points = min(eval_points, 2)
-        budget = None
-        if equal_time is not None:
-            steps, budget = 10**9, equal_time
-        try:
-            net = copy.deepcopy(base_model)
-            sampler = BatchSampler(task_obj.train, recipe.batch_size, seed)
-            row.flops_per_step = count_step_flops(net, recipe, sampler.batch(0), seed)
-            every = max(1, steps // eval_points) if budget is None else max(1, recipe.steps // 8)
-            fit = finetune(
-                net,
-                task_obj.train,
-                recipe,
-                steps=steps,
-                eval_data=task_obj.test,
-                seed=seed,
-                progress=progress,
-                eval_every=every,
-                time_budget=budget,
-            )
-            row.steps = fit.steps
-            row.accuracy_after = fit.accuracy_after
-            row.wall_seconds = fit.wall_seconds
-            row.median_step_seconds = fit.median_step_seconds
-            row.forward_passes = fit.forward_passes
-            row.backward_passes = fit.backward_passes
-            row.memory = fit.memory.to_dict() if fit.memory else None
-            row.evals = [{"step": 0, "accuracy": before, "wall_seconds": 0.0}, *fit.evals]
-            row.final_loss = fit.history[-1]["loss"] if fit.history else None
-        except Exception as err:  # noqa: BLE001 - one preset's failure must not stop the rest
-            row.status = "failed"
-            row.reason = f"{type(err).__name__}: {err}"
-            row.memory = None
-            if progress:
-                traceback.print_exc(file=sys.stderr)
+        label = recipe.name if len(seed_list) == 1 else f"{recipe.name} seed {s}"
+        overall.set_postfix(preset=label, refresh=True)
+        row = Row(preset=recipe.name, recipe=recipe.to_dict(), seed=s, accuracy_before=before)
+        if reasons[recipe.name]:
+            row.status, row.reason = "skipped", reasons[recipe.name]
+        else:
+            run["steps"] = max(5, recipe.steps // QUICK_FACTOR) if quick else recipe.steps
+            run["budget"] = equal_time
+            if equal_time is not None:
+                run["steps"] = 10**9
+            try:
+                _finetune_row(row, recipe, task_obj, base_model, run=run)
+            except Exception as err:  # noqa: BLE001 - one run's failure must not stop the rest
+                row.status = "failed"
+                row.reason = f"{type(err).__name__}: {err}"
+                row.memory = None
+                if progress:
+                    traceback.print_exc(file=sys.stderr)
         rows.append(row)
         if save_to is not None:
             CompareResult(meta=meta, rows=list(rows)).save(save_to)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from edgetrain.bench.compare import CompareResult, Row
+from edgetrain.bench.summary import PresetSummary, baseline_of, beyond_spread, summarize
 from edgetrain.memory.measure import format_bytes
 
 __all__ = ["markdown_table"]
@@ -25,32 +26,66 @@ def _flops(n: int | None) -> str:
     return str(n)
 
 
+def _acc(s: PresetSummary) -> str:
+    if s.mean is None:
+        return "-"
+    return _pct(s.mean) if s.sd is None else f"{_pct(s.mean)} +- {_pct(s.sd)}"
+
+
+def _per_seed(s: PresetSummary) -> str:
+    return " / ".join(_pct(a) for a in s.accuracies) or "-"
+
+
+def _vs_baseline(s: PresetSummary, base: PresetSummary | None) -> str:
+    if base is None or s.mean is None:
+        return "-"
+    if s is base:
+        return "(baseline)"
+    delta = 100 * (s.mean - base.mean)
+    beyond = beyond_spread(s, base)
+    mark = "" if beyond is None else (" *" if beyond else " ~")
+    return f"{delta:+.1f}{mark}"
+
+
+def _ok(fn):
+    return lambda s: fn(s.row) if s.status == "ok" else "-"
+
+
 COLUMNS = (
-    ("preset", lambda r: r.preset),
-    ("acc before %", lambda r: _pct(r.accuracy_before)),
-    ("acc after %", lambda r: _pct(r.accuracy_after)),
-    ("steps", lambda r: str(r.steps) if r.status == "ok" else "-"),
-    ("wall s", lambda r: "-" if r.wall_seconds is None else f"{r.wall_seconds:.1f}"),
+    ("preset", lambda s: s.preset),
+    ("acc before %", _ok(lambda r: _pct(r.accuracy_before))),
+    ("acc after %", _acc),
+    ("steps", _ok(lambda r: str(r.steps))),
+    ("wall s", lambda s: "-" if s.mean_wall_seconds is None else f"{s.mean_wall_seconds:.1f}"),
     (
         "s/step (median)",
-        lambda r: "-" if r.median_step_seconds is None else f"{r.median_step_seconds * 1e3:.1f}ms",
+        lambda s: "-" if s.median_step_seconds is None else f"{s.median_step_seconds * 1e3:.1f}ms",
     ),
-    ("fwd", lambda r: str(r.forward_passes)),
-    ("bwd", lambda r: str(r.backward_passes)),
-    ("FLOPs/step", lambda r: _flops(r.flops_per_step)),
-    ("params", lambda r: _mem(r, "params")),
-    ("grads", lambda r: _mem(r, "grads")),
-    ("opt state", lambda r: _mem(r, "optimizer_state")),
-    ("saved act", lambda r: _mem(r, "saved_activations")),
-    ("transient", lambda r: _mem(r, "transient")),
-    ("peak", lambda r: _mem(r, "peak")),
+    ("fwd", _ok(lambda r: str(r.forward_passes))),
+    ("bwd", _ok(lambda r: str(r.backward_passes))),
+    ("FLOPs/step", _ok(lambda r: _flops(r.flops_per_step))),
+    ("params", _ok(lambda r: _mem(r, "params"))),
+    ("grads", _ok(lambda r: _mem(r, "grads"))),
+    ("opt state", _ok(lambda r: _mem(r, "optimizer_state"))),
+    ("saved act", _ok(lambda r: _mem(r, "saved_activations"))),
+    ("transient", _ok(lambda r: _mem(r, "transient"))),
+    ("peak", _ok(lambda r: _mem(r, "peak"))),
 )
 
 
+def _seeds_text(meta: dict) -> str:
+    seeds = meta.get("seeds") or [meta.get("seed")]
+    return f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds))
+
+
 def markdown_table(result: CompareResult) -> str:
+    """The comparison as one markdown table, a row per preset: with several seeds the
+    accuracy is mean +- sd, each seed's figure follows, and the difference from the
+    baseline is marked ``*`` when it exceeds the seed spread, ``~`` when it does not
+    (``edgetrain.bench.summary``)."""
     meta = result.meta
     head = (
-        f"Task `{meta.get('task')}`, model `{meta.get('model')}`, seed {meta.get('seed')}, "
+        f"Task `{meta.get('task')}`, model `{meta.get('model')}`, {_seeds_text(meta)}, "
         f"{meta.get('device')}, {meta.get('date')}, commit {str(meta.get('git_commit'))[:12]}"
     )
     if meta.get("equal_time"):
@@ -62,19 +97,37 @@ def markdown_table(result: CompareResult) -> str:
         head += ". Before fine-tuning: " + ", ".join(
             f"{k.replace('_', ' ')} {100 * v:.1f}%" for k, v in before.items()
         )
+    summaries = summarize(result)
+    seeded = any(s.n >= 2 for s in summaries)
+    base = baseline_of(summaries)
+    columns = list(COLUMNS)
+    if seeded:
+        columns[3:3] = [
+            ("per seed", _per_seed),
+            (f"vs {base.preset}" if base else "vs baseline", lambda s: _vs_baseline(s, base)),
+        ]
     lines = [
         head,
         "",
-        "| " + " | ".join(c for c, _ in COLUMNS) + " |",
-        "|" + "|".join("---" for _ in COLUMNS) + "|",
+        "| " + " | ".join(c for c, _ in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
     ]
     notes = []
-    for row in result.rows:
-        if row.status != "ok":
-            lines.append(f"| {row.preset} | " + " | ".join("-" for _ in COLUMNS[1:]) + " |")
-            notes.append(f"- `{row.preset}` {row.status}: {row.reason}")
+    for summary in summaries:
+        if summary.status != "ok":
+            lines.append(f"| {summary.preset} | " + " | ".join("-" for _ in columns[1:]) + " |")
+            notes.append(f"- `{summary.preset}` {summary.status}: {summary.reason}")
             continue
-        lines.append("| " + " | ".join(fn(row) for _, fn in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fn(summary) for _, fn in columns) + " |")
+        if summary.failed_seeds:
+            notes.append(f"- `{summary.preset}` failed on some seeds: {summary.reason}")
+    if seeded:
+        notes.insert(
+            0,
+            f"- acc after: mean +- sample sd over the seeds; vs {base.preset if base else '-'}: "
+            "difference of the means in points, `*` where it exceeds the two seed spreads "
+            "(the mean +- sd intervals do not overlap), `~` where it does not.",
+        )
     if notes:
         lines += ["", *notes]
     return "\n".join(lines)
