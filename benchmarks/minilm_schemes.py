@@ -4,27 +4,28 @@
         --heads probe,aligned --seeds 0,1,2 --out results/minilm_schemes
     python benchmarks/minilm_schemes.py --from results/minilm_schemes   # the table again
 
-Each (head, seed) is one ``edgetrain compare`` run of the presets as the task runs them
-(``Task.recipe``: the MiniLM learning rates of ``edgetrain.tasks.text``) on
+Each head is one ``edgetrain compare`` run of the presets over the seeds, as the task
+runs them (``Task.recipe``: the MiniLM learning rates of ``edgetrain.tasks.text``) on
 ``minilm-polarity`` (linear-probe head) or ``minilm-polarity-aligned`` (the verbaliser
-head), saved after every preset to ``<out>/<task>_seed<s>.json``: a stopped run keeps its
-finished rows, and a rerun skips the files that are complete. The table gives, per head
-and preset, the accuracy after as mean +- standard deviation over the seeds (n noted when a
-seed is missing), the "before" figures, the median peak memory and the median seconds per
-step. One process runs everything, one preset at a time (2 cores: nothing else should
-run beside it). ``--steps`` overrides every preset's run length (a screening run).
+head), saved after every (preset, seed) run to ``<out>/<task>.json`` and resumed from it
+(``compare(resume=True)``): a stopped run keeps its finished rows and a rerun runs only
+the rest. The table (``edgetrain.bench.summary``) gives, per head and preset, the accuracy
+after as mean +- standard deviation over the seeds (n noted when a seed is missing), the
+"before" figures, the median run's peak memory and the median seconds per step. One
+process runs everything, one run at a time (2 cores: nothing else should run beside it).
+``--steps`` overrides every preset's run length (a screening run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
 from edgetrain.bench.compare import CompareResult, compare
+from edgetrain.bench.summary import PresetSummary, summarize
 from edgetrain.memory import format_bytes
 
 TASKS = {"probe": "minilm-polarity", "aligned": "minilm-polarity-aligned"}
@@ -32,80 +33,55 @@ TASKS = {"probe": "minilm-polarity", "aligned": "minilm-polarity-aligned"}
 
 def _run(args) -> None:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = args.presets.split(",")
     for head in args.heads.split(","):
         task = TASKS[head]
-        for seed in (int(s) for s in args.seeds.split(",")):
-            path = out / f"{task}_seed{seed}.json"
-            done = set()
-            if path.exists():
-                done = {r.preset for r in CompareResult.load(path).rows if r.status == "ok"}
-            todo = [n for n in names if n not in done]
-            if not todo:
-                continue
-            print(f"{task} seed {seed}: {','.join(todo)}", flush=True)
-            result = compare(
-                task,
-                preset_names=todo,
-                seed=seed,
-                eval_points=args.eval_points,
-                progress=not args.no_progress,
-                save_to=out / f".{path.name}.part",
-                steps=args.steps or None,
-            )
-            if path.exists():  # keep the rows of an earlier partial run
-                earlier = CompareResult.load(path)
-                keep = [r for r in earlier.rows if r.preset not in todo]
-                result = CompareResult(meta=result.meta, rows=keep + result.rows)
-            result.save(path)
-            (out / f".{path.name}.part").unlink(missing_ok=True)
+        print(f"{task}: {args.presets} over seeds {args.seeds}", flush=True)
+        compare(
+            task,
+            preset_names=args.presets.split(","),
+            seeds=[int(s) for s in args.seeds.split(",")],
+            eval_points=args.eval_points,
+            progress=not args.no_progress,
+            save_to=out / f"{task}.json",
+            resume=True,
+            steps=args.steps or None,
+        )
 
 
-def _mean_sd(values: list[float]) -> str:
-    if not values:
+def _mean_sd(s: PresetSummary) -> str:
+    if s.mean is None:
         return "-"
-    mean = 100 * statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.1f} (n=1)"
-    return f"{mean:.1f} +- {100 * statistics.stdev(values):.1f}"
-
-
-def _seeds_of(results: list[CompareResult], rows: list) -> list[str]:
-    return [str(res.meta["seed"]) for res in results if any(r in rows for r in res.rows)]
+    if s.sd is None:
+        return f"{100 * s.mean:.1f} (n=1)"
+    return f"{100 * s.mean:.1f} +- {100 * s.sd:.1f}"
 
 
 def table(out: Path) -> str:
     """The markdown table of every results file under ``out``."""
     lines = [
-        "| head | preset | before % | after %, mean +- sd | seeds | peak (median) "
+        "| head | preset | before % | after %, mean +- sd | seeds | peak (median run) "
         "| s/step (median) | steps |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for head, task in TASKS.items():
-        files = sorted(out.glob(f"{task}_seed*.json"))
-        if not files:
+        path = out / f"{task}.json"
+        if not path.exists():
             continue
-        results = [CompareResult.load(f) for f in files]
-        before = results[0].meta.get("before") or {}
-        order = list(dict.fromkeys(r.preset for res in results for r in res.rows))
-        for name in order:
-            rows = [r for res in results for r in res.rows if r.preset == name]
-            ok = [r for r in rows if r.status == "ok" and r.accuracy_after is not None]
-            if not ok:
-                lines.append(f"| {head} | {name} | - | {rows[0].status} | 0 | - | - | - |")
+        result = CompareResult.load(path)
+        for s in summarize(result):
+            if s.status != "ok":
+                lines.append(f"| {head} | {s.preset} | - | {s.status} | 0 | - | - | - |")
                 continue
-            peak = statistics.median(r.memory["peak"] for r in ok if r.memory)
-            step_s = statistics.median(r.median_step_seconds for r in ok)
+            peak = s.row.memory["peak"] if s.row.memory else None
             lines.append(
-                f"| {head} | {name} | {100 * ok[0].accuracy_before:.1f} | "
-                f"{_mean_sd([r.accuracy_after for r in ok])} | "
-                f"{','.join(_seeds_of(results, ok))} | "
-                f"{format_bytes(peak)} | {step_s * 1000:.0f} ms | {ok[0].steps} |"
+                f"| {head} | {s.preset} | {100 * s.row.accuracy_before:.1f} | {_mean_sd(s)} | "
+                f"{','.join(map(str, s.seeds))} | "
+                f"{'-' if peak is None else format_bytes(peak)} | "
+                f"{s.median_step_seconds * 1000:.0f} ms | {s.row.steps} |"
             )
         figures = ", ".join(
             f"{k.replace('_', ' ')} {100 * v:.1f}%"
-            for k, v in before.items()
+            for k, v in (result.meta.get("before") or {}).items()
             if isinstance(v, float)
         )
         lines.append(f"| {head} | (before: {figures}) | | | | | | |")
