@@ -130,10 +130,32 @@ class Estimator(abc.ABC):
         return total
 
     def step(self, batch: Any) -> StepStats:
+        # CUDA runs kernels asynchronously: the clock waits for the device at both ends,
+        # so ``seconds`` is the step's kernels, not their launches (nothing on CPU).
+        device = self._clock_device()
+        if device is not None:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         loss, forwards, backwards = self._step(batch)
+        if device is not None:
+            torch.cuda.synchronize(device)
         self.step_count += 1
         return StepStats(loss, forwards, backwards, time.perf_counter() - start)
+
+    def _clock_device(self) -> torch.device | None:
+        """The CUDA device the step timer waits for, or None: found at the first step
+        (:meth:`cuda_device_of` the model) and kept."""
+        if "_timer_device" not in self.__dict__:
+            self._timer_device = self.cuda_device_of(self.model)
+        return self._timer_device
+
+    @staticmethod
+    def cuda_device_of(model: nn.Module) -> torch.device | None:
+        """The device of ``model``'s first parameter if it is a CUDA device, else None
+        (CPU, meta, or no parameters)."""
+        for p in model.parameters():
+            return p.device if p.device.type == "cuda" else None
+        return None
 
     @abc.abstractmethod
     def _step(self, batch: Any) -> tuple[float, int, int]:
