@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from edgetrain import memory, presets
+from edgetrain.estimators.backprop import Backprop
+from edgetrain.memory.measure import StepMeter
 from edgetrain.recipe import Estimator, Optimizer, Recipe, Scope
 
 F32 = 4
@@ -170,3 +172,49 @@ def test_peak_carries_lazily_created_optimizer_state_through_the_next_step():
     adam = memory.measure(net, ADAM, batch_of(8))
     assert adam.at_peak["optimizer_state"] == adam.optimizer_state >= 2 * adam.trainable_params
     assert adam.peak >= sgd.peak + 2 * adam.trainable_params
+
+
+class BackpropWithLocalHead(Backprop):
+    """Backprop plus a head of the estimator's own (a local parameter, issue 17): a
+    ``Linear(1000, 10)`` on the input, trained by its cross-entropy beside the model's."""
+
+    def __init__(self, model, recipe):
+        super().__init__(model, recipe)
+        self.local_head = nn.Linear(1000, 10)
+        self.optimizer = torch.optim.Adam([*self.params, *self.local_head.parameters()], lr=0.01)
+
+    def local_parameters(self):
+        return list(self.local_head.parameters())
+
+    def _step(self, batch):
+        x, y = batch
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model, batch) + nn.functional.cross_entropy(self.local_head(x), y)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach()), 1, 1
+
+
+def test_local_parameters_are_their_own_category_their_grads_and_moments_counted():
+    net = TwoLayer()
+    est = BackpropWithLocalHead(net, ADAM)
+    batch = batch_of(8)
+    try:
+        meter = StepMeter(net, est, [batch])
+        for _ in range(2):
+            with meter.step():
+                est.step(batch)
+        report = meter.report()
+    finally:
+        est.close()
+    plain = memory.measure(TwoLayer(), ADAM, batch)
+    n_local = (1000 * 10 + 10) * F32
+    assert report.local_params == report.at_peak["local_params"] == n_local
+    assert plain.local_params == plain.at_peak["local_params"] == 0
+    assert report.params == plain.params and report.trainable_params == plain.trainable_params
+    assert report.grads == plain.grads + n_local  # the local head's .grad counts as a grad
+    assert report.optimizer_state >= plain.optimizer_state + 2 * n_local  # its Adam moments
+    assert sum(report.at_peak.values()) == report.peak
+    assert report.peak >= plain.peak + 3 * n_local  # itself and two moments, all along
+    assert "local_params" in str(report) and "local_params" not in str(plain)
+    assert report.to_dict()["local_params"] == n_local

@@ -145,3 +145,19 @@ def test_cli_seeds(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "edgetrain: error: Invalid seeds: 0 (the number of seeds, >= 1)"
     )
+
+
+def test_the_table_shows_local_parameters_and_reads_files_from_before_them():
+    memory = {k: 1024 for k in ("params", "grads", "optimizer_state", "saved_activations")}
+    memory.update(transient=0, peak=8192)
+    rows = [
+        Row("full_bp", {}, accuracy_after=0.9, memory=dict(memory)),  # a file from before
+        Row("mono_forward", {}, accuracy_after=0.9, memory={**memory, "local_params": 2048}),
+    ]
+    lines = markdown_table(CompareResult({"task": "t", "model": "m"}, rows)).splitlines()
+    header = lines[2].split(" | ")
+    local = header.index("local")
+    assert header[local - 1] == "params"
+    cells = {line.split(" | ")[0]: line.split(" | ") for line in lines[4:6]}
+    assert cells["| full_bp"][local] == "-"
+    assert cells["| mono_forward"][local] == "2.00 KiB"

@@ -208,3 +208,64 @@ def test_measure_true_meters_the_run_without_copying_the_model(task):
     assert mem is not None and mem.grads == mem.trainable_params  # Adam: a grad per param
     # Two moments, and Adam's 4-byte step counter per parameter tensor.
     assert 0 <= mem.optimizer_state - 2 * mem.trainable_params <= 4 * len(list(net.parameters()))
+
+
+def test_evaluations_measure_the_estimators_predictor_before_it_closes(task, monkeypatch):
+    """An estimator whose prediction is not ``model(x)`` (issue 17: FF, CaFo): every
+    evaluation, ``accuracy_after`` included, runs ``est.predictor()``, and the last one
+    runs before ``est.close()``; ``FitResult.predictor`` is that module."""
+    from torch import nn
+
+    from edgetrain import estimators
+    from edgetrain.estimators.backprop import Backprop
+
+    calls = []
+
+    class AlwaysThree(nn.Module):
+        def __init__(self, est):
+            super().__init__()
+            self.est = est
+
+        def forward(self, x):
+            calls.append(self.est.closed)
+            logits = torch.zeros(x.shape[0], 10)
+            logits[:, 3] = 1.0  # (B, 10): class 3 for every image
+            return logits
+
+    class WithPredictor(Backprop):
+        closed = False
+
+        def predictor(self):
+            return AlwaysThree(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    real_build = estimators.build
+    monkeypatch.setattr(
+        estimators, "build", lambda *a, **k: WithPredictor(*a[:3], seed=k.get("seed", 0))
+    )
+    net = task.pretrained("mlp")
+    result = finetune(
+        net,
+        task.train,
+        presets.get("full_bp", steps=4),
+        eval_data=task.test,
+        eval_every=2,
+        progress=False,
+        measure=False,
+    )
+    monkeypatch.setattr(estimators, "build", real_build)
+    share_of_threes = float((task.test.tensors[1] == 3).float().mean())
+    assert result.accuracy_after == pytest.approx(share_of_threes)
+    assert [e["accuracy"] for e in result.evals] == [pytest.approx(share_of_threes)] * 2
+    assert result.accuracy_before != pytest.approx(share_of_threes)  # the model's own
+    assert isinstance(result.predictor, AlwaysThree)
+    assert calls and not any(calls), "an evaluation ran after est.close()"
+
+
+def test_the_predictor_of_a_plain_run_is_the_model(task):
+    net = task.pretrained("mlp")
+    result = finetune(net, task.train, presets.get("full_bp", steps=2), **QUICK)
+    assert result.predictor is net

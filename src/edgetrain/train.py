@@ -87,6 +87,12 @@ class FitResult:
     comm_bytes_by_kind: dict[str, float] = field(default_factory=dict)
     """The same, by kind: ``scalars`` (loss values / JVPs), ``gradients`` (DDP buckets),
     ``buffers`` (DDP's broadcast of BatchNorm statistics), ``control`` (stop votes)."""
+    predictor: nn.Module | None = None
+    """What predicts after training (``Estimator.predictor()``, what ``accuracy_after`` and
+    the evaluations during the run measure): ``model`` itself, unless the method predicts
+    by a rule of its own (Forward-Forward's goodness over labels, CaFo's summed local
+    predictors), then a module holding the model and the method's local heads. None when
+    the run did not finish."""
 
     @property
     def forward_passes(self) -> int:
@@ -202,6 +208,11 @@ def finetune(
     metered steps are the real ones (same weights as an unmetered run).
     On return the model holds the trained values and is otherwise as it came: the same
     ``requires_grad`` flags, modules and parameters (swapped layers restored).
+    Evaluations (during the run and ``accuracy_after``) measure the estimator's predictor
+    (``Estimator.predictor()``, the model unless the method predicts by its own rule;
+    ``FitResult.predictor``), ``accuracy_after`` before the estimator closes: what trained
+    is what is measured (an installed prefix or an unmerged adapter included).
+    ``accuracy_before`` is the model's.
     ``data_parallel``: None trains data-parallel exactly when a torch.distributed process
     group is initialised; False trains this process alone even inside one.
 
@@ -256,6 +267,7 @@ def finetune(
     ckpt_path = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
     start_step = 0
     dp: dp_mod.DataParallel | None = None
+    trained = False
     try:
         if parallel:
             dp = dp_mod.DataParallel(est, len(train_data), sampler.batch_size)
@@ -288,12 +300,22 @@ def finetune(
             dp.finish()
             result.comm_bytes_per_step = dp.bytes_per_step
             result.comm_bytes_by_kind = dp.counter.mean_by_kind()
+        trained = True
     finally:
         if dp is not None:
             dp.close()
-        est.close()
-    if main and evaluate and eval_data is not None:
-        result.accuracy_after = evaluate_model(model, eval_data, collate_fn=collate_fn)["accuracy"]
+        try:
+            if trained:
+                # Before close(): the estimator's predictor as it trained (an installed
+                # prefix, unmerged adapters, a method's local heads); it must outlive
+                # close() too (FitResult.predictor).
+                result.predictor = est.predictor()
+                if main and evaluate and eval_data is not None:
+                    result.accuracy_after = evaluate_model(
+                        result.predictor, eval_data, collate_fn=collate_fn
+                    )["accuracy"]
+        finally:
+            est.close()
     return result
 
 
@@ -379,7 +401,9 @@ def _loop(
             bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
             if eval_data is not None and eval_every and (step + 1) % eval_every == 0:
                 eval_start = time.perf_counter()
-                acc = evaluate_model(model, eval_data, collate_fn=sampler.collate_fn)["accuracy"]
+                acc = evaluate_model(est.predictor(), eval_data, collate_fn=sampler.collate_fn)[
+                    "accuracy"
+                ]
                 result.evals.append(
                     {"step": step + 1, "accuracy": acc, "wall_seconds": result.wall_seconds}
                 )

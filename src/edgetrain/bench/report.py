@@ -14,7 +14,11 @@ def _pct(x: float | None) -> str:
 
 
 def _mem(row: Row, key: str) -> str:
-    return format_bytes(row.memory[key]) if row.memory else "-"
+    """A memory figure of ``row``; "-" without a measurement or where the results file
+    predates the category (``local_params`` came with the local-learning methods)."""
+    if not row.memory or row.memory.get(key) is None:
+        return "-"
+    return format_bytes(row.memory[key])
 
 
 def _flops(n: int | None) -> str:
@@ -65,6 +69,7 @@ COLUMNS = (
     ("bwd", _ok(lambda r: str(r.backward_passes))),
     ("FLOPs/step", _ok(lambda r: _flops(r.flops_per_step))),
     ("params", _ok(lambda r: _mem(r, "params"))),
+    ("local", _ok(lambda r: _mem(r, "local_params"))),
     ("grads", _ok(lambda r: _mem(r, "grads"))),
     ("opt state", _ok(lambda r: _mem(r, "optimizer_state"))),
     ("saved act", _ok(lambda r: _mem(r, "saved_activations"))),

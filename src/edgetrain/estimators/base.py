@@ -170,6 +170,24 @@ class Estimator(abc.ABC):
         """Every tensor of optimizer/estimator state (for the memory meter)."""
         return iter(())
 
+    def local_parameters(self) -> list[nn.Parameter]:
+        """Parameters the estimator trains that are not the model's: the local heads of a
+        local-learning method (Mono-Forward's projections, CaFo's predictors). They live
+        as long as the estimator, are built before its first step (the memory meter counts
+        them as preexisting, category ``local_params``; their ``.grad`` counts in
+        ``grads``, their optimizer moments in ``optimizer_state``) and are saved in its
+        ``state_dict``. None by default."""
+        return []
+
+    def predictor(self) -> nn.Module:
+        """The module whose output is the method's prediction: what ``finetune`` evaluates
+        (``evaluate(predictor, data)``: logits, or whatever the model's output is). The
+        model by default; a method that predicts by another rule than ``model(x)``
+        (Forward-Forward's goodness over labels, CaFo's summed predictors) returns a module
+        holding the model and its local heads that implements that rule. It must work
+        after :meth:`close` too (``FitResult.predictor``)."""
+        return self.model
+
     def state_dict(self) -> dict[str, Any]:
         return {"step_count": self.step_count, "seed": self.seed}
 

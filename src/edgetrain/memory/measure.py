@@ -10,7 +10,11 @@ projector) *after* its forward has peaked, while every later step carries that s
 through its forward. Measuring one step alone would under-report every stateful
 optimizer. After each step, the storages created are classified:
 
-* ``grads``: the storages that are a trainable parameter's ``.grad`` after the step;
+* ``local_params``: the estimator's own parameters (``Estimator.local_parameters()``:
+  the local heads of a local-learning method), built before the step and counted like
+  the model's parameters, as preexisting bytes;
+* ``grads``: the storages that are a trainable parameter's ``.grad`` after the step (the
+  local parameters' included);
 * ``optimizer_state``: the storages the estimator reports as its state
   (``Estimator.state_tensors()``: Adam's moments, GaLore's projectors, ...);
 * ``saved_activations``: storages autograd saved for backward (seen by the pack hook),
@@ -19,10 +23,11 @@ optimizer. After each step, the storages created are classified:
   chunks, the gradient of an activation during backward).
 
 Each category's figure is its own peak over the step, from the allocation timeline.
-``peak`` is the true peak of everything live at once: parameters + buffers + batch + the
-peak of the step's allocations; ``at_peak`` gives the categories at that moment (they
-sum to ``peak``). On CUDA, ``cuda_peak`` is ``torch.cuda.max_memory_allocated`` over the
-step, rebased the same way, as an independent check.
+``peak`` is the true peak of everything live at once: parameters + local parameters +
+buffers + batch + the peak of the step's allocations; ``at_peak`` gives the categories
+at that moment (they sum to ``peak``). On CUDA, ``cuda_peak`` is
+``torch.cuda.max_memory_allocated`` over the step, rebased the same way, as an
+independent check.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ __all__ = ["MemoryReport", "StepMeter", "measure", "measure_inference", "format_
 
 CATEGORIES = (
     "params",
+    "local_params",
     "buffers",
     "batch",
     "grads",
@@ -85,6 +91,9 @@ class MemoryReport:
     transient: int
     peak: int
     at_peak: dict[str, int] = field(default_factory=dict)
+    local_params: int = 0
+    """Bytes of the estimator's own parameters (its local heads), beside ``params``: the
+    model's. ``trainable_params`` counts the model's only."""
     cuda_peak: int | None = None
     device: str = "cpu"
 
@@ -106,6 +115,8 @@ class MemoryReport:
                 "peak",
             )
         ]
+        if self.local_params:
+            rows.insert(1, ("local_params", self.local_params))
         if self.cuda_peak is not None:
             rows.append(("cuda_peak", self.cuda_peak))
         width = max(len(n) for n, _ in rows)
@@ -163,22 +174,31 @@ class StepMeter:
     gradients may be freed by the next one). ``batches`` are the steps' batches, made
     before the first step; the report counts the first one as ``batch`` (one batch is
     live per step). Between steps nothing is tracked, but frees of tracked storages are
-    still seen. ``report()`` gives the :class:`MemoryReport` of all metered steps."""
+    still seen. The estimator's local parameters (``Estimator.local_parameters()``) are
+    taken when the meter is made, as the model's are. ``report()`` gives the
+    :class:`MemoryReport` of all metered steps."""
 
     def __init__(self, net: nn.Module, estimator: Any, batches: list[Any]) -> None:
         self.net = net
         self.estimator = estimator
         self.params = list(net.parameters())
         self.buffers = list(net.buffers())
+        self.local_params = list(estimator.local_parameters()) if estimator is not None else []
         self.batch_tensors = [_batch_tensors(b) for b in batches]
         self.device = _device_of(net)
         self.tracker = StorageTracker(
-            preexisting=[*self.params, *self.buffers, *(t for b in self.batch_tensors for t in b)]
+            preexisting=[
+                *self.params,
+                *self.local_params,
+                *self.buffers,
+                *(t for b in self.batch_tensors for t in b),
+            ]
         )
         self.saved_ids: set[int] = set()
         self.grad_ids: set[int | None] = set()
         self.state_ids: set[int | None] = set()
         self.trainable = [p for p in self.params if p.requires_grad]
+        self._with_grads = [*self.trainable, *(p for p in self.local_params if p.requires_grad)]
         self._cuda_before: int | None = None
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -196,7 +216,7 @@ class StepMeter:
         with self.tracker, torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield
         tracker = self.tracker
-        self.grad_ids |= {tracker.id_of(p.grad) for p in self.trainable if p.grad is not None}
+        self.grad_ids |= {tracker.id_of(p.grad) for p in self._with_grads if p.grad is not None}
         if self.estimator is not None:
             self.state_ids |= {tracker.id_of(t) for t in self.estimator.state_tensors()}
 
@@ -216,6 +236,7 @@ class StepMeter:
         )
         base = {
             "params": storage_bytes(self.params),
+            "local_params": storage_bytes(self.local_params),
             "buffers": storage_bytes(self.buffers),
             "batch": storage_bytes(self.batch_tensors[0]) if self.batch_tensors else 0,
         }
@@ -235,6 +256,7 @@ class StepMeter:
             transient=group_peak["other"],
             peak=baseline + step_peak,
             at_peak=at_peak_named,
+            local_params=base["local_params"],
             cuda_peak=None if cuda_step_peak is None else cuda_step_peak + baseline,
             device=str(self.device),
         )
