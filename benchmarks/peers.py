@@ -542,6 +542,7 @@ def _meter(
 
     class State:  # what StepMeter reads of an estimator
         state_tensors = staticmethod(runner.state_tensors)
+        local_parameters = staticmethod(list)  # none: every mode trains the model's own
 
     meter = StepMeter(runner.net, State(), [batch])
     calls[0] = 0
