@@ -10,7 +10,9 @@ for backward...). Storages that existed before (parameters, the batch) are passe
 ``preexisting`` and never counted as new.
 
 This is a measurement of tensors actually allocated, not a formula. It does not see
-allocator rounding, the caching allocator's slack or library workspaces (oneDNN, cuBLAS):
+allocator rounding, the caching allocator's slack, library workspaces (oneDNN, cuBLAS)
+or the temporaries a custom op allocates inside its kernel (bitsandbytes' 8-bit Adam on CPU
+dequantises both moments inside one op: benchmarks/peers.py sees them only in RSS):
 on CUDA, ``torch.cuda.max_memory_allocated`` is reported beside it as the independent
 check, and the whole-process RSS of a child run is the end-to-end one.
 """
