@@ -44,7 +44,7 @@ __all__ = [
     "NUMERICS_KINDS",
 ]
 
-ESTIMATOR_KINDS = ("backprop", "zo", "forward_grad", "hybrid")
+ESTIMATOR_KINDS = ("backprop", "zo", "forward_grad", "hybrid", "mono_forward")
 SCOPE_KINDS = (
     "all",
     "last_blocks",
@@ -141,6 +141,8 @@ class Estimator:
     ``backprop``: reverse-mode autograd. ``zo``: SPSA as in MeZO (Malladi et al. 2023)
     and its family. ``forward_grad``: forward-mode JVP along random directions (Baydin
     et al. 2022). ``hybrid``: ZO for the blocks before ``cut``, backprop after (ElasticZO).
+    ``mono_forward``: each block trained by the cross-entropy of its own projection to
+    class scores, no gradient between blocks (Mono-Forward, Gong et al. 2025).
     """
 
     kind: str = "backprop"
@@ -184,6 +186,10 @@ class Estimator:
     """Largest temporary z (elements) while perturbing; bounds transient memory."""
     train_mode_evals: bool = False
     """ZO evaluations run in eval() mode (no dropout, BN uses running stats) unless True."""
+    mf_readout: str = _for("mono_forward", default="pool")
+    """Mono-Forward: what a block's local projection reads, ``pool`` (a (B, N) output as
+    it is, a (B, C, H, W) one averaged over H and W, a (B, T, D) one its first token) or
+    ``flatten`` (every entry; needs the model's ``input_shape``)."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -211,6 +217,8 @@ class Estimator:
             raise ConfigError("A hybrid estimator needs cut= (the first backprop block index)")
         if self.chunk_elements < 1:
             raise ConfigError(f"Invalid chunk_elements: {self.chunk_elements} (must be >= 1)")
+        _choice(self.mf_readout, ("pool", "flatten"), "mf_readout")
+        _check_owners(self)
 
 
 @dataclass(frozen=True)

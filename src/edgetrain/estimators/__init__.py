@@ -1,5 +1,6 @@
 """Gradient sources, one module each: backprop, zo, forward_grad, hybrid (and the
-fixed-point runners fixed_point_zo, hybrid_int8).
+fixed-point runners fixed_point_zo, hybrid_int8), and the local-learning mono_forward
+(its shared pieces in ``_local``).
 
 ``build(model, recipe, loss_fn=None, seed=0)`` returns the estimator that runs
 ``recipe``: the class the compatibility table (``edgetrain.compat.runner``) names for its
@@ -49,6 +50,7 @@ _MODULES = {
     "hybrid": "edgetrain.estimators.hybrid",
     "fixed_point_zo": "edgetrain.estimators.fixed_point_zo",
     "hybrid_int8": "edgetrain.estimators.hybrid_int8",
+    "mono_forward": "edgetrain.estimators.mono_forward",
 }
 """Estimator kind (or the class a recipe runs as, ``compat.Runner.runs_as``) -> the module
 of that method: one line per method."""

@@ -58,6 +58,8 @@ class StepStats:
     forward_passes: int
     backward_passes: int
     seconds: float
+    local_losses: tuple[float, ...] = ()
+    """A local-learning step's losses one by one (``loss`` is their sum); empty otherwise."""
 
 
 class Estimator(abc.ABC):
