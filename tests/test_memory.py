@@ -218,3 +218,17 @@ def test_local_parameters_are_their_own_category_their_grads_and_moments_counted
     assert report.peak >= plain.peak + 3 * n_local  # itself and two moments, all along
     assert "local_params" in str(report) and "local_params" not in str(plain)
     assert report.to_dict()["local_params"] == n_local
+
+
+def test_a_stand_in_estimator_without_local_parameters_meters():
+    class StandIn:  # what a benchmark passes: state_tensors() only
+        def state_tensors(self):
+            return iter(())
+
+    net = TwoLayer()
+    batch = batch_of(4)
+    meter = StepMeter(net, StandIn(), [batch])
+    with meter.step():
+        nn.functional.cross_entropy(net(batch[0]), batch[1]).backward()
+    report = meter.report()
+    assert report.local_params == 0 and report.grads == report.trainable_params

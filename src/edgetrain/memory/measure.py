@@ -183,7 +183,10 @@ class StepMeter:
         self.estimator = estimator
         self.params = list(net.parameters())
         self.buffers = list(net.buffers())
-        self.local_params = list(estimator.local_parameters()) if estimator is not None else []
+        # Any object with ``state_tensors()`` meters; one without ``local_parameters()``
+        # (a stand-in for an estimator) has none.
+        local = getattr(estimator, "local_parameters", None)
+        self.local_params = list(local()) if callable(local) else []
         self.batch_tensors = [_batch_tensors(b) for b in batches]
         self.device = _device_of(net)
         self.tracker = StorageTracker(
