@@ -161,3 +161,18 @@ def test_the_table_shows_local_parameters_and_reads_files_from_before_them():
     cells = {line.split(" | ")[0]: line.split(" | ") for line in lines[4:6]}
     assert cells["| full_bp"][local] == "-"
     assert cells["| mono_forward"][local] == "2.00 KiB"
+
+
+def test_acc_before_is_one_figure_from_a_checkpoint_and_a_mean_from_fresh_inits():
+    rows = [
+        Row("full_bp", {}, seed=0, accuracy_before=0.5, accuracy_after=0.9),
+        Row("full_bp", {}, seed=1, accuracy_before=0.5, accuracy_after=0.8),
+        Row("mono_forward", {}, seed=0, accuracy_before=0.08, accuracy_after=0.9),
+        Row("mono_forward", {}, seed=1, accuracy_before=0.12, accuracy_after=0.9),
+    ]
+    lines = markdown_table(CompareResult({"task": "t", "model": "m"}, rows)).splitlines()
+    header = lines[2].split(" | ")
+    before = header.index("acc before %")
+    cells = {line.split(" | ")[0]: line.split(" | ") for line in lines[4:6]}
+    assert cells["| full_bp"][before] == "50.0"  # a pretrained model: one figure
+    assert cells["| mono_forward"][before] == "10.0 +- 2.8"  # each seed its own init

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 from edgetrain.bench.compare import CompareResult, Row
 from edgetrain.bench.summary import PresetSummary, baseline_of, beyond_spread, summarize
 from edgetrain.memory.measure import format_bytes
@@ -36,6 +38,16 @@ def _acc(s: PresetSummary) -> str:
     return _pct(s.mean) if s.sd is None else f"{_pct(s.mean)} +- {_pct(s.sd)}"
 
 
+def _before(s: PresetSummary) -> str:
+    """The accuracy before fine-tuning: one figure when every seed started from the same
+    model, mean +- sd when each seed has its own init (a from-scratch task)."""
+    if not s.befores:
+        return _pct(s.row.accuracy_before) if s.row is not None else "-"
+    if len(set(s.befores)) == 1:
+        return _pct(s.befores[0])
+    return f"{_pct(statistics.fmean(s.befores))} +- {_pct(statistics.stdev(s.befores))}"
+
+
 def _per_seed(s: PresetSummary) -> str:
     return " / ".join(_pct(a) for a in s.accuracies) or "-"
 
@@ -57,7 +69,7 @@ def _ok(fn):
 
 COLUMNS = (
     ("preset", lambda s: s.preset),
-    ("acc before %", _ok(lambda r: _pct(r.accuracy_before))),
+    ("acc before %", lambda s: _before(s) if s.status == "ok" else "-"),
     ("acc after %", _acc),
     ("steps", _ok(lambda r: str(r.steps))),
     ("wall s", lambda s: "-" if s.mean_wall_seconds is None else f"{s.mean_wall_seconds:.1f}"),

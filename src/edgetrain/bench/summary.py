@@ -38,6 +38,9 @@ class PresetSummary:
     seeds: list[int] = field(default_factory=list)
     accuracies: list[float] = field(default_factory=list)
     """Accuracy after fine-tuning of each finished seed, in the order of ``seeds``."""
+    befores: list[float] = field(default_factory=list)
+    """Accuracy before fine-tuning of each finished seed (one figure for a pretrained
+    model; a from-scratch task starts every seed from its own init)."""
     failed_seeds: list[int] = field(default_factory=list)
     row: Row | None = None
     """The median run (by accuracy): its memory, steps, passes and FLOPs stand for all."""
@@ -64,6 +67,7 @@ class PresetSummary:
             "reason": self.reason,
             "seeds": self.seeds,
             "accuracies": self.accuracies,
+            "befores": self.befores,
             "failed_seeds": self.failed_seeds,
             "mean": self.mean,
             "sd": self.sd,
@@ -107,6 +111,7 @@ def summarize(result: CompareResult) -> list[PresetSummary]:
                 "; ".join(f"seed {r.seed} {r.reason}" for r in failed),
                 seeds=[r.seed for r in ok],
                 accuracies=[r.accuracy_after for r in ok],
+                befores=[r.accuracy_before for r in ok if r.accuracy_before is not None],
                 failed_seeds=[r.seed for r in failed],
                 row=by_acc[(len(by_acc) - 1) // 2],
                 median_step_seconds=statistics.median(steps) if steps else None,
