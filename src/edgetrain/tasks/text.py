@@ -564,7 +564,9 @@ ZO_LR_MINILM = {
     "zo_sign": 1e-5,
     "forward_grad": 1e-4,
     # Issue 15's screens (300 steps, seed 0, docs/results.md): at their preset rate 1e-2
-    # mezo_prefix fell to 70.0% and mezo_prompt to 68.9%; at 1e-3 73.5% and 74.4%.
+    # mezo_prefix fell to 69.2% and mezo_prompt to 67.3% (re-scored with the virtual tokens
+    # in, issue 17's session); 1e-3 kept them near the probe (73.5%, 74.4%, scored then
+    # without the tokens: docs/results.md's dagger).
     "mezo_prefix": 1e-3,
     "mezo_prompt": 1e-3,
 }
