@@ -87,6 +87,12 @@ def test_dcp_optimizer_state_dict_round_trips_for_every_preset(name):
             f"{name}: {type(estimator).__name__} updates the weights itself and keeps no "
             "torch.optim.Optimizer to checkpoint"
         )
+    if list(estimator.local_parameters()):
+        pytest.skip(
+            f"{name}: its optimizer also steps the estimator's local parameters, which are "
+            "not the model's: DCP keys optimizer state by the model's parameter names "
+            "(edgetrain's Estimator.state_dict saves them; tests/test_invariants.py resumes)"
+        )
     names = {n for n, _ in model.named_parameters()}
     # A second run from the same base weights, one step on another batch: other state.
     other_model, other_estimator = _trained(name, seed=1)
