@@ -172,6 +172,15 @@ class Estimator(abc.ABC):
         """Every tensor of optimizer/estimator state (for the memory meter)."""
         return iter(())
 
+    @staticmethod
+    def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+        """The tensors of a torch optimizer's per-parameter state (moments, step counts
+        kept as tensors): what an estimator built on one reports in ``state_tensors``."""
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    yield value
+
     def local_parameters(self) -> list[nn.Parameter]:
         """Parameters the estimator trains that are not the model's: the local heads of a
         local-learning method (Mono-Forward's projections, CaFo's predictors). They live

@@ -283,10 +283,7 @@ class ElasticZO(Estimator):
 
     # -- state ---------------------------------------------------------------------
     def state_tensors(self) -> Iterator[torch.Tensor]:
-        for state in self.optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor):
-                    yield value
+        yield from self.optimizer_state_tensors(self.optimizer)
         if self.zo is not None:
             yield from self.zo.state_tensors()
 

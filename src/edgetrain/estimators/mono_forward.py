@@ -221,10 +221,7 @@ class MonoForward(Estimator):
         return self.projections[str(i)]
 
     def state_tensors(self) -> Iterator[torch.Tensor]:
-        for state in self.optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor):
-                    yield value
+        yield from self.optimizer_state_tensors(self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -259,21 +259,24 @@ def get(name: str) -> Task:
     return _INSTANCES[name]
 
 
-def _mnist_to_digits() -> Task:
+def _stratified_split(
+    data: TensorDataset, test_size: float | int
+) -> tuple[TensorDataset, TensorDataset]:
+    """A fixed (random_state=0) stratified train/test split of an (x, y) TensorDataset."""
     from sklearn.model_selection import train_test_split
 
+    x, y = data.tensors
+    train_idx, test_idx = train_test_split(
+        list(range(len(y))), test_size=test_size, stratify=y.numpy(), random_state=0
+    )
+    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx])
+
+
+def _mnist_to_digits() -> Task:
     from edgetrain.data.digits import load_mnist_source, load_uci_digits_target
 
     def load_target() -> tuple[TensorDataset, TensorDataset]:
-        full = load_uci_digits_target()
-        x, y = full.tensors
-        train_idx, test_idx = train_test_split(
-            list(range(len(y))), test_size=0.5, stratify=y.numpy(), random_state=0
-        )
-        return (
-            TensorDataset(x[train_idx], y[train_idx]),
-            TensorDataset(x[test_idx], y[test_idx]),
-        )
+        return _stratified_split(load_uci_digits_target(), test_size=0.5)
 
     return Task(
         name="mnist-to-digits",
@@ -307,19 +310,10 @@ def adapt_for_scratch(recipe: Recipe) -> Recipe:
 
 
 def _mnist_scratch() -> Task:
-    from sklearn.model_selection import train_test_split
-
     from edgetrain.data.digits import load_mnist_source
 
     def load_target() -> tuple[TensorDataset, TensorDataset]:
-        x, y = load_mnist_source().tensors
-        train_idx, test_idx = train_test_split(
-            list(range(len(y))), test_size=1000, stratify=y.numpy(), random_state=0
-        )
-        return (
-            TensorDataset(x[train_idx], y[train_idx]),
-            TensorDataset(x[test_idx], y[test_idx]),
-        )
+        return _stratified_split(load_mnist_source(), test_size=1000)
 
     return Task(
         name="mnist-scratch",
