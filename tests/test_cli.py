@@ -19,6 +19,7 @@ def test_presets_lists_every_preset(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in presets.names())
+    assert "core " in out and ", ".join(presets.GROUPS["core"]) in out
 
 
 @pytest.mark.parametrize(

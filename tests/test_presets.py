@@ -101,6 +101,23 @@ def test_names_keep_the_families_order_and_every_listed_preset_exists():
     assert set(order) <= set(_registry.PRESETS.names())
 
 
+def test_groups_name_registered_presets_and_expand_in_place():
+    for group, members in presets.GROUPS.items():
+        assert group not in ALL, f"group {group!r} shadows a preset"
+        assert set(members) <= set(ALL), group
+        assert members[0] == "full_bp", f"{group}: the baseline comes first"
+        assert len(set(members)) == len(members)
+    # every family has a member in core: each estimator kind the ViT runs, adapters too
+    core = [presets.get(n) for n in presets.GROUPS["core"]]
+    assert {"backprop", "zo", "hybrid", "mono_forward"} <= {r.estimator.kind for r in core}
+    assert any(r.scope.kind == "lora" for r in core)
+    assert presets.select(["bias_only", "core", "full_bp"]) == [
+        "bias_only",
+        *[n for n in presets.GROUPS["core"] if n != "bias_only"],
+    ]
+    assert presets.select(["nope"]) == ["nope"]  # left to get() to refuse, with suggestions
+
+
 SYNTHETIC = '''"""A synthetic backward kind: an identity swap, a preset, an applicability rule and a
 planner knob, all in one module."""
 

@@ -116,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="the recipes whose measured step fits a memory budget")
     _add_common(p, recipe=False)
     p.add_argument("--budget", required=True, help="e.g. 3MB, 512KiB, 1.5GB")
-    p.add_argument("--presets", default=None, help="comma-separated subset (default: all)")
+    p.add_argument(
+        "--presets",
+        default=None,
+        help="comma-separated presets or groups (core, zo, local; `edgetrain presets`); "
+        "default: all",
+    )
     p.add_argument(
         "--results",
         default="results/results.json",
@@ -126,7 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="run every preset on a task, table + JSON + plots")
     _add_common(p, recipe=False)
-    p.add_argument("--presets", default=None, help="comma-separated subset (default: all)")
+    p.add_argument(
+        "--presets",
+        default=None,
+        help="comma-separated presets or groups (core, zo, local; `edgetrain presets`); "
+        "default: all",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -178,6 +188,9 @@ def _cmd_presets(args) -> int:
     for name in names:
         r = presets.get(name)
         print(f"{name:<{width}}  {r.estimator.kind:<12} {r.description}")
+    print("\ngroups (--presets NAME):")
+    for group, members in presets.GROUPS.items():
+        print(f"{group:<{width}}  {', '.join(members)}")
     return 0
 
 

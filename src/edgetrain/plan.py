@@ -283,7 +283,7 @@ def plan(
     n_blocks = len(find_blocks(net))
     accuracies = _load_accuracies(Path(results) if results else None, task, model)
     source = f"accuracy from {results}" if accuracies else "the documented prior (plan.PRIOR)"
-    names = preset_names or presets.names()
+    names = presets.select(preset_names) if preset_names else presets.names()
     candidates = [
         Candidate(name, r, kn)
         for name in names
@@ -367,7 +367,7 @@ def plan_model(
     except ValueError:
         n_blocks = 0  # no blocks: block-wise knobs have one value, recipes needing blocks fail
     candidates = []
-    for name in preset_names or presets.names():
+    for name in presets.select(preset_names) if preset_names else presets.names():
         recipe = presets.get(name)
         size = min(batch_size or recipe.batch_size, len(dataset))
         candidates += [

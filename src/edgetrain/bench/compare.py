@@ -284,7 +284,7 @@ def compare(
 
     task_obj = tasks.get(task)
     model = model or task_obj.default_model
-    names = preset_names or presets.names()
+    names = presets.select(preset_names) if preset_names else presets.names()
     seed_list = _seed_list(seed, seeds)
     lengths = {} if steps is None else {"steps": steps}
     recipes = [task_obj.recipe(n, **lengths) for n in names]  # unknown names fail first
