@@ -14,7 +14,7 @@ For each case:
 * the same seed gives the same weights, another seed other weights;
 * the caller's model comes back as it came apart from the trained values: the same
   ``requires_grad`` flags, parameters, module classes and train/eval modes, no instance
-  ``forward``;
+  ``forward`` (prefix and prompt tuning: once the kept virtual tokens are taken out);
 * the global RNG streams are untouched: the CPU state, and no CUDA generator reseeded
   (``torch.manual_seed`` would queue a reseed of every CUDA device even without one);
 * ``copy.deepcopy`` of a model while the recipe's layers are swapped in (or its adapters
@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from edgetrain import estimators, models, presets
+from edgetrain.backward import prompt_learning
 from edgetrain.batches import default_loss, model_output, model_output_logits
 from edgetrain.bench.compare import applicable
 from edgetrain.errors import ConfigError
@@ -45,6 +46,10 @@ from tests.conftest import text_data, tiny_bert
 
 INSTALLING_SCOPES = ("lora", "prefix", "prompt")
 """Scope kinds that add parameters (peft's adapters) while the estimator lives."""
+KEPT_SCOPES = ("prefix", "prompt")
+"""Scope kinds whose trained parameters stay in the model at close (the virtual tokens,
+``Scope.keep_virtual_tokens``; LoRA's are merged into the weights): the model comes back
+as it came once they are taken out."""
 MODEL_NAMES = ["mlp", "cnn", "vit", "tiny_bert", "hf_seq_cls"]
 STEPS, BATCH = 4, 8
 
@@ -139,8 +144,10 @@ def test_resume_seeds_and_the_callers_model(preset, model_name, tmp_path, monkey
     _fit(net, data, recipe)
     assert torch.equal(torch.get_rng_state(), rng_before), "the global CPU RNG moved"
     assert cuda_reseeds == [], "every CUDA generator was reseeded (torch.manual_seed)"
-    assert _shape(net) == before, "the model did not come back as it came"
     trained = _weights(net)
+    if recipe.scope.kind in KEPT_SCOPES:  # trained virtual tokens come back in the model
+        assert prompt_learning.remove_virtual_tokens(net) is not None
+    assert _shape(net) == before, "the model did not come back as it came"
     assert not _same(trained, start), "4 steps changed nothing"
 
     first = _base(model_name)

@@ -1,5 +1,6 @@
 """Scope kinds 'prefix' and 'prompt' (edgetrain.backward.prompt_learning): peft's virtual
-tokens on a HuggingFace backbone, for every estimator, undone on close."""
+tokens on a HuggingFace backbone, for every estimator, kept in the model on close (or taken
+out: Scope.keep_virtual_tokens=False, remove_virtual_tokens)."""
 
 from __future__ import annotations
 
@@ -124,10 +125,62 @@ def test_virtual_tokens_train_for_every_estimator_and_the_model_comes_back(
         assert torch.equal(named[name].detach(), value), name  # the base weights as they came
     assert _loss(model, batch) < loss0, (kind, est_kind)
 
+    trained = _logits(model, batch)
     est.close()
     est.close()  # idempotent
+    # The model comes back with the trained tokens in it, frozen, predicting as trained.
+    assert getattr(backbone, pl.PROMPT_MODULE).embedding.weight is virtual[0]
+    assert not any(p.requires_grad for p in virtual)
+    assert torch.equal(_logits(model, batch), trained)
+    assert any(
+        k.startswith(f"{'bert' if model_name == 'bert_seq_cls' else 'backbone'}.")
+        and pl.PROMPT_MODULE in k
+        for k in model.state_dict()
+    )
+    taken = pl.remove_virtual_tokens(model)
+    assert taken is not None and taken.embedding.weight is virtual[0]
     assert _snapshot(model) == before
     assert not hasattr(backbone, pl.PROMPT_MODULE)
+    assert pl.remove_virtual_tokens(model) is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kept_tokens_train_further_and_keep_false_takes_them_out(kind):
+    model, batch = tiny_bert(own_head=True), text_batch(8)
+    model.eval()
+    before = _snapshot(model)
+    est = estimators.build(model, _recipe("backprop", kind, include_head=False), seed=0)
+    for _ in range(2):
+        est.step(batch)
+    est.close()
+    kept = getattr(model.bert, pl.PROMPT_MODULE)
+    start = kept.embedding.weight.detach().clone()
+    twin = copy.deepcopy(model)  # a copy of a model with kept tokens runs its own
+    assert torch.equal(_logits(twin, batch), _logits(model, batch))
+    with torch.no_grad():
+        getattr(twin.bert, pl.PROMPT_MODULE).embedding.weight.zero_()
+    assert not torch.equal(_logits(twin, batch), _logits(model, batch))
+    # A second run of the same kind and count trains the same tokens further ...
+    again = estimators.build(model, _recipe("backprop", kind, include_head=False), seed=5)
+    assert getattr(model.bert, pl.PROMPT_MODULE) is kept
+    assert [id(p) for p in again.params] == [id(kept.embedding.weight)]
+    with pytest.raises(ConfigError, match="already carries virtual tokens"):
+        pl.install(model, Scope(kind=kind), seed=0)  # ... and nothing else while it lives
+    again.step(batch)
+    assert not torch.equal(kept.embedding.weight, start)
+    again.close()
+    other = "prompt" if kind == "prefix" else "prefix"
+    with pytest.raises(ConfigError, match="remove_virtual_tokens"):
+        estimators.build(model, _recipe("backprop", other))
+    with pytest.raises(
+        ConfigError, match="num_virtual_tokens=" + str(pl.DEFAULT_VIRTUAL_TOKENS[kind])
+    ):
+        estimators.build(model, _recipe("backprop", kind, num_virtual_tokens=3))
+    # keep_virtual_tokens=False: the run trains the kept tokens and takes them out at close
+    last = estimators.build(model, _recipe("backprop", kind, keep_virtual_tokens=False))
+    last.step(batch)
+    last.close()
+    assert _snapshot(model) == before
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -309,7 +362,7 @@ def test_prompt_tuning_adds_tokens_even_when_they_are_zero():
     bert = model.backbone
     with torch.no_grad():
         base = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    params, undo = pl.install(model, Scope(kind="prompt"), seed=0)
+    params, undo = pl.install(model, Scope(kind="prompt", keep_virtual_tokens=False), seed=0)
     with torch.no_grad():
         params[0].zero_()
         zeroed = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -370,6 +423,7 @@ def test_a_second_install_is_refused_and_the_scope_fields_are_checked():
     with pytest.raises(ConfigError, match="already carries virtual tokens"):
         pl.install(model, Scope(kind="prefix"), seed=0)
     undo()
+    pl.remove_virtual_tokens(model)
     with pytest.raises(ConfigError, match="num_virtual_tokens"):
         Scope(kind="prompt", num_virtual_tokens=0)
     with pytest.raises(ConfigError, match="prompt_init"):
@@ -385,7 +439,7 @@ def test_the_pooler_reads_the_real_cls_token_under_prompt_tuning():
     real tokens, [CLS], not the first virtual token (peft's classifier reads that)."""
     model, batch = tiny_bert(own_head=True), text_batch(8)
     model.eval()
-    _, undo = pl.install(model, Scope(kind="prompt"), seed=0)
+    _, undo = pl.install(model, Scope(kind="prompt", keep_virtual_tokens=False), seed=0)
     with torch.no_grad():
         out = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         cls = out.last_hidden_state[:, 0]  # (B, H): the real first token's state

@@ -49,6 +49,7 @@ _OWNED_VALUES = {
     "num_virtual_tokens": 4,
     "prefix_init": "random",
     "prompt_init": "random",
+    "keep_virtual_tokens": False,
     "wht_k": 4,
     "wht_selection": "energy",
     "bits": 4,

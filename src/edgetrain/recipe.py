@@ -272,6 +272,13 @@ class Scope:
     num_virtual_tokens: int | None = _for("prefix", "prompt", default=None)
     """Prefix / prompt tuning: how many virtual tokens (None: ZO-Bench's defaults, 5 for
     ``prefix`` and 10 for ``prompt``; its run.py ``num_prefix``, ``num_virtual_tokens``)."""
+    keep_virtual_tokens: bool = _for("prefix", "prompt", default=True)
+    """Prefix / prompt tuning: when the estimator closes, leave the trained virtual tokens
+    (and the hooks that feed them) in the model, so it comes back predicting with what was
+    trained, its ``state_dict`` holding them under ``<backbone>.edgetrain_prompt``; a later
+    run with the same kind and token count trains them further.
+    ``edgetrain.backward.prompt_learning.remove_virtual_tokens`` takes them out. False
+    takes them out at close: the model as it came."""
     prefix_init: str = _for("prefix", default="activations")
     """Prefix tuning: ``activations`` (the keys and values the model itself computes for
     random vocabulary tokens, MeZO's and ZO-Bench's default ``prefix_init_by_real_act``)

@@ -50,8 +50,14 @@ backbone's submodule ``edgetrain_prompt``, first among its children (so it is fo
 front of the blocks: ElasticZO trains it in its zeroth-order front, the virtual tokens
 entering at the input), and the hooks are module-level functions that find it from the
 module they are called on: a ``copy.deepcopy`` made while installed runs its *own*
-virtual tokens. ``undo`` (``Estimator.close()``) removes the hooks and the submodule; the
-model's classes, ``state_dict`` keys, hooks and flags are as they came.
+virtual tokens. At ``Estimator.close()`` the trained tokens stay in the model, hooks and
+submodule, unless ``Scope.keep_virtual_tokens`` is False (a choice: peft hands back its
+``PeftModel`` with the trained prompt, and a prompt cannot be folded into the weights as
+LoRA is; without it a prefix-tuned run would return the model it started from). A later
+install of the same kind and token count on such a model trains the kept tokens further
+(a run in two sessions, or a resumed one); another kind or count is refused.
+:func:`remove_virtual_tokens` takes them out: the model's classes, ``state_dict`` keys,
+hooks and flags as they came (what close does with ``keep_virtual_tokens=False``).
 
 * Prompt (a forward pre-hook with kwargs): ``input_ids`` become ``inputs_embeds`` through
   the backbone's own ``get_input_embeddings()``, ``P`` is prepended, ``attention_mask``
@@ -116,6 +122,7 @@ __all__ = [
     "find_backbone",
     "virtual_tokens",
     "install",
+    "remove_virtual_tokens",
     "applicable",
 ]
 
@@ -427,43 +434,102 @@ def install(
 ) -> tuple[list[nn.Parameter], Callable[[], None]]:
     """Put ``scope.kind``'s virtual tokens (peft's PromptEmbedding or PrefixEncoder) into
     ``model``'s backbone, with its hooks, and return the trainable parameters (the virtual
-    tokens; ``scope.apply`` adds the head's with ``scope.include_head``) and the undo."""
+    tokens; ``scope.apply`` adds the head's with ``scope.include_head``) and the undo
+    (which keeps them in the model with ``scope.keep_virtual_tokens``). Tokens an earlier
+    run kept are trained further when kind and count match."""
     if scope.kind not in _KINDS:
         raise ConfigError("prompt_learning.install takes scope kind 'prefix' or 'prompt'")
     backbone = _require_backbone(model, scope.kind)
-    if hasattr(backbone, PROMPT_MODULE):
+    n = virtual_tokens(scope)
+    module = _kept_tokens(backbone, scope.kind, n)
+    if module is None:
+        with seeded_global_rng(seed):
+            if scope.kind == "prompt":
+                module = _build_prompt(backbone, n, scope.prompt_init)
+            else:
+                module = _build_prefix(backbone, n, scope.prefix_init)
+        _register_first(backbone, PROMPT_MODULE, module)
+        pooler = getattr(backbone, "pooler", None)
+        if scope.kind == "prompt":
+            backbone.register_forward_pre_hook(_prompt_pre_hook, with_kwargs=True)
+            backbone.register_forward_hook(_prompt_forward_hook)
+            if isinstance(pooler, nn.Module):
+                pooler.edgetrain_virtual_tokens = n
+                pooler.register_forward_pre_hook(_pooler_pre_hook, with_kwargs=True)
+        else:
+            backbone.register_forward_pre_hook(_prefix_pre_hook, with_kwargs=True)
+    module.edgetrain_kept = False  # in use: another install is refused
+    module.requires_grad_(True)
+
+    def undo() -> None:
+        if getattr(backbone, PROMPT_MODULE, None) is not module:
+            return  # taken out already (remove_virtual_tokens)
+        if scope.keep_virtual_tokens:
+            module.edgetrain_kept = True
+            module.requires_grad_(False)  # trained values, frozen as the model's others
+        else:
+            remove_virtual_tokens(backbone)
+
+    return list(module.parameters()), undo
+
+
+def _kept_tokens(backbone: nn.Module, kind: str, n: int) -> nn.Module | None:
+    """The virtual tokens an earlier run left in ``backbone`` (``keep_virtual_tokens``),
+    when they are of ``kind`` with ``n`` tokens; None when it carries none. ConfigError
+    for tokens still in use by a live estimator, or of another kind or count."""
+    module = getattr(backbone, PROMPT_MODULE, None)
+    if module is None:
+        return None
+    if not getattr(module, "edgetrain_kept", False):
         raise ConfigError(
             f"{type(backbone).__name__} already carries virtual tokens ({PROMPT_MODULE}): "
             "close the estimator that installed them first"
         )
-    n = virtual_tokens(scope)
-    with seeded_global_rng(seed):
-        if scope.kind == "prompt":
-            module = _build_prompt(backbone, n, scope.prompt_init)
-        else:
-            module = _build_prefix(backbone, n, scope.prefix_init)
-    module.requires_grad_(True)
-    _register_first(backbone, PROMPT_MODULE, module)
-    handles = []
+    has = "prefix" if hasattr(module, "edgetrain_shape") else "prompt"
+    count = module.embedding.num_embeddings
+    if (has, count) != (kind, n):
+        raise ConfigError(
+            f"{type(backbone).__name__} carries {count} trained {has} tokens from an earlier "
+            f"run, and this one asks for {n} {kind} tokens: take them out first "
+            "(edgetrain.backward.prompt_learning.remove_virtual_tokens(model)), or ask for "
+            f"Scope(kind={has!r}, num_virtual_tokens={count}) to train them further"
+        )
+    return module
+
+
+_HOOKS = (_prompt_pre_hook, _prompt_forward_hook, _pooler_pre_hook, _prefix_pre_hook)
+
+
+def _drop_hooks(module: nn.Module) -> None:
+    """Remove this module's hooks of ours from ``module``, found by function (the handles
+    do not survive a deep copy or a later session; the hooks are module-level functions)."""
+    for table, kwargs_ids in (
+        (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs),
+        (module._forward_hooks, module._forward_hooks_with_kwargs),
+    ):
+        for key, fn in list(table.items()):
+            if fn in _HOOKS:
+                del table[key]
+                kwargs_ids.pop(key, None)
+
+
+def remove_virtual_tokens(model: nn.Module) -> nn.Module | None:
+    """Take the virtual tokens (and their hooks) out of ``model``'s backbone and return
+    them (peft's PromptEmbedding or PrefixEncoder, e.g. to save), or None when it carries
+    none: the model as it was before prefix or prompt tuning, in classes, ``state_dict``
+    keys, hooks and flags."""
+    backbone = find_backbone(model)
+    module = getattr(backbone, PROMPT_MODULE, None) if backbone is not None else None
+    if module is None:
+        return None
+    _drop_hooks(backbone)
     pooler = getattr(backbone, "pooler", None)
-    if scope.kind == "prompt":
-        handles.append(backbone.register_forward_pre_hook(_prompt_pre_hook, with_kwargs=True))
-        handles.append(backbone.register_forward_hook(_prompt_forward_hook))
-        if isinstance(pooler, nn.Module):
-            pooler.edgetrain_virtual_tokens = n
-            handles.append(pooler.register_forward_pre_hook(_pooler_pre_hook, with_kwargs=True))
-    else:
-        handles.append(backbone.register_forward_pre_hook(_prefix_pre_hook, with_kwargs=True))
-
-    def undo() -> None:
-        for handle in handles:
-            handle.remove()
-        if isinstance(pooler, nn.Module) and hasattr(pooler, "edgetrain_virtual_tokens"):
+    if isinstance(pooler, nn.Module):
+        _drop_hooks(pooler)
+        if hasattr(pooler, "edgetrain_virtual_tokens"):
             del pooler.edgetrain_virtual_tokens
-        if getattr(backbone, PROMPT_MODULE, None) is module:
-            delattr(backbone, PROMPT_MODULE)
-
-    return list(module.parameters()), undo
+    delattr(backbone, PROMPT_MODULE)
+    return module
 
 
 register_installer("prefix", install)
