@@ -44,7 +44,7 @@ __all__ = [
     "NUMERICS_KINDS",
 ]
 
-ESTIMATOR_KINDS = ("backprop", "zo", "forward_grad", "hybrid", "mono_forward")
+ESTIMATOR_KINDS = ("backprop", "zo", "forward_grad", "hybrid", "mono_forward", "cascaded_forward")
 SCOPE_KINDS = (
     "all",
     "last_blocks",
@@ -143,6 +143,8 @@ class Estimator:
     et al. 2022). ``hybrid``: ZO for the blocks before ``cut``, backprop after (ElasticZO).
     ``mono_forward``: each block trained by the cross-entropy of its own projection to
     class scores, no gradient between blocks (Mono-Forward, Gong et al. 2025).
+    ``cascaded_forward``: a linear predictor per block on its (frozen, or DFA-trained)
+    output, the prediction their sum (Cascaded-Forward, Zhao et al. 2023).
     """
 
     kind: str = "backprop"
@@ -190,6 +192,20 @@ class Estimator:
     """Mono-Forward: what a block's local projection reads, ``pool`` (a (B, N) output as
     it is, a (B, C, H, W) one averaged over H and W, a (B, T, D) one its first token) or
     ``flatten`` (every entry; needs the model's ``input_shape``)."""
+    cafo_loss: str = _for("cascaded_forward", default="ce")
+    """Cascaded-Forward: each predictor's loss, ``ce`` (softmax cross-entropy), ``mse``
+    (squared error to the one-hot label) or ``sparsemax`` (the sparsemax loss)."""
+    cafo_blocks: str = _for("cascaded_forward", default="random")
+    """Cascaded-Forward: the blocks ``random`` (kept as they are: at init, or as
+    pretrained) or ``dfa`` (trained by direct feedback alignment for ``dfa_steps`` steps,
+    then frozen while the predictors train)."""
+    dfa_steps: int = _for("cascaded_forward", default=0)
+    """Cascaded-Forward with ``cafo_blocks='dfa'``: how many first steps train the blocks
+    (>= 1); 0 with ``random``."""
+    cafo_readout: str = _for("cascaded_forward", default="flatten")
+    """Cascaded-Forward: what a predictor reads, ``flatten`` (every entry of the block
+    output, the paper's; needs the model's ``input_shape``) or ``pool`` (as
+    ``mf_readout``'s ``pool``)."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -218,6 +234,18 @@ class Estimator:
         if self.chunk_elements < 1:
             raise ConfigError(f"Invalid chunk_elements: {self.chunk_elements} (must be >= 1)")
         _choice(self.mf_readout, ("pool", "flatten"), "mf_readout")
+        _choice(self.cafo_loss, ("ce", "mse", "sparsemax"), "cafo_loss")
+        _choice(self.cafo_blocks, ("random", "dfa"), "cafo_blocks")
+        _choice(self.cafo_readout, ("flatten", "pool"), "cafo_readout")
+        if self.cafo_blocks == "dfa" and self.dfa_steps < 1:
+            raise ConfigError(
+                f"cafo_blocks='dfa' needs dfa_steps >= 1 (the steps that train the blocks "
+                f"before the predictors), got {self.dfa_steps}"
+            )
+        if self.cafo_blocks == "random" and self.dfa_steps != 0:
+            raise ConfigError(
+                f"dfa_steps={self.dfa_steps} is read with cafo_blocks='dfa' only; leave it at 0"
+            )
         _check_owners(self)
 
 

@@ -51,6 +51,7 @@ _MODULES = {
     "fixed_point_zo": "edgetrain.estimators.fixed_point_zo",
     "hybrid_int8": "edgetrain.estimators.hybrid_int8",
     "mono_forward": "edgetrain.estimators.mono_forward",
+    "cascaded_forward": "edgetrain.estimators.cascaded_forward",
 }
 """Estimator kind (or the class a recipe runs as, ``compat.Runner.runs_as``) -> the module
 of that method: one line per method."""
