@@ -44,7 +44,7 @@ __all__ = [
     "NUMERICS_KINDS",
 ]
 
-ESTIMATOR_KINDS = ("backprop", "zo", "forward_grad", "hybrid", "mono_forward")
+ESTIMATOR_KINDS = ("backprop", "zo", "forward_grad", "hybrid", "mono_forward", "forward_forward")
 SCOPE_KINDS = (
     "all",
     "last_blocks",
@@ -143,6 +143,8 @@ class Estimator:
     et al. 2022). ``hybrid``: ZO for the blocks before ``cut``, backprop after (ElasticZO).
     ``mono_forward``: each block trained by the cross-entropy of its own projection to
     class scores, no gradient between blocks (Mono-Forward, Gong et al. 2025).
+    ``forward_forward``: each block trained to give high goodness to images with their
+    label overlaid and low goodness to wrong labels (Forward-Forward, Hinton 2022).
     """
 
     kind: str = "backprop"
@@ -190,6 +192,12 @@ class Estimator:
     """Mono-Forward: what a block's local projection reads, ``pool`` (a (B, N) output as
     it is, a (B, C, H, W) one averaged over H and W, a (B, T, D) one its first token) or
     ``flatten`` (every entry; needs the model's ``input_shape``)."""
+    ff_label_strength: float = _for("forward_forward", default=3.0)
+    """Forward-Forward: the overlaid label entry is this times the image's largest entry
+    (3: measured on mnist-scratch, estimators/forward_forward.py)."""
+    ff_peer_normalisation: float = _for("forward_forward", default=0.03)
+    """Forward-Forward: weight of Hinton's peer normalisation (each unit's running mean
+    activity regressed to its layer's average); 0 turns it off."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -218,6 +226,11 @@ class Estimator:
         if self.chunk_elements < 1:
             raise ConfigError(f"Invalid chunk_elements: {self.chunk_elements} (must be >= 1)")
         _choice(self.mf_readout, ("pool", "flatten"), "mf_readout")
+        _positive(self.ff_label_strength, "ff_label_strength")
+        if not self.ff_peer_normalisation >= 0:
+            raise ConfigError(
+                f"Invalid ff_peer_normalisation: {self.ff_peer_normalisation} (must be >= 0)"
+            )
         _check_owners(self)
 
 

@@ -1,6 +1,6 @@
 """Gradient sources, one module each: backprop, zo, forward_grad, hybrid (and the
-fixed-point runners fixed_point_zo, hybrid_int8), and the local-learning mono_forward
-(its shared pieces in ``_local``).
+fixed-point runners fixed_point_zo, hybrid_int8), and the local-learning mono_forward and
+forward_forward (their shared pieces in ``_local``).
 
 ``build(model, recipe, loss_fn=None, seed=0)`` returns the estimator that runs
 ``recipe``: the class the compatibility table (``edgetrain.compat.runner``) names for its
@@ -51,6 +51,7 @@ _MODULES = {
     "fixed_point_zo": "edgetrain.estimators.fixed_point_zo",
     "hybrid_int8": "edgetrain.estimators.hybrid_int8",
     "mono_forward": "edgetrain.estimators.mono_forward",
+    "forward_forward": "edgetrain.estimators.forward_forward",
 }
 """Estimator kind (or the class a recipe runs as, ``compat.Runner.runs_as``) -> the module
 of that method: one line per method."""
