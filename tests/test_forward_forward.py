@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from edgetrain import estimators, memory, models, presets, tasks
 from edgetrain.errors import ConfigError
+from edgetrain.estimators.base import NonFiniteLossError
 from edgetrain.estimators.forward_forward import (
     ForwardForward,
     GoodnessPredictor,
@@ -377,3 +378,25 @@ def test_saved_activations_are_one_blocks_for_2b_rows(scratch):
     halves = saved((256,) * 8, ff.replace(micro_batch_size=32))
     assert halves < eight["full_bp"]
     assert math.isfinite(halves)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_a_nan_step_keeps_weights_buffers_and_running_means(model_name):
+    """The shared NaN invariant passes a custom loss_fn, which Forward-Forward refuses:
+    here the NaN comes from the data instead."""
+    with seeded_global_rng(0):
+        net = models.build(model_name)
+    x, y = torch.randn(4, 1, 28, 28, generator=make_generator(0)), torch.tensor([1, 2, 3, 4])
+    est = estimators.build(net, _recipe(), seed=0)
+    est.step((x, y))
+    state = {k: v.clone() for k, v in net.state_dict().items()}  # BatchNorm's buffers too
+    means = {i: mu.clone() for i, mu in est.running_means.items()}
+    bad = x.clone()
+    bad[0, 0, 5, 5] = float("nan")
+    with pytest.raises(NonFiniteLossError):
+        est.step((bad, y))
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert all(torch.equal(mu, means[i]) for i, mu in est.running_means.items())
+    with pytest.raises(ConfigError, match="no custom loss_fn"):
+        estimators.build(net, _recipe(), lambda model, batch: model(batch[0]).sum())
+    est.close()

@@ -80,7 +80,7 @@ edgetrain.scope.find_blocks), and every choice the paper leaves open is:
 * **Optimizer**: one torch optimizer (the recipe's) over the trained blocks' parameters;
   the preset's Adam lr 1e-3 is ours (the code's SGD values are in the preset's docstring).
 * Frozen blocks (a scope of ``last_blocks`` or ``blocks``) run, normalised, and count in
-  the prediction, but get no loss. ``loss_fn`` is not used: the losses are the method's.
+  the prediction, but get no loss. A custom ``loss_fn`` is refused: the losses are the method's.
 * Gradient accumulation (``recipe.micro_batch_size``): the negatives are drawn for the
   whole batch, then each micro-batch's 2b rows are run and their losses, weighted by their
   rows, backpropagated in turn; one optimizer step follows (equal to the whole step up to
@@ -110,7 +110,7 @@ from torch.nn import functional as F
 
 from edgetrain import optim as optim_mod
 from edgetrain._registry import preset
-from edgetrain.batches import labels_of
+from edgetrain.batches import default_loss, labels_of
 from edgetrain.errors import ConfigError
 from edgetrain.estimators import _local
 from edgetrain.estimators import register as register_estimator
@@ -327,6 +327,11 @@ class ForwardForward(Estimator):
     def __init__(
         self, model: nn.Module, recipe: Recipe, loss_fn: LossFn | None = None, *, seed: int = 0
     ) -> None:
+        if loss_fn is not None and loss_fn is not default_loss:
+            raise ConfigError(
+                "forward_forward takes no custom loss_fn: its losses are each block's "
+                "goodness of positive against negative data, not a loss of the model's output"
+            )
         super().__init__(model, recipe, loss_fn, seed=seed)
         try:
             self.blocks = list(find_blocks(model))
