@@ -17,8 +17,10 @@ from edgetrain.seeding import seeded_global_rng  # noqa: E402
 from tests.conftest import text_data  # noqa: E402
 
 # Fixed-point numerics convert chains of Linear/Conv/ReLU layers only (issue 19 is the
-# integer transformer); every other preset must apply to a BERT classifier as it comes.
-NOT_YET = {"fixed_point_zo", "elastic_zo_int8"}
+# integer transformer); Forward-Forward overlays its label on input entries, which token
+# ids do not have (docs/local_learning_design.md, section 1); every other preset must
+# apply to a BERT classifier as it comes.
+NOT_YET = {"fixed_point_zo", "elastic_zo_int8", "forward_forward"}
 
 
 def auto_model() -> torch.nn.Module:

@@ -154,6 +154,17 @@ RUNNERS: dict[tuple[str, str], Runner] = {
             data_parallel=False,  # not yet: its predictors' gradients would need an all-reduce
         ),
         Runner(
+            "forward_forward",
+            "float32",
+            runs_as="forward_forward",
+            optimizers=_TORCH_OPTIMIZERS,
+            backwards=("exact",),
+            knobs=(),
+            mask_on=(),
+            channel_sparse=False,
+            data_parallel=False,  # not yet: as mono_forward (and its running means)
+        ),
+        Runner(
             "zo",
             "fixed_point",
             runs_as="fixed_point_zo",

@@ -44,7 +44,15 @@ __all__ = [
     "NUMERICS_KINDS",
 ]
 
-ESTIMATOR_KINDS = ("backprop", "zo", "forward_grad", "hybrid", "mono_forward", "cascaded_forward")
+ESTIMATOR_KINDS = (
+    "backprop",
+    "zo",
+    "forward_grad",
+    "hybrid",
+    "mono_forward",
+    "cascaded_forward",
+    "forward_forward",
+)
 SCOPE_KINDS = (
     "all",
     "last_blocks",
@@ -145,6 +153,8 @@ class Estimator:
     class scores, no gradient between blocks (Mono-Forward, Gong et al. 2025).
     ``cascaded_forward``: a linear predictor per block on its (frozen, or DFA-trained)
     output, the prediction their sum (Cascaded-Forward, Zhao et al. 2023).
+    ``forward_forward``: each block trained to give high goodness to images with their
+    label overlaid and low goodness to wrong labels (Forward-Forward, Hinton 2022).
     """
 
     kind: str = "backprop"
@@ -206,6 +216,12 @@ class Estimator:
     """Cascaded-Forward: what a predictor reads, ``flatten`` (every entry of the block
     output, the paper's; needs the model's ``input_shape``) or ``pool`` (as
     ``mf_readout``'s ``pool``)."""
+    ff_label_strength: float = _for("forward_forward", default=3.0)
+    """Forward-Forward: the overlaid label entry is this times the image's largest entry
+    (3: measured on mnist-scratch, estimators/forward_forward.py)."""
+    ff_peer_normalisation: float = _for("forward_forward", default=0.03)
+    """Forward-Forward: weight of Hinton's peer normalisation (each unit's running mean
+    activity regressed to its layer's average); 0 turns it off."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -245,6 +261,11 @@ class Estimator:
         if self.cafo_blocks == "random" and self.dfa_steps != 0:
             raise ConfigError(
                 f"dfa_steps={self.dfa_steps} is read with cafo_blocks='dfa' only; leave it at 0"
+            )
+        _positive(self.ff_label_strength, "ff_label_strength")
+        if not self.ff_peer_normalisation >= 0:
+            raise ConfigError(
+                f"Invalid ff_peer_normalisation: {self.ff_peer_normalisation} (must be >= 0)"
             )
         _check_owners(self)
 

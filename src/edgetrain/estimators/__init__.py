@@ -1,6 +1,6 @@
 """Gradient sources, one module each: backprop, zo, forward_grad, hybrid (and the
-fixed-point runners fixed_point_zo, hybrid_int8), and the local-learning mono_forward
-(its shared pieces in ``_local``).
+fixed-point runners fixed_point_zo, hybrid_int8), and the local-learning mono_forward and
+forward_forward (their shared pieces in ``_local``).
 
 ``build(model, recipe, loss_fn=None, seed=0)`` returns the estimator that runs
 ``recipe``: the class the compatibility table (``edgetrain.compat.runner``) names for its
@@ -52,6 +52,7 @@ _MODULES = {
     "hybrid_int8": "edgetrain.estimators.hybrid_int8",
     "mono_forward": "edgetrain.estimators.mono_forward",
     "cascaded_forward": "edgetrain.estimators.cascaded_forward",
+    "forward_forward": "edgetrain.estimators.forward_forward",
 }
 """Estimator kind (or the class a recipe runs as, ``compat.Runner.runs_as``) -> the module
 of that method: one line per method."""

@@ -12,6 +12,10 @@ output, and the local heads an estimator owns.
   tuple (HuggingFace layers of older versions return ``(hidden_states, ...)``).
 * :func:`readout` turns one block output into one feature row per example, as the model's
   head would read it; :func:`block_widths` measures those widths.
+* :func:`block_output_shapes` runs one example through a hooked dry forward and gives
+  each block's output shape (what :func:`block_widths` reads); :class:`StopForward`,
+  raised by a forward hook, ends a forward after a block (Forward-Forward never runs the
+  model's head).
 * :func:`build_heads` makes the estimator's local heads under a seeded global RNG (torch's
   module init draws from it), on the model's device and dtype.
 """
@@ -32,6 +36,8 @@ from edgetrain.seeding import cuda_devices, seeded_global_rng
 
 __all__ = [
     "READOUTS",
+    "StopForward",
+    "block_output_shapes",
     "block_hooks",
     "check_all_ran",
     "detach_inputs",
@@ -50,6 +56,12 @@ reference heads do, ``flatten`` takes every entry (see :func:`readout`)."""
 
 PreHook = Callable[[int, tuple, dict], tuple[tuple, dict] | None]
 PostHook = Callable[[int, Any], Any]
+
+
+class StopForward(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """Raised by a forward hook to end the model's forward after a block; the estimator
+    that hooked the blocks catches it (what follows the last block, the head, never
+    runs)."""
 
 
 def first_tensor(output: Any, block: int = -1) -> torch.Tensor:
@@ -168,27 +180,18 @@ def _structural_width(block: nn.Module) -> int | None:
     return None
 
 
-def block_widths(model: nn.Module, blocks: Sequence[nn.Module], how: str = "pool") -> list[int]:
-    """The readout width of each block's output. A model that declares ``input_shape``
-    runs one example of zeros through a hooked forward without grad, every module in eval
-    mode (no running statistics move, no dropout draws) and its modes restored after: the
-    widths measured, and the forward checked to call each block once, in order. Any other
-    model (a HuggingFace transformer) is read by structure, ``pool`` only."""
+def block_output_shapes(model: nn.Module, blocks: Sequence[nn.Module]) -> list[tuple[int, ...]]:
+    """The output shape of each block (batch dimension 1 first) for one example of zeros
+    of the model's ``input_shape``, run through a hooked forward without grad, every
+    module in eval mode (no running statistics move, no dropout draws) and its modes
+    restored after; the forward checked to call each block once, in order. ConfigError
+    for a model without ``input_shape``."""
     shape = getattr(model, "input_shape", None)
     if shape is None:
-        if how != "pool":
-            raise ConfigError(
-                f"readout {how!r} needs the block output shapes: give the model an "
-                "input_shape (one example's shape), or use readout 'pool'"
-            )
-        widths = [_structural_width(b) for b in blocks]
-        missing = [i for i, w in enumerate(widths) if w is None]
-        if missing:
-            raise ConfigError(
-                f"Cannot tell the output width of block(s) {missing} (no Linear, conv or norm "
-                "inside): give the model an input_shape"
-            )
-        return [int(w) for w in widths]
+        raise ConfigError(
+            f"{type(model).__name__} declares no input_shape (one example's shape): the "
+            "block output shapes are measured by a forward of one example"
+        )
     param = next(model.parameters())
     x = torch.zeros((1, *shape), device=param.device, dtype=param.dtype)
     shapes: dict[int, tuple[int, ...]] = {}
@@ -205,7 +208,28 @@ def block_widths(model: nn.Module, blocks: Sequence[nn.Module], how: str = "pool
     finally:
         for module, mode in modes:
             module.training = mode
-    return [readout_width(shapes[i], how) for i in range(len(blocks))]
+    return [shapes[i] for i in range(len(blocks))]
+
+
+def block_widths(model: nn.Module, blocks: Sequence[nn.Module], how: str = "pool") -> list[int]:
+    """The readout width of each block's output. A model that declares ``input_shape``
+    is measured by :func:`block_output_shapes`. Any other model (a HuggingFace
+    transformer) is read by structure, ``pool`` only."""
+    if getattr(model, "input_shape", None) is None:
+        if how != "pool":
+            raise ConfigError(
+                f"readout {how!r} needs the block output shapes: give the model an "
+                "input_shape (one example's shape), or use readout 'pool'"
+            )
+        widths = [_structural_width(b) for b in blocks]
+        missing = [i for i, w in enumerate(widths) if w is None]
+        if missing:
+            raise ConfigError(
+                f"Cannot tell the output width of block(s) {missing} (no Linear, conv or norm "
+                "inside): give the model an input_shape"
+            )
+        return [int(w) for w in widths]
+    return [readout_width(shape, how) for shape in block_output_shapes(model, blocks)]
 
 
 def num_classes_of(model: nn.Module, head: nn.Module | None) -> int:
