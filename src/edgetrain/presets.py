@@ -58,6 +58,7 @@ _ORDER = (
     "mezo_prompt",
     # local learning without end-to-end backprop (issue 17)
     "mono_forward",
+    "noprop",
 )
 """The order of ``names()`` (and so of ``compare``'s table): the built-in presets by
 family, as they were listed before they moved next to their methods (module load order

@@ -44,7 +44,7 @@ __all__ = [
     "NUMERICS_KINDS",
 ]
 
-ESTIMATOR_KINDS = ("backprop", "zo", "forward_grad", "hybrid", "mono_forward")
+ESTIMATOR_KINDS = ("backprop", "zo", "forward_grad", "hybrid", "mono_forward", "noprop")
 SCOPE_KINDS = (
     "all",
     "last_blocks",
@@ -143,6 +143,8 @@ class Estimator:
     et al. 2022). ``hybrid``: ZO for the blocks before ``cut``, backprop after (ElasticZO).
     ``mono_forward``: each block trained by the cross-entropy of its own projection to
     class scores, no gradient between blocks (Mono-Forward, Gong et al. 2025).
+    ``noprop``: one denoising block of a NoProp model per step, trained to predict its
+    label's embedding from a noised one (NoProp-DT, Li, Teh and Pascanu 2025).
     """
 
     kind: str = "backprop"
@@ -190,6 +192,14 @@ class Estimator:
     """Mono-Forward: what a block's local projection reads, ``pool`` (a (B, N) output as
     it is, a (B, C, H, W) one averaged over H and W, a (B, T, D) one its first token) or
     ``flatten`` (every entry; needs the model's ``input_shape``)."""
+    eta: float = _for("noprop", default=0.1)
+    """NoProp: the weight eta of the denoising term of eq. 61 (the paper's 0.1)."""
+    block_order: str = _for("noprop", default="round_robin")
+    """NoProp: which block a step trains, ``round_robin`` (t = step mod T) or ``sampled``
+    (drawn from the step seed)."""
+    block_steps: int = _for("noprop", default=1)
+    """NoProp: consecutive steps each chosen block trains (steps per epoch: Algorithm 1's
+    loop of a block over an epoch)."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -218,6 +228,10 @@ class Estimator:
         if self.chunk_elements < 1:
             raise ConfigError(f"Invalid chunk_elements: {self.chunk_elements} (must be >= 1)")
         _choice(self.mf_readout, ("pool", "flatten"), "mf_readout")
+        _positive(self.eta, "eta")
+        _choice(self.block_order, ("round_robin", "sampled"), "block_order")
+        if self.block_steps < 1:
+            raise ConfigError(f"Invalid block_steps: {self.block_steps} (must be >= 1)")
         _check_owners(self)
 
 
