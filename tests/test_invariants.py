@@ -1,6 +1,7 @@
 """The shared invariants, over EVERY registered preset on every reference model it applies
 to (as peft's TEST_CASES): the MLP, the CNN, the ViT, a tiny HuggingFace BERT with
-edgetrain's head (HFClassifier) and a tiny ``BertForSequenceClassification`` as it comes,
+edgetrain's head (HFClassifier), a tiny ``BertForSequenceClassification`` as it comes
+and NoProp's chain of denoising blocks (``noprop_mlp``, T = 3),
 both built from a config (random weights, no download) and trained on dict batches
 (``input_ids``, ``attention_mask``, ``labels``). A case is skipped only with the reason
 ``bench.compare.applicable`` gives (e.g. "fixed-point numerics need a chain ...").
@@ -50,7 +51,7 @@ KEPT_SCOPES = ("prefix", "prompt")
 """Scope kinds whose trained parameters stay in the model at close (the virtual tokens,
 ``Scope.keep_virtual_tokens``; LoRA's are merged into the weights): the model comes back
 as it came once they are taken out."""
-MODEL_NAMES = ["mlp", "cnn", "vit", "tiny_bert", "hf_seq_cls"]
+MODEL_NAMES = ["mlp", "cnn", "vit", "tiny_bert", "hf_seq_cls", "noprop_mlp"]
 STEPS, BATCH = 4, 8
 
 
@@ -60,6 +61,8 @@ def _build(name: str) -> nn.Module:
             return tiny_bert(num_hidden_layers=4, hidden_dropout_prob=0.1)
         if name == "hf_seq_cls":  # AutoModelForSequenceClassification as it comes
             return tiny_bert(num_hidden_layers=4, hidden_dropout_prob=0.1, own_head=True)
+        if name == "noprop_mlp":  # NoProp's own family (noprop and backprop only); T = 3
+            return models.build(name, num_steps=3)
         return models.build(name)
 
 

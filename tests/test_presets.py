@@ -46,6 +46,11 @@ def test_every_preset_lowers_the_loss_on_the_built_in_task(task, name):
     if applicable(recipe, net) is not None:
         model_name = "vit"
         net = task.pretrained(model_name)
+    if applicable(recipe, net) is not None:  # a model family of its own: NoProp's, from init
+        from edgetrain.seeding import seeded_global_rng
+
+        with seeded_global_rng(0):
+            model_name, net = "noprop_mlp", models.build("noprop_mlp")
     if applicable(recipe, net) is not None:  # a transformers-only scope (prefix, prompt)
         from tests.conftest import text_data, tiny_bert
 

@@ -165,6 +165,17 @@ RUNNERS: dict[tuple[str, str], Runner] = {
             data_parallel=False,  # not yet: as mono_forward (and its running means)
         ),
         Runner(
+            "noprop",
+            "float32",
+            runs_as="noprop",
+            optimizers=_TORCH_OPTIMIZERS,
+            backwards=("exact",),
+            knobs=(),
+            mask_on=(),
+            channel_sparse=False,
+            data_parallel=False,  # not yet: its gradients would need an all-reduce hook
+        ),
+        Runner(
             "zo",
             "fixed_point",
             runs_as="fixed_point_zo",

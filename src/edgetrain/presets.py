@@ -62,6 +62,7 @@ _ORDER = (
     "mono_forward",
     "cascaded_forward",
     "forward_forward",
+    "noprop",
 )
 """The order of ``names()`` (and so of ``compare``'s table): the built-in presets by
 family, as they were listed before they moved next to their methods (module load order
@@ -100,7 +101,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "mezo_prefix",
         "mezo_prompt",
     ),
-    "local": ("full_bp", "mono_forward"),
+    "local": ("full_bp", "mono_forward", "cascaded_forward", "forward_forward", "noprop"),
 }
 """Named sets of presets, usable wherever a list of presets is (``select``; ``edgetrain
 compare --presets core``). ``core``: the baseline and one or two presets of every family

@@ -52,6 +52,7 @@ ESTIMATOR_KINDS = (
     "mono_forward",
     "cascaded_forward",
     "forward_forward",
+    "noprop",
 )
 SCOPE_KINDS = (
     "all",
@@ -155,6 +156,8 @@ class Estimator:
     output, the prediction their sum (Cascaded-Forward, Zhao et al. 2023).
     ``forward_forward``: each block trained to give high goodness to images with their
     label overlaid and low goodness to wrong labels (Forward-Forward, Hinton 2022).
+    ``noprop``: one denoising block of a NoProp model per step, trained to predict its
+    label's embedding from a noised one (NoProp-DT, Li, Teh and Pascanu 2025).
     """
 
     kind: str = "backprop"
@@ -222,6 +225,14 @@ class Estimator:
     ff_peer_normalisation: float = _for("forward_forward", default=0.03)
     """Forward-Forward: weight of Hinton's peer normalisation (each unit's running mean
     activity regressed to its layer's average); 0 turns it off."""
+    eta: float = _for("noprop", default=0.1)
+    """NoProp: the weight eta of the denoising term of eq. 61 (the paper's 0.1)."""
+    block_order: str = _for("noprop", default="round_robin")
+    """NoProp: which block a step trains, ``round_robin`` (t = step mod T) or ``sampled``
+    (drawn from the step seed)."""
+    block_steps: int = _for("noprop", default=1)
+    """NoProp: consecutive steps each chosen block trains (steps per epoch: Algorithm 1's
+    loop of a block over an epoch)."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -267,6 +278,10 @@ class Estimator:
             raise ConfigError(
                 f"Invalid ff_peer_normalisation: {self.ff_peer_normalisation} (must be >= 0)"
             )
+        _positive(self.eta, "eta")
+        _choice(self.block_order, ("round_robin", "sampled"), "block_order")
+        if self.block_steps < 1:
+            raise ConfigError(f"Invalid block_steps: {self.block_steps} (must be >= 1)")
         _check_owners(self)
 
 

@@ -1,6 +1,6 @@
 """Gradient sources, one module each: backprop, zo, forward_grad, hybrid (and the
-fixed-point runners fixed_point_zo, hybrid_int8), and the local-learning mono_forward and
-forward_forward (their shared pieces in ``_local``).
+fixed-point runners fixed_point_zo, hybrid_int8), and the local-learning mono_forward,
+cascaded_forward, forward_forward (their shared pieces in ``_local``) and noprop.
 
 ``build(model, recipe, loss_fn=None, seed=0)`` returns the estimator that runs
 ``recipe``: the class the compatibility table (``edgetrain.compat.runner``) names for its
@@ -53,6 +53,7 @@ _MODULES = {
     "mono_forward": "edgetrain.estimators.mono_forward",
     "cascaded_forward": "edgetrain.estimators.cascaded_forward",
     "forward_forward": "edgetrain.estimators.forward_forward",
+    "noprop": "edgetrain.estimators.noprop",
 }
 """Estimator kind (or the class a recipe runs as, ``compat.Runner.runs_as``) -> the module
 of that method: one line per method."""
@@ -72,8 +73,15 @@ def _modules_of(recipe: Recipe) -> list[str]:
 
 
 def applicable(recipe: Recipe, model: nn.Module) -> str | None:
-    """Why ``model`` cannot run ``recipe``'s estimator, or None: the first reason of the
-    ``applicable`` functions of its modules."""
+    """Why ``model`` cannot run ``recipe``'s estimator, or None: a model that declares the
+    kinds it is built for (``estimator_kinds``, NoProp's family) refuses the others; then
+    the first reason of the ``applicable`` functions of its modules."""
+    kinds = getattr(model, "estimator_kinds", None)
+    if kinds is not None and recipe.estimator.kind not in kinds:
+        return (
+            f"{type(model).__name__} is built for estimator kinds "
+            f"{', '.join(repr(k) for k in kinds)}, not {recipe.estimator.kind!r}"
+        )
     return first_reason(_modules_of(recipe), recipe, model)
 
 

@@ -13,8 +13,10 @@ of seed ``s`` starts from (:meth:`Task.initial_model`) is a fresh init built und
 global RNG seeded with ``s``, so the seeds of a comparison vary the init as well as the
 batch order; its accuracy (about chance) is the "before". ``mlp`` is
 ``MLP(hidden=(256, 256, 256))`` (three blocks: the local methods get two local layers plus
-the head), ``cnn`` the reference CNN as it is. Every preset runs for
-``SCRATCH_STEPS`` steps of ``SCRATCH_BATCH`` (20 epochs), full_bp included, so the
+the head), ``cnn`` the reference CNN as it is, ``noprop_mlp`` / ``noprop_cnn`` NoProp-DT's
+own family (T = 10 denoising blocks; only ``noprop`` and the backprop presets apply, and
+``full_bp`` trains the same blocks end to end through the inference chain). Every preset
+runs for ``SCRATCH_STEPS`` steps of ``SCRATCH_BATCH`` (20 epochs), full_bp included, so the
 baseline trains the same architecture for the same number of examples.
 """
 
@@ -326,7 +328,7 @@ def _mnist_scratch() -> Task:
         input_shape=(1, 28, 28),
         load_source=load_mnist_source,
         load_target=load_target,
-        model_names=("mlp", "cnn"),
+        model_names=("mlp", "cnn", "noprop_mlp", "noprop_cnn"),
         default_model="mlp",
         adapt_recipe=adapt_for_scratch,
         from_scratch=True,
