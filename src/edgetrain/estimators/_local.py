@@ -48,6 +48,7 @@ __all__ = [
     "block_widths",
     "num_classes_of",
     "build_heads",
+    "run_micro_batches",
 ]
 
 READOUTS = ("pool", "flatten")
@@ -260,3 +261,28 @@ def build_heads(
             {str(i): nn.Linear(n_in, n_out, bias=bias) for i, (n_in, n_out) in shapes.items()}
         )
     return heads.to(device=param.device, dtype=param.dtype)
+
+
+def run_micro_batches(estimator: Any, parts: Any, run: Callable[[Any, float], list[float]]):
+    """The micro-batch loop of a local-learning step: for each ``(micro, weight)`` of
+    ``parts``, ``run(micro, weight)`` backpropagates that micro-batch's local losses and
+    returns them (floats, block order); returns their ``weight``-weighted sums. A value
+    that is not finite drops every gradient, puts the model's buffers (BatchNorm's
+    running statistics) back as they were at the start and raises through
+    ``estimator.check_finite``: the step keeps nothing."""
+    buffers = [(b, b.clone()) for b in estimator.model.buffers()]
+    totals: list[float] | None = None
+    for micro, weight in parts:
+        values = run(micro, weight)
+        totals = [0.0] * len(values) if totals is None else totals
+        for k, value in enumerate(values):
+            totals[k] += weight * value
+        bad = next((v for v in values if not math.isfinite(v)), None)
+        if bad is not None:
+            estimator.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+            estimator.check_finite(bad)
+    assert totals is not None, "a step has at least one micro-batch"
+    return totals

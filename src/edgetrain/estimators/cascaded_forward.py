@@ -367,26 +367,12 @@ class CascadedForward(Estimator):
         self.optimizer.zero_grad(set_to_none=True)
         # The forward updates buffers (BatchNorm's running statistics): a step whose loss
         # is not finite keeps none of them either.
-        buffers = [(b, b.clone()) for b in self.model.buffers()]
-        totals: list[float] | None = None
-        for micro, weight in self.micro_batches(batch):
-            values = (
-                self._dfa_backward(micro, weight)
-                if dfa
-                else self._predictor_backward(micro, weight)
-            )
-            totals = [0.0] * len(values) if totals is None else totals
-            for k, value in enumerate(values):
-                totals[k] += weight * value
-            bad = next((v for v in values if not math.isfinite(v)), None)
-            if bad is not None:
-                self.optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for buffer, saved in buffers:
-                        buffer.copy_(saved)
-                self.check_finite(bad)
+        totals = _local.run_micro_batches(
+            self,
+            self.micro_batches(batch),
+            self._dfa_backward if dfa else self._predictor_backward,
+        )
         self.optimizer.step()
-        assert totals is not None
         self._last_losses = tuple(totals)
         return sum(totals), (2 if dfa else 1), (1 if dfa else 0)
 

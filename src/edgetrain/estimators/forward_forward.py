@@ -382,21 +382,13 @@ class ForwardForward(Estimator):
         self.optimizer.zero_grad(set_to_none=True)
         # The forward updates buffers (BatchNorm's running statistics): a step whose loss
         # is not finite keeps none of them either.
-        buffers = [(b, b.clone()) for b in self.model.buffers()]
-        totals = [0.0] * len(self.local_blocks)
         activity = {i: torch.zeros_like(mu) for i, mu in self.running_means.items()}
         n = x.shape[0]
-        for (mx, my, mneg), weight in self.micro_batches((x, labels, negatives)):
-            values = self._forward_backward(mx, my, mneg, weight, activity)
-            for k, value in enumerate(values):
-                totals[k] += weight * value
-            bad = next((v for v in values if not math.isfinite(v)), None)
-            if bad is not None:
-                self.optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for buffer, saved in buffers:
-                        buffer.copy_(saved)
-                self.check_finite(bad)
+        totals = _local.run_micro_batches(
+            self,
+            self.micro_batches((x, labels, negatives)),
+            lambda micro, weight: self._forward_backward(*micro, weight, activity),
+        )
         self.optimizer.step()
         with torch.no_grad():
             for i, mu in self.running_means.items():

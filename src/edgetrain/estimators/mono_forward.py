@@ -145,19 +145,7 @@ class MonoForward(Estimator):
         self.optimizer.zero_grad(set_to_none=True)
         # The forward updates buffers (BatchNorm's running statistics): a step whose loss
         # is not finite keeps none of them either.
-        buffers = [(b, b.clone()) for b in self.model.buffers()]
-        totals = [0.0] * (len(self.local_blocks) + 1)
-        for micro, weight in self.micro_batches(batch):
-            values = self._forward_backward(micro, weight)
-            for k, value in enumerate(values):
-                totals[k] += weight * value
-            bad = next((v for v in values if not math.isfinite(v)), None)
-            if bad is not None:
-                self.optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for buffer, saved in buffers:
-                        buffer.copy_(saved)
-                self.check_finite(bad)
+        totals = _local.run_micro_batches(self, self.micro_batches(batch), self._forward_backward)
         self.optimizer.step()
         self._last_losses = tuple(totals)
         return sum(totals), 1, 1
