@@ -1,6 +1,7 @@
 """Update fused into backward (``Optimizer.fused_backward``, edgetrain.optim.fused; issue
 18 item 1): the fused step gives the unfused step's weights and optimizer state bit for
-bit, for every optimizer kind, on the MLP, a model with a tied weight, every backward
+bit, for every optimizer kind, on the MLP, the CNN (BatchNorm), a model with a tied
+weight, every backward
 kind on the ViT and with micro-batches; its hooks fire inside the backward (one update
 per parameter per step, none left between steps), its gradients are freed as they are
 consumed (the memory meter's ``grads``), it resumes from either path's checkpoint, and
@@ -59,6 +60,11 @@ class TiedClassifier(nn.Module):
 def _tied() -> nn.Module:
     torch.manual_seed(0)
     return TiedClassifier()
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return models.CNN(channels=(4, 8), strides=(1, 2), num_classes=3, input_shape=(1, 8, 8))
 
 
 def _vit() -> nn.Module:
@@ -124,15 +130,16 @@ def _recipe(kind: str, fused: bool, name: str = "full_bp", **extra):
 
 
 @pytest.mark.parametrize("kind", list(OPTIMIZERS))
-@pytest.mark.parametrize("model", ["mlp", "tied"])
+@pytest.mark.parametrize("model", ["mlp", "tied", "cnn"])
 def test_fused_update_is_the_unfused_one_bit_for_bit(kind, model):
-    net = _mlp() if model == "mlp" else _tied()
-    batches = _batches((12,), 3)
+    net = {"mlp": _mlp, "tied": _tied, "cnn": _cnn}[model]()
+    batches = _batches((1, 8, 8) if model == "cnn" else (12,), 3)
     plain, plain_state, _ = _run(net, _recipe(kind, False), batches)
     fused, fused_state, est = _run(net, _recipe(kind, True), batches)
     _assert_same(plain, fused)
     _assert_same_state(plain_state, fused_state)
-    assert not torch.equal(plain.state_dict()["head.weight"], net.state_dict()["head.weight"])
+    for before, after in zip(net.parameters(), plain.parameters(), strict=True):
+        assert not torch.equal(before, after)  # every parameter trained
     # every update ran inside a backward: one per parameter per step, the tied weight
     # (two uses, one accumulation) included, none left for after the backward
     n_params = len(list(net.parameters()))
