@@ -15,8 +15,9 @@ without ``fused_backward`` and prints:
 * ``removed@peak``: the share of unfused ``grads@peak`` the fused step does not hold at
   its own peak (the issue's goal: >= 90% for full_bp);
 * ``largest``: the largest single trainable tensor's share of all gradient bytes: the
-  fused step must hold at least that gradient whole (the backward node makes it before
-  the hook can consume it), so ``removed@peak`` is at most ``1 - largest``;
+  fused step holds that gradient whole for a while (the backward node makes it before
+  the hook can consume it), so where its peak falls then, ``removed@peak`` is at most
+  ``1 - largest``;
 * ``time``: fused step time over unfused, the median of ``--rounds`` interleaved rounds
   (one step each), after a warm-up step.
 
