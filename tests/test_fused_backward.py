@@ -154,13 +154,17 @@ def test_fused_update_is_the_unfused_one_bit_for_bit(kind, model):
         ("mesa", {}),
         ("bsr", {"scope.k": 1}),
         ("full_bp", {"backward.kind": "checkpoint"}),
+        ("galore", {"optimizer.rank": 2, "optimizer.update_gap": 1}),  # block Linears
+        ("lowrank_grad", {"optimizer.rank": 2}),
     ],
 )
-def test_every_backward_kind_fuses_bit_for_bit(name, extra):
+def test_every_backward_kind_and_the_vit_presets_fuse_bit_for_bit(name, extra):
     net = _vit()
     batches = _batches((1, 8, 8), 10, n=2)
-    plain, plain_state, _ = _run(net, _recipe("adam", False, name, **extra), batches)
-    fused, fused_state, est = _run(net, _recipe("adam", True, name, **extra), batches)
+    fields = {"optimizer.fused_backward": False, "optimizer.weight_decay": 0.01, **extra}
+    plain, plain_state, _ = _run(net, presets.get(name, **fields), batches)
+    fields["optimizer.fused_backward"] = True
+    fused, fused_state, est = _run(net, presets.get(name, **fields), batches)
     _assert_same(plain, fused)
     _assert_same_state(plain_state, fused_state)
     assert est._fused.updates == len(est.params) * len(batches)
