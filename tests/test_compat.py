@@ -202,6 +202,21 @@ REFUSED = [
         ("micro_batch_size=2", "'fixed_point'"),
     ),
     (
+        "fused_backward_backprop",
+        dict(est=dict(kind="hybrid", cut=1), opt=dict(fused_backward=True)),
+        ("fused_backward=True", "'hybrid'"),
+    ),
+    (
+        "fused_backward_backprop",
+        dict(est=dict(kind="zo"), opt=dict(fused_backward=True)),
+        ("fused_backward=True", "'zo'"),
+    ),
+    (
+        "fused_backward_dense",
+        dict(scope=SPARSE_CHANNELS, opt=dict(fused_backward=True)),
+        ("fused_backward=True", "channel-sparse"),
+    ),
+    (
         "lora_float",
         dict(est=dict(kind="zo"), scope=dict(kind="lora"), num=FIXED),
         ("'lora'", "'fixed_point'"),

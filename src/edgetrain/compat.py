@@ -356,6 +356,33 @@ def _micro_batches_float(r: Recipe) -> str | None:
     return None
 
 
+def _fused_backward_backprop(r: Recipe) -> str | None:
+    kind = r.estimator.kind
+    if getattr(r.optimizer, "fused_backward", False) and kind != "backprop":
+        why = (
+            "the hybrid tail averages its gradients over the 2q passes of a step before one update"
+            if kind == "hybrid"
+            else "it runs no backward whose gradients a hook could consume"
+        )
+        return (
+            f"optimizer.fused_backward=True (the update inside the backward) runs with "
+            f"estimator 'backprop', not {kind!r}: {why}; set fused_backward=False"
+        )
+    return None
+
+
+def _fused_backward_dense(r: Recipe) -> str | None:
+    if getattr(r.optimizer, "fused_backward", False) and _channel_sparse(r.scope):
+        return (
+            "optimizer.fused_backward=True does not run with a channel-sparse scope "
+            "(scope 'channels' below ratio 1): the sparse update writes its trained "
+            "channels back into each weight after the whole step, and in the backward "
+            "that write would change weights autograd still reads; set "
+            "fused_backward=False"
+        )
+    return None
+
+
 _LORA_BACKWARD = ("exact", "token_drop", "checkpoint")
 """Backward kinds that keep LoRA's layers: they swap whole blocks' forwards (token
 dropping, checkpointing); Mesa and LBP-WHT replace the adapted Linear layers themselves
@@ -451,6 +478,16 @@ RULES: tuple[Rule, ...] = (
         "gradient accumulation (micro_batch_size) runs with numerics float32 only",
         _micro_batches_float,
     ),
+    Rule(
+        "fused_backward_backprop",
+        "optimizer.fused_backward runs with estimator backprop only",
+        _fused_backward_backprop,
+    ),
+    Rule(
+        "fused_backward_dense",
+        "optimizer.fused_backward does not run with a channel-sparse scope",
+        _fused_backward_dense,
+    ),
     Rule("lora_float", "scope 'lora' runs with numerics float32 only", _lora_float),
     Rule(
         "lora_backward",
@@ -543,6 +580,12 @@ def check(recipe: Recipe) -> None:
 def distributed_reason(recipe: Recipe) -> str | None:
     """Why ``recipe`` cannot train data-parallel (whatever the model), or None."""
     r = runner(recipe)
+    if getattr(recipe.optimizer, "fused_backward", False):
+        return (
+            "Data-parallel training with optimizer.fused_backward=True is not implemented: "
+            "DDP all-reduces each gradient after it is accumulated, so the update inside "
+            "the backward would use the local gradient; set fused_backward=False"
+        )
     if r.data_parallel:
         return None
     return (

@@ -448,6 +448,14 @@ class Optimizer:
     """ZO sign update: ``elementwise`` sign(g_hat) or ``projected`` sign(g) * z (ZO-Bench)."""
     decay_matrices_only: bool = True
     """Weight decay skips biases and norm weights (1-D tensors), as MeZO and AdamW usage."""
+    fused_backward: bool = False
+    """Apply each parameter's update inside the backward pass, as soon as its gradient is
+    accumulated, and free that gradient at once (PockEngine, Zhu et al. 2023;
+    edgetrain.optim.fused): gradients are never all alive. The same update as the
+    unfused step (estimator ``backprop`` only; compat rules ``fused_backward_*``). On the
+    optimizer axis because it changes when the update runs, not how the backward is
+    computed, so it composes with every backward kind (wht, mesa, token_drop,
+    checkpoint)."""
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -19,6 +19,12 @@ one micro-batch. Not for BatchNorm in train mode: it normalises each micro-batch
 micro-batch's own statistics (and updates its running statistics once per micro-batch),
 so a model with BatchNorm (the CNN) takes a different, smaller-batch step. A step
 counts one forward and one backward pass over the batch however it is split.
+
+Update fused into backward (``recipe.optimizer.fused_backward``, edgetrain.optim.fused,
+after PockEngine / the Tiny Training Engine): for the length of each step every trainable
+parameter carries a post-accumulate-grad hook that applies its update and frees its
+gradient as soon as the backward has accumulated it, instead of ``optimizer.step()``
+after the backward; with micro-batches only the last backward's hooks update.
 """
 
 from __future__ import annotations
@@ -49,12 +55,17 @@ class Backprop(Estimator):
     ) -> None:
         super().__init__(model, recipe, loss_fn, seed=seed)
         self._sparse_swap = backward_mod.Swap()
+        self._fused = None
         if self.selection.channel_masks:
             from edgetrain.backward.sparse_update import apply_sparse_update
 
             self._sparse_swap, self.selection = apply_sparse_update(model, self.selection)
         try:
             self.optimizer = optim_mod.build(self.params, recipe.optimizer, model=model)
+            if recipe.optimizer.fused_backward:
+                from edgetrain.optim.fused import FusedUpdate
+
+                self._fused = FusedUpdate(self.optimizer, self.params)
             if self.selection.channel_masks:
                 from edgetrain.backward.sparse_update import sync_after_step
 
@@ -69,13 +80,30 @@ class Backprop(Estimator):
 
     def _step(self, batch: Any) -> tuple[float, int, int]:
         self.optimizer.zero_grad(set_to_none=True)
+        parts = self.micro_batches(batch)
+        fused = self._fused
+        if fused is None:
+            value = self._backward(parts)
+            self.optimizer.step()
+            return value, 1, 1
+        fused.attach()  # the hooks live for this step only
+        try:
+            value = self._backward(parts, fused)
+            fused.finish()
+        finally:
+            fused.detach()
+        return value, 1, 1
+
+    def _backward(self, parts: list[tuple[Any, float]], fused: Any = None) -> float:
+        """Forward and backward of each micro-batch in turn; the loss (weighted mean).
+        With ``fused`` (edgetrain.optim.fused.FusedUpdate) the last backward applies the
+        update, parameter by parameter."""
         # The forward updates buffers (BatchNorm's running statistics): a step whose loss
         # is not finite must not keep them either. Buffers are small; parameters are not
-        # touched before the check.
+        # touched before the check (a fused update runs in the backward, after it).
         buffers = [(b, b.clone()) for b in self.model.buffers()]
-        parts = self.micro_batches(batch)
         value = 0.0
-        for micro, weight in parts:
+        for index, (micro, weight) in enumerate(parts):
             # Gradient accumulation (recipe.micro_batch_size): each micro-batch's loss,
             # weighted by its share of the rows, is backpropagated before the next one
             # runs, so only one micro-batch's activations are ever saved; the gradients
@@ -88,6 +116,8 @@ class Backprop(Estimator):
                     for buffer, saved in buffers:
                         buffer.copy_(saved)
                 self.check_finite(part)
+            if fused is not None:
+                fused.armed = index == len(parts) - 1
             if len(parts) == 1:
                 value = part
                 loss.backward()
@@ -95,8 +125,7 @@ class Backprop(Estimator):
                 value += weight * part
                 (loss * weight).backward()
             del loss
-        self.optimizer.step()
-        return value, 1, 1
+        return value
 
     def state_tensors(self) -> Iterator[torch.Tensor]:
         yield from self.optimizer_state_tensors(self.optimizer)
@@ -115,6 +144,8 @@ class Backprop(Estimator):
 
     def close(self) -> None:
         try:
+            if self._fused is not None:
+                self._fused.detach()
             self._swap.restore()
             self._sparse_swap.restore()
         finally:

@@ -13,8 +13,10 @@ optimizer. After each step, the storages created are classified:
 * ``local_params``: the estimator's own parameters (``Estimator.local_parameters()``:
   the local heads of a local-learning method), built before the step and counted like
   the model's parameters, as preexisting bytes;
-* ``grads``: the storages that are a trainable parameter's ``.grad`` after the step (the
-  local parameters' included);
+* ``grads``: the storages that are a trainable parameter's ``.grad`` after the step or
+  when a backward has just accumulated it (a post-accumulate-grad hook: an update fused
+  into the backward frees each gradient before the step ends); the local parameters'
+  included;
 * ``optimizer_state``: the storages the estimator reports as its state
   (``Estimator.state_tensors()``: Adam's moments, GaLore's projectors, ...);
 * ``saved_activations``: storages autograd saved for backward (seen by the pack hook),
@@ -210,14 +212,26 @@ class StepMeter:
             self.saved_ids.add(sid)
         return t
 
+    def _seen_grad(self, p: torch.Tensor) -> None:
+        if p.grad is not None:
+            self.grad_ids.add(self.tracker.id_of(p.grad))
+
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
         if self.device.type == "cuda" and self._cuda_before is None:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._cuda_before = torch.cuda.memory_allocated(self.device)
-        with self.tracker, torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
-            yield
+        # A gradient seen the moment it is accumulated counts as ``grads`` too: an update
+        # fused into the backward (optimizer.fused_backward) frees it before the step ends.
+        # These hooks are registered before the step's own, so they run first.
+        handles = [p.register_post_accumulate_grad_hook(self._seen_grad) for p in self._with_grads]
+        try:
+            with self.tracker, torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
         tracker = self.tracker
         self.grad_ids |= {tracker.id_of(p.grad) for p in self._with_grads if p.grad is not None}
         if self.estimator is not None:

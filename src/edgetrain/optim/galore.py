@@ -194,42 +194,43 @@ class GaLoreAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                projected = group.get("project", True) and p.dim() == 2
-                if projected:
-                    t = int(state["step"])
-                    if "projector" not in state or t % group["update_gap"] == 0:
-                        state["projector"] = galore_projector(grad, group["rank"])
-                    grad = project(grad, state["projector"])  # (r, n) or (m, r)
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(
-                        grad, memory_format=torch.preserve_format
-                    )
-                state["step"] += 1
-                t = int(state["step"])
-                moments = [state["exp_avg"]], [state["exp_avg_sq"]]
-                adam = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"])
-                if not projected:
-                    functional.adamw([p], [grad], *moments, t, weight_decay=wd, **adam)
-                    continue
-                (delta,) = functional.adam_delta([grad], *moments, t, **adam)  # -lr N_t
-                functional.decay_([p], lr=lr, weight_decay=wd)
-                # W += alpha P (-lr N_t)  (or alpha (-lr N_t) Q^T)
-                p.add_(
-                    project_back(delta, state["projector"], p.shape), alpha=group["galore_scale"]
-                )
+                if p.grad is not None:
+                    self.step_parameter(p, group)
         return loss
+
+    @torch.no_grad()
+    def step_parameter(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """The update of one parameter ``p`` of ``group`` from ``p.grad``: what ``step()``
+        does for each (edgetrain.optim.fused runs it inside the backward)."""
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+        projected = group.get("project", True) and p.dim() == 2
+        if projected:
+            t = int(state["step"])
+            if "projector" not in state or t % group["update_gap"] == 0:
+                state["projector"] = galore_projector(grad, group["rank"])
+            grad = project(grad, state["projector"])  # (r, n) or (m, r)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        state["step"] += 1
+        t = int(state["step"])
+        moments = [state["exp_avg"]], [state["exp_avg_sq"]]
+        adam = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"])
+        if not projected:
+            functional.adamw([p], [grad], *moments, t, weight_decay=wd, **adam)
+            return
+        (delta,) = functional.adam_delta([grad], *moments, t, **adam)  # -lr N_t
+        functional.decay_([p], lr=lr, weight_decay=wd)
+        # W += alpha P (-lr N_t)  (or alpha (-lr N_t) Q^T)
+        p.add_(project_back(delta, state["projector"], p.shape), alpha=group["galore_scale"])
 
 
 @register("galore")

@@ -154,44 +154,49 @@ class LowRankGradAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("LowRankGradAdam does not support sparse gradients")
-                state = self.state[p]
-                adam = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
-                if not uses_factors(p.shape, group["rank"]):
-                    if not state:
-                        state["step"] = torch.tensor(0.0)
-                        state["exp_avg"] = torch.zeros_like(p)
-                        state["exp_avg_sq"] = torch.zeros_like(p)
-                    state["step"] += 1
-                    moments = [state["exp_avg"]], [state["exp_avg_sq"]]
-                    t = int(state["step"])
-                    functional.adamw([p], [grad], *moments, t, weight_decay=wd, **adam)
-                    continue
-                functional.decay_([p], lr=lr, weight_decay=wd)
-                if "A" not in state or int(state["factor_step"]) >= group["update_gap"]:
-                    self._restart(p, state, group)
-                A, B = state["A"], state["B"]
-                grad_A, grad_B = factor_gradients(grad, A, B)  # (m, r), (r, n)
-                state["factor_step"] += 1
-                step_A, step_B = functional.adam_delta(  # -lr Adam(G_A), -lr Adam(G_B)
-                    [grad_A, grad_B],
-                    [state["exp_avg_A"], state["exp_avg_B"]],
-                    [state["exp_avg_sq_A"], state["exp_avg_sq_B"]],
-                    int(state["factor_step"]),
-                    **adam,
-                )  # (m, r), (r, n)
-                B.add_(step_B)  # B' = B + dB
-                # A'B' - AB = A dB + dA B'
-                p.add_(A @ step_B).add_(step_A @ B)
-                A.add_(step_A)
+                if p.grad is not None:
+                    self.step_parameter(p, group)
         return loss
+
+    @torch.no_grad()
+    def step_parameter(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """The update of one parameter ``p`` of ``group`` from ``p.grad``: what ``step()``
+        does for each (edgetrain.optim.fused runs it inside the backward)."""
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError("LowRankGradAdam does not support sparse gradients")
+        state = self.state[p]
+        adam = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+        if not uses_factors(p.shape, group["rank"]):
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            moments = [state["exp_avg"]], [state["exp_avg_sq"]]
+            t = int(state["step"])
+            functional.adamw([p], [grad], *moments, t, weight_decay=wd, **adam)
+            return
+        functional.decay_([p], lr=lr, weight_decay=wd)
+        if "A" not in state or int(state["factor_step"]) >= group["update_gap"]:
+            self._restart(p, state, group)
+        A, B = state["A"], state["B"]
+        grad_A, grad_B = factor_gradients(grad, A, B)  # (m, r), (r, n)
+        state["factor_step"] += 1
+        step_A, step_B = functional.adam_delta(  # -lr Adam(G_A), -lr Adam(G_B)
+            [grad_A, grad_B],
+            [state["exp_avg_A"], state["exp_avg_B"]],
+            [state["exp_avg_sq_A"], state["exp_avg_sq_B"]],
+            int(state["factor_step"]),
+            **adam,
+        )  # (m, r), (r, n)
+        B.add_(step_B)  # B' = B + dB
+        # A'B' - AB = A dB + dA B'
+        p.add_(A @ step_B).add_(step_A @ B)
+        A.add_(step_A)
 
 
 @register("lowrank")
