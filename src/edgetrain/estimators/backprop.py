@@ -19,6 +19,10 @@ one micro-batch. Not for BatchNorm in train mode: it normalises each micro-batch
 micro-batch's own statistics (and updates its running statistics once per micro-batch),
 so a model with BatchNorm (the CNN) takes a different, smaller-batch step. A step
 counts one forward and one backward pass over the batch however it is split.
+
+Compiled step (``estimator.compile``, estimators/_compiled.py): the loss forward (with
+its AOTAutograd backward) and the optimizer's step run as torch.compile'd functions;
+everything between them (the loss check, the micro-batch loop) is the code below.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch import nn
 from edgetrain import backward as backward_mod
 from edgetrain import optim as optim_mod
 from edgetrain._registry import preset
+from edgetrain.estimators._compiled import CompiledCall
 from edgetrain.estimators.base import Estimator, LossFn
 from edgetrain.recipe import Estimator as EstimatorSpec
 from edgetrain.recipe import Optimizer, Recipe, Scope
@@ -62,10 +67,34 @@ class Backprop(Estimator):
             self._swap = backward_mod.apply(
                 model, recipe.backward, seed=derive_seed(self.seed, 0xBAC)
             )
+            self._loss = self.loss_fn
+            self._update = self.optimizer.step
+            self._compiled: list[CompiledCall] = []
+            if recipe.estimator.compile != "none":
+                self._compile(recipe.estimator.compile)
         except Exception:
             self._sparse_swap.restore()
             super().close()
             raise
+
+    def _compile(self, backend: str) -> None:
+        loss_fn, optimizer = self.loss_fn, self.optimizer
+
+        def loss_forward(model: nn.Module, batch: Any) -> torch.Tensor:
+            return loss_fn(model, batch)
+
+        def optimizer_step() -> None:
+            optimizer.step()
+
+        self._loss = CompiledCall(loss_forward, backend, "loss forward and backward")
+        self._update = CompiledCall(optimizer_step, backend, "optimizer step")
+        self._compiled = [self._loss, self._update]
+
+    @property
+    def compiled_step(self) -> bool:
+        """True while some part of the step runs compiled code (the memory meter then
+        reads the allocator's events: edgetrain.memory.allocations)."""
+        return any(part.failed is None for part in self._compiled)
 
     def _step(self, batch: Any) -> tuple[float, int, int]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -80,7 +109,7 @@ class Backprop(Estimator):
             # weighted by its share of the rows, is backpropagated before the next one
             # runs, so only one micro-batch's activations are ever saved; the gradients
             # sum in .grad to the whole batch's for a mean-reduced loss.
-            loss = self.loss_fn(self.model, micro)
+            loss = self._loss(self.model, micro)
             part = float(loss.detach())
             if not math.isfinite(part):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -95,7 +124,7 @@ class Backprop(Estimator):
                 value += weight * part
                 (loss * weight).backward()
             del loss
-        self.optimizer.step()
+        self._update()
         return value, 1, 1
 
     def state_tensors(self) -> Iterator[torch.Tensor]:
@@ -114,6 +143,7 @@ class Backprop(Estimator):
         self._swap.load_state_dict(state.get("backward", {}))
 
     def close(self) -> None:
+        self._loss, self._update, self._compiled = self.loss_fn, self.optimizer.step, []
         try:
             self._swap.restore()
             self._sparse_swap.restore()

@@ -28,6 +28,14 @@ buffers + batch + the peak of the step's allocations; ``at_peak`` gives the cate
 at that moment (they sum to ``peak``). On CUDA, ``cuda_peak`` is
 ``torch.cuda.max_memory_allocated`` over the step, rebased the same way, as an
 independent check.
+
+Two instruments (``MemoryReport.meter``): ``dispatch``, the storage tracker, for every
+eager step; ``allocator``, the allocator's own events through the profiler
+(:class:`~edgetrain.memory.allocations.AllocationTimeline`), for a step that runs code
+torch.compile generated (an estimator with ``compiled_step`` true: ``estimator.compile``),
+whose buffers never pass the dispatcher. Both classify the same way; the allocator one
+names a storage by its pointer at a moment on the profiler's clock instead of by the
+storage object.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from torch import nn
 
 from edgetrain import estimators
 from edgetrain.batches import LossFn, model_output, tensors_of
+from edgetrain.memory.allocations import AllocationTimeline
 from edgetrain.memory.tracker import StorageTracker, storage_bytes
 from edgetrain.recipe import Recipe
 
@@ -96,6 +105,10 @@ class MemoryReport:
     model's. ``trainable_params`` counts the model's only."""
     cuda_peak: int | None = None
     device: str = "cpu"
+    meter: str = "dispatch"
+    """The instrument: ``dispatch`` (the storage tracker, a TorchDispatchMode: every eager
+    step) or ``allocator`` (the allocator's events through torch.profiler: a compiled
+    step, whose generated code allocates outside the dispatcher; memory/allocations.py)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,9 +189,15 @@ class StepMeter:
     live per step). Between steps nothing is tracked, but frees of tracked storages are
     still seen. The estimator's local parameters (``Estimator.local_parameters()``) are
     taken when the meter is made, as the model's are. ``report()`` gives the
-    :class:`MemoryReport` of all metered steps."""
+    :class:`MemoryReport` of all metered steps.
 
-    def __init__(self, net: nn.Module, estimator: Any, batches: list[Any]) -> None:
+    ``meter``: the instrument (``MemoryReport.meter``); None takes ``allocator`` for an
+    estimator whose ``compiled_step`` is true (its steps run generated code), else
+    ``dispatch``."""
+
+    def __init__(
+        self, net: nn.Module, estimator: Any, batches: list[Any], *, meter: str | None = None
+    ) -> None:
         self.net = net
         self.estimator = estimator
         self.params = list(net.parameters())
@@ -203,6 +222,39 @@ class StepMeter:
         self.trainable = [p for p in self.params if p.requires_grad]
         self._with_grads = [*self.trainable, *(p for p in self.local_params if p.requires_grad)]
         self._cuda_before: int | None = None
+        if meter is None:
+            meter = "allocator" if getattr(estimator, "compiled_step", False) else "dispatch"
+        if meter not in ("dispatch", "allocator"):
+            raise ValueError(f"Invalid meter: {meter!r}; expected 'dispatch' or 'allocator'")
+        self.meter = meter
+        self.timeline = AllocationTimeline(self.device) if meter == "allocator" else None
+        self._saved_marks: list[int] = []
+        self._grad_marks: list[int] = []
+        self._state_marks: list[int] = []
+
+    def _pack_allocation(self, t: torch.Tensor) -> torch.Tensor:
+        assert self.timeline is not None
+        self._saved_marks.append(self.timeline.mark("ask", (t,)))
+        return t
+
+    @contextlib.contextmanager
+    def _allocator_step(self) -> Iterator[None]:
+        timeline = self.timeline
+        assert timeline is not None
+        if not self._grad_marks:  # the first metered step: state made before the meter
+            timeline.start()
+            timeline.mark("begin")
+            if self.estimator is not None:
+                self._state_marks.append(timeline.mark("adopt", self.estimator.state_tensors()))
+        else:
+            timeline.mark("begin")
+        with torch.autograd.graph.saved_tensors_hooks(self._pack_allocation, lambda t: t):
+            yield
+        grads = [p.grad for p in self._with_grads if p.grad is not None]
+        self._grad_marks.append(timeline.mark("ask", grads))
+        if self.estimator is not None:
+            self._state_marks.append(timeline.mark("ask", self.estimator.state_tensors()))
+        timeline.mark("end")
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         sid = self.tracker.id_of(t)
@@ -216,6 +268,10 @@ class StepMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._cuda_before = torch.cuda.memory_allocated(self.device)
+        if self.timeline is not None:
+            with self._allocator_step():
+                yield
+            return
         with self.tracker, torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield
         tracker = self.tracker
@@ -230,7 +286,18 @@ class StepMeter:
             cuda_step_peak = torch.cuda.max_memory_allocated(self.device) - self._cuda_before
         self.grad_ids.discard(None)
         self.state_ids.discard(None)
-        step_peak, group_peak, at_peak = self.tracker.peaks(
+        timeline: Any = self.tracker
+        if self.timeline is not None:
+            timeline = self.timeline
+            timeline.stop()
+            for marks, ids in (
+                (self._saved_marks, self.saved_ids),
+                (self._grad_marks, self.grad_ids),
+                (self._state_marks, self.state_ids),
+            ):
+                for mark in marks:
+                    ids |= timeline.ids_at(mark)
+        step_peak, group_peak, at_peak = timeline.peaks(
             {
                 "grads": self.grad_ids,
                 "optimizer_state": self.state_ids,
@@ -262,4 +329,5 @@ class StepMeter:
             local_params=base["local_params"],
             cuda_peak=None if cuda_step_peak is None else cuda_step_peak + baseline,
             device=str(self.device),
+            meter=self.meter,
         )
