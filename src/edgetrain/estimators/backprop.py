@@ -67,9 +67,11 @@ class Backprop(Estimator):
             self._swap = backward_mod.apply(
                 model, recipe.backward, seed=derive_seed(self.seed, 0xBAC)
             )
-            self._loss = self.loss_fn
-            self._update = self.optimizer.step
-            self._compiled: list[CompiledCall] = []
+            # The compiled parts (estimator.compile); None: eager. Both read the estimator's
+            # loss_fn and optimizer as they are at each step (data-parallel training puts
+            # its own loss_fn in: edgetrain.distributed).
+            self._loss: CompiledCall | None = None
+            self._update: CompiledCall | None = None
             if recipe.estimator.compile != "none":
                 self._compile(recipe.estimator.compile)
         except Exception:
@@ -78,23 +80,24 @@ class Backprop(Estimator):
             raise
 
     def _compile(self, backend: str) -> None:
-        loss_fn, optimizer = self.loss_fn, self.optimizer
-
         def loss_forward(model: nn.Module, batch: Any) -> torch.Tensor:
-            return loss_fn(model, batch)
+            return self.loss_fn(model, batch)
 
         def optimizer_step() -> None:
-            optimizer.step()
+            self.optimizer.step()
 
         self._loss = CompiledCall(loss_forward, backend, "loss forward and backward")
         self._update = CompiledCall(optimizer_step, backend, "optimizer step")
-        self._compiled = [self._loss, self._update]
+
+    @property
+    def compiled_parts(self) -> list[CompiledCall]:
+        return [part for part in (self._loss, self._update) if part is not None]
 
     @property
     def compiled_step(self) -> bool:
         """True while some part of the step runs compiled code (the memory meter then
         reads the allocator's events: edgetrain.memory.allocations)."""
-        return any(part.failed is None for part in self._compiled)
+        return any(part.failed is None for part in self.compiled_parts)
 
     def _step(self, batch: Any) -> tuple[float, int, int]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -109,7 +112,7 @@ class Backprop(Estimator):
             # weighted by its share of the rows, is backpropagated before the next one
             # runs, so only one micro-batch's activations are ever saved; the gradients
             # sum in .grad to the whole batch's for a mean-reduced loss.
-            loss = self._loss(self.model, micro)
+            loss = (self._loss or self.loss_fn)(self.model, micro)
             part = float(loss.detach())
             if not math.isfinite(part):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -124,7 +127,10 @@ class Backprop(Estimator):
                 value += weight * part
                 (loss * weight).backward()
             del loss
-        self._update()
+        if self._update is not None:
+            self._update()
+        else:
+            self.optimizer.step()
         return value, 1, 1
 
     def state_tensors(self) -> Iterator[torch.Tensor]:
@@ -143,7 +149,7 @@ class Backprop(Estimator):
         self._swap.load_state_dict(state.get("backward", {}))
 
     def close(self) -> None:
-        self._loss, self._update, self._compiled = self.loss_fn, self.optimizer.step, []
+        self._loss = self._update = None  # the compiled functions hold the model
         try:
             self._swap.restore()
             self._sparse_swap.restore()
