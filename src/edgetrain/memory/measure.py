@@ -133,7 +133,10 @@ class MemoryReport:
         if self.cuda_peak is not None:
             rows.append(("cuda_peak", self.cuda_peak))
         width = max(len(n) for n, _ in rows)
-        return "\n".join(f"{n:<{width}}  {format_bytes(v):>12}" for n, v in rows)
+        lines = [f"{n:<{width}}  {format_bytes(v):>12}" for n, v in rows]
+        if self.meter != "dispatch":  # say which instrument measured a compiled step
+            lines.append(f"{'meter':<{width}}  {self.meter:>12}")
+        return "\n".join(lines)
 
 
 def _batch_tensors(batch: Any) -> list[torch.Tensor]:
