@@ -107,6 +107,38 @@ def test_a_failed_compilation_warns_once_in_one_line_and_runs_the_eager_step(mon
     assert all(torch.equal(a, b) for a, b in zip(eager.parameters(), net.parameters(), strict=True))
 
 
+class _RetracingLoss:
+    """A loss whose traced code reads a string that changes every call: dynamo guards on
+    it, so every step recompiles (as a module's per-step Python state would)."""
+
+    def __init__(self) -> None:
+        self.tag = ""
+
+    def __call__(self, model, batch):
+        self.tag += "x"
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model(x), y) * (len(self.tag) > 0)
+
+
+def test_a_part_that_recompiles_every_step_falls_back_after_the_limit():
+    base = _tiny_mlp()
+    recipe = presets.get("full_bp", **{"optimizer.kind": "sgd", "estimator.compile": "aot_eager"})
+    est = estimators.build(base, recipe, _RetracingLoss(), seed=0)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for s in range(_compiled.RECOMPILE_LIMIT + 2):
+                est.step(_batch(base, seed=s))
+        messages = [
+            str(w.message) for w in caught if w.category is _compiled.CompileFallbackWarning
+        ]
+        assert len(messages) == 1 and "loss forward and backward" in messages[0]
+        assert "FailOnRecompileLimitHit" in messages[0]
+        assert est.compiled_step  # the optimizer step still runs compiled
+    finally:
+        est.close()
+
+
 # --- the allocator meter on eager steps: it agrees with the dispatch tracker -------------
 
 

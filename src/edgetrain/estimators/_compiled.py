@@ -60,7 +60,12 @@ def backend_of(name: str) -> Any:
     return name
 
 
-_ISOLATE = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+_COMPILE_PARAMETERS = inspect.signature(torch.compile).parameters
+RECOMPILE_LIMIT = 4
+"""Compilations allowed per compiled part (torch 2.13's per-call ``recompile_limit``):
+a new batch shape or the optimizer's first state take one or two; a part that
+recompiles every step (a Python number on a module that changes each step: Mesa's call
+counter) falls back after this many, not after dynamo's 8 (each a full compile)."""
 
 
 def _first_line(error: BaseException) -> str:
@@ -86,7 +91,11 @@ class CompiledCall:
         self.what = what
         self.backend = backend
         self.failed: str | None = None
-        options = {"isolate_recompiles": True} if _ISOLATE else {}
+        options: dict[str, Any] = {}
+        if "isolate_recompiles" in _COMPILE_PARAMETERS:
+            options["isolate_recompiles"] = True
+        if "recompile_limit" in _COMPILE_PARAMETERS:
+            options["recompile_limit"] = RECOMPILE_LIMIT
         self._compiled = torch.compile(fn, backend=backend_of(backend), **options)
 
     def __call__(self, *args: Any) -> Any:
