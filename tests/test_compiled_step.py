@@ -159,6 +159,21 @@ def test_allocator_meter_agrees_with_the_dispatch_tracker_on_an_eager_step(model
     assert 0 <= allocator.transient - dispatch.transient <= 256
 
 
+def test_a_failed_metered_step_stops_the_profiler():
+    model = _tiny_mlp()
+    est = estimators.build(model, presets.get("full_bp"), None, seed=0)
+    meter = StepMeter(model, est, [_batch(model)], meter="allocator")
+    try:
+        with pytest.raises(RuntimeError, match="boom"), meter.step():
+            est.step(_batch(model))
+            raise RuntimeError("boom")
+    finally:
+        est.close()
+    assert torch.autograd.profiler._is_profiler_enabled is False
+    with torch.profiler.profile():  # a new profile can start: the meter's is off
+        pass
+
+
 def test_allocator_meter_sees_the_convolutions_own_buffers():
     """oneDNN's convolution backward allocates through the CPU allocator inside the op:
     the dispatch tracker, which sees op outputs, cannot; the allocator meter does."""

@@ -251,8 +251,12 @@ class StepMeter:
                 self._state_marks.append(timeline.mark("adopt", self.estimator.state_tensors()))
         else:
             timeline.mark("begin")
-        with torch.autograd.graph.saved_tensors_hooks(self._pack_allocation, lambda t: t):
-            yield
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack_allocation, lambda t: t):
+                yield
+        except BaseException:
+            timeline.stop()  # no report follows a failed step: the profiler must not stay on
+            raise
         grads = [p.grad for p in self._with_grads if p.grad is not None]
         self._grad_marks.append(timeline.mark("ask", grads))
         if self.estimator is not None:
