@@ -217,6 +217,11 @@ REFUSED = [
         ("fused_backward=True", "channel-sparse"),
     ),
     (
+        "fused_backward_eager",
+        dict(est=dict(compile="inductor"), opt=dict(fused_backward=True)),
+        ("fused_backward=True", "compile='inductor'"),
+    ),
+    (
         "lora_float",
         dict(est=dict(kind="zo"), scope=dict(kind="lora"), num=FIXED),
         ("'lora'", "'fixed_point'"),

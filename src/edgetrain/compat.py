@@ -383,6 +383,18 @@ def _fused_backward_dense(r: Recipe) -> str | None:
     return None
 
 
+def _fused_backward_eager(r: Recipe) -> str | None:
+    if getattr(r.optimizer, "fused_backward", False) and r.estimator.compile != "none":
+        return (
+            f"optimizer.fused_backward=True does not run with estimator.compile="
+            f"{r.estimator.compile!r}: the compiled step compiles optimizer.step(), which a "
+            "fused update replaces by per-parameter hooks inside the backward, and the "
+            "allocator meter of a compiled step does not see the gradients the hooks free; "
+            "choose one (set fused_backward=False or compile='none')"
+        )
+    return None
+
+
 _LORA_BACKWARD = ("exact", "token_drop", "checkpoint")
 """Backward kinds that keep LoRA's layers: they swap whole blocks' forwards (token
 dropping, checkpointing); Mesa and LBP-WHT replace the adapted Linear layers themselves
@@ -487,6 +499,11 @@ RULES: tuple[Rule, ...] = (
         "fused_backward_dense",
         "optimizer.fused_backward does not run with a channel-sparse scope",
         _fused_backward_dense,
+    ),
+    Rule(
+        "fused_backward_eager",
+        "optimizer.fused_backward does not run with a compiled step (estimator.compile)",
+        _fused_backward_eager,
     ),
     Rule("lora_float", "scope 'lora' runs with numerics float32 only", _lora_float),
     Rule(

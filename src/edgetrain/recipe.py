@@ -233,6 +233,12 @@ class Estimator:
     block_steps: int = _for("noprop", default=1)
     """NoProp: consecutive steps each chosen block trains (steps per epoch: Algorithm 1's
     loop of a block over an epoch)."""
+    compile: str = _for("backprop", default="none")
+    """Backprop: run the step compiled by torch.compile (estimators/_compiled.py): ``none``
+    (eager), ``inductor`` (generated C++ kernels for the joint forward-backward graph and
+    the optimizer step) or ``aot_eager`` (AOTAutograd's joint graph run by eager kernels).
+    Equal to the eager step within float tolerance; metered by the allocator's own events
+    (``MemoryReport.meter``); a part that fails to compile runs eager, with a warning."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -282,6 +288,7 @@ class Estimator:
         _choice(self.block_order, ("round_robin", "sampled"), "block_order")
         if self.block_steps < 1:
             raise ConfigError(f"Invalid block_steps: {self.block_steps} (must be >= 1)")
+        _choice(self.compile, ("none", "inductor", "aot_eager"), "compile")
         _check_owners(self)
 
 

@@ -25,6 +25,10 @@ after PockEngine / the Tiny Training Engine): for the length of each step every 
 parameter carries a post-accumulate-grad hook that applies its update and frees its
 gradient as soon as the backward has accumulated it, instead of ``optimizer.step()``
 after the backward; with micro-batches only the last backward's hooks update.
+
+Compiled step (``estimator.compile``, estimators/_compiled.py): the loss forward (with
+its AOTAutograd backward) and the optimizer's step run as torch.compile'd functions;
+everything between them (the loss check, the micro-batch loop) is the code below.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from torch import nn
 from edgetrain import backward as backward_mod
 from edgetrain import optim as optim_mod
 from edgetrain._registry import preset
+from edgetrain.estimators._compiled import CompiledCall
 from edgetrain.estimators.base import Estimator, LossFn
 from edgetrain.recipe import Estimator as EstimatorSpec
 from edgetrain.recipe import Optimizer, Recipe, Scope
@@ -73,10 +78,37 @@ class Backprop(Estimator):
             self._swap = backward_mod.apply(
                 model, recipe.backward, seed=derive_seed(self.seed, 0xBAC)
             )
+            # The compiled parts (estimator.compile); None: eager. Both read the estimator's
+            # loss_fn and optimizer as they are at each step (data-parallel training puts
+            # its own loss_fn in: edgetrain.distributed).
+            self._loss: CompiledCall | None = None
+            self._update: CompiledCall | None = None
+            if recipe.estimator.compile != "none":
+                self._compile(recipe.estimator.compile)
         except Exception:
             self._sparse_swap.restore()
             super().close()
             raise
+
+    def _compile(self, backend: str) -> None:
+        def loss_forward(model: nn.Module, batch: Any) -> torch.Tensor:
+            return self.loss_fn(model, batch)
+
+        def optimizer_step() -> None:
+            self.optimizer.step()
+
+        self._loss = CompiledCall(loss_forward, backend, "loss forward and backward")
+        self._update = CompiledCall(optimizer_step, backend, "optimizer step")
+
+    @property
+    def compiled_parts(self) -> list[CompiledCall]:
+        return [part for part in (self._loss, self._update) if part is not None]
+
+    @property
+    def compiled_step(self) -> bool:
+        """True while some part of the step runs compiled code (the memory meter then
+        reads the allocator's events: edgetrain.memory.allocations)."""
+        return any(part.failed is None for part in self.compiled_parts)
 
     def _step(self, batch: Any) -> tuple[float, int, int]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -84,7 +116,10 @@ class Backprop(Estimator):
         fused = self._fused
         if fused is None:
             value = self._backward(parts)
-            self.optimizer.step()
+            if self._update is not None:
+                self._update()
+            else:
+                self.optimizer.step()
             return value, 1, 1
         fused.attach()  # the hooks live for this step only
         try:
@@ -108,7 +143,7 @@ class Backprop(Estimator):
             # weighted by its share of the rows, is backpropagated before the next one
             # runs, so only one micro-batch's activations are ever saved; the gradients
             # sum in .grad to the whole batch's for a mean-reduced loss.
-            loss = self.loss_fn(self.model, micro)
+            loss = (self._loss or self.loss_fn)(self.model, micro)
             part = float(loss.detach())
             if not math.isfinite(part):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -143,6 +178,7 @@ class Backprop(Estimator):
         self._swap.load_state_dict(state.get("backward", {}))
 
     def close(self) -> None:
+        self._loss = self._update = None  # the compiled functions hold the model
         try:
             if self._fused is not None:
                 self._fused.detach()

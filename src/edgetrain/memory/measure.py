@@ -30,6 +30,14 @@ buffers + batch + the peak of the step's allocations; ``at_peak`` gives the cate
 at that moment (they sum to ``peak``). On CUDA, ``cuda_peak`` is
 ``torch.cuda.max_memory_allocated`` over the step, rebased the same way, as an
 independent check.
+
+Two instruments (``MemoryReport.meter``): ``dispatch``, the storage tracker, for every
+eager step; ``allocator``, the allocator's own events through the profiler
+(:class:`~edgetrain.memory.allocations.AllocationTimeline`), for a step that runs code
+torch.compile generated (an estimator with ``compiled_step`` true: ``estimator.compile``),
+whose buffers never pass the dispatcher. Both classify the same way; the allocator one
+names a storage by its pointer at a moment on the profiler's clock instead of by the
+storage object.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from torch import nn
 
 from edgetrain import estimators
 from edgetrain.batches import LossFn, model_output, tensors_of
+from edgetrain.memory.allocations import AllocationTimeline
 from edgetrain.memory.tracker import StorageTracker, storage_bytes
 from edgetrain.recipe import Recipe
 
@@ -98,6 +107,10 @@ class MemoryReport:
     model's. ``trainable_params`` counts the model's only."""
     cuda_peak: int | None = None
     device: str = "cpu"
+    meter: str = "dispatch"
+    """The instrument: ``dispatch`` (the storage tracker, a TorchDispatchMode: every eager
+    step) or ``allocator`` (the allocator's events through torch.profiler: a compiled
+    step, whose generated code allocates outside the dispatcher; memory/allocations.py)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,7 +135,10 @@ class MemoryReport:
         if self.cuda_peak is not None:
             rows.append(("cuda_peak", self.cuda_peak))
         width = max(len(n) for n, _ in rows)
-        return "\n".join(f"{n:<{width}}  {format_bytes(v):>12}" for n, v in rows)
+        lines = [f"{n:<{width}}  {format_bytes(v):>12}" for n, v in rows]
+        if self.meter != "dispatch":  # say which instrument measured a compiled step
+            lines.append(f"{'meter':<{width}}  {self.meter:>12}")
+        return "\n".join(lines)
 
 
 def _batch_tensors(batch: Any) -> list[torch.Tensor]:
@@ -178,9 +194,15 @@ class StepMeter:
     live per step). Between steps nothing is tracked, but frees of tracked storages are
     still seen. The estimator's local parameters (``Estimator.local_parameters()``) are
     taken when the meter is made, as the model's are. ``report()`` gives the
-    :class:`MemoryReport` of all metered steps."""
+    :class:`MemoryReport` of all metered steps.
 
-    def __init__(self, net: nn.Module, estimator: Any, batches: list[Any]) -> None:
+    ``meter``: the instrument (``MemoryReport.meter``); None takes ``allocator`` for an
+    estimator whose ``compiled_step`` is true (its steps run generated code), else
+    ``dispatch``."""
+
+    def __init__(
+        self, net: nn.Module, estimator: Any, batches: list[Any], *, meter: str | None = None
+    ) -> None:
         self.net = net
         self.estimator = estimator
         self.params = list(net.parameters())
@@ -205,6 +227,43 @@ class StepMeter:
         self.trainable = [p for p in self.params if p.requires_grad]
         self._with_grads = [*self.trainable, *(p for p in self.local_params if p.requires_grad)]
         self._cuda_before: int | None = None
+        if meter is None:
+            meter = "allocator" if getattr(estimator, "compiled_step", False) else "dispatch"
+        if meter not in ("dispatch", "allocator"):
+            raise ValueError(f"Invalid meter: {meter!r}; expected 'dispatch' or 'allocator'")
+        self.meter = meter
+        self.timeline = AllocationTimeline(self.device) if meter == "allocator" else None
+        self._saved_marks: list[int] = []
+        self._grad_marks: list[int] = []
+        self._state_marks: list[int] = []
+
+    def _pack_allocation(self, t: torch.Tensor) -> torch.Tensor:
+        assert self.timeline is not None
+        self._saved_marks.append(self.timeline.mark("ask", (t,)))
+        return t
+
+    @contextlib.contextmanager
+    def _allocator_step(self) -> Iterator[None]:
+        timeline = self.timeline
+        assert timeline is not None
+        if not self._grad_marks:  # the first metered step: state made before the meter
+            timeline.start()
+            timeline.mark("begin")
+            if self.estimator is not None:
+                self._state_marks.append(timeline.mark("adopt", self.estimator.state_tensors()))
+        else:
+            timeline.mark("begin")
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack_allocation, lambda t: t):
+                yield
+        except BaseException:
+            timeline.stop()  # no report follows a failed step: the profiler must not stay on
+            raise
+        grads = [p.grad for p in self._with_grads if p.grad is not None]
+        self._grad_marks.append(timeline.mark("ask", grads))
+        if self.estimator is not None:
+            self._state_marks.append(timeline.mark("ask", self.estimator.state_tensors()))
+        timeline.mark("end")
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         sid = self.tracker.id_of(t)
@@ -222,6 +281,10 @@ class StepMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._cuda_before = torch.cuda.memory_allocated(self.device)
+        if self.timeline is not None:
+            with self._allocator_step():
+                yield
+            return
         # A gradient seen the moment it is accumulated counts as ``grads`` too: an update
         # fused into the backward (optimizer.fused_backward) frees it before the step ends.
         # These hooks are registered before the step's own, so they run first.
@@ -244,7 +307,18 @@ class StepMeter:
             cuda_step_peak = torch.cuda.max_memory_allocated(self.device) - self._cuda_before
         self.grad_ids.discard(None)
         self.state_ids.discard(None)
-        step_peak, group_peak, at_peak = self.tracker.peaks(
+        timeline: Any = self.tracker
+        if self.timeline is not None:
+            timeline = self.timeline
+            timeline.stop()
+            for marks, ids in (
+                (self._saved_marks, self.saved_ids),
+                (self._grad_marks, self.grad_ids),
+                (self._state_marks, self.state_ids),
+            ):
+                for mark in marks:
+                    ids |= timeline.ids_at(mark)
+        step_peak, group_peak, at_peak = timeline.peaks(
             {
                 "grads": self.grad_ids,
                 "optimizer_state": self.state_ids,
@@ -276,4 +350,5 @@ class StepMeter:
             local_params=base["local_params"],
             cuda_peak=None if cuda_step_peak is None else cuda_step_peak + baseline,
             device=str(self.device),
+            meter=self.meter,
         )

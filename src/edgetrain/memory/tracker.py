@@ -28,7 +28,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_iter
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["StorageTracker", "Event", "storage_bytes", "saved_for_backward_bytes"]
+__all__ = [
+    "StorageTracker",
+    "Event",
+    "storage_bytes",
+    "saved_for_backward_bytes",
+    "timeline_peaks",
+]
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -113,24 +119,31 @@ class StorageTracker(TorchDispatchMode):
         return self._ids.get(t.untyped_storage())
 
     def peaks(self, groups: dict[str, set[int]]) -> tuple[int, dict[str, int], dict[str, int]]:
-        """Replay the timeline. Returns (peak of all tracked bytes, each group's own peak,
-        the bytes each group held at the moment of the overall peak). Storages in no
-        group form the group ``"other"``."""
-        owner: dict[int, str] = {}
-        for name, ids in groups.items():
-            for sid in ids:
-                owner.setdefault(sid, name)
-        names = [*groups, "other"]
-        live = dict.fromkeys(names, 0)
-        group_peak = dict.fromkeys(names, 0)
-        total = peak = 0
-        at_peak = dict(live)
-        for ev in self.events:
-            g = owner.get(ev.storage_id, "other")
-            live[g] += ev.nbytes
-            total += ev.nbytes
-            group_peak[g] = max(group_peak[g], live[g])
-            if total > peak:
-                peak = total
-                at_peak = dict(live)
-        return peak, group_peak, at_peak
+        """Replay the timeline: :func:`timeline_peaks` of this tracker's events."""
+        return timeline_peaks(self.events, groups)
+
+
+def timeline_peaks(
+    events: list[Event], groups: dict[str, set[int]]
+) -> tuple[int, dict[str, int], dict[str, int]]:
+    """Replay a timeline of events. Returns (peak of all tracked bytes, each group's own
+    peak, the bytes each group held at the moment of the overall peak). Storages in no
+    group form the group ``"other"``."""
+    owner: dict[int, str] = {}
+    for name, ids in groups.items():
+        for sid in ids:
+            owner.setdefault(sid, name)
+    names = [*groups, "other"]
+    live = dict.fromkeys(names, 0)
+    group_peak = dict.fromkeys(names, 0)
+    total = peak = 0
+    at_peak = dict(live)
+    for ev in events:
+        g = owner.get(ev.storage_id, "other")
+        live[g] += ev.nbytes
+        total += ev.nbytes
+        group_peak[g] = max(group_peak[g], live[g])
+        if total > peak:
+            peak = total
+            at_peak = dict(live)
+    return peak, group_peak, at_peak
