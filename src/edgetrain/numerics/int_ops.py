@@ -31,10 +31,14 @@ Choices the paper leaves open, made here
   used only for scale bookkeeping when the constants of an op are built (``q_b``, ``q_c``,
   ``floor(ln2 / S)``, requantization multipliers, the output scale), as I-BERT's reference
   code does. Those constants are then integers; the integer path never sees a float.
-* i-exp clamps ``z`` at 30 (``exp(x) < 2^-30`` becomes 0 once shifted): I-BERT's reference
-  code uses the same bound. Softmax normalizes as ``(q_exp * floor(2^32 / sum)) >> (32 -
+* i-exp clamps ``z`` at 30 (``exp(x) < 2^-30`` becomes 0): I-BERT's reference code clamps
+  ``x >= -30 ln2`` the same way, but shifts left by ``30 - z`` at scale ``S_L 2^-30`` and
+  requantizes the exps (QuantAct) before summing; here they shift right by ``z`` at
+  ``S_L`` and sum unrequantized in int64 (the same values at a fine input scale). Softmax normalizes as ``(q_exp * floor(2^32 / sum)) >> (32 -
   bits)`` to an unsigned ``bits``-bit output at scale ``2^-bits``; a probability of exactly
-  1 (``2^bits``) saturates to ``2^bits - 1`` and counts as an activation clip.
+  1 (``2^bits``) saturates to ``2^bits - 1`` and counts as an activation clip. The softmax
+  input must have a fine scale (I-BERT feeds it the int32 ``Q K^T`` accumulator):
+  ``floor(ln2 / S)`` is the integer ln2, 5% off at an 8-bit scale of 0.09.
 * i-LayerNorm normalizes to ``y_hat = (y * floor(2^31 / std)) >> (31 - frac_bits)``, whose
   real scale is ``sqrt(n) / 2^frac_bits`` (``|y_hat| <= 2^frac_bits``), then applies the
   affine part as an int32 affine: ``gamma`` quantized per tensor to ``weight_bits``,
