@@ -34,7 +34,8 @@ Choices the paper leaves open, made here
 * i-exp clamps ``z`` at 30 (``exp(x) < 2^-30`` becomes 0): I-BERT's reference code clamps
   ``x >= -30 ln2`` the same way, but shifts left by ``30 - z`` at scale ``S_L 2^-30`` and
   requantizes the exps (QuantAct) before summing; here they shift right by ``z`` at
-  ``S_L`` and sum unrequantized in int64 (the same values at a fine input scale). Softmax normalizes as ``(q_exp * floor(2^32 / sum)) >> (32 -
+  ``S_L`` and sum unrequantized in int64 (the same values at a fine input scale).
+  Softmax normalizes as ``(q_exp * floor(2^32 / sum)) >> (32 -
   bits)`` to an unsigned ``bits``-bit output at scale ``2^-bits``; a probability of exactly
   1 (``2^bits``) saturates to ``2^bits - 1`` and counts as an activation clip. The softmax
   input must have a fine scale (I-BERT feeds it the int32 ``Q K^T`` accumulator):
@@ -44,7 +45,10 @@ Choices the paper leaves open, made here
   affine part as an int32 affine: ``gamma`` quantized per tensor to ``weight_bits``,
   ``beta`` to int32 at scale ``S_yhat S_gamma``, requantized to the output scale. The mean is
   rounded to nearest (``floor((sum + n//2) / n)``); the sums run in int64 (the variance of a
-  16-bit input over 2^16 channels still fits below 2^63; checked).
+  16-bit input over 2^16 channels still fits below 2^63; checked). I-BERT's reference code
+  instead right-shifts ``y`` by a calibrated amount to keep the variance in 32 bits, and
+  its sqrt is a float placeholder ("to be replaced with integer-sqrt kernel"); here the
+  sqrt is the exact integer one.
 * Activation products (``Q K^T``, ``attention V``) accumulate in int32 (saturate and count)
   and requantize to ``bits`` with the multiplier ``S_a S_b / S_out``, like a Linear layer.
 * A residual add rescales each input to the output scale with its own multiplier
