@@ -16,6 +16,7 @@ from edgetrain.numerics.int_ops import (
     i_poly,
     i_softmax,
     int_add,
+    int_embedding,
     int_matmul,
     int_mean,
     isqrt,
@@ -188,3 +189,19 @@ def test_integer_attention_block_close_to_float_and_deterministic():
     # LayerNorm'd) within 0.25 everywhere and 0.06 RMS of float.
     assert err.abs().max() < 0.25, float(err.abs().max())
     assert err.pow(2).mean().sqrt() < 0.06, float(err.pow(2).mean().sqrt())
+
+
+def test_embedding_cls_and_positions():
+    st = OverflowStats()
+    gen = torch.Generator().manual_seed(5)
+    table = torch.randn(50, 16, generator=gen, dtype=torch.float64)
+    pos = torch.randn(7, 16, generator=gen, dtype=torch.float64) * 0.1
+    tq = quantize_to(table, 4 / 127, 8, st)
+    ids = torch.tensor([[3, 0, 49, 7, 7, 1]])
+    tok = int_embedding(tq, ids)
+    assert torch.equal(tok.q, quantize_to(table[ids], 4 / 127, 8, st).q)
+    cls = quantize_to(torch.randn(1, 1, 16, generator=gen, dtype=torch.float64), 4 / 127, 8, st)
+    seq = QTensor(torch.cat([cls.q, tok.q], dim=1), tok.scale)
+    out = int_add(seq, quantize_to(pos, 0.5 / 127, 8, st), 4 / 127, 8, st)
+    ref = seq.dequantize() + quantize_to(pos, 0.5 / 127, 8, st).dequantize()
+    assert (out.dequantize() - ref).abs().max() <= 1.26 * 4 / 127

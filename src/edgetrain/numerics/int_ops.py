@@ -91,6 +91,7 @@ __all__ = [
     "int_matmul",
     "int_add",
     "int_mean",
+    "int_embedding",
 ]
 
 GELU_A, GELU_B = -0.2888, -1.769
@@ -285,3 +286,10 @@ def int_mean(x: QTensor, dim: int, stats: OverflowStats) -> QTensor:
         -torch.div(-total + half, n, rounding_mode="floor"),
     )
     return QTensor(q, x.scale)
+
+
+def int_embedding(table: QTensor, ids: torch.Tensor) -> QTensor:
+    """Embedding lookup: the rows of an integer table (a gather; no arithmetic). The CLS
+    token and position embeddings are integer tables too, joined by ``torch.cat`` and
+    ``int_add``."""
+    return QTensor(table.q[ids], table.scale)
