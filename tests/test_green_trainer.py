@@ -219,3 +219,30 @@ def test_flops_scope_fields_are_validated_and_owned():
         Scope(kind="all", flops_ratio=0.3)
     with pytest.raises(ConfigError, match="'galore'"):
         Recipe(scope=Scope(kind="flops"), optimizer=Optimizer(kind="galore"))
+
+
+# --- the planner's FLOPs budget -----------------------------------------------------------
+
+
+def test_plan_with_a_flops_budget_keeps_what_it_measures_at_or_under_it(tmp_path, capsys):
+    from edgetrain.cli import main
+    from edgetrain.plan import NoRecipeFitsError, plan
+
+    names = ["full_bp", "bias_only", "green_trainer"]
+    result = plan("mnist-to-digits", "mlp", None, preset_names=names, flops_budget=0.5)
+    assert result.fits and all(c.flops_ratio <= 0.5 for c in result.fits)
+    assert all(c.flops_ratio > 0.5 for c in result.rejected if c.flops_ratio is not None)
+    assert {c.preset for c in result.fits} == {"green_trainer"}  # bias_only: 0.55 on the MLP
+    assert {c.knobs["flops_ratio"] for c in result.fits} == {0.5}
+    # rho 0.4 is below the MLP's forward share (0.47): refused with it, not planned
+    low = [c for c in result.rejected if c.knobs.get("flops_ratio") == 0.4]
+    assert low and all("forward's share" in c.error for c in low)
+    full = [c for c in result.rejected if c.preset == "full_bp"]
+    assert full and all(c.flops_ratio == pytest.approx(1.0) for c in full)
+    with pytest.raises(NoRecipeFitsError, match="FLOPs budget of 0.01"):
+        plan("mnist-to-digits", "mlp", None, preset_names=names, flops_budget=0.01)
+    assert (
+        main(["plan", "--model", "mlp", "--flops-budget", "0.5", "--presets", ",".join(names)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "FLOPs <= 0.5 x full backprop's" in out and "green_trainer(flops_ratio=0.5" in out
