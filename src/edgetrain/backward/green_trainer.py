@@ -276,8 +276,11 @@ def measure_profile(model: nn.Module, batch: Any, loss_fn: LossFn) -> FlopsProfi
     children is measured on that module alone, from the inputs it saw in the full step;
     the activation-gradient FLOPs reaching it, ``reach = A - sum t_dw``, from one backward
     with only that module's tensors trained (``A``). A tensor held by a module with
-    children (a class token on the model) is measured in the whole step: ``t_dw = F - R``
-    with ``R`` the backward with every other tensor trained. ``model`` comes back as it
+    children (a class token on the model), or by one that cannot run again alone, is
+    measured in the whole step: ``t_dw = F - R`` with ``R`` the backward with every other
+    tensor trained. FLOPs are what the counter counts: matmuls, convolutions and attention;
+    elementwise work (a norm's affine, a bias) counts 0, so those tensors cost only the
+    activation gradient that reaches them. ``model`` comes back as it
     came (flags, buffers; its weights are not touched)."""
     named = list(model.named_parameters())
     params = [p for _, p in named]
@@ -309,11 +312,17 @@ def measure_profile(model: nn.Module, batch: Any, loss_fn: LossFn) -> FlopsProfi
             if not used[k]:
                 continue
             owner = owners.get(id(p))
+            isolated = None
             if owner is not None and id(owner) in calls:
-                by_module.setdefault(id(owner), []).append(k)
                 for q in params:
                     q.requires_grad_(False)
-                weight_grad[k] = _isolated_weight_grad(owner, calls[id(owner)], p)
+                try:
+                    isolated = _isolated_weight_grad(owner, calls[id(owner)], p)
+                except Exception:  # noqa: BLE001 - a module that cannot rerun alone
+                    isolated = None
+            if isolated is not None:
+                by_module.setdefault(id(owner), []).append(k)
+                weight_grad[k] = isolated
             else:  # a tensor of a module with children: measured in the whole step
                 without = backward_flops(model, batch, loss_fn, [q for q in live if q is not p])
                 weight_grad[k] = max(0, full - without)
@@ -379,15 +388,19 @@ def tensor_importance(
                 return [0.0] * len(params), loss
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
+            del grads
             optimizer.step()
-            with torch.no_grad():
-                deltas = [p.detach() - s for p, s in zip(params, saved, strict=True)]
+            # The trial's gradients and optimizer state are not needed past the step:
+            # freed before the second backward, so the probe's peak is about full
+            # backprop's plus one copy of the candidates.
             optimizer.zero_grad(set_to_none=True)
+            optimizer.load_state_dict(opt_state)
             after, _ = _gradients(model, batch, loss_fn, params, micro_batches)
             importance = []
-            for g, d in zip(after, deltas, strict=True):
-                value = 0.0 if g is None else -float((g.double() * d.double()).sum())
-                importance.append(value if math.isfinite(value) else 0.0)
+            with torch.no_grad():
+                for p, s, g in zip(params, saved, after, strict=True):
+                    value = 0.0 if g is None else -float((g.double() * (p - s).double()).sum())
+                    importance.append(value if math.isfinite(value) else 0.0)
             return importance, loss
         finally:
             with torch.no_grad():
