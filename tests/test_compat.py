@@ -251,6 +251,22 @@ REFUSED = [
         dict(scope=dict(kind="prompt"), back=dict(kind="token_drop")),
         ("'prompt'", "'token_drop'"),
     ),
+    ("flops_scope", dict(est=dict(kind="zo"), scope=dict(kind="flops")), ("'flops'", "'zo'")),
+    (
+        "flops_scope",
+        dict(scope=dict(kind="flops"), back=dict(kind="checkpoint")),
+        ("'flops'", "'checkpoint'"),
+    ),
+    (
+        "flops_scope",
+        dict(scope=dict(kind="flops"), opt=dict(kind="galore")),
+        ("'flops'", "'galore'"),
+    ),
+    (
+        "flops_scope",
+        dict(scope=dict(kind="flops"), est=dict(compile="inductor")),
+        ("'flops'", "'inductor'"),
+    ),
 ]
 
 

@@ -50,6 +50,8 @@ _OWNED_VALUES = {
     "prefix_init": "random",
     "prompt_init": "random",
     "keep_virtual_tokens": False,
+    "flops_ratio": 0.3,
+    "reselect_every": 5,
     "wht_k": 4,
     "wht_selection": "energy",
     "bits": 4,
@@ -72,7 +74,20 @@ def _owned_fields():
     import dataclasses
 
     for cls, kinds in (
-        (Scope, ("all", "last_blocks", "blocks", "bias", "channels", "lora", "prefix", "prompt")),
+        (
+            Scope,
+            (
+                "all",
+                "last_blocks",
+                "blocks",
+                "bias",
+                "channels",
+                "lora",
+                "prefix",
+                "prompt",
+                "flops",
+            ),
+        ),
         (Backward, ("exact", "wht", "mesa", "token_drop", "checkpoint")),
         (Optimizer, ("sgd", "momentum", "adam", "adamw", "sign", "galore", "lowrank")),
     ):

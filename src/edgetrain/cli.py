@@ -115,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="the recipes whose measured step fits a memory budget")
     _add_common(p, recipe=False)
-    p.add_argument("--budget", required=True, help="e.g. 3MB, 512KiB, 1.5GB")
+    p.add_argument("--budget", default=None, help="memory, e.g. 3MB, 512KiB, 1.5GB")
+    p.add_argument(
+        "--flops-budget",
+        type=float,
+        default=None,
+        help="e.g. 0.5: step FLOPs at most this ratio of full backprop's (measured)",
+    )
     p.add_argument(
         "--presets",
         default=None,
@@ -195,9 +201,12 @@ def _cmd_presets(args) -> int:
 
 
 def _cmd_plan(args) -> int:
+    from edgetrain.errors import ConfigError
     from edgetrain.memory import format_bytes
     from edgetrain.plan import plan
 
+    if args.budget is None and args.flops_budget is None:
+        raise ConfigError("plan needs --budget (memory), --flops-budget (a ratio) or both")
     names = [n.strip() for n in args.presets.split(",") if n.strip()] if args.presets else None
     result = plan(
         args.task,
@@ -207,15 +216,21 @@ def _cmd_plan(args) -> int:
         results=args.results,
         seed=args.seed,
         progress=True,
+        flops_budget=args.flops_budget,
     )
+    limits = [f"budget {format_bytes(result.budget)}"] if args.budget is not None else []
+    if args.flops_budget is not None:
+        limits.append(f"FLOPs <= {args.flops_budget:g} x full backprop's")
     print(
-        f"budget {format_bytes(result.budget)}: {len(result.fits)} candidate recipes fit; "
-        f"ranked by {result.source}"
+        f"{', '.join(limits)}: {len(result.fits)} candidate recipes fit; ranked by {result.source}"
     )
-    print(f"{'#':>3}  {'measured peak':>13}  {'accuracy':>8}  recipe")
+    flops = args.flops_budget is not None
+    flops_head = f"  {'FLOPs':>6}" if flops else ""
+    print(f"{'#':>3}  {'measured peak':>13}  {'accuracy':>8}{flops_head}  recipe")
     for i, cand in enumerate(result.fits[: args.top], 1):
         acc = "-" if cand.accuracy is None else f"{100 * cand.accuracy:.1f}%"
-        print(f"{i:>3}  {format_bytes(cand.peak):>13}  {acc:>8}  {cand.describe()}")
+        ratio = f"  {cand.flops_ratio:>6.3f}" if flops else ""
+        print(f"{i:>3}  {format_bytes(cand.peak):>13}  {acc:>8}{ratio}  {cand.describe()}")
     return 0
 
 

@@ -452,6 +452,39 @@ def _prompt_learning_backward(r: Recipe) -> str | None:
     return None
 
 
+_FLOPS_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+"""Optimizers GreenTrainer's importance probe can step and rewind exactly (a torch
+optimizer's ``state_dict``); GaLore's and the low-rank projections keep more than that."""
+
+
+def _flops_scope(r: Recipe) -> str | None:
+    """GreenTrainer selects tensors for backprop by their backward FLOPs: a plain backprop
+    step, measured as it runs (edgetrain.backward.green_trainer)."""
+    if r.scope.kind != "flops":
+        return None
+    if r.estimator.kind != "backprop":
+        return (
+            f"scope 'flops' (GreenTrainer) runs with estimator 'backprop', not {r.estimator.kind!r}"
+        )
+    if r.backward.kind != "exact":
+        return (
+            f"scope 'flops' (GreenTrainer) runs with backward 'exact', not {r.backward.kind!r}: "
+            "its FLOPs profile is that of the plain backward"
+        )
+    if r.optimizer.kind not in _FLOPS_OPTIMIZERS:
+        return (
+            f"scope 'flops' (GreenTrainer) runs with optimizer {_or(_FLOPS_OPTIMIZERS)}, not "
+            f"{r.optimizer.kind!r}"
+        )
+    if r.estimator.compile != "none":
+        return (
+            f"scope 'flops' (GreenTrainer) does not run with estimator.compile="
+            f"{r.estimator.compile!r}: each selection changes which tensors require grad, "
+            "so the compiled step would recompile; set compile='none'"
+        )
+    return None
+
+
 RULES: tuple[Rule, ...] = (
     Rule("cons_stateless", "ZO-Cons needs a stateless optimizer: sgd or sign", _cons_stateless),
     Rule("cons_no_decay", "ZO-Cons has no weight decay", _cons_no_decay),
@@ -520,6 +553,12 @@ RULES: tuple[Rule, ...] = (
         "prompt_learning_backward",
         "scope 'prefix' runs with backward exact, 'prompt' with exact or checkpoint",
         _prompt_learning_backward,
+    ),
+    Rule(
+        "flops_scope",
+        "scope 'flops' runs with estimator backprop (not compiled), backward exact and "
+        "optimizer sgd, momentum, adam or adamw",
+        _flops_scope,
     ),
 )
 """The field-level rules, each refusing with a message that names both values."""

@@ -20,6 +20,12 @@ budget (whose feasible set contains the smaller one's) never makes the best choi
 Dry runs are cached on disk (``cache_dir()/plan-cache.json``) by task, model, batch shape
 and recipe digest, so a second plan over the same candidates is fast.
 
+With ``flops_budget`` (``edgetrain plan --flops-budget 0.5``) each candidate's training
+FLOPs are counted too (``bench.compare.count_step_flops``: torch's flop counter on one
+step after the estimator's scheduled work), as a ratio of full backprop's step at the same
+batch size, and only those at or below the ratio fit; the ranking is the same. The memory
+budget may then be left out (``budget=None``: no memory limit).
+
 ``plan_model(model, data, budget)`` does the same for your own model and data (any
 dataset ``finetune`` takes): the same knobs, dry runs on the first batch of your data,
 the same ranking (one function, ``_rank``) with the prior; candidates that cannot run on
@@ -128,6 +134,8 @@ class Candidate:
     error: str | None = None
     accuracy: float | None = None
     score: tuple = ()
+    flops_ratio: float | None = None
+    """Measured step FLOPs over full backprop's at the same batch size (``flops_budget``)."""
 
     def describe(self) -> str:
         knobs = ", ".join(f"{k}={v}" for k, v in self.knobs.items())
@@ -228,7 +236,10 @@ class _DryRunCache:
 
 
 def _rank(
-    candidates: list[Candidate], budget_bytes: int, accuracies: dict[str, float]
+    candidates: list[Candidate],
+    budget_bytes: int,
+    accuracies: dict[str, float],
+    flops_budget: float | None = None,
 ) -> tuple[list[Candidate], list[Candidate]]:
     """``(fits, rejected)``: the measured candidates whose peak fits ``budget_bytes``, best
     first by the total order of the module docstring (``accuracies`` by preset, else
@@ -245,6 +256,16 @@ def _rank(
         )
         cand.score = (*primary, *_capacity(cand.knobs), -(cand.peak or 0), cand.describe())
     measured = [c for c in candidates if c.peak is not None]
+    if flops_budget is not None:
+        within = [c for c in measured if c.flops_ratio is not None]
+        if measured and not any(c.flops_ratio <= flops_budget for c in within):
+            least = min(within, key=lambda c: c.flops_ratio) if within else None
+            why = f": the smallest measured is {least.flops_ratio:.3f}, {least.describe()}"
+            raise NoRecipeFitsError(
+                f"Nothing fits a FLOPs budget of {flops_budget:g} of full backprop's step"
+                + (why if least else "")
+            )
+        measured = [c for c in within if c.flops_ratio <= flops_budget]
     fits = sorted(
         (c for c in measured if c.peak <= budget_bytes), key=lambda c: c.score, reverse=True
     )
@@ -266,17 +287,24 @@ def _rank(
 def plan(
     task: str = "mnist-to-digits",
     model: str | None = None,
-    budget: str | int = "3MB",
+    budget: str | int | None = "3MB",
     *,
     preset_names: list[str] | None = None,
     results: str | Path | None = "results/results.json",
     seed: int = 0,
     progress: bool = False,
+    flops_budget: float | None = None,
 ) -> Plan:
-    """Measure every candidate's dry-run peak and rank those that fit ``budget``."""
+    """Measure every candidate's dry-run peak and rank those that fit ``budget`` (and,
+    with ``flops_budget``, whose measured step FLOPs are at most that ratio of full
+    backprop's; ``budget=None`` then sets no memory limit)."""
     from tqdm.auto import tqdm
 
-    budget_bytes = parse_budget(budget)
+    if flops_budget is not None and not 0 < flops_budget:
+        raise ConfigError(f"Invalid flops_budget: {flops_budget} (a ratio > 0, e.g. 0.5)")
+    if budget is None and flops_budget is None:
+        raise ConfigError("Give a memory budget, a FLOPs budget or both")
+    budget_bytes = parse_budget(budget) if budget is not None else _NO_MEMORY_LIMIT
     task_obj = tasks.get(task)
     model = model or task_obj.default_model
     net = task_obj.pretrained(model)
@@ -309,10 +337,42 @@ def plan(
             except Exception as err:  # noqa: BLE001 - skipped now, tried again next time
                 hit = {"error": f"{type(err).__name__}: {err} (not cached)"}
         cand.peak, cand.error = hit.get("peak"), hit.get("error")
+        if flops_budget is not None and cand.peak is not None:
+            cand.flops_ratio = _flops_ratio(cache, key, net, cand.recipe, task_obj, seed)
     cache.save()
 
-    fits, rejected = _rank(candidates, budget_bytes, accuracies)
+    fits, rejected = _rank(candidates, budget_bytes, accuracies, flops_budget)
     return Plan(budget=budget_bytes, fits=fits, rejected=rejected, source=source)
+
+
+_NO_MEMORY_LIMIT = 2**63 - 1
+"""``plan(budget=None)``: a FLOPs budget alone."""
+
+
+def _flops_ratio(
+    cache: _DryRunCache, key: str, net: nn.Module, recipe: Recipe, task_obj: Any, seed: int
+) -> float | None:
+    """``recipe``'s counted step FLOPs over full backprop's at its batch size, cached with
+    its dry run (and full backprop's under its own key)."""
+    from edgetrain.bench.compare import count_step_flops
+
+    def counted(entry_key: str, r: Recipe) -> int | None:
+        entry = dict(cache.get(entry_key) or {})
+        if "flops" not in entry:
+            batch = BatchSampler(task_obj.train, r.batch_size, seed).batch(0)
+            try:
+                entry["flops"] = count_step_flops(net, r, batch, seed)
+            except Exception:  # noqa: BLE001 - a step that cannot be counted has no ratio
+                return None
+            cache.put(entry_key, entry)
+        return entry["flops"]
+
+    full = task_obj.recipe("full_bp").replace(batch_size=recipe.batch_size)
+    full_key = key.rsplit("|", 1)[0] + f"|full_bp-flops-{full.digest()}"
+    mine, reference = counted(key, recipe), counted(full_key, full)
+    if mine is None or not reference:
+        return None
+    return mine / reference
 
 
 def plan_model(

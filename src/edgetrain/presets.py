@@ -63,6 +63,8 @@ _ORDER = (
     "cascaded_forward",
     "forward_forward",
     "noprop",
+    # training-engine savings (issue 18)
+    "green_trainer",
 )
 """The order of ``names()`` (and so of ``compare``'s table): the built-in presets by
 family, as they were listed before they moved next to their methods (module load order

@@ -64,6 +64,7 @@ SCOPE_KINDS = (
     "lora",
     "prefix",
     "prompt",
+    "flops",
 )
 INSTALLING_SCOPE_KINDS = ("lora", "prefix", "prompt")
 """Scope kinds whose trained parameters their method module puts into the model
@@ -309,7 +310,10 @@ class Scope:
     key/value prefixes at every attention layer) and ``prompt`` (prompt tuning, Lester et
     al. 2021: trained input embeddings prepended to the tokens), each
     ``num_virtual_tokens`` long, built with peft's modules on a HuggingFace transformer,
-    plus the head if ``include_head``; edgetrain.backward.prompt_learning).
+    plus the head if ``include_head``; edgetrain.backward.prompt_learning); ``flops``
+    (GreenTrainer, Huang et al. 2023: the tensors whose first-order loss reduction is
+    largest under a budget of ``flops_ratio`` times full backprop's step FLOPs, chosen
+    anew every ``reselect_every`` steps; edgetrain.backward.green_trainer).
     """
 
     kind: str = "all"
@@ -358,11 +362,23 @@ class Scope:
     """Prompt tuning: ``vocab`` (the embeddings of random vocabulary tokens, peft's
     ``SAMPLE_VOCAB``, what ZO-Bench's prompt runs use) or ``random`` (peft's ``RANDOM``:
     N(0, 1) entries)."""
+    flops_ratio: float = _for("flops", default=0.5)
+    """GreenTrainer: the step FLOPs (forward + backward, torch's flop counter) of the
+    selected training as a fraction of full backprop's, an upper bound (the paper's rho)."""
+    reselect_every: int = _for("flops", default=0)
+    """GreenTrainer: steps between tensor selections (the paper: every epoch); 0 selects
+    once, at the first step."""
     predicate: Callable[..., bool] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         _check_types(self)
         _choice(self.kind, SCOPE_KINDS, "scope kind")
+        _in_unit(self.flops_ratio, "flops_ratio", closed_low=False)
+        if self.reselect_every < 0:
+            raise ConfigError(
+                f"Invalid reselect_every: {self.reselect_every} (steps between selections, "
+                ">= 0; 0 selects once)"
+            )
         if self.num_virtual_tokens is not None and self.num_virtual_tokens < 1:
             raise ConfigError(
                 f"Invalid num_virtual_tokens: {self.num_virtual_tokens} (must be >= 1, or None "

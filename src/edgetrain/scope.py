@@ -222,7 +222,9 @@ def select(model: nn.Module, scope: Scope) -> Selection:
     named = list(model.named_parameters())  # tied tensors appear once
     chosen: set[int]
     weight_blocks: list[int] = []
-    if scope.kind == "all":
+    if scope.kind in ("all", "flops"):
+        # ``flops`` (GreenTrainer): every tensor is a candidate; the backprop estimator
+        # chooses the trained ones at its steps (edgetrain.backward.green_trainer).
         chosen = {id(p) for _, p in named}
     elif scope.kind in ("last_blocks", "blocks", "channels"):
         blocks = find_blocks(model)

@@ -84,6 +84,7 @@ _SCOPE_MODULES = {
     "lora": "edgetrain.backward.lora",
     "prefix": "edgetrain.backward.prompt_learning",
     "prompt": "edgetrain.backward.prompt_learning",
+    "flops": "edgetrain.backward.green_trainer",
 }
 """Scope kind -> the module of its backward (a channel-sparse scope saves only the input
 channels it trains; estimators.backprop installs it)."""

@@ -157,12 +157,14 @@ def run_metadata(**extra: Any) -> dict[str, Any]:
 
 
 def count_step_flops(model: torch.nn.Module, recipe: Recipe, batch: Any, seed: int = 0) -> int:
-    """FLOPs of one training step of ``recipe`` (on a copy), by torch's flop counter."""
+    """FLOPs of one training step of ``recipe`` (on a copy), by torch's flop counter: the
+    update, after the estimator's scheduled work (``Estimator.prepare``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     net = copy.deepcopy(model)
     est = estimators.build(net, recipe, seed=seed)
     try:
+        est.prepare(batch)  # scheduled work (GreenTrainer's selection) is not the step's
         counter = FlopCounterMode(display=False)
         with counter:
             est.step(batch)

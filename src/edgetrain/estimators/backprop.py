@@ -85,6 +85,12 @@ class Backprop(Estimator):
             self._update: CompiledCall | None = None
             if recipe.estimator.compile != "none":
                 self._compile(recipe.estimator.compile)
+            self._flops = None  # GreenTrainer's selector (scope 'flops')
+            self._prepared_step: int | None = None
+            if recipe.scope.kind == "flops":
+                from edgetrain.backward.green_trainer import Selector
+
+                self._flops = Selector(model, recipe.scope, self.loss_fn, self.micro_batches)
         except Exception:
             self._sparse_swap.restore()
             super().close()
@@ -110,7 +116,18 @@ class Backprop(Estimator):
         reads the allocator's events: edgetrain.memory.allocations)."""
         return any(part.failed is None for part in self.compiled_parts)
 
+    def prepare(self, batch: Any) -> None:
+        """GreenTrainer (scope 'flops'): choose the trained tensors on ``batch`` when this
+        step is a selection step (once per step; edgetrain.backward.green_trainer)."""
+        if self._flops is None or self._prepared_step == self.step_count:
+            return
+        if self._flops.due(self.step_count):
+            loss = self._flops.select(self.step_count, batch, self.optimizer)
+            self.check_finite(loss)
+        self._prepared_step = self.step_count
+
     def _step(self, batch: Any) -> tuple[float, int, int]:
+        self.prepare(batch)
         self.optimizer.zero_grad(set_to_none=True)
         parts = self.micro_batches(batch)
         fused = self._fused
@@ -166,16 +183,22 @@ class Backprop(Estimator):
         yield from self.optimizer_state_tensors(self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             **super().state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "backward": self._swap.state_dict(),
         }
+        if self._flops is not None:
+            state["flops_scope"] = self._flops.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.optimizer.load_state_dict(state["optimizer"])
         self._swap.load_state_dict(state.get("backward", {}))
+        if self._flops is not None:
+            self._flops.load_state_dict(state.get("flops_scope", {}))
+            self._prepared_step = None
 
     def close(self) -> None:
         self._loss = self._update = None  # the compiled functions hold the model

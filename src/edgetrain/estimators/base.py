@@ -159,6 +159,12 @@ class Estimator(abc.ABC):
             return p.device if p.device.type == "cuda" else None
         return None
 
+    def prepare(self, batch: Any) -> None:  # noqa: B027 - an optional hook
+        """Work a step does on a schedule before its update, on its batch: GreenTrainer's
+        tensor selection (scope 'flops', estimators.backprop). ``step`` runs it; calling it
+        first (``bench.compare.count_step_flops`` does) leaves the step its update alone.
+        Nothing by default."""
+
     @abc.abstractmethod
     def _step(self, batch: Any) -> tuple[float, int, int]:
         """Run one update; return (loss before the update, forward passes, backward passes).

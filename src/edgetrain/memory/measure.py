@@ -287,8 +287,14 @@ class StepMeter:
             return
         # A gradient seen the moment it is accumulated counts as ``grads`` too: an update
         # fused into the backward (optimizer.fused_backward) frees it before the step ends.
-        # These hooks are registered before the step's own, so they run first.
-        handles = [p.register_post_accumulate_grad_hook(self._seen_grad) for p in self._with_grads]
+        # These hooks are registered before the step's own, so they run first; only on the
+        # tensors that require grad now (GreenTrainer's selection, scope 'flops', turns the
+        # others off between its selection steps).
+        handles = [
+            p.register_post_accumulate_grad_hook(self._seen_grad)
+            for p in self._with_grads
+            if p.requires_grad
+        ]
         try:
             with self.tracker, torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
                 yield

@@ -199,7 +199,11 @@ class FusedUpdate:
     def attach(self) -> None:
         self.detach()
         self.armed = False
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        # Only on the tensors that train this step (GreenTrainer's selection turns the
+        # others' requires_grad off; torch's step skips them, and so do the hooks).
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._hook) for p in self.params if p.requires_grad
+        ]
 
     def detach(self) -> None:
         for handle in self._handles:
