@@ -265,5 +265,5 @@ def test_a_fused_update_trains_the_selected_tensors_exactly_as_the_plain_step(ki
         finally:
             est.close()
     start = [p.detach() for p in _model("mlp").parameters()]
-    assert any(not torch.equal(a, b) for a, b in zip(finals[0], start))
-    assert all(torch.equal(a, b) for a, b in zip(*finals))
+    assert any(not torch.equal(a, b) for a, b in zip(finals[0], start, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
