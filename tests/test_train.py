@@ -269,3 +269,23 @@ def test_the_predictor_of_a_plain_run_is_the_model(task):
     net = task.pretrained("mlp")
     result = finetune(net, task.train, presets.get("full_bp", steps=2), **QUICK)
     assert result.predictor is net
+
+
+def test_evaluations_run_at_the_training_batch_size_unless_told(task):
+    """The test set is evaluated in batches of the training batch (so an evaluation needs
+    no more memory than a training forward; issue 20), or of ``eval_batch_size``: the
+    largest batch the model sees is counted by a forward hook."""
+    net = task.pretrained("mlp")
+    seen = []
+    handle = net.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    recipe = presets.get("full_bp", steps=2, batch_size=16)
+    try:
+        finetune(net, task.train, recipe, eval_data=task.test, progress=False, measure=False)
+        assert max(seen) == 16 and len(task.test) > 16
+        seen.clear()
+        finetune(net, task.train, recipe, eval_data=task.test, progress=False, eval_batch_size=100)
+        assert max(seen) == 100
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="eval_batch_size: 0"):
+        finetune(net, task.train, recipe, eval_data=task.test, eval_batch_size=0, **QUICK)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 from pathlib import Path
 
@@ -100,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="save the fine-tuned weights (state_dict)")
     p.add_argument("--budget", default=None, help="e.g. 3MB: use the planner's best recipe")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=None,
+        help="batch of the test-set evaluations (default: the training batch size)",
+    )
     p.add_argument(
         "--dist-timeout",
         type=float,
@@ -291,6 +298,7 @@ def _finetune(args) -> int:
         seed=args.seed,
         checkpoint_dir=args.checkpoint_dir,
         progress=not args.no_progress,
+        eval_batch_size=args.eval_batch_size,
     )
     if not main:
         return 0
@@ -395,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     from edgetrain.train import TrainingDivergedError
 
     args = build_parser().parse_args(argv)
+    if os.environ.get("EDGETRAIN_MALLOC") == "lean":
+        from edgetrain.memory.rss import fix_mmap_threshold
+
+        fix_mmap_threshold()  # freed activations leave the process, slower (memory/rss.py)
     try:
         return _COMMANDS[args.command](args)
     except TrainingDivergedError as err:
