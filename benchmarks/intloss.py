@@ -6,8 +6,8 @@ Runs ``fixed_point_zo`` and ``elastic_zo_int8`` on mnist-to-digits (the MLP, eac
 preset's own steps and batch size, as ``edgetrain compare --model mlp`` runs them) with
 ``numerics.loss`` set to ``float`` and to ``integer`` (edgetrain.numerics.int_loss), the
 same seeds for both, and prints target-test accuracy per seed, mean +- sd, the final
-training loss, the integer loss's sign ties, and wall time. The rows of one seed are
-interleaved, so the timings compare within one process.
+training loss and wall time. The rows of one seed are interleaved, so the timings
+compare within one process.
 """
 
 from __future__ import annotations

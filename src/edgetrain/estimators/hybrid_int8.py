@@ -592,8 +592,8 @@ def elastic_zo_int8() -> Recipe:
     weight scale per tensor (the integer backward needs it), weight and error grids of
     twice the largest value seen at calibration (ours). The loss values and the tail's
     error softmax - onehot are integer arithmetic (``loss="integer"``,
-    edgetrain.numerics.int_loss; on mnist-to-digits over 3 seeds as accurate as the float
-    loss, benchmarks/intloss.py)."""
+    edgetrain.numerics.int_loss; mnist-to-digits, MLP, seeds 0-2: 96.5 +- 0.1% with the
+    integer loss, 96.4 +- 0.1% with the float one, benchmarks/intloss.py)."""
     return Recipe(
         name="elastic_zo_int8",
         estimator=EstimatorSpec(kind="hybrid", cut=1, eps=1e-3, direction="rademacher", zo_lr=1e-5),
