@@ -540,6 +540,12 @@ class Numerics:
     """After each step, write the dequantized integer weights into the float model (so
     that evaluating the model sees the training; the deployed model is the estimator's
     ``int_model``). False leaves the float model as it was."""
+    loss: str = "float"
+    """How the step computes the cross-entropy of the integer logits: ``integer``
+    (``edgetrain.numerics.int_loss``: integer log-softmax from the int32 logits, exact
+    integer loss sums, and for ElasticZO-INT8 the tail's error ``softmax - onehot`` as an
+    int8 tensor computed in integers) or ``float`` (the logits dequantized to float on the
+    host, ``F.cross_entropy`` and ``torch.softmax``). docs/methods.md, "Integer loss"."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -552,6 +558,7 @@ class Numerics:
             if not getattr(self, name) >= 1.0:  # also rejects NaN
                 raise ConfigError(f"Invalid {name}: {getattr(self, name)} (must be >= 1)")
         _choice(self.rounding, ("stochastic", "nearest"), "rounding")
+        _choice(self.loss, ("float", "integer"), "numerics loss")
         if self.kind == "float32":
             changed = [
                 f"{f.name}={getattr(self, f.name)!r}"

@@ -33,9 +33,17 @@ integer tensor, one scale ``s_c`` per tensor or per output channel ``c``):
    in chunks; ``+delta, -2 delta, +delta`` restores ``w_q`` exactly (integer arithmetic),
    also when a loss raises (a ``finally`` undoes whatever is applied).
 2. The two losses ``l_i^+ = L(w_q + delta_i)`` and ``l_i^- = L(w_q - delta_i)``: cross
-   entropy of the integer model's logits, dequantized to float on the host (the int32
-   output accumulator times its scale). The loss is the only float quantity of the
-   step, and with sign-m-SPSA only the sign of ``l_i^+ - l_i^-`` is used.
+   entropy of the integer model's logits. ``numerics.loss = "float"`` (the preset's):
+   the int32 output accumulator dequantized to float on the host, then ``loss_fn``
+   (``F.cross_entropy`` by default). ``numerics.loss = "integer"``: the integer
+   cross-entropy of ``edgetrain.numerics.int_loss`` (integer log-softmax from the int32
+   accumulator, I-BERT's i-exp and an integer log2), and ``L`` is the exact integer sum of
+   the batch's per-example losses at ``2^-16`` nats. With sign-m-SPSA only the sign of
+   ``l_i^+ - l_i^-`` is used, so the step compares two integers. Ties (``l_i^+ = l_i^-``,
+   more frequent with integer losses, which resolve ``2^-16`` nats per example): the sign
+   is 0 and direction ``i`` adds nothing to the update, which still divides by ``m``
+   (the estimate of a direction that measured no change is 0, not a coin flip);
+   ``loss_ties`` counts them.
 3. The projected gradient divides by the perturbation actually applied, not by the
    nominal ``eps``: weight ``j`` of channel ``c`` moved by ``u_j = s_c delta_j`` in real
    units, which differs from ``eps d_j`` because ``eps_q`` is a rounded (and at least 1)
@@ -81,9 +89,11 @@ Not implemented: the paper's other enhancements shown in its ablations (momentum
 sampling, a sharpness-aware perturbation): their exact definitions were not available to
 us when this was written. Blockwise, ZO-Cons and gradient-pruning variants of the ``zo``
 axis, weight decay and optimizers other than ``sgd`` / ``sign`` are refused at
-``Recipe(...)`` (edgetrain.compat). The loss is computed from dequantized logits on the
-host in float32; an integer-only device would need only the comparison of two such
-scalars for sign-m-SPSA.
+``Recipe(...)`` (edgetrain.compat). With ``numerics.loss = "float"`` the loss is
+computed from dequantized logits on the host in float32; with ``"integer"`` it is integer
+arithmetic, and with sign-m-SPSA the step has no float quantity on its data path (with
+``sgd`` the difference ``l^+ - l^-`` is dequantized, a host float, to form ``K_i``).
+The integer loss takes ``(x, y)`` batches and no custom ``loss_fn``.
 """
 
 from __future__ import annotations
@@ -113,6 +123,7 @@ from edgetrain.numerics.fixed_point import (
     convert,
     write_back,
 )
+from edgetrain.numerics.int_loss import int_cross_entropy
 from edgetrain.numerics.quant import qrange
 from edgetrain.optim.perturb import Perturber, direction_range
 from edgetrain.recipe import Estimator as EstimatorSpec
@@ -203,6 +214,11 @@ class FixedPointZO(Estimator):
         seed: int = 0,
         calibration: torch.Tensor | None = None,
     ) -> None:
+        if recipe.numerics.loss == "integer" and loss_fn is not None:
+            raise ValueError(
+                "numerics.loss='integer' computes the cross-entropy of the integer logits "
+                "itself and takes no loss_fn; use numerics.loss='float' for a custom loss"
+            )
         super().__init__(model, recipe, loss_fn, seed=seed)
         num = recipe.numerics
         if num.kind != "fixed_point":
@@ -215,6 +231,8 @@ class FixedPointZO(Estimator):
         self._trainables: list[_Trainable] = []
         self._masks: list[torch.Tensor | None] = []
         self.update_saturations = 0
+        self.loss_ties = 0
+        self._loss_unit = 1.0  # nats per unit of what _loss returns (integer: 2^-16 / B)
         self.last_projected: list[float] = []
         est = recipe.estimator
         self._perturber = Perturber(est.direction, est.chunk_elements)  # the one generator
@@ -353,8 +371,25 @@ class FixedPointZO(Estimator):
 
     # ------------------------------------------------------------------- step
 
-    def _loss(self, batch: Any) -> float:
-        return float(self.loss_fn(self.int_module, batch).detach())
+    @property
+    def integer_loss(self) -> bool:
+        """The loss in integer arithmetic (``numerics.loss == "integer"``)."""
+        return self.recipe.numerics.loss == "integer"
+
+    def _loss(self, batch: Any) -> float | int:
+        """The loss at the current integer weights: a float (``loss_fn`` of the
+        dequantized logits) or, with the integer loss, the exact integer sum of the
+        batch's cross-entropies (``self._loss_unit`` nats each)."""
+        if not self.integer_loss:
+            return float(self.loss_fn(self.int_module, batch).detach())
+        if isinstance(batch, dict) or not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError("numerics.loss='integer' needs (x, y) batches of class labels")
+        x, y = batch[0], batch[1]
+        stats = self.int_model.stats
+        acc = self.int_model.forward_int(self.int_model.quantize_input(x))  # (B, C) int32
+        loss = int_cross_entropy(acc, self.int_model.output_scale, y, stats)
+        self._loss_unit = loss.scale / len(y)
+        return loss.total
 
     def _measure(
         self, q: int, evaluate: Callable[[], float], one_sided: bool
@@ -377,14 +412,17 @@ class FixedPointZO(Estimator):
             if at:
                 self._perturb(q, -at)
 
-    def _projected(self, plus: float, minus: float, one_sided: bool) -> float:
+    def _projected(self, plus: float | int, minus: float | int, one_sided: bool) -> float:
         """The scalar ``p_i`` of one direction before the division by ``eps_real``: the
-        sign of the loss change (sign-m-SPSA) or the directional change ``(l^+ - l^-) / 2``
-        (one-sided: ``l^+ - l``). ``_update`` divides the latter by each channel's realised
-        perturbation size."""
-        diff = plus - minus
+        sign of the loss change (sign-m-SPSA; 0 for a tie, counted in ``loss_ties``) or
+        the directional change ``(l^+ - l^-) / 2`` in nats (one-sided: ``l^+ - l``).
+        ``_update`` divides the latter by each channel's realised perturbation size."""
+        diff = plus - minus  # exact for integer losses
         if self.sign:
+            if diff == 0:
+                self.loss_ties += 1
             return float(np.sign(diff))
+        diff = diff * self._loss_unit
         return diff if one_sided else 0.5 * diff
 
     def _step(self, batch: Any) -> tuple[float, int, int]:
@@ -420,7 +458,7 @@ class FixedPointZO(Estimator):
         if self.recipe.numerics.sync_float:
             write_back(self.int_model)
         loss = base if base is not None else float(np.mean(losses))
-        return loss, forwards, 0
+        return loss * self._loss_unit, forwards, 0
 
     def _coefficients(self, projected: list[float]) -> list[list[torch.Tensor]]:
         """``K_i`` per trainable tensor and direction: ``lr p_i / s_c`` per output channel
@@ -486,7 +524,11 @@ class FixedPointZO(Estimator):
     def state_dict(self) -> dict[str, Any]:
         """Step counter, seed, counters and the integer model as tensors and a JSON
         manifest: loadable with ``torch.load(..., weights_only=True)``."""
-        state = {**super().state_dict(), "update_saturations": self.update_saturations}
+        state = {
+            **super().state_dict(),
+            "update_saturations": self.update_saturations,
+            "loss_ties": self.loss_ties,
+        }
         if self.int_model is not None:
             manifest, arrays = int_model_arrays(self.int_model)
             state["int_model"] = {
@@ -499,6 +541,7 @@ class FixedPointZO(Estimator):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.update_saturations = int(state.get("update_saturations", 0))
+        self.loss_ties = int(state.get("loss_ties", 0))
         if "int_model" in state:
             saved = state["int_model"]
             manifest = saved["manifest"]

@@ -25,10 +25,19 @@ One step with ``m = queries`` directions:
   with optimizer ``sign``, and the stochastically rounded integer update
   ``w_q <- sat(w_q - SR(lr_zo g z / s))`` of ``FixedPointZO`` (``lr_zo = estimator.zo_lr``
   or ``optimizer.lr``).
+* **Loss and error signal.** ``numerics.loss = "integer"`` (the preset's): the integer
+  cross-entropy of ``edgetrain.numerics.int_loss`` on the int32 logits accumulator
+  (integer log-softmax with I-BERT's i-exp and an integer log2; the pass's loss is the
+  exact integer sum of the per-example losses at ``2^-16`` nats, so ``l+ - l-`` is an
+  integer difference; ties give a zero sign, FixedPointZO's rule), and the error
+  ``round(127 e_c / sum_c e_c) - 127 onehot``, an int8 tensor at scale 1/127 computed by
+  integer division of the same integer exps (NITI's normalization, Wang et al. 2022).
+  ``numerics.loss = "float"``: the logits dequantized on the host, ``F.cross_entropy``
+  and ``round(127 (softmax - onehot))`` in float64, the same int8 format.
 * **Tail (8-bit backprop), on every one of the 2m perturbed passes.** The integer
   forward runs through the whole model; each tail op keeps its int8/uint8 input (and a
-  ReLU mask); the logits' error ``softmax(logits) - onehot`` lies in [-1, 1] and is
-  quantized to int8 at scale 1/127. Going back through the tail ops, the error arriving
+  ReLU mask); the logits' error (previous item) lies in [-127, 127] at scale 1/127.
+  Going back through the tail ops, the error arriving
   at each affine op is requantized to int8 with a fixed per-op scale ``s_e`` (gemmlowp
   multiplier and shift, ``numerics.multiply_by_quantized_multiplier``, saturation
   counted in ``error_clips``); the weight gradient is the integer product
@@ -47,12 +56,13 @@ One step with ``m = queries`` directions:
   (tail weights unperturbed, front at ``w_f +- delta_i``), as in float ElasticZO.
 
 Exact integer arithmetic: the whole forward, the perturbations and the front update
-(FixedPointZO), the error requantization, the gradient products and sums (float64
-products of integer tensors below 2^53, as the simulator's forward), the error
-propagation, and the tail update. Simulated on the host in float: the loss and the
-logits' error ``softmax - onehot`` (computed from the dequantized int32 logits, then
-quantized to int8; the paper's integer cross-entropy was not at hand), the real scales
-(host metadata turned into integer multipliers, as at conversion), and the ZO scalar.
+(FixedPointZO), the loss and the logits' error (with ``numerics.loss = "integer"``), the
+error requantization, the gradient products and sums (float64 products of integer
+tensors below 2^53, as the simulator's forward), the error propagation, and the tail
+update. Simulated on the host in float: the loss and error with ``numerics.loss =
+"float"``, the real scales (host metadata turned into integer multipliers, as at
+conversion), and the ZO scalar with optimizer ``sgd`` (the integer loss difference times
+its scale; with ``sign`` only its sign).
 Storage in the simulator: weights live in int32 tensors and biases in int64 (the device
 would hold ``weight_bits`` and 32 bits); saved tail inputs are stored as real int8/uint8
 tensors and ReLU masks as bool (1 byte; a device would pack them at 1 bit).
@@ -96,6 +106,7 @@ from edgetrain.numerics.fixed_point import (
     quantize_multiplier,
     write_back,
 )
+from edgetrain.numerics.int_loss import ERROR_QMAX, int_cross_entropy
 from edgetrain.numerics.quant import qrange
 from edgetrain.recipe import Estimator as EstimatorSpec
 from edgetrain.recipe import Numerics, Optimizer, Recipe, Scope
@@ -103,9 +114,6 @@ from edgetrain.scope import Selection
 from edgetrain.seeding import make_generator
 
 __all__ = ["ElasticZOInt8", "ERROR_QMAX"]
-
-ERROR_QMAX = 127
-"""Errors (output gradients) are int8 in [-127, 127]."""
 
 _TAIL_ROUND_PATH = 3  # seed sub-path of the tail update's stochastic rounding
 
@@ -259,9 +267,11 @@ class ElasticZOInt8(FixedPointZO):
         grads: dict[int, list[torch.Tensor | None]] | None,
         *,
         observe: bool = False,
-    ) -> float:
+    ) -> float | int:
         """Integer forward, loss, and (unless the loss is not finite) the tail's integer
-        backward, adding each tail op's gradient into ``grads``."""
+        backward, adding each tail op's gradient into ``grads``. The loss is a float, or
+        with the integer loss the batch's exact integer sum (``self._loss_unit`` nats
+        each)."""
         stats = self.int_model.stats
         h = x_q
         saved: list[_Saved] = []
@@ -279,6 +289,11 @@ class ElasticZOInt8(FixedPointZO):
                 record.mask = out > 0
             saved.append(record)
             h = out
+        if self.integer_loss:
+            loss = int_cross_entropy(h, self.int_model.output_scale, y, stats, with_error=True)
+            self._loss_unit = loss.scale / len(y)
+            self._backward(saved, loss.error, 1.0 / ERROR_QMAX, grads, observe)
+            return loss.total
         logits = self.int_model.dequantize_output(h)  # (B, classes) float32
         value = float(F.cross_entropy(logits, y))
         if not math.isfinite(value):
@@ -408,7 +423,7 @@ class ElasticZOInt8(FixedPointZO):
         self.last_projected = projected
         if self.recipe.numerics.sync_float:
             write_back(self.int_model)
-        return float(np.mean(losses)), passes, passes
+        return float(np.mean(losses)) * self._loss_unit, passes, passes
 
     def _front_scaled(self, projected: list[float]) -> list[float]:
         """FixedPointZO's update uses ``optimizer.lr``; the front's is ``zo_lr``."""
@@ -575,7 +590,10 @@ def elastic_zo_int8() -> Recipe:
     ~1e-4 saturates the 8-bit front weights. Its integer footprint
     (``ElasticZOInt8.footprint``) is 2.6x smaller than the same step in float32. One
     weight scale per tensor (the integer backward needs it), weight and error grids of
-    twice the largest value seen at calibration (ours)."""
+    twice the largest value seen at calibration (ours). The loss values and the tail's
+    error softmax - onehot are integer arithmetic (``loss="integer"``,
+    edgetrain.numerics.int_loss; mnist-to-digits, MLP, seeds 0-2: 96.5 +- 0.1% with the
+    integer loss, 96.4 +- 0.1% with the float one, benchmarks/intloss.py)."""
     return Recipe(
         name="elastic_zo_int8",
         estimator=EstimatorSpec(kind="hybrid", cut=1, eps=1e-3, direction="rademacher", zo_lr=1e-5),
@@ -590,6 +608,7 @@ def elastic_zo_int8() -> Recipe:
             rounding="stochastic",
             error_headroom=2.0,
             sync_float=True,
+            loss="integer",
         ),
         steps=1000,
         batch_size=32,
