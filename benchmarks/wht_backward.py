@@ -3,6 +3,8 @@ backprop, on the small ViT and a ViT-S/16-shaped model (random weights).
 
     OMP_NUM_THREADS=1 python benchmarks/wht_backward.py            # both models
     OMP_NUM_THREADS=1 python benchmarks/wht_backward.py --models vit_s --steps 5
+    OMP_NUM_THREADS=1 python benchmarks/wht_backward.py --models vit_s --ks 6 --floor \
+        --paddings zeros reflect --steps 9
 
 For each model and each backward (exact, lbp_wht k = 3, 6, 8 with lp_tri bases), on copies
 of one randomly initialised model that take turns step by step (so load from other
@@ -12,6 +14,14 @@ machine; with one thread both measure the same work); and the FLOPs of one train
 and of its backward alone, counted by ``torch.utils.flop_counter.FlopCounterMode``
 (matmuls and convolutions; the transform's small matmuls are counted too).
 Ratios are exact / lbp_wht (higher is better).
+
+``--paddings zeros reflect`` times both paddings of a grid that is not a multiple of 8
+(``Backward.wht_padding``). ``--floor`` adds a variant whose swapped Linear layers have a
+free backward (an empty input gradient, no weight gradient): what the rest of the backward
+(attention, LayerNorm, GELU, softmax, the head) costs. With ``f`` = floor / exact and ``q``
+the fraction of token rows LBP-WHT keeps (``(n_extra + patches * r) / T``), a backward
+that shrank only the Linear layers' products by ``q`` takes at least
+``f + q (1 - f)`` of exact: the bound printed under the table.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import edgetrain.models
 from edgetrain.backward import apply
+from edgetrain.backward.wht import WHTConfig, default_targets
 from edgetrain.recipe import Backward
 
 __all__ = ["MODELS", "measure", "main"]
@@ -39,6 +50,44 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
         image_size=224, patch_size=16, in_channels=3, dim=384, depth=12, num_heads=6, mlp_ratio=4
     ),
 }
+
+
+class _FreeBackward(torch.autograd.Function):
+    """``F.linear`` whose backward costs nothing but an empty input gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # noqa: ANN001, ANN205
+        ctx.in_features = weight.shape[1]
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # noqa: ANN001, ANN205
+        return grad_y.new_zeros(*grad_y.shape[:-1], ctx.in_features), None, None
+
+
+class _FreeLinear(nn.Module):
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FreeBackward.apply(x, self.weight, self.bias)
+
+
+def _free_linears(model: nn.Module) -> nn.Module:
+    """``model`` with the Linear layers LBP-WHT swaps given a free backward (the floor)."""
+    targets = default_targets(model)
+    for module in list(model.modules()):
+        for name in targets.get(type(module), ()):
+            setattr(module, name, _FreeLinear(getattr(module, name)))
+    return model
+
+
+def _kept_fraction(model: nn.Module, tokens: int, k: int) -> float:
+    """The fraction of token rows LBP-WHT's products keep on ``model``'s grid."""
+    h, w = model.grid_size
+    patches = -(-h // 8) * -(-w // 8)
+    return (tokens - h * w + patches * WHTConfig(k=k).num_bases) / tokens
 
 
 def _sync() -> None:
@@ -110,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--paddings", nargs="+", default=["zeros"], choices=["zeros", "reflect"])
+    parser.add_argument("--floor", action="store_true", help="time the non-Linear backward")
     args = parser.parse_args(argv)
 
     print(
@@ -131,10 +182,16 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.randn(args.batch_size, *model.input_shape, generator=generator)
         labels = torch.randint(0, model.num_classes, (args.batch_size,), generator=generator)
         specs = {"exact": Backward(kind="exact")} | {
-            f"lbp_wht k={k}": Backward(kind="wht", wht_k=k) for k in args.ks
+            f"wht k={k}" + ("" if pad == "zeros" else " refl"): Backward(
+                kind="wht", wht_k=k, wht_padding=pad
+            )
+            for k in args.ks
+            for pad in args.paddings
         }
         variants = {label: copy.deepcopy(model) for label in specs}
         swaps = [apply(variants[label], spec) for label, spec in specs.items()]
+        if args.floor:
+            variants["floor"] = _free_linears(copy.deepcopy(model))
         results = measure(variants, (x, labels), warmup=args.warmup, steps=args.steps)
         for swap in swaps:
             swap.restore()
@@ -148,6 +205,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {base['train_flops'] / r['train_flops']:12.2f} |",
                 flush=True,
             )
+        if args.floor:
+            f = results["floor"]["bwd_cpu"] / base["bwd_cpu"]
+            tokens = model.pos_embed.shape[1]  # the CLS token and the grid
+            for k in args.ks:
+                q = _kept_fraction(model, tokens, k)
+                print(
+                    f"{name} k={k}: floor {f:.3f} of exact (CPU time), kept rows q = {q:.3f}: "
+                    f"backward >= f + q (1 - f) = {f + q * (1 - f):.3f} of exact",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

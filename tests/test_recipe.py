@@ -54,6 +54,7 @@ _OWNED_VALUES = {
     "reselect_every": 5,
     "wht_k": 4,
     "wht_selection": "energy",
+    "wht_padding": "reflect",
     "bits": 4,
     "keep_ratio": 0.7,
     "fuse_dropped": False,

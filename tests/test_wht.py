@@ -306,3 +306,89 @@ def test_apply_wht_options_and_errors():
     layer = WHTLinear(nn.Linear(4, 4), grid=(7, 7))
     with pytest.raises(ValueError, match="token grid"):
         layer(torch.randn(1, 10, 4, requires_grad=True))
+
+
+def _reference_reflect_grads(x, weight, grad_y, grid, n_extra, block, pairs):
+    """The LBP-WHT reference code's backward with its reflect padding, written out densely:
+    pad the grid tokens of ``x`` and ``g_y`` by reflection on both sides (ceil(pad / 2)
+    first, ``F.pad(mode="reflect")``), project every patch on the kept 2-D Walsh bases,
+    ``g_W = sum (P g_y)^T (P x)``, ``g_x = crop(P_pad^T ((P g_y) W))``, ``g_b`` the token sum;
+    the extra tokens on the exact path."""
+    (h, w), (bh, bw) = grid, block
+    H, W = -(-h // bh) * bh, -(-w // bw) * bw
+    top, left = -(-(H - h) // 2), -(-(W - w) // 2)
+    pad = (left, W - w - left, top, H - h - top)
+
+    def padded(t):  # (B, T, C) grid part -> (B, C, H, W)
+        t2d = t[:, n_extra:].reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        return F.pad(t2d, pad, mode="reflect") if any(pad) else t2d
+
+    wh, ww = walsh_matrix(bh, dtype=x.dtype), walsh_matrix(bw, dtype=x.dtype)
+    basis = torch.stack([torch.outer(wh[u], ww[v]) for u, v in pairs])  # (r, bh, bw)
+
+    def project(t2d):  # (B, C, H, W) -> (B, C, nH, nW, r)
+        B, C = t2d.shape[:2]
+        patches = t2d.reshape(B, C, H // bh, bh, W // bw, bw).permute(0, 1, 2, 4, 3, 5)
+        return torch.einsum("bcnmij,rij->bcnmr", patches, basis)
+
+    cx, cg = project(padded(x)), project(padded(grad_y))
+    grad_w = torch.einsum("bonmr,binmr->oi", cg, cx)
+    cgx = torch.einsum("bonmr,oi->binmr", cg, weight)
+    rec = torch.einsum("binmr,rjk->binjmk", cgx, basis).reshape(x.shape[0], -1, H, W)
+    grad_x_grid = rec[:, :, top : top + h, left : left + w].flatten(2).transpose(1, 2)
+    g_e, x_e = grad_y[:, :n_extra], x[:, :n_extra]
+    grad_w = grad_w + torch.einsum("bto,bti->oi", g_e, x_e)
+    grad_x = torch.cat([g_e @ weight, grad_x_grid], dim=1)
+    return grad_x, grad_w, grad_y.sum(dim=(0, 1))
+
+
+@pytest.mark.parametrize(
+    "grid, block, T, n_extra, k",
+    [
+        pytest.param((7, 7), (8, 8), 50, 1, 6, id="vit-7x7+cls-k6"),
+        pytest.param((14, 14), (8, 8), 197, 1, 6, id="vit-14x14+cls-k6"),
+        pytest.param((14, 14), (8, 8), 197, 1, 3, id="vit-14x14+cls-k3"),
+        pytest.param((5, 12), (8, 8), 60, 0, 15, id="5x12-all-bases"),
+        pytest.param((8, 16), (8, 8), 128, 0, 6, id="8x16-no-padding"),
+        pytest.param((1, 21), (1, 8), 21, 0, 3, id="1d-block8"),
+    ],
+)
+def test_reflect_padding_is_the_reference_codes_backward(grid, block, T, n_extra, k):
+    linear = nn.Linear(12, 20).double()
+    x = _smooth_tokens(2, grid, n_extra, 12, seed=3)
+    grad_y = torch.randn(2, T, 20, generator=_gen(4), dtype=torch.float64)
+    config = WHTConfig(k=k, block=block, padding="reflect")
+    layer = WHTLinear(linear, grid=grid if block[0] > 1 else None, config=config, n_extra=n_extra)
+    got = _grads(layer, x, grad_y)
+    want = _reference_reflect_grads(
+        x, linear.weight.detach(), grad_y, grid, n_extra, block, config.bases
+    )
+    for g, wnt in zip(got, want, strict=True):
+        torch.testing.assert_close(g, wnt)
+    zeros = _grads(_wht_layer(linear, layer.grid, block, k=k), x, grad_y)
+    padded = bool(grid[0] % block[0] or grid[1] % block[1])
+    # Zero and reflect padding differ exactly when the grid is padded.
+    assert padded == (not torch.allclose(got[1], zeros[1]))
+
+
+def test_reflect_padding_with_every_basis_keeps_the_input_gradient_exact():
+    linear = nn.Linear(6, 5).double()
+    x = _smooth_tokens(2, (7, 7), 1, 6, seed=5)
+    grad_y = torch.randn(2, 50, 5, generator=_gen(6), dtype=torch.float64)
+    layer = WHTLinear(linear, grid=(7, 7), config=WHTConfig(k=15, padding="reflect"), n_extra=1)
+    got, want = _grads(layer, x, grad_y), _grads(linear, x, grad_y)
+    torch.testing.assert_close(got[0], want[0])  # g_x: cropping undoes the padding
+    torch.testing.assert_close(got[2], want[2])  # g_b: the plain token sum
+    assert not torch.allclose(got[1], want[1])  # g_W counts the reflected tokens again
+
+
+def test_padding_is_a_recipe_field():
+    vit = edgetrain.models.build("vit")
+    swap = apply(vit, Backward(kind="wht", wht_padding="reflect"))
+    layers = [m for m in vit.modules() if isinstance(m, WHTLinear)]
+    assert layers and all(m.config.padding == "reflect" for m in layers)
+    swap.restore()
+    with pytest.raises(ValueError, match="wht_padding"):
+        Backward(kind="wht", wht_padding="circular")
+    with pytest.raises(ValueError, match="padding"):
+        WHTConfig(padding="circular")

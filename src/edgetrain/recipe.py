@@ -426,6 +426,9 @@ class Backward:
     """LBP-WHT: low-pass order of the kept Walsh-Hadamard bases."""
     wht_selection: str = _for("wht", default="lp_tri")
     """LBP-WHT: which bases, ``lp_tri`` (the paper's triangular low-pass) or ``energy``."""
+    wht_padding: str = _for("wht", default="zeros")
+    """LBP-WHT: how a token grid that is not a multiple of 8 is padded: ``zeros`` (bottom and
+    right; exact with all bases) or ``reflect`` (the reference code's, on both sides)."""
     bits: int = _for("mesa", default=8)
     """Mesa: bits of a saved activation."""
     keep_ratio: float = _for("token_drop", default=0.5)
@@ -443,6 +446,7 @@ class Backward:
         if not 1 <= self.wht_k <= 15:
             raise ConfigError(f"Invalid wht_k: {self.wht_k} (low-pass order, 1..15)")
         _choice(self.wht_selection, ("lp_tri", "energy"), "wht_selection")
+        _choice(self.wht_padding, ("zeros", "reflect"), "wht_padding")
         if not 2 <= self.bits <= 16:
             raise ConfigError(f"Invalid bits: {self.bits} (2..16)")
         _in_unit(self.keep_ratio, "keep_ratio", closed_low=False)

@@ -64,9 +64,13 @@ Grid, padding and extra tokens
 * When ``h`` or ``w`` is not a multiple of 8 (the small ViT's 7x7 grid, ViT-S/16's 14x14),
   the grid is padded with zeros at the bottom and on the right up to the next multiple of 8
   (7x7 -> one 8x8 patch, 14x14 -> 16x16, four patches) and ``g_x`` is cropped back. The
-  reference code pads symmetrically with reflected tokens; zeros keep the full-basis path
-  exact (a reflected token would be counted twice in ``g_W``) and make the padded tokens
-  contribute nothing to either gradient.
+  reference code pads symmetrically with reflected tokens; zeros (our default) keep the
+  full-basis path exact (a reflected token would be counted twice in ``g_W``) and make
+  the padded tokens contribute nothing to either gradient. ``Backward(wht_padding=
+  "reflect")`` gives the reference's: ``x`` and ``g_y`` padded by reflection on both
+  sides (``ceil(pad / 2)`` at the top/left), ``g_x`` cropped; the reflection is folded
+  into the transform's matrices, so it costs no copy, and the bias gradient is then the
+  plain token sum (the DC coefficient would count reflected tokens).
 * 1-D variant, for sequence models: blocks of ``L`` (8 or 16) consecutive tokens on the token
   axis (``block=(1, L)``), 1-D Walsh bases, lp_tri keeps ``v < k``; the sequence is
   zero-padded at the end to a multiple of ``L``.
@@ -107,6 +111,7 @@ __all__ = [
 ]
 
 SELECTIONS = ("lp_tri", "energy")
+PADDINGS = ("zeros", "reflect")
 
 
 def walsh_matrix(
@@ -138,12 +143,16 @@ class WHTConfig:
     ``k``: low-pass order; ``selection``: ``lp_tri`` (``u + v < k``) or ``energy`` (as many
     bases as lp_tri keeps, the most energetic of the input activations, chosen per step);
     ``block``: the patch, ``(8, 8)`` on a 2-D token grid, ``(1, L)`` for the 1-D variant over
-    blocks of ``L`` consecutive tokens.
+    blocks of ``L`` consecutive tokens; ``padding``: how a grid that is not a multiple of
+    the block is filled, ``zeros`` (at the bottom and right; exact with all bases) or
+    ``reflect`` (the reference code's: reflected tokens on both sides, split as evenly as
+    possible, the top/left getting the extra one).
     """
 
     k: int = 6
     selection: str = "lp_tri"
     block: tuple[int, int] = (8, 8)
+    padding: str = "zeros"
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
@@ -151,6 +160,10 @@ class WHTConfig:
         if self.selection not in SELECTIONS:
             raise ValueError(
                 f"Invalid selection: {self.selection!r}; expected one of {', '.join(SELECTIONS)}"
+            )
+        if self.padding not in PADDINGS:
+            raise ValueError(
+                f"Invalid padding: {self.padding!r}; expected one of {', '.join(PADDINGS)}"
             )
         object.__setattr__(self, "block", tuple(int(b) for b in self.block))
         if len(self.block) != 2 or any(b < 1 or b & (b - 1) for b in self.block):
@@ -176,16 +189,37 @@ class WHTConfig:
         return max(u for u, _ in pairs) + 1, max(v for _, v in pairs) + 1
 
 
-def _block_diagonal(walsh: torch.Tensor, length: int, block: int) -> torch.Tensor:
+def _reflect(s: int, length: int) -> int:
+    """The source of padded position ``s`` of an axis of ``length`` under reflect padding
+    (``F.pad(mode="reflect")``: the edge is not repeated), folded again when the padding is
+    longer than the axis."""
+    if length == 1:
+        return 0
+    period = 2 * (length - 1)
+    s %= period
+    return s if s < length else period - s
+
+
+def _block_diagonal(
+    walsh: torch.Tensor, length: int, block: int, *, before: int = 0, fold: bool = False
+) -> torch.Tensor:
     """Apply ``walsh`` (n, block) to every block of ``block`` consecutive positions of an axis
-    of ``length``: a (n_blocks * n, length) matrix; a last, partial block uses only the
-    columns of its real positions, which is the same as zero-padding the axis."""
+    of ``length`` padded with ``before`` positions in front and the rest at the end: a
+    (n_blocks * n, length) matrix. A padded position adds its column to the one it reflects
+    when ``fold`` (reflect padding: ``P = P_pad R``), and drops out otherwise (zero padding;
+    also the transpose of cropping, ``E^T``). With no padding both are the plain
+    block-diagonal matrix."""
     n_blocks = -(-length // block)
     n = walsh.shape[0]
     out = torch.zeros(n_blocks * n, length, dtype=walsh.dtype)
-    for i in range(n_blocks):
-        width = min(block, length - i * block)
-        out[i * n : (i + 1) * n, i * block : i * block + width] = walsh[:, :width]
+    for p in range(n_blocks * block):
+        s = p - before
+        if not 0 <= s < length:
+            if not fold:
+                continue
+            s = _reflect(s, length)
+        i = p // block
+        out[i * n : (i + 1) * n, s] += walsh[:, p % block]
     return out
 
 
@@ -200,6 +234,12 @@ class _Plan:
     ``(nH * n_u, h)`` matrix keeping only the ``n_u`` distinct kept rows), then per kept row
     ``u`` a column transform over the grid columns keeping only that row's columns. No
     gather, no padding copy for 2-D grids; every chunk lands in its final layout.
+
+    With ``padding="reflect"`` the padding is folded into the matrices: the projection
+    uses ``P_pad R`` (``R`` the reflect embedding) and the inverse ``E^T P_pad^T`` (``E`` the
+    embedding at the padding offset, i.e. the padded gradient is cropped), as the
+    reference code pads ``x`` and ``g_y`` and crops ``g_x``. This is not a transpose pair:
+    with all bases ``g_x`` stays exact but ``g_W`` counts the reflected tokens again.
     """
 
     def __init__(
@@ -209,6 +249,7 @@ class _Plan:
         pairs: Sequence[tuple[int, int]],
         dtype: torch.dtype,
         device: torch.device,
+        padding: str = "zeros",
     ) -> None:
         h, w = grid
         bh, bw = block
@@ -216,26 +257,45 @@ class _Plan:
             raise ValueError(f"1-D blocks {block} need a grid of one row, got {grid}")
         self.grid, self.block = grid, block
         self.nH, self.nW = -(-h // bh), -(-w // bw)
+        fold = padding == "reflect"
+        # Reflect padding is split as the reference splits it: ceil(total / 2) in front.
+        before_h = -(-(self.nH * bh - h) // 2) if fold else 0
+        before_w = -(-(self.nW * bw - w) // 2) if fold else 0
         self.num_bases = len(pairs)
         self.us = sorted({u for u, _ in pairs})
         self.vs = [sorted(v for uu, v in pairs if uu == u) for u in self.us]
         walsh_h = walsh_matrix(bh, dtype=torch.float64)
         walsh_w = walsh_matrix(bw, dtype=torch.float64)
-        self.rows = (
-            None
-            if bh == 1
-            else _block_diagonal(walsh_h[self.us], h, bh).to(dtype=dtype, device=device)
-        )  # (nH*n_u, h)
+
+        def rows(fold_: bool) -> torch.Tensor | None:
+            if bh == 1:
+                return None
+            mat = _block_diagonal(walsh_h[self.us], h, bh, before=before_h, fold=fold_)
+            return mat.to(dtype=dtype, device=device)  # (nH*n_u, h)
+
+        self.rows = rows(fold)  # the projection's
+        self.rows_back = rows(False) if fold and h % bh else self.rows  # the inverse's
         # Columns: blocked GEMMs on a view when w is a multiple of bw; otherwise one
-        # block-diagonal GEMM (few blocks) or zero-padding then blocked GEMMs (many blocks).
-        self.col_mode = "blocked" if w % bw == 0 else ("dense" if self.nW <= 4 else "pad")
+        # block-diagonal GEMM (few blocks, or any reflect padding: it is folded into the
+        # matrix) or zero-padding then blocked GEMMs (many blocks).
+        if w % bw == 0:
+            self.col_mode = "blocked"
+        else:
+            self.col_mode = "dense" if self.nW <= 4 or fold else "pad"
         self.cols: list[torch.Tensor] = []
+        self.cols_back: list[torch.Tensor] = []
         for vs in self.vs:
             walsh_v = walsh_w[vs]  # (nv, bw)
-            mat = _block_diagonal(walsh_v, w, bw) if self.col_mode == "dense" else walsh_v
-            self.cols.append(mat.to(dtype=dtype, device=device).contiguous())
-        # The DC basis (0, 0) gives the bias gradient for free: sum = sqrt(bh*bw) * coef.
-        self.dc = self.vs[0].index(0) if self.us[0] == 0 and 0 in self.vs[0] else None
+            for fold_, mats in ((fold, self.cols), (False, self.cols_back)):
+                mat = walsh_v
+                if self.col_mode == "dense":
+                    mat = _block_diagonal(walsh_v, w, bw, before=before_w, fold=fold_)
+                mats.append(mat.to(dtype=dtype, device=device).contiguous())
+        # The DC basis (0, 0) gives the bias gradient for free: sum = sqrt(bh*bw) * coef;
+        # not with reflected tokens in a patch (they would be summed too).
+        padded = h % bh or w % bw
+        has_dc = self.us[0] == 0 and 0 in self.vs[0] and not (fold and padded)
+        self.dc = self.vs[0].index(0) if has_dc else None
         self.dc_scale = math.sqrt(bh * bw)
 
     def _columns(self, t: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
@@ -281,16 +341,16 @@ class _Plan:
         chunks = [
             c.view(N, self.nW, len(vs), C) for c, vs in zip(coef.split(sizes), self.vs, strict=True)
         ]  # (B*nH, nW, nv_u, C) each
-        if self.rows is None:
-            out.copy_(self._columns_t(chunks[0], self.cols[0]))  # (B, w, C)
+        if self.rows_back is None:
+            out.copy_(self._columns_t(chunks[0], self.cols_back[0]))  # (B, w, C)
             return
         rows_t = coef.new_empty(N, len(self.us), w, C)  # (B*nH, n_u, w, C)
-        for j, (chunk, mat) in enumerate(zip(chunks, self.cols, strict=True)):
+        for j, (chunk, mat) in enumerate(zip(chunks, self.cols_back, strict=True)):
             rows_t[:, j] = self._columns_t(chunk, mat)
         rows_t = rows_t.view(B, self.nH * len(self.us), w * C)  # (B, nH*n_u, w*C)
         out_rows = out.view(B, h, w * C)  # (B, h, w*C), a view of out
         for b in range(B):  # one GEMM per sample, straight into out
-            torch.mm(self.rows.T, rows_t[b], out=out_rows[b])
+            torch.mm(self.rows_back.T, rows_t[b], out=out_rows[b])
 
     def token_sum(self, coef: torch.Tensor, C: int) -> torch.Tensor | None:
         """The sum over grid tokens, read off the DC coefficients of ``coef`` (M, C)."""
@@ -310,11 +370,12 @@ def _plan(
     pairs: tuple[tuple[int, int], ...],
     dtype: torch.dtype,
     device: torch.device,
+    padding: str = "zeros",
 ) -> _Plan:
-    key = (grid, block, pairs, dtype, device)
+    key = (grid, block, pairs, dtype, device, padding)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _Plan(grid, block, pairs, dtype, device)
+        plan = _Plan(grid, block, pairs, dtype, device, padding)
         if len(_PLANS) > 256:  # energy selection makes many; keep the cache bounded
             _PLANS.clear()
         _PLANS[key] = plan
@@ -327,7 +388,9 @@ def _energy_selection(
     """The ``r`` bases with the most energy of ``x`` (B, h*w, C) over samples, blocks and
     channels, and ``x`` projected on them (M, C), laid out as :class:`_Plan` lays it out."""
     bh, bw = config.block
-    full = _plan(grid, config.block, lp_tri_bases(bh + bw, config.block), x.dtype, x.device)
+    full = _plan(
+        grid, config.block, lp_tri_bases(bh + bw, config.block), x.dtype, x.device, config.padding
+    )
     chunks = full.project(x)  # per row u: (B*nH, nW, bw, C)
     energy = torch.stack([c.pow(2).sum(dim=(0, 1, 3)) for c in chunks])  # (bh, bw)
     flat = torch.topk(energy.flatten(), config.num_bases).indices.tolist()
@@ -359,7 +422,7 @@ class _WHTLinearFunction(torch.autograd.Function):
             pairs, x_proj = _energy_selection(x_grid, grid, config)  # (M, C_in)
         else:
             pairs = config.bases
-        plan = _plan(grid, config.block, pairs, x.dtype, x.device)
+        plan = _plan(grid, config.block, pairs, x.dtype, x.device, config.padding)
         if ctx.needs_input_grad[1]:
             if x_proj is None:
                 x_proj = plan.project_flat(x_grid)  # (M, C_in), M = B*blocks*r
@@ -598,10 +661,15 @@ def apply_wht(
     if grid == "auto":
         grid = getattr(model, "grid_size", None)
     if grid is None:
-        config = WHTConfig(k=spec.wht_k, selection=spec.wht_selection, block=(1, block_1d))
+        config = WHTConfig(
+            k=spec.wht_k,
+            selection=spec.wht_selection,
+            block=(1, block_1d),
+            padding=spec.wht_padding,
+        )
     else:
         grid = (int(grid[0]), int(grid[1]))
-        config = WHTConfig(k=spec.wht_k, selection=spec.wht_selection)
+        config = WHTConfig(k=spec.wht_k, selection=spec.wht_selection, padding=spec.wht_padding)
     declared = default_targets(model) if targets is None else {}
     structural = targets is None and is_token_sequence(model) and not declared
     targets = declared if targets is None else dict(targets)
