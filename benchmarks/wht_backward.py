@@ -21,7 +21,10 @@ free backward (an empty input gradient, no weight gradient): what the rest of th
 (attention, LayerNorm, GELU, softmax, the head) costs. With ``f`` = floor / exact and ``q``
 the fraction of token rows LBP-WHT keeps (``(n_extra + patches * r) / T``), a backward
 that shrank only the Linear layers' products by ``q`` takes at least
-``f + q (1 - f)`` of exact: the bound printed under the table.
+``f + q (1 - f)`` of exact: the bound printed under the table. ``--profile`` prints, for
+exact and each LBP-WHT variant, torch.profiler's top operators of one backward by self CPU
+time (where the time goes: the transform's GEMMs, the weight and input products, copies,
+the non-Linear layers).
 """
 
 from __future__ import annotations
@@ -88,6 +91,23 @@ def _kept_fraction(model: nn.Module, tokens: int, k: int) -> float:
     h, w = model.grid_size
     patches = -(-h // 8) * -(-w // 8)
     return (tokens - h * w + patches * WHTConfig(k=k).num_bases) / tokens
+
+
+def _profile(label: str, model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> None:
+    """Print the top operators of one backward of ``model`` by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), labels)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\nprofile of one backward, {label}: {total / 1e3:.1f} ms self CPU")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+        share = e.self_cpu_time_total / total
+        print(f"  {e.key:40} {e.self_cpu_time_total / 1e3:8.1f} ms  {share:6.1%}  x{e.count}")
 
 
 def _sync() -> None:
@@ -161,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--paddings", nargs="+", default=["zeros"], choices=["zeros", "reflect"])
     parser.add_argument("--floor", action="store_true", help="time the non-Linear backward")
+    parser.add_argument("--profile", action="store_true", help="top ops of one backward")
     args = parser.parse_args(argv)
 
     print(
@@ -193,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.floor:
             variants["floor"] = _free_linears(copy.deepcopy(model))
         results = measure(variants, (x, labels), warmup=args.warmup, steps=args.steps)
+        if args.profile:
+            for label, variant in variants.items():
+                _profile(label, variant, x, labels)
         for swap in swaps:
             swap.restore()
         base = results["exact"]
