@@ -12,6 +12,8 @@ all-MiniLM-L6-v2 shape of benchmarks/zo_step.py, 22.6M parameters, random weight
   ``DataParallel(perturbation_parallel=True)``; rank 0 evaluates l+, rank 1 l-, each on
   the whole batch; z regenerated twice per rank (edgetrain.optim.zo: a move a rank does
   not evaluate after is folded into the next one);
+* ``ablation: moves not folded``: the same pair with every move applied at once (as
+  before moves were deferred: z regenerated three times per rank per step);
 * ``data-parallel, 2 ranks x 1 thread``: today's data parallelism (each rank both
   forwards on half the batch), for reference;
 * ``1 process, 2 threads``: the same two cores given to one process's intra-op threads.
@@ -72,11 +74,29 @@ def _estimator(model):
     return build(model, recipe, seed=0)
 
 
-def _worker(conn, shape: str, threads: list[int], group: tuple | None) -> None:
+def _unfold_moves() -> None:
+    """Ablation, in this process: ZOSGD applies every move at once, as before moves were
+    deferred (a rank that skips an evaluation still regenerates z three times a step)."""
+    from edgetrain.optim.zo import ZOSGD
+
+    deferred = ZOSGD._move
+
+    def move_now(self, ctx, groups, seed, alpha) -> None:  # noqa: ANN001
+        deferred(self, ctx, groups, seed, alpha)
+        self._flush(ctx)
+
+    ZOSGD._move = move_now
+
+
+def _worker(conn, shape: str, threads: list[int], group: tuple | None, fold: bool = True) -> None:
     """A configuration's process: ``threads`` (one estimator per entry, 1 process) or one
-    rank of ``group`` = (port, rank, world, perturbation_parallel)."""
+    rank of ``group`` = (port, rank, world, perturbation_parallel). ``fold=False``: the
+    ablation of ``_unfold_moves``."""
     torch.set_num_threads(1)
     from edgetrain import distributed as D
+
+    if not fold:
+        _unfold_moves()
 
     vocab = 4096 if shape == "small" else VOCAB
     dp = None
@@ -135,7 +155,9 @@ def main() -> None:
     workers: dict[str, list] = {}
     stores, procs = [], []
 
-    def start(name: str, threads: list[int], world: int = 0, split: bool = False) -> None:
+    def start(
+        name: str, threads: list[int], world: int = 0, split: bool = False, fold: bool = True
+    ) -> None:
         conns = []
         if world:
             store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
@@ -145,7 +167,7 @@ def main() -> None:
             groups = [None]
         for group in groups:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, args.shape, threads, group))
+            proc = ctx.Process(target=_worker, args=(child, args.shape, threads, group, fold))
             proc.start()
             procs.append(proc)
             conns.append(parent)
@@ -153,6 +175,7 @@ def main() -> None:
 
     start("single", [1, 2])  # one process: an estimator stepped on 1 thread, one on 2
     start("perturbation", [1], world=2, split=True)
+    start("unfolded", [1], world=2, split=True, fold=False)
     start("data", [1], world=2, split=False)
     n_params = 0
     for conns in workers.values():
@@ -161,6 +184,7 @@ def main() -> None:
     names = {
         "1 process, 1 thread": ("single", 0),
         "perturbation-parallel, 2 ranks x 1 thread": ("perturbation", 0),
+        "ablation: perturbation-parallel, moves not folded": ("unfolded", 0),
         "data-parallel, 2 ranks x 1 thread": ("data", 0),
         "1 process, 2 threads": ("single", 1),
     }
@@ -170,7 +194,7 @@ def main() -> None:
     for r in range(args.warmup + args.rounds):
         if r == args.warmup:
             busy_start, wall_start = _busy_seconds(), time.monotonic()
-        for key in ("single", "perturbation", "data"):  # one configuration at a time
+        for key in workers:  # one configuration at a time
             for conn in workers[key]:
                 conn.send(("step",))
             replies = [conn.recv() for conn in workers[key]]
@@ -220,11 +244,11 @@ def main() -> None:
             f"{med[name] / base1:.3f}x | {med[name] / base2:.3f}x |"
         )
     single1, single2 = digests["single", 0]
-    pp = [digests["perturbation", r][0] for r in range(2)]
+    pp = [digests[key, r][0] for key in ("perturbation", "unfolded") for r in range(2)]
     print(
         f"\nweights after {args.warmup + args.rounds} steps: perturbation-parallel ranks "
-        f"{'==' if pp[0] == pp[1] == single1 else '!='} 1 process 1 thread (digests "
-        f"{pp[0]:016x}, {pp[1]:016x}, {single1:016x}); 1 process 2 threads "
+        f"(both variants) {'==' if set(pp) == {single1} else '!='} 1 process 1 thread "
+        f"(digests {', '.join(f'{d:016x}' for d in pp)}; {single1:016x}); 1 process 2 threads "
         f"{'==' if single2 == single1 else '!='} 1 thread"
     )
 

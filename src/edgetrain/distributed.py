@@ -27,6 +27,32 @@ gradient ever being sent (checked at the start and the end by a digest of the we
 The mean is computed by an all-gather and a sum in rank order, not by an all-reduce whose
 summation order is the backend's, so the float every rank gets is the same bit for bit.
 
+Perturbation parallelism (DistZO2: Wang, Xie and Wang 2025, "DistZO2: High-Throughput
+and Memory-Efficient Zeroth-Order Fine-tuning LLMs with Distributed Parallel Computing",
+arXiv 2507.03211, "Perturbation Parallelism (PertP)" and its "2D parallelism" with data
+parallelism). ``DataParallel(..., perturbation_parallel=True)`` (``finetune(...,
+perturbation_parallel=True)``, CLI ``--perturbation-parallel``), zeroth-order recipes
+only, W = 2k ranks: ranks 2d and 2d + 1 form data group d and train on shard d of k
+(``shard_bounds(n, d, k)``); within the pair, rank 2d runs the even evaluation points
+of each step and rank 2d + 1 the odd ones (``ZOSGD.estimate``'s ``evaluates``): for
+two-sided SPSA every l+ on one rank and every l- on the other, so each rank runs one
+forward per query instead of two. Both ranks still make every move of the step's
+parameter program: the rank that evaluates l- reaches ((theta + eps z) - 2 eps z) by the
+very two additions the single process makes, only without the forward in between, and
+both restore and update alike, so the weights are the same floats on both ranks and in
+one process. A move after which a rank does not evaluate is deferred and applied with
+the next one (``ZOSGD._flush``): consecutive moves along one z regenerate z once (the
+same additions in the same order: bit for bit), so a rank regenerates z twice per step
+instead of three times. The exchange (``shared_scalars``) sends only the values a rank
+evaluated, times its group's share of the batch (one float64 per rank per step for MeZO,
+q = 1), and sums each value over the groups in rank order: the same floats as
+``allreduce_mean_scalars`` over k data-parallel ranks, so W = 2k perturbation-parallel
+ranks train bit for bit as k data-parallel ranks do (W = 2: as one process). q > 1
+queries split the same way (the plus points of every query on one rank, the minus points
+on the other); one-sided differences put the base point on rank 2d and the q plus
+points alternately; ZO-Cons's two candidates go one to each. The rest (journal, resume
+on any number of ranks and in either mode, digests, faults) is data parallelism's.
+
 Backprop recipes wrap the model in ``DistributedDataParallel`` (``init_sync=False``: the
 ranks must already hold the same weights, which the digest check verifies, so no weight
 is broadcast). A comm hook counts each gradient bucket and calls DDP's default all-reduce.

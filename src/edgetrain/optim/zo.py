@@ -101,11 +101,25 @@ by calling ``apply_record`` on each record from the base weights: the step's par
 arithmetic (perturb, restore, update) is one fixed program of the record, run with or
 without evaluations, so replay reproduces the trained weights bit for bit.
 
+Deferred moves. The perturbation moves (``_move``) are recorded and applied when the next
+evaluation runs (``_flush``), or chunk by chunk at the start of the update: a run of
+consecutive moves along one z regenerates z once per chunk and adds it once per move, and
+a last run along the final query's z shares the update's z. Each element sees the very
+additions, in the very order, of moves applied one by one, so the floats are unchanged
+(tests/test_perturbation_parallel.py checks it over 16 settings); what changes is the
+number of regenerations where no evaluation separates two moves: a replay regenerates z
+once per step for q = 1 without ZO-Cons (three before), a perturbation-parallel rank
+(below) twice.
+
 Data parallelism (edgetrain.distributed): ``estimate(closure, reduce_scalars=f)`` hands
 the step's loss values to ``f`` (an all-reduce mean over the ranks, each of which
 evaluated its shard of the batch at the same perturbed weights) before it computes
 anything from them. Every rank then holds the same record and applies the same update:
 the weights stay identical without a weight or a gradient ever being sent.
+Perturbation parallelism (DistZO2): ``estimate(closure, reduce_scalars=f,
+evaluates=pred)`` runs only the evaluation points ``pred`` accepts (the others are another
+process's) and makes every move all the same, so each process reaches the single
+process's weights at the points it evaluates; ``f(values, evaluated)`` fills in the rest.
 """
 
 from __future__ import annotations
