@@ -160,13 +160,22 @@ def test_evaluates_needs_the_shared_hook_and_a_nonfinite_value_undoes_the_deferr
 
 
 def test_shared_scalars_without_a_group_and_the_refusals(task):
-    with pytest.raises(ValueError, match="even number of ranks; got 3"):
-        D.check_perturbation_parallel(object(), 3)
     from edgetrain import estimators
 
     model = task.pretrained("mlp")
+    with pytest.raises(ValueError, match="even number of ranks; got 3"):
+        D.check_perturbation_parallel(object(), 3)
+    for recipe in (
+        presets.get("fixed_point_zo"),
+        presets.get("elastic_zo", **{"estimator.cut": 1}),
+        presets.get("full_bp"),
+    ):
+        est = estimators.build(copy.deepcopy(model), recipe)
+        with pytest.raises(NotImplementedError, match=repr(recipe.estimator.kind)):
+            D.check_perturbation_parallel(est, 4)
+    D.check_perturbation_parallel(estimators.build(copy.deepcopy(model), presets.get("mezo")), 2)
     est = estimators.build(copy.deepcopy(model), presets.get("forward_grad"))
-    with pytest.raises(NotImplementedError, match="'forward_grad' has none to split"):
+    with pytest.raises(NotImplementedError, match="'forward_grad' with numerics 'float32'"):
         D.check_perturbation_parallel(est, 2)
     with pytest.raises(ConfigError, match="perturbation_parallel=True needs"):
         finetune(model, task.train, presets.get("mezo"), perturbation_parallel=True, **QUICK)

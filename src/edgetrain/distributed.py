@@ -391,21 +391,19 @@ def shared_scalars(
 
 def check_perturbation_parallel(est: Any, world: int) -> None:
     """Raise unless ``est`` can train perturbation-parallel on ``world`` ranks: a float
-    zeroth-order estimator (``kind == "zo"`` with an ``evaluates`` hook) and an even
-    number of ranks."""
+    zeroth-order estimator (``compat.perturbation_parallel_reason``, an ``evaluates``
+    hook) and an even number of ranks."""
     if world % PERTURBATION_SIDES or world < PERTURBATION_SIDES:
         raise ValueError(
             f"Perturbation parallelism pairs the ranks (one evaluates theta + eps z, the "
             f"other theta - eps z), so it needs an even number of ranks; got {world}. "
             "Launch 2k ranks, or train plain data-parallel"
         )
-    if getattr(est, "kind", None) != "zo" or not hasattr(est, "evaluates"):
-        raise NotImplementedError(
-            f"Perturbation parallelism splits the loss evaluations of a zeroth-order step "
-            f"between ranks; estimator {getattr(est, 'kind', type(est).__name__)!r} has "
-            "none to split (zo recipes only: mezo, zo_adam, sparse_mezo, ...). Train it "
-            "plain data-parallel (perturbation_parallel=False)"
-        )
+    refused = compat.perturbation_parallel_reason(est.recipe)
+    if refused is None and not hasattr(est, "evaluates"):
+        refused = f"{type(est).__name__} has no evaluates hook (edgetrain.estimators.zo.ZO)"
+    if refused is not None:
+        raise NotImplementedError(refused)
 
 
 def all_ranks_agree(
