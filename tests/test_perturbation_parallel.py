@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -329,3 +332,39 @@ def test_four_ranks_equal_two_data_parallel_ranks_bit_for_bit(task, base_model, 
         assert _state_equal(run["state"], two["state"])
         assert run["losses"] == two["losses"]
     assert not _state_equal(two["state"], base_model.state_dict())
+
+
+@_needs_gloo
+def test_the_cli_flag_under_torchrun_trains_the_single_process_weights(task, base_model, tmp_path):
+    weights = tmp_path / "final.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    env["EDGETRAIN_DIST_TIMEOUT"] = "60"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "edgetrain",
+            "finetune",
+            "--model=mlp",
+            "--recipe=mezo",
+            "--steps=4",
+            "--perturbation-parallel",
+            f"--output={weights}",
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "comm        8 bytes/step per rank (2 ranks, perturbation-parallel; scalars 8)" in (
+        proc.stdout
+    )
+    single = copy.deepcopy(base_model)
+    finetune(single, task.train, presets.get("mezo"), steps=4, **QUICK)
+    assert _state_equal(torch.load(weights, weights_only=True), single.state_dict())

@@ -893,7 +893,7 @@ class ZOSGD(torch.optim.Optimizer):
         """Apply the deferred moves in order. A run of moves along one z regenerates z once
         per chunk and adds it once per move (``theta += a1 z; theta += a2 z``): each
         element sees the very additions, in the very order, of moves made one by one, so
-        the floats are the same bit for bit (tests/test_zo_optim.py)."""
+        the floats are the same bit for bit (tests/test_perturbation_parallel.py)."""
         runs, ctx.moves = self._runs(ctx.moves), []
         with torch.no_grad():
             for groups, seed, alphas in runs:
