@@ -356,6 +356,17 @@ def test_only_the_fixed_point_pairs_and_mono_forward_refuse_data_parallel_traini
             assert refused is None, name
 
 
+def test_only_float_zo_recipes_train_perturbation_parallel():
+    for name in presets.names():
+        recipe = presets.get(name)
+        refused = compat.perturbation_parallel_reason(recipe)
+        float_zo = recipe.estimator.kind == "zo" and recipe.numerics.kind == "float32"
+        if float_zo:
+            assert refused is None, name
+        else:
+            assert refused is not None and repr(recipe.estimator.kind) in refused, name
+
+
 # --- accepted combinations build and train -----------------------------------------------
 
 

@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch of the test-set evaluations (default: the training batch size)",
     )
     p.add_argument(
+        "--perturbation-parallel",
+        action="store_true",
+        help="under torchrun, zeroth-order recipes, an even number of ranks: each pair of "
+        "ranks runs the +eps and the -eps evaluations of a step (DistZO2)",
+    )
+    p.add_argument(
         "--dist-timeout",
         type=float,
         default=None,
@@ -299,6 +305,7 @@ def _finetune(args) -> int:
         checkpoint_dir=args.checkpoint_dir,
         progress=not args.no_progress,
         eval_batch_size=args.eval_batch_size,
+        perturbation_parallel=args.perturbation_parallel,
     )
     if not main:
         return 0
@@ -318,7 +325,8 @@ def _finetune(args) -> int:
         kinds = ", ".join(f"{k} {v:.0f}" for k, v in result.comm_bytes_by_kind.items())
         print(
             f"comm        {result.comm_bytes_per_step:.0f} bytes/step per rank "
-            f"({result.world_size} ranks; {kinds})"
+            f"({result.world_size} ranks"
+            f"{', perturbation-parallel' if args.perturbation_parallel else ''}; {kinds})"
         )
     if result.memory:
         label = "one step, measured" + (", one rank's shard" if result.world_size > 1 else "")

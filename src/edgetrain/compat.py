@@ -50,6 +50,7 @@ __all__ = [
     "reason",
     "check",
     "distributed_reason",
+    "perturbation_parallel_reason",
     "markdown_table",
 ]
 
@@ -649,6 +650,24 @@ def distributed_reason(recipe: Recipe) -> str | None:
         f"({r.runs_as}) is not implemented: it has neither a scalar exchange nor a gradient "
         f"all-reduce; run it in one process (supported: "
         f"{_where(lambda x: x.data_parallel)})"
+    )
+
+
+def perturbation_parallel_reason(recipe: Recipe) -> str | None:
+    """Why ``recipe`` cannot train perturbation-parallel (DistZO2: the two perturbed
+    evaluations of a step on two ranks; ``edgetrain.distributed``), or None: it needs a
+    float zeroth-order step (the ``zo`` runner), whose evaluation points a pair splits."""
+    refused = distributed_reason(recipe)
+    if refused is not None:
+        return refused
+    r = runner(recipe)
+    if r.runs_as == "zo":
+        return None
+    return (
+        f"Perturbation parallelism splits the loss evaluations of a zeroth-order step "
+        f"between two ranks; estimator {r.estimator!r} with numerics {r.numerics!r} "
+        f"({r.runs_as}) has no such pair to split (zo recipes only: mezo, zo_adam, "
+        "sparse_mezo, ...). Train it plain data-parallel (perturbation_parallel=False)"
     )
 
 

@@ -27,6 +27,32 @@ gradient ever being sent (checked at the start and the end by a digest of the we
 The mean is computed by an all-gather and a sum in rank order, not by an all-reduce whose
 summation order is the backend's, so the float every rank gets is the same bit for bit.
 
+Perturbation parallelism (DistZO2: Wang, Xie and Wang 2025, "DistZO2: High-Throughput
+and Memory-Efficient Zeroth-Order Fine-tuning LLMs with Distributed Parallel Computing",
+arXiv 2507.03211, "Perturbation Parallelism (PertP)" and its "2D parallelism" with data
+parallelism). ``DataParallel(..., perturbation_parallel=True)`` (``finetune(...,
+perturbation_parallel=True)``, CLI ``--perturbation-parallel``), zeroth-order recipes
+only, W = 2k ranks: ranks 2d and 2d + 1 form data group d and train on shard d of k
+(``shard_bounds(n, d, k)``); within the pair, rank 2d runs the even evaluation points
+of each step and rank 2d + 1 the odd ones (``ZOSGD.estimate``'s ``evaluates``): for
+two-sided SPSA every l+ on one rank and every l- on the other, so each rank runs one
+forward per query instead of two. Both ranks still make every move of the step's
+parameter program: the rank that evaluates l- reaches ((theta + eps z) - 2 eps z) by the
+very two additions the single process makes, only without the forward in between, and
+both restore and update alike, so the weights are the same floats on both ranks and in
+one process. A move after which a rank does not evaluate is deferred and applied with
+the next one (``ZOSGD._flush``): consecutive moves along one z regenerate z once (the
+same additions in the same order: bit for bit), so a rank regenerates z twice per step
+instead of three times. The exchange (``shared_scalars``) sends only the values a rank
+evaluated, times its group's share of the batch (one float64 per rank per step for MeZO,
+q = 1), and sums each value over the groups in rank order: the same floats as
+``allreduce_mean_scalars`` over k data-parallel ranks, so W = 2k perturbation-parallel
+ranks train bit for bit as k data-parallel ranks do (W = 2: as one process). q > 1
+queries split the same way (the plus points of every query on one rank, the minus points
+on the other); one-sided differences put the base point on rank 2d and the q plus
+points alternately; ZO-Cons's two candidates go one to each. The rest (journal, resume
+on any number of ranks and in either mode, digests, faults) is data parallelism's.
+
 Backprop recipes wrap the model in ``DistributedDataParallel`` (``init_sync=False``: the
 ranks must already hold the same weights, which the digest check verifies, so no weight
 is broadcast). A comm hook counts each gradient bucket and calls DDP's default all-reduce.
@@ -64,6 +90,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +121,9 @@ __all__ = [
     "shard_batch",
     "check_shards",
     "allreduce_mean_scalars",
+    "shared_scalars",
+    "check_perturbation_parallel",
+    "PERTURBATION_SIDES",
     "all_ranks_agree",
     "CommCounter",
     "counting_allreduce_hook",
@@ -108,6 +138,9 @@ DEFAULT_TIMEOUT_S = 300.0
 
 TIMEOUT_ENV = "EDGETRAIN_DIST_TIMEOUT"
 """Environment variable overriding ``DEFAULT_TIMEOUT_S`` (seconds)."""
+
+PERTURBATION_SIDES = 2
+"""Ranks per perturbation-parallel group: one per side of two-sided SPSA."""
 
 SCALAR_KINDS = ("zo", "forward_grad")
 """Estimator kinds that train data-parallel by exchanging scalars (``reduce_scalars``)."""
@@ -314,6 +347,65 @@ def allreduce_mean_scalars(
     return [float(v) for v in total]
 
 
+def shared_scalars(
+    values: Sequence[float],
+    evaluated: Sequence[bool],
+    *,
+    weight: float,
+    side: int,
+    sides: int = 2,
+    counter: CommCounter | None = None,
+    kind: str = "scalars",
+    step: int | None = None,
+) -> list[float]:
+    """Perturbation parallelism's exchange: every rank of side ``side`` (rank % sides)
+    evaluated the positions where ``evaluated`` is true, and the ranks of each other
+    side the complement (``sides == 2``; ranks of one side evaluate the same positions,
+    on their own shards). Each rank sends only its own values, times ``weight`` (its data
+    group's share of the batch), as float64: one value per rank per step for two-sided
+    SPSA with q = 1. Each position gets the sum, in rank order, of the ranks that
+    evaluated it: with W / 2 data groups, the same floats, added in the same order, as
+    ``allreduce_mean_scalars`` over W / 2 data-parallel ranks (and, with one group, each
+    value itself: the single process's float)."""
+    if sides != PERTURBATION_SIDES:
+        raise ValueError(f"shared_scalars splits the points between 2 sides, not {sides}")
+    mine = [j for j, here in enumerate(evaluated) if here]
+    theirs = [j for j, here in enumerate(evaluated) if not here]
+    width = max(len(mine), len(theirs))
+    local = torch.zeros(width, dtype=_SCALAR_DTYPE)
+    if mine:
+        local[: len(mine)] = torch.tensor([float(values[j]) for j in mine], dtype=_SCALAR_DTYPE)
+        local[: len(mine)] *= float(weight)
+    if counter is not None:
+        counter.add(local.numel() * local.element_size(), kind)
+    gathered = _all_gather_cpu(local, "perturbation-parallel scalar exchange", step)
+    totals: list[float | None] = [None] * len(values)
+    for rank, part in enumerate(gathered):
+        positions = mine if rank % sides == side else theirs
+        for slot, j in enumerate(positions):
+            contribution = float(part[slot])
+            current = totals[j]
+            totals[j] = contribution if current is None else current + contribution
+    return [math.nan if t is None else t for t in totals]
+
+
+def check_perturbation_parallel(est: Any, world: int) -> None:
+    """Raise unless ``est`` can train perturbation-parallel on ``world`` ranks: a float
+    zeroth-order estimator (``compat.perturbation_parallel_reason``, an ``evaluates``
+    hook) and an even number of ranks."""
+    if world % PERTURBATION_SIDES or world < PERTURBATION_SIDES:
+        raise ValueError(
+            f"Perturbation parallelism pairs the ranks (one evaluates theta + eps z, the "
+            f"other theta - eps z), so it needs an even number of ranks; got {world}. "
+            "Launch 2k ranks, or train plain data-parallel"
+        )
+    refused = compat.perturbation_parallel_reason(est.recipe)
+    if refused is None and not hasattr(est, "evaluates"):
+        refused = f"{type(est).__name__} has no evaluates hook (edgetrain.estimators.zo.ZO)"
+    if refused is not None:
+        raise NotImplementedError(refused)
+
+
 def all_ranks_agree(
     flag: bool, *, counter: CommCounter | None = None, step: int | None = None
 ) -> bool:
@@ -401,24 +493,41 @@ class DataParallel:
     weights again and waits for every rank; ``close()`` undoes the hooks.
     """
 
-    def __init__(self, est: Any, n_examples: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        est: Any,
+        n_examples: int,
+        batch_size: int,
+        *,
+        perturbation_parallel: bool = False,
+    ) -> None:
         if not is_initialized():
             raise RuntimeError("DataParallel needs an initialised torch.distributed group")
         self.est = est
         self.rank = get_rank()
         self.world = get_world_size()
+        self.perturbation_parallel = bool(perturbation_parallel)
         self.counter = CommCounter()
-        self.weight = 1.0 / self.world
         self.step: int | None = None
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         self._base_loss_fn: Callable[..., torch.Tensor] | None = None
-        check_shards(n_examples, batch_size, self.world)
         refused = compat.distributed_reason(est.recipe)
         if refused is not None:
             raise NotImplementedError(refused)
+        if self.perturbation_parallel:
+            check_perturbation_parallel(est, self.world)
+        # Perturbation parallelism: ranks 2d and 2d + 1 form data group d, and evaluate
+        # the even and the odd evaluation points of each step on shard d of W / 2.
+        self.sides = PERTURBATION_SIDES if self.perturbation_parallel else 1
+        self.data_rank, self.side = divmod(self.rank, self.sides)
+        self.data_world = self.world // self.sides
+        self.weight = 1.0 / self.data_world
+        check_shards(n_examples, batch_size, self.data_world)
         from edgetrain.estimators.backprop import Backprop
 
-        if isinstance(est, Backprop):
+        if self.perturbation_parallel:
+            self.mode = "perturbation"
+        elif isinstance(est, Backprop):
             self.mode = "ddp"
         elif est.kind in SCALAR_KINDS and hasattr(est, "reduce_scalars"):
             self.mode = "scalars"
@@ -442,7 +551,10 @@ class DataParallel:
                 "ranks would diverge; use train_mode_evals=False or one process"
             )
         check_identical(est.model, counter=self.counter, when="at the start")
-        if self.mode in ("scalars", "hybrid"):
+        if self.mode == "perturbation":
+            est.reduce_scalars = self.reduce_shared
+            est.evaluates = self.evaluates
+        elif self.mode in ("scalars", "hybrid"):
             est.reduce_scalars = self.reduce
             if self.mode == "hybrid":
                 est.reduce_gradients = self.reduce_gradients
@@ -458,10 +570,30 @@ class DataParallel:
     def shard(self, batch: Any, step: int | None = None) -> Any:
         """This rank's shard of the global ``batch``; sets the shard's weight n_r / n."""
         n = batch_length(batch)
-        start, stop = shard_bounds(n, self.rank, self.world)
+        start, stop = shard_bounds(n, self.data_rank, self.data_world)
         self.weight = (stop - start) / n
         self.step = step
-        return shard_batch(batch, self.rank, self.world)
+        return shard_batch(batch, self.data_rank, self.data_world)
+
+    def evaluates(self, index: int) -> bool:
+        """Perturbation parallelism: whether this rank runs evaluation point ``index`` of a
+        step (``ZOSGD.estimate``'s ``evaluates``): the even points on side 0, the odd on
+        side 1 (two-sided SPSA: side 0 every l+, side 1 every l-)."""
+        return index % self.sides == self.side
+
+    def reduce_shared(self, values: list[float], evaluated: list[bool]) -> list[float]:
+        """The perturbation-parallel ``reduce_scalars`` hook: every value of ``values``,
+        each the shard-weighted mean over the data groups of what the ranks that evaluated
+        it computed (see ``shared_scalars``)."""
+        return shared_scalars(
+            values,
+            evaluated,
+            weight=self.weight,
+            side=self.side,
+            sides=self.sides,
+            counter=self.counter,
+            step=self.step,
+        )
 
     def reduce(self, values: list[float]) -> list[float]:
         """The ``reduce_scalars`` hook: the shard-weighted mean over the ranks."""
@@ -570,7 +702,10 @@ class DataParallel:
 
     def close(self) -> None:
         """Undo the hooks (the estimator and model work in one process again)."""
-        if self.mode in ("scalars", "hybrid"):
+        if self.mode == "perturbation":
+            self.est.reduce_scalars = None
+            self.est.evaluates = None
+        elif self.mode in ("scalars", "hybrid"):
             self.est.reduce_scalars = None
             if self.mode == "hybrid":
                 self.est.reduce_gradients = None

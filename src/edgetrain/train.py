@@ -24,6 +24,8 @@ What it guarantees:
   the checkpoint and journal, shows the progress bar, warns and evaluates (the other
   ranks' ``accuracy_*`` are None); ``FitResult.comm_bytes_per_step`` is what each rank
   exchanged per step. A failed collective raises ``DistributedError``.
+  ``perturbation_parallel=True`` (zeroth-order, 2k ranks) splits each step's two
+  perturbed evaluations between the ranks of a pair instead (DistZO2).
 """
 
 from __future__ import annotations
@@ -194,6 +196,7 @@ def finetune(
     time_budget: float | None = None,
     stall_steps: int = 200,
     data_parallel: bool | None = None,
+    perturbation_parallel: bool = False,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     num_workers: int = 0,
     eval_batch_size: int | None = None,
@@ -219,6 +222,11 @@ def finetune(
     ``accuracy_before`` is the model's.
     ``data_parallel``: None trains data-parallel exactly when a torch.distributed process
     group is initialised; False trains this process alone even inside one.
+    ``perturbation_parallel`` (zeroth-order recipes, an even number W of ranks): ranks 2d
+    and 2d + 1 run the two perturbed evaluations of each SPSA step (DistZO2's
+    perturbation parallelism) on shard d of W / 2, exchanging one scalar each; the
+    weights are those of a W / 2-rank data-parallel run bit for bit (of this single
+    process's run when W = 2). See edgetrain.distributed.
 
     ``train_data`` (and ``eval_data``) is any map-style Dataset whose items are ``(x, y)``
     tuples, dicts (``input_ids``, ``attention_mask``, ``labels``: a HuggingFace model
@@ -254,9 +262,16 @@ def finetune(
     parallel = dp_mod.is_initialized() if data_parallel is None else data_parallel
     if parallel and not dp_mod.is_initialized():
         raise ConfigError("data_parallel=True needs an initialised torch.distributed group")
+    if perturbation_parallel and not parallel:
+        raise ConfigError(
+            "perturbation_parallel=True needs an initialised torch.distributed group of an "
+            "even number of ranks (and data_parallel not False)"
+        )
     main = not parallel or dp_mod.is_main()
     if parallel:
-        dp_mod.check_shards(len(train_data), sampler.batch_size, dp_mod.get_world_size())
+        world = dp_mod.get_world_size()
+        groups = world // dp_mod.PERTURBATION_SIDES if perturbation_parallel else world
+        dp_mod.check_shards(len(train_data), sampler.batch_size, max(1, groups))
     if epochs is not None:
         if epochs <= 0:
             raise ConfigError(f"Invalid epochs: {epochs} (must be > 0)")
@@ -279,7 +294,12 @@ def finetune(
     trained = False
     try:
         if parallel:
-            dp = dp_mod.DataParallel(est, len(train_data), sampler.batch_size)
+            dp = dp_mod.DataParallel(
+                est,
+                len(train_data),
+                sampler.batch_size,
+                perturbation_parallel=perturbation_parallel,
+            )
         if ckpt_path is not None:
             if main:
                 ckpt_path.parent.mkdir(parents=True, exist_ok=True)

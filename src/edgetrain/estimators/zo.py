@@ -62,7 +62,7 @@ loads a model holding the base weights, replays the journal bit for bit and cont
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,7 @@ from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
 from edgetrain.journal import JournalWriter, read_journal
 from edgetrain.optim import decay_param_groups
 from edgetrain.optim.perturb import check_perturbation_resolves
-from edgetrain.optim.zo import ZOSGD, NonFiniteLoss, ReduceScalars, ZORecord
+from edgetrain.optim.zo import ZOSGD, NonFiniteLoss, ReduceScalars, SharedScalars, ZORecord
 from edgetrain.recipe import Estimator as EstimatorSpec
 from edgetrain.recipe import Optimizer, Recipe, Scope
 from edgetrain.seeding import derive_seed
@@ -161,9 +161,12 @@ def block_groups(
 @register("zo")
 class ZO(Estimator):
     kind = "zo"
-    reduce_scalars: ReduceScalars | None = None
+    reduce_scalars: ReduceScalars | SharedScalars | None = None
     """Data-parallel hook: this rank's loss values -> the values all ranks use (see
     ``ZOSGD.estimate``); None in a single process."""
+    evaluates: Callable[[int], bool] | None = None
+    """Perturbation-parallel hook: whether this rank runs evaluation point i of a step
+    (``ZOSGD.estimate``'s ``evaluates``; edgetrain.distributed sets it); None: all."""
 
     def __init__(
         self, model: nn.Module, recipe: Recipe, loss_fn: LossFn | None = None, *, seed: int = 0
@@ -237,14 +240,17 @@ class ZO(Estimator):
 
             try:
                 record = self.optimizer.estimate(
-                    closure, seed=step_seed, reduce_scalars=self.reduce_scalars
+                    closure,
+                    seed=step_seed,
+                    reduce_scalars=self.reduce_scalars,
+                    evaluates=self.evaluates,
                 )
             except NonFiniteLoss as err:
                 raise NonFiniteLossError(self.step_count, err.value) from err
         self.optimizer.apply_record(record)
         if self._journal is not None:
             self._journal.append(record)
-        return record.loss, record.evaluations, 0
+        return record.loss, self.optimizer.local_evaluations, 0
 
     def _evaluation_mode(self, train_mode: bool):
         return evaluation_mode(self.model, train_mode)

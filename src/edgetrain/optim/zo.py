@@ -101,11 +101,25 @@ by calling ``apply_record`` on each record from the base weights: the step's par
 arithmetic (perturb, restore, update) is one fixed program of the record, run with or
 without evaluations, so replay reproduces the trained weights bit for bit.
 
+Deferred moves. The perturbation moves (``_move``) are recorded and applied when the next
+evaluation runs (``_flush``), or chunk by chunk at the start of the update: a run of
+consecutive moves along one z regenerates z once per chunk and adds it once per move, and
+a last run along the final query's z shares the update's z. Each element sees the very
+additions, in the very order, of moves applied one by one, so the floats are unchanged
+(tests/test_perturbation_parallel.py checks it over 16 settings); what changes is the
+number of regenerations where no evaluation separates two moves: a replay regenerates z
+once per step for q = 1 without ZO-Cons (three before), a perturbation-parallel rank
+(below) twice.
+
 Data parallelism (edgetrain.distributed): ``estimate(closure, reduce_scalars=f)`` hands
 the step's loss values to ``f`` (an all-reduce mean over the ranks, each of which
 evaluated its shard of the batch at the same perturbed weights) before it computes
 anything from them. Every rank then holds the same record and applies the same update:
 the weights stay identical without a weight or a gradient ever being sent.
+Perturbation parallelism (DistZO2): ``estimate(closure, reduce_scalars=f,
+evaluates=pred)`` runs only the evaluation points ``pred`` accepts (the others are another
+process's) and makes every move all the same, so each process reaches the single
+process's weights at the points it evaluates; ``f(values, evaluated)`` fills in the rest.
 """
 
 from __future__ import annotations
@@ -144,6 +158,7 @@ __all__ = [
     "query_seeds",
     "support_seed",
     "ReduceScalars",
+    "SharedScalars",
 ]
 
 RULES = ("sgd", "sign", "momentum", "adam", "adamw")
@@ -186,6 +201,10 @@ _GLOBAL_SAMPLE = 1 << 20  # most |theta| values drawn for the global pruning thr
 ReduceScalars = Callable[[list[float]], list[float]]
 """This process's loss values -> the values every data-parallel process uses (see
 ``ZOSGD.estimate``)."""
+
+SharedScalars = Callable[[list[float], list[bool]], list[float]]
+"""Perturbation parallelism: (this process's loss values, NaN where another process
+evaluates; which it evaluated) -> every value (see ``ZOSGD.estimate``'s ``evaluates``)."""
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -264,6 +283,9 @@ class _Context:
     """Sparse MeZO: group index -> one packed mask per chunk of the group's plan."""
     support: int | None = None
     """Gradient pruning: the seed of this step's support (None: no group prunes)."""
+    moves: list[tuple[list[int], int, float]] = field(default_factory=list)
+    """Deferred moves ``theta += alpha z(seed)`` over groups, in program order: applied
+    (``ZOSGD._flush``) before an evaluation runs, or folded into the update."""
 
     @property
     def active(self) -> list[int]:
@@ -391,6 +413,9 @@ class ZOSGD(torch.optim.Optimizer):
         self._step_count = 0
         self._pending: tuple[_Context, Iterator[Point]] | None = None
         self.last_record: ZORecord | None = None
+        self.local_evaluations = 0
+        """Evaluations this process ran in its last ``estimate`` (``record.evaluations``
+        counts the step's, wherever they ran)."""
         self._set_thresholds()
         self._set_global_grad_sparsity()
 
@@ -584,7 +609,8 @@ class ZOSGD(torch.optim.Optimizer):
         closure: Callable[[], Any],
         seed: int | None = None,
         *,
-        reduce_scalars: ReduceScalars | None = None,
+        reduce_scalars: ReduceScalars | SharedScalars | None = None,
+        evaluates: Callable[[int], bool] | None = None,
     ) -> ZORecord:
         """Run every loss evaluation of a step; return its record. The weights are left
         mid-step until ``apply_record(record)`` (or ``discard()``) finishes it.
@@ -600,7 +626,21 @@ class ZOSGD(torch.optim.Optimizer):
         finiteness checks all use the returned values, so every process makes the same
         decisions and the same update. Without it each value is used (and checked) as soon
         as it is evaluated.
+
+        ``evaluates`` (perturbation parallelism, DistZO2: edgetrain.distributed) says, for
+        the index of each evaluation point of the step (0, 1, ... in program order: the
+        ``plus`` and ``minus`` of a query are consecutive), whether this process runs it.
+        A point it does not run is skipped: the weights still make every move of the
+        step, so every process holds the same floats at every point, but the moves up to
+        the next point this process evaluates (or up to the update) are applied together,
+        one regeneration of z for consecutive moves along the same z (``_flush``: the
+        same additions in the same order, bit for bit). ``reduce_scalars`` is then
+        required and called as ``reduce_scalars(values, evaluated)``: ``evaluated[j]``
+        says whether ``values[j]`` was computed here (NaN where not); it returns every
+        value, as some process computed it.
         """
+        if evaluates is not None and reduce_scalars is None:
+            raise ValueError("estimate(evaluates=...) needs reduce_scalars to fill in the rest")
         if self._pending is not None:
             raise RuntimeError("estimate() called twice: apply_record() or discard() the first")
         step = self.step_count
@@ -617,18 +657,33 @@ class ZOSGD(torch.optim.Optimizer):
         two_sided = self.difference == "two_sided"
         last_query = ("minus" if two_sided else "plus", self.queries - 1)
         pending: list[tuple[str, int | None, float]] = []
+        evaluated: list[bool] = []
+        self.local_evaluations = 0
         for where, query, phase in program:
             if where == _ESTIMATED:
                 break
-            value = self._evaluate(closure)
+            here = evaluates is None or evaluates(record.evaluations)
+            if here:
+                self._flush(ctx)
+                value = self._evaluate(closure)
+                self.local_evaluations += 1
+            else:
+                value = math.nan  # another process evaluates this point
             record.evaluations += 1
             if reduce_scalars is None:
                 ready = [(where, query, value)]
             else:
                 pending.append((where, query, value))
+                evaluated.append(here)
                 if (where, query) != last_query and where != "cons_minus":
                     continue  # the weights move on; values are reduced together below
-                reduced = [float(v) for v in reduce_scalars([v for _, _, v in pending])]
+                values = [v for _, _, v in pending]
+                if evaluates is None:
+                    reduced = [float(v) for v in reduce_scalars(values)]  # type: ignore[call-arg]
+                else:
+                    shared = reduce_scalars(values, evaluated)  # type: ignore[call-arg]
+                    reduced = [float(v) for v in shared]
+                evaluated = []
                 if len(reduced) != len(pending):
                     raise ValueError(
                         f"reduce_scalars returned {len(reduced)} values for {len(pending)}"
@@ -687,10 +742,12 @@ class ZOSGD(torch.optim.Optimizer):
         program.close()
         last = ctx.phases[-1]
         if self.cons:
+            self._flush(ctx)
             self._update(ctx, last, len(ctx.phases) - 1, restore=0.0, step_coef=1.0)
         else:
             restore = self.eps if self.difference == "two_sided" else -self.eps
             self._move(ctx, last, ctx.seeds[-1], restore)
+        self._flush(ctx)
 
     # -- internals -------------------------------------------------------------------
     def _validate(self, record: ZORecord) -> None:
@@ -767,6 +824,7 @@ class ZOSGD(torch.optim.Optimizer):
             self._move(ctx, groups, ctx.seeds[query], -self.eps)
         elif where == "minus":
             self._move(ctx, groups, ctx.seeds[query], self.eps)
+        self._flush(ctx)  # with the moves still deferred (points another process ran)
 
     def _segments(self, gi: int, chunk: Chunk) -> list[torch.Tensor]:
         params = self.param_groups[gi]["params"]
@@ -816,17 +874,46 @@ class ZOSGD(torch.optim.Optimizer):
         return masks
 
     def _move(self, ctx: _Context, groups: list[int], seed: int, alpha: float) -> None:
-        """theta += alpha * (m * z(seed)) over ``groups``."""
+        """theta += alpha * (m * z(seed)) over ``groups``, deferred: the move joins
+        ``ctx.moves``, applied by ``_flush`` (before an evaluation) or by ``_update``."""
+        ctx.moves.append((list(groups), seed, alpha))
+
+    @staticmethod
+    def _runs(moves: list[tuple[list[int], int, float]]) -> list[tuple[list[int], int, list]]:
+        """Consecutive moves along one z over the same groups, as (groups, seed, alphas)."""
+        runs: list[tuple[list[int], int, list]] = []
+        for groups, seed, alpha in moves:
+            if runs and runs[-1][0] == groups and runs[-1][1] == seed:
+                runs[-1][2].append(alpha)
+            else:
+                runs.append((groups, seed, [alpha]))
+        return runs
+
+    def _flush(self, ctx: _Context) -> None:
+        """Apply the deferred moves in order. A run of moves along one z regenerates z once
+        per chunk and adds it once per move (``theta += a1 z; theta += a2 z``): each
+        element sees the very additions, in the very order, of moves made one by one, so
+        the floats are the same bit for bit (tests/test_perturbation_parallel.py)."""
+        runs, ctx.moves = self._runs(ctx.moves), []
         with torch.no_grad():
-            for gi in groups:
-                masks = ctx.masks.get(gi)
-                for c, chunk in enumerate(self._plans[gi]):
-                    z = self._direction(ctx, seed, chunk, gi)
-                    if masks is not None:
-                        _apply_mask_(z, unpack_mask(masks[c], chunk.numel))
-                    torch._foreach_add_(
-                        self._segments(gi, chunk), self._pieces(z, chunk), alpha=alpha
-                    )
+            for groups, seed, alphas in runs:
+                for gi in groups:
+                    for c, chunk in enumerate(self._plans[gi]):
+                        self._add_direction(ctx, gi, c, chunk, seed, alphas)
+
+    def _add_direction(
+        self, ctx: _Context, gi: int, c: int, chunk: Chunk, seed: int, alphas: list[float]
+    ) -> torch.Tensor:
+        """Chunk ``c`` of group ``gi``: theta += a (m * z(seed)) for each a of ``alphas``
+        in turn; returns that m * z (valid until the next direction is drawn)."""
+        z = self._direction(ctx, seed, chunk, gi)
+        masks = ctx.masks.get(gi)
+        if masks is not None:
+            _apply_mask_(z, unpack_mask(masks[c], chunk.numel))
+        targets, pieces = self._segments(gi, chunk), self._pieces(z, chunk)
+        for alpha in alphas:
+            torch._foreach_add_(targets, pieces, alpha=alpha)
+        return z
 
     def _update(
         self, ctx: _Context, groups: list[int], phase: int, *, restore: float, step_coef: float
@@ -842,6 +929,17 @@ class ZOSGD(torch.optim.Optimizer):
         rule = self.rule
         if rule == "sign" and self.sign_rule == "projected":
             grads, rule = [_sign(g) for g in grads], "sgd"
+        # Deferred moves (points not evaluated here, or a replay) are applied chunk by
+        # chunk before the update; a last run along z(seeds[-1]) shares its z with the
+        # restore (the same additions, in the same order, as moving first).
+        runs = self._runs(ctx.moves)
+        if any(run_groups != list(groups) for run_groups, _, _ in runs):
+            self._flush(ctx)
+            runs = []
+        ctx.moves = []
+        tail: list[float] = []
+        if runs and runs[-1][1] == seeds[-1]:
+            tail = runs.pop()[2]
         with torch.no_grad():
             for gi in groups:
                 group = self.param_groups[gi]
@@ -853,11 +951,15 @@ class ZOSGD(torch.optim.Optimizer):
                         step = self._advance_state(p, self.state[p])
                 fused = rule == "sgd" and q == 1 and masks is None
                 for c, chunk in enumerate(self._plans[gi]):
+                    for _, run_seed, alphas in runs:
+                        self._add_direction(ctx, gi, c, chunk, run_seed, alphas)
                     targets = self._segments(gi, chunk)
                     if fused:
                         # (theta + r z)(1 - k lr wd) - k lr g z: the restore and
                         # functional.sgd on g z + wd theta in one pass (two with decay)
                         z = self._direction(ctx, seeds[0], chunk, gi)
+                        for alpha in tail:
+                            torch._foreach_add_(targets, self._pieces(z, chunk), alpha=alpha)
                         decay = 1.0 - step_coef * lr * wd
                         if wd:
                             torch._foreach_mul_(targets, decay)
@@ -874,6 +976,8 @@ class ZOSGD(torch.optim.Optimizer):
                         d = self._direction(ctx, seeds[0], chunk, gi)
                         if m is not None:
                             _apply_mask_(d, m)
+                        for alpha in tail:
+                            torch._foreach_add_(targets, self._pieces(d, chunk), alpha=alpha)
                         if restore:
                             torch._foreach_add_(targets, self._pieces(d, chunk), alpha=restore)
                         d.mul_(grads[0])
@@ -883,8 +987,9 @@ class ZOSGD(torch.optim.Optimizer):
                         z = self._direction(ctx, seeds[i], chunk, gi)
                         if m is not None:
                             _apply_mask_(z, m)
-                        if i == q - 1 and restore:
-                            torch._foreach_add_(targets, self._pieces(z, chunk), alpha=restore)
+                        if i == q - 1:
+                            for alpha in tail + ([restore] if restore else []):
+                                torch._foreach_add_(targets, self._pieces(z, chunk), alpha=alpha)
                         if i == 0:
                             torch.mul(z, grads[0] / q, out=d)
                         else:
