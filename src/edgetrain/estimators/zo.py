@@ -74,6 +74,7 @@ from edgetrain._registry import preset
 from edgetrain.estimators import register
 from edgetrain.estimators._modes import evaluation_mode, forked_rng
 from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
+from edgetrain.estimators.offload import Streamer
 from edgetrain.journal import JournalWriter, read_journal
 from edgetrain.optim import decay_param_groups
 from edgetrain.optim.perturb import check_perturbation_resolves
@@ -212,6 +213,12 @@ class ZO(Estimator):
         names = {id(p): n for n, p in named}
         self._description = self.optimizer.describe(names)  # at the base weights
         self._journal: JournalWriter | None = None
+        self.offload: Streamer | None = None
+        """``estimator.offload`` 'cpu' / 'disk': the layer streamer (ZO2's schedule,
+        edgetrain.estimators.offload). The model keeps its weights until the first step
+        (a checkpoint or a journal replay lands in them), then they live in its store."""
+        if est.offload != "none":
+            self.offload = Streamer(model, self.optimizer, named, est.offload, est.offload_dir)
 
     # -- the step ----------------------------------------------------------------------
     @property
@@ -236,12 +243,16 @@ class ZO(Estimator):
                     return self.mean_loss(batch)
 
             try:
-                record = self.optimizer.estimate(
-                    closure, seed=step_seed, reduce_scalars=self.reduce_scalars
-                )
+                if self.offload is not None:
+                    record = self.offload.step(closure, step_seed)  # applied (deferred)
+                else:
+                    record = self.optimizer.estimate(
+                        closure, seed=step_seed, reduce_scalars=self.reduce_scalars
+                    )
             except NonFiniteLoss as err:
                 raise NonFiniteLossError(self.step_count, err.value) from err
-        self.optimizer.apply_record(record)
+        if self.offload is None:
+            self.optimizer.apply_record(record)
         if self._journal is not None:
             self._journal.append(record)
         return record.loss, record.evaluations, 0
@@ -310,6 +321,8 @@ class ZO(Estimator):
     def replay_records(self, records: list, result: Any = None) -> None:
         """Apply journal ``records`` (the steps after the current one, in order); each
         becomes an entry of ``result.history`` if given. The caller sets ``step_count``."""
+        if self.offload is not None:
+            self.offload.materialize()  # replay runs on the model's own tensors
         with torch.no_grad():
             for record in records:
                 self.optimizer.apply_record(record)
@@ -358,7 +371,16 @@ class ZO(Estimator):
         return self.optimizer.state_tensors()
 
     def state_dict(self) -> dict[str, Any]:
+        if self.offload is not None:
+            # the checkpoint holds trained weights: every pending update applied and the
+            # weights back in the model (the next step streams them out again)
+            self.offload.materialize()
         return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def predictor(self) -> nn.Module:
+        if self.offload is not None:
+            self.offload.materialize()
+        return self.model
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -368,6 +390,9 @@ class ZO(Estimator):
         if self._journal is not None:
             self._journal.close()
             self._journal = None
+        if self.offload is not None:
+            self.offload.close()  # the model gets its trained weights back
+            self.offload = None
         super().close()
 
 
