@@ -611,8 +611,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "offload_one_pass",
-        "estimator.offload does not run with cons, block_zo, train_mode_evals or "
-        "micro_batch_size",
+        "estimator.offload does not run with cons, block_zo, train_mode_evals or micro_batch_size",
         _offload_one_pass,
     ),
     Rule(

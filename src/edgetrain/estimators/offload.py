@@ -384,6 +384,40 @@ class DiskStore(_BufferStore):
         self._fd = fd
         self._current = {index: 1 for index in self._ranges}  # attach writes slot 0
 
+    def open(self, units: list[Unit]) -> None:
+        """Take the units' weights from the existing file of this directory (written by
+        an earlier run and committed with nothing pending) instead of from the model."""
+        if not self.manifest_path.exists() or not self.path.exists():
+            raise ConfigError(f"No offload weights file in {self.directory} to start from")
+        manifest = json.loads(self.manifest_path.read_text())
+        if manifest.get("format") != _FORMAT or manifest.get("pending") is not None:
+            raise ConfigError(
+                f"{self.manifest_path} is not a committed edgetrain offload state with "
+                "nothing pending (finish or flush the run that wrote it)"
+            )
+        fd = os.open(self.path, os.O_RDWR)
+        (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        header = json.loads(os.pread(fd, size, 8))
+        self._data_start = 8 + size
+        slots = {int(i): u for i, u in manifest["units"].items()}
+        esize = torch.empty((), dtype=self.dtype).element_size()
+        for unit in units:
+            if not unit.params:
+                continue
+            first = header.get(f"0/{unit.params[0][0]}")
+            if first is None or unit.index not in slots:
+                os.close(fd)
+                raise ConfigError(f"{self.path} has no weights for {unit.name}")
+            for name, p in unit.params:
+                info = header.get(f"0/{name}")
+                if info is None or info["shape"] != list(p.shape):
+                    os.close(fd)
+                    raise ConfigError(f"{self.path}: {name!r} is missing or of another shape")
+            self._ranges[unit.index] = (first["data_offsets"][0], unit.numel * esize)
+            self._current[unit.index] = slots[unit.index]["slot"]
+            self._unplace(unit)
+        self._fd = fd
+
     def _offset(self, index: int, slot: int) -> int:
         start, nbytes = self._ranges[index]
         return self._data_start + start + slot * nbytes
@@ -592,6 +626,7 @@ class Streamer:
         directory: str | os.PathLike | None = None,
         *,
         fsync: bool = False,
+        from_file: bool = False,
     ) -> None:
         if mode not in ("cpu", "disk"):
             raise ConfigError(f"Invalid offload mode: {mode!r}; expected 'cpu' or 'disk'")
@@ -625,6 +660,11 @@ class Streamer:
             for i, block in enumerate(self.blocks)
         ]
         self._hooks.append(self.blocks[n - 1].register_forward_hook(self._post_hook(n)))
+        if from_file:
+            if not isinstance(self.store, DiskStore):
+                raise ConfigError("Weights from the offload file need offload='disk'")
+            self.store.open(self.units)
+            self.streamed = True
 
     # -- hooks ---------------------------------------------------------------------------
     def _pre_hook(self, point: int):

@@ -71,6 +71,7 @@ from torch import nn
 
 from edgetrain import scope as scope_mod
 from edgetrain._registry import preset
+from edgetrain.errors import ConfigError
 from edgetrain.estimators import register
 from edgetrain.estimators._modes import evaluation_mode, forked_rng
 from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
@@ -167,8 +168,18 @@ class ZO(Estimator):
     ``ZOSGD.estimate``); None in a single process."""
 
     def __init__(
-        self, model: nn.Module, recipe: Recipe, loss_fn: LossFn | None = None, *, seed: int = 0
+        self,
+        model: nn.Module,
+        recipe: Recipe,
+        loss_fn: LossFn | None = None,
+        *,
+        seed: int = 0,
+        offload_from_file: bool = False,
     ) -> None:
+        """``offload_from_file`` (``offload='disk'``): the trainable weights come from the
+        committed weights file in ``offload_dir`` (an earlier run's), not from the model,
+        whose trainable tensors are never read (they may be uninitialised
+        ``torch.empty`` storage, never touched: a model larger than memory)."""
         super().__init__(model, recipe, loss_fn, seed=seed)
         est, opt = recipe.estimator, recipe.optimizer
         if recipe.numerics.kind != "float32":  # a valid pair that another class runs
@@ -177,7 +188,15 @@ class ZO(Estimator):
                 "(edgetrain.estimators.build runs it)"
             )
         named = self.selection.named
-        check_perturbation_resolves([p for _, p in named], est.eps, est.direction)
+        if offload_from_file:
+            if est.sparsity > 0 or est.grad_sparsity_group == "global":
+                raise ConfigError(
+                    "offload_from_file: Sparse MeZO thresholds and global gradient-pruning "
+                    "ratios are set from the weights at construction; build the run from "
+                    "the model instead"
+                )
+        else:  # (from the file: the weights are not here to check)
+            check_perturbation_resolves([p for _, p in named], est.eps, est.direction)
         if est.block_zo == "none":
             runs = [named]
         else:
@@ -218,7 +237,14 @@ class ZO(Estimator):
         edgetrain.estimators.offload). The model keeps its weights until the first step
         (a checkpoint or a journal replay lands in them), then they live in its store."""
         if est.offload != "none":
-            self.offload = Streamer(model, self.optimizer, named, est.offload, est.offload_dir)
+            self.offload = Streamer(
+                model,
+                self.optimizer,
+                named,
+                est.offload,
+                est.offload_dir,
+                from_file=offload_from_file,
+            )
 
     # -- the step ----------------------------------------------------------------------
     @property
