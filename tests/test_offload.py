@@ -254,3 +254,18 @@ def test_what_cannot_stream_is_refused(tmp_path):
     est = build(model, recipe)  # a partial scope streams what trains
     est.step(_batch(0))
     est.close()
+
+
+def test_plan_proposes_offloading_when_nothing_else_fits(vit):
+    from edgetrain.plan import NoRecipeFitsError, plan_model
+
+    data = _data(16)
+    names = ["mezo", "bias_only"]
+    roomy = plan_model(vit, data, "1GB", preset_names=names, batch_size=8)
+    smallest = min(c.peak for c in roomy.fits)
+    result = plan_model(vit, data, smallest - 1, preset_names=names, batch_size=8)
+    (best,) = result.fits
+    assert best.recipe.estimator.offload == "disk" and best.peak <= smallest - 1
+    assert "reads and writes" in result.notes[0] and "in memory" in result.notes[0]
+    with pytest.raises(NoRecipeFitsError, match="even with its weights offloaded"):
+        plan_model(vit, data, best.peak - 1, preset_names=names, batch_size=8)
