@@ -2,22 +2,32 @@
 
 ZO2 (Wang et al. 2025, "ZO2: Scalable Zeroth-Order Fine-Tuning for Extremely Large
 Language Models with Limited GPU Memory", arXiv 2503.12668; code liangyuwang/zo2,
-``zo2/model/base.py`` and the OPT ``zo_forward`` there) observes that MeZO (Malladi et al.
-2023, Algorithm 1) needs only forward passes, so a model's weights never have to be in
-device memory at once: it moves one transformer block at a time from CPU memory to the
-GPU, runs *both* perturbed forwards (theta + eps z and theta - eps z) of that block while
-it is resident, and defers the block's update of step t to step t + 1, when the block is
-loaded again (ZO2 section 3, "the parameter update is postponed to the next iteration's
-upload"), so each step moves every weight once. This module carries that to the edge:
-``offload='disk'`` keeps the trainable weights in a file and RAM holds one block.
+``zo2/optimizer/mezo_sgd/zo2.py``) observes that MeZO (Malladi et al. 2023, Algorithm 1)
+needs only forward passes, so a model's weights never have to be in device memory at
+once: it moves one transformer block at a time from CPU memory to the GPU, runs *both*
+perturbed forwards (theta + eps z and theta - eps z) of that block while it is resident,
+and defers the block's update of step t to step t + 1, when the block is uploaded again,
+so each step moves every weight once (``module_dual_forward``: ``zo_update`` with the
+previous step's RNG state, then perturb +1, forward, -2, forward, +1, then offload). This
+module carries that to the edge: ``offload='disk'`` keeps the trainable weights in a file
+and RAM holds one block.
+
+Where we differ from ZO2's code. ZO2 restores each block to theta before offloading it
+and hand-writes a dual forward per model family (``inner_zo_forward`` for OPT, GPT-2,
+Qwen3); here the block is written back at theta - eps z and its restore is fused with the
+update at the next load, as edgetrain's in-memory ZOSGD fuses them (that is what makes
+the result equal to in-memory MeZO bit for bit), and the model's own forward runs
+unchanged (block hooks, below), so any model with blocks streams. ZO2 keeps the
+embeddings and the head on the GPU (``init_zo2_upload``); here they stream too.
 
 What is streamed. The trainable parameters are cut into *units* by the model's blocks
 (``edgetrain.scope.find_blocks``: ``model.blocks``, or the longest ModuleList, an HF
 encoder's ``encoder.layer``): the *prefix* (every trainable parameter before the first
 block: embeddings, a ViT's class token), one unit per block, the *suffix* (the final
 norm, pooler and head). All units are streamed the same way, embeddings and head
-included (ZO2 keeps them on the GPU; here RAM is the scarce thing, and a BERT-large word
-embedding is 2.5 blocks). The reused buffer is the largest unit. Frozen parameters stay
+included (ZO2 keeps them on the GPU; here RAM is the scarce thing, and BERT-large's word
+embedding alone is 2.5 of its blocks). The reused buffer is the largest unit (there:
+that embedding). Frozen parameters stay
 where they are. The model must use the prefix before its first block and the suffix
 after its last one (tied input/output embeddings are refused: the tied tensor is not
 resident in the suffix, it reads NaN placeholders and the step fails loudly).
