@@ -245,6 +245,12 @@ def test_what_cannot_stream_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="blocks"):
         build(mlp_no_blocks, _recipe("cpu"))
     torch.manual_seed(0)
+    tied = models.build("vit")
+    tied.head.weight = torch.nn.Parameter(torch.zeros(10, 64))
+    tied.extra = torch.nn.Linear(64, 10)
+    tied.extra.weight = tied.head.weight
+    with pytest.raises(ConfigError, match="tied"):
+        build(tied, _recipe("cpu"))
     model = models.build("vit")
     recipe = Recipe(
         estimator=Estimator(kind="zo", offload="cpu"),

@@ -29,8 +29,7 @@ included (ZO2 keeps them on the GPU; here RAM is the scarce thing, and BERT-larg
 embedding alone is 2.5 of its blocks). The reused buffer is the largest unit (there:
 that embedding). Frozen parameters stay
 where they are. The model must use the prefix before its first block and the suffix
-after its last one (tied input/output embeddings are refused: the tied tensor is not
-resident in the suffix, it reads NaN placeholders and the step fails loudly).
+after its last one; tied tensors (input and output embeddings) are refused at build.
 
 How the evaluations are carried. Each of a step's evaluation points (theta + eps z and
 theta - eps z for two-sided SPSA, q pairs for q queries, theta and theta + eps z
@@ -141,6 +140,15 @@ def stream_units(
         raise ConfigError(f"estimator.offload streams a model by its blocks: {err}") from None
     if len(blocks) == 0:
         raise ConfigError("estimator.offload needs a model with blocks; this one has none")
+    trainable = {id(p) for _, p in named}
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in trainable and seen.setdefault(id(p), name) != name:
+            raise ConfigError(
+                f"estimator.offload: {seen[id(p)]!r} and {name!r} are one tied tensor; a "
+                "streamed unit is resident only while its own part of the model runs. "
+                "Untie them, or freeze the tied tensor"
+            )
     block_of = {id(p): i for i, b in enumerate(blocks) for p in b.parameters()}
     prefix: list = []
     per_block: list[list] = [[] for _ in blocks]
