@@ -12,7 +12,7 @@ The ``disk`` process builds its model on the meta device and allocates it with
 written beforehand (``ZO(..., offload_from_file=True)``), so the whole model is never in
 its memory. The file is written just before the run, so it is in the OS page cache; what
 the page cache holds of it after the run is reported (``fincore``), apart from RSS.
-``floor`` is a process that only imports torch, transformers and edgetrain.
+The import floors are processes that only import what the runs import.
 
 Models (random weights): ``minilm`` and ``bert-large``, HF ``BertModel`` encoders of
 MiniLM-L6's shape (6 x 384, 22.7M parameters) and BERT-large's (24 x 1024, 335M) with
@@ -163,10 +163,15 @@ def child(mode: str, name: str, directory: str, steps: int, batch: int, seq: int
     os._exit(0)  # before close(): the peak is training's
 
 
-_FLOOR = (
-    "import json, torch, transformers, edgetrain.estimators.zo, edgetrain.integrations.hf\n"
-    "print(json.dumps({'VmHWM': 0}))"
-)
+_FLOORS = {
+    "torch + edgetrain": "import torch, edgetrain.estimators.zo",
+    "torch + edgetrain + transformers' BERT": (
+        "import torch, edgetrain.estimators.zo, edgetrain.integrations.hf\n"
+        "from transformers.models.bert.modeling_bert import BertModel"
+    ),
+}
+"""Processes that only import what the runs import (transformers imports its models
+lazily: the BERT modeling module is what a BERT run loads)."""
 
 
 def page_cache_bytes(path: Path) -> int | None:
@@ -200,8 +205,9 @@ def main() -> None:
         child(mode, name, directory, int(steps), int(batch), int(seq))
         return
     script = os.path.abspath(__file__)
-    floor = child_peak_rss([sys.executable, "-c", _FLOOR]).peak_rss
-    print(f"import floor (torch + transformers + edgetrain): {floor / 2**20:.0f} MiB")
+    for label, code in _FLOORS.items():
+        floor = child_peak_rss([sys.executable, "-c", code]).peak_rss
+        print(f"import floor ({label}): {floor / 2**20:.0f} MiB")
     rows = []
     for name in args.models.split(","):
         directory = Path(args.dir) / name
