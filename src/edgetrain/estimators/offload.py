@@ -73,6 +73,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -562,21 +563,47 @@ class _Abort(BaseException):
     """Unwinds a lane whose step was abandoned."""
 
 
-class _Lane:
-    """One evaluation point of a step: the caller's closure in a thread of its own,
-    stopped at each block boundary until the controller lets it on."""
+class _Worker:
+    """A thread that runs lanes, one after another, for the streamer's whole life (a
+    thread per lane and step would cost a thread start each, and fresh per-thread
+    allocator and BLAS state each time)."""
 
-    def __init__(self, streamer: Streamer, closure: Callable[[], Any], threads: int) -> None:
+    def __init__(self) -> None:
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            lane = self.tasks.get()
+            if lane is None:
+                return
+            lane._run()
+
+    def stop(self) -> None:
+        self.tasks.put(None)
+        self.thread.join()
+
+
+class _Lane:
+    """One evaluation point of a step: the caller's closure in a worker thread, stopped
+    at each block boundary until the controller lets it on."""
+
+    def __init__(
+        self, streamer: Streamer, closure: Callable[[], Any], threads: int, worker: _Worker
+    ) -> None:
         self.streamer = streamer
         self.closure = closure
         self.threads = threads
+        self.worker = worker
         self.go = threading.Event()
         self.arrived = threading.Event()
+        self.done = threading.Event()
         self.point: int | None = None
         self.value: float = math.nan
         self.error: BaseException | None = None
         self.abort = False
-        self.thread: threading.Thread | None = None
+        self.started = False
 
     def _run(self) -> None:
         _CURRENT.lane = self
@@ -592,6 +619,7 @@ class _Lane:
         finally:
             _CURRENT.lane = None
             self.point = _DONE
+            self.done.set()
             self.arrived.set()
 
     def wait_at(self, point: int) -> None:
@@ -605,9 +633,9 @@ class _Lane:
 
     def run_to(self, point: int) -> None:
         """In the controller: let the lane run until it reaches ``point``."""
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, daemon=True)
-            self.thread.start()
+        if not self.started:
+            self.started = True
+            self.worker.tasks.put(self)
         else:
             self.go.set()
         self.arrived.wait()
@@ -622,10 +650,10 @@ class _Lane:
             )
 
     def stop(self) -> None:
-        if self.thread is not None and self.thread.is_alive():
+        if self.started and not self.done.is_set():
             self.abort = True
             self.go.set()
-            self.thread.join()
+            self.done.wait()
 
 
 # --- the controller ----------------------------------------------------------------------
@@ -672,6 +700,7 @@ class Streamer:
         self.broken: BaseException | None = None
         self.pending: dict[int, tuple[Any, Iterator]] = {}
         self.largest_unit = largest
+        self._workers: list[_Worker] = []
         n = len(self.blocks)
         self._hooks = [
             block.register_forward_pre_hook(self._pre_hook(i))
@@ -770,7 +799,9 @@ class Streamer:
         two_sided = opt.difference == "two_sided"
         n_points = 2 * opt.queries if two_sided else opt.queries + 1
         threads = torch.get_num_threads()
-        lanes = [_Lane(self, closure, threads) for _ in range(n_points)]
+        while len(self._workers) < n_points:
+            self._workers.append(_Worker())
+        lanes = [_Lane(self, closure, threads, w) for w in self._workers[:n_points]]
         points: list[tuple[str, int | None, int]] = []
         programs: dict[int, tuple[Any, Iterator]] = {}
         last_stage = len(self.units) - 1
@@ -856,4 +887,7 @@ class Streamer:
             for hook in self._hooks:
                 hook.remove()
             self._hooks = []
+            for worker in self._workers:
+                worker.stop()
+            self._workers = []
             self.store.close()
