@@ -18,7 +18,9 @@ Models (random weights): ``minilm`` and ``bert-large``, HF ``BertModel`` encoder
 MiniLM-L6's shape (6 x 384, 22.7M parameters) and BERT-large's (24 x 1024, 335M) with
 edgetrain's classifier head (benchmarks/scaling.py's models); ``vit-large``, the
 project's ViT with BERT-large's 24 encoder layers (hidden 1024, 16 heads, FFN 4096; 302M
-parameters) on 28 x 28 images, without a vocabulary embedding and without transformers.
+parameters) on 28 x 28 images, without a vocabulary embedding and without transformers;
+``vit-xl``, the same with 48 layers (604M parameters): the peak of a disk run is the
+process's floor plus one unit, so the weights / peak ratio grows with depth.
 
 Usage::
 
@@ -44,7 +46,10 @@ BERT = {
     "minilm": (6, 384, 12, 1536),
     "bert-large": (24, 1024, 16, 4096),
 }
-VIT = {"vit-large": dict(dim=1024, depth=24, num_heads=16, mlp_ratio=4.0)}
+VIT = {
+    "vit-large": dict(dim=1024, depth=24, num_heads=16, mlp_ratio=4.0),
+    "vit-xl": dict(dim=1024, depth=48, num_heads=16, mlp_ratio=4.0),
+}
 VOCAB = 30522
 MODES = ("none", "cpu", "disk")
 
