@@ -251,6 +251,36 @@ REFUSED = [
         dict(scope=dict(kind="prompt"), back=dict(kind="token_drop")),
         ("'prompt'", "'token_drop'"),
     ),
+    (
+        "offload_float_zo",
+        dict(est=dict(kind="hybrid", cut=1, offload="cpu")),
+        ("offload='cpu'", "'hybrid'"),
+    ),
+    (
+        "offload_float_zo",
+        dict(est=dict(kind="zo", offload="cpu"), num=FIXED),
+        ("offload='cpu'", "'fixed_point'"),
+    ),
+    (
+        "offload_stateless",
+        dict(est=dict(kind="zo", offload="cpu"), opt=dict(kind="adam")),
+        ("offload='cpu'", "'adam'"),
+    ),
+    (
+        "offload_one_pass",
+        dict(est=dict(kind="zo", offload="cpu", cons=True)),
+        ("offload='cpu'", "cons=True"),
+    ),
+    (
+        "offload_one_pass",
+        dict(est=dict(kind="zo", offload="disk", offload_dir="x", block_zo="every_block")),
+        ("offload='disk'", "'every_block'"),
+    ),
+    (
+        "offload_one_pass",
+        dict(est=dict(kind="zo", offload="cpu"), top=dict(micro_batch_size=4)),
+        ("offload='cpu'", "micro_batch_size=4"),
+    ),
     ("flops_scope", dict(est=dict(kind="zo"), scope=dict(kind="flops")), ("'flops'", "'zo'")),
     (
         "flops_scope",

@@ -253,8 +253,17 @@ def test_plan_model_below_every_candidate_names_the_smallest_peak(planned):
         f"smallest measured footprint is {format_bytes(smallest.peak)}, "
         f"reached by {smallest.describe()}"
     )
+    budget = smallest.peak - 1
+    try:  # nothing else fits: MeZO with its weights on disk, if that fits (test_offload.py)
+        offloaded = plan_model(net, data, budget, preset_names=names, batch_size=batch_size)
+    except NoRecipeFitsError as err:
+        assert expected in str(err) and "offloaded to disk" in str(err)
+    else:
+        (best,) = offloaded.fits
+        assert best.recipe.estimator.offload == "disk" and best.peak <= budget
+        budget = best.peak - 1
     with pytest.raises(NoRecipeFitsError, match=re.escape(expected)):
-        plan_model(net, data, smallest.peak - 1, preset_names=names, batch_size=batch_size)
+        plan_model(net, data, budget, preset_names=names, batch_size=batch_size)
 
 
 def test_plan_model_rejects_what_cannot_run_on_the_model_with_its_reason(planned):

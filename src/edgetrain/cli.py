@@ -244,6 +244,8 @@ def _cmd_plan(args) -> int:
         acc = "-" if cand.accuracy is None else f"{100 * cand.accuracy:.1f}%"
         ratio = f"  {cand.flops_ratio:>6.3f}" if flops else ""
         print(f"{i:>3}  {format_bytes(cand.peak):>13}  {acc:>8}{ratio}  {cand.describe()}")
+    for note in result.notes:
+        print(f"note: {note}")
     return 0
 
 

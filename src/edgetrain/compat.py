@@ -486,6 +486,51 @@ def _flops_scope(r: Recipe) -> str | None:
     return None
 
 
+def _offload_float_zo(r: Recipe) -> str | None:
+    est = r.estimator
+    if est.offload != "none" and (est.kind != "zo" or r.numerics.kind != "float32"):
+        return (
+            f"estimator.offload={est.offload!r} streams the blocks of the float zeroth-order "
+            f"estimator (kind 'zo', numerics 'float32'), not kind {est.kind!r} with numerics "
+            f"{r.numerics.kind!r} (ElasticZO's front and fixed point are not streamed yet); "
+            "set offload='none'"
+        )
+    return None
+
+
+def _offload_stateless(r: Recipe) -> str | None:
+    est, opt = r.estimator, r.optimizer.kind
+    if est.offload != "none" and est.kind == "zo" and opt not in ("sgd", "sign"):
+        return (
+            f"estimator.offload={est.offload!r} with optimizer {opt!r}: its model-size state "
+            "(momentum, Adam moments) would stay in memory and defeat the offload; use "
+            "optimizer 'sgd' or 'sign'"
+        )
+    return None
+
+
+def _offload_one_pass(r: Recipe) -> str | None:
+    est = r.estimator
+    if est.offload == "none" or est.kind != "zo":
+        return None
+    knobs = []
+    if est.cons:
+        knobs.append("cons=True (two more evaluations after the update is known)")
+    if est.block_zo != "none":
+        knobs.append(f"block_zo={est.block_zo!r} (a block's update before the next forward)")
+    if est.train_mode_evals:
+        knobs.append("train_mode_evals=True (dropout masks drawn across interleaved passes)")
+    if getattr(r, "micro_batch_size", None) is not None:
+        knobs.append(f"micro_batch_size={r.micro_batch_size} (a forward per micro-batch)")
+    if knobs:
+        return (
+            f"estimator.offload={est.offload!r} streams each block once per step, with every "
+            f"evaluation of the step carried through it; that does not run with "
+            f"{'; '.join(knobs)}"
+        )
+    return None
+
+
 RULES: tuple[Rule, ...] = (
     Rule("cons_stateless", "ZO-Cons needs a stateless optimizer: sgd or sign", _cons_stateless),
     Rule("cons_no_decay", "ZO-Cons has no weight decay", _cons_no_decay),
@@ -554,6 +599,21 @@ RULES: tuple[Rule, ...] = (
         "prompt_learning_backward",
         "scope 'prefix' runs with backward exact, 'prompt' with exact or checkpoint",
         _prompt_learning_backward,
+    ),
+    Rule(
+        "offload_float_zo",
+        "estimator.offload runs with estimator zo and numerics float32",
+        _offload_float_zo,
+    ),
+    Rule(
+        "offload_stateless",
+        "estimator.offload runs with optimizer sgd or sign (no model-size state)",
+        _offload_stateless,
+    ),
+    Rule(
+        "offload_one_pass",
+        "estimator.offload does not run with cons, block_zo, train_mode_evals or micro_batch_size",
+        _offload_one_pass,
     ),
     Rule(
         "flops_scope",
@@ -642,6 +702,11 @@ def distributed_reason(recipe: Recipe) -> str | None:
             "Data-parallel training with optimizer.fused_backward=True is not implemented: "
             "DDP all-reduces each gradient after it is accumulated, so the update inside "
             "the backward would use the local gradient; set fused_backward=False"
+        )
+    if recipe.estimator.offload != "none":
+        return (
+            f"Data-parallel training with estimator.offload={recipe.estimator.offload!r} is "
+            "not implemented (each rank would stream its own copy); run it in one process"
         )
     if r.data_parallel:
         return None

@@ -55,7 +55,17 @@ from edgetrain.recipe import Recipe, Scope
 from edgetrain.scope import Selection, find_blocks, select
 from edgetrain.train import check_data
 
-__all__ = ["parse_budget", "plan", "plan_model", "Candidate", "Plan", "NoRecipeFitsError", "PRIOR"]
+__all__ = [
+    "parse_budget",
+    "plan",
+    "plan_model",
+    "Candidate",
+    "Plan",
+    "NoRecipeFitsError",
+    "PRIOR",
+    "OFFLOAD_PRESET",
+    "offload_candidate",
+]
 
 PRIOR = (
     "full_bp",
@@ -341,8 +351,104 @@ def plan(
             cand.flops_ratio = _flops_ratio(cache, key, net, cand.recipe, task_obj, seed)
     cache.save()
 
-    fits, rejected = _rank(candidates, budget_bytes, accuracies, flops_budget)
+    try:
+        fits, rejected = _rank(candidates, budget_bytes, accuracies, flops_budget)
+    except NoRecipeFitsError as err:
+        if flops_budget is not None or budget is None:
+            raise
+        # the smallest batch any candidate was tried at: offloading is the last resort
+        size = min(c.recipe.batch_size for c in candidates)
+        recipe = task_obj.recipe(OFFLOAD_PRESET).replace(batch_size=size)
+        batch = BatchSampler(task_obj.train, size, seed).batch(0)
+        return _offload_plan(net, recipe, batch, None, seed, budget_bytes, candidates, err)
     return Plan(budget=budget_bytes, fits=fits, rejected=rejected, source=source)
+
+
+OFFLOAD_PRESET = "mezo"
+"""What the planner proposes when nothing fits the budget in memory: MeZO with its
+trainable weights on disk (``estimator.offload='disk'``, edgetrain.estimators.offload)."""
+
+
+def offload_candidate(
+    model: nn.Module,
+    recipe: Recipe,
+    batch: Any,
+    loss_fn: LossFn | None = None,
+    seed: int = 0,
+    *,
+    timed_steps: int = 2,
+) -> tuple[Candidate, str]:
+    """``recipe`` (a zeroth-order one) with its weights offloaded to disk: a candidate
+    whose peak is a measured dry run (the reused unit buffer and the activations; the file
+    is in the page cache, not the process), and its cost in words: the bytes it reads and
+    writes per step (every trainable byte once each way) and its step time against the
+    same recipe in memory, both timed here on copies of ``model``."""
+    import copy
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from edgetrain import estimators
+    from edgetrain.files import cache_dir
+
+    proposed = recipe.replace(
+        estimator=dataclasses.replace(
+            recipe.estimator, offload="disk", offload_dir=str(cache_dir() / "offload")
+        )
+    )
+    scratch = tempfile.mkdtemp(prefix="edgetrain-plan-offload-")
+    try:
+        dry = proposed.replace(
+            estimator=dataclasses.replace(proposed.estimator, offload_dir=scratch)
+        )
+        peak = measure(model, dry, batch, loss_fn, seed=seed).peak
+        seconds = {}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # both timed on one thread: a fair ratio on a busy machine
+        for label, r in (("memory", recipe), ("disk", dry)):
+            est = estimators.build(copy.deepcopy(model), r, loss_fn, seed=seed)
+            try:
+                est.step(batch)  # warm-up (the disk run writes its file here)
+                times = sorted(est.step(batch).seconds for _ in range(timed_steps))
+                seconds[label] = times[len(times) // 2]
+                moved = sum(p.numel() * p.element_size() for p in est.params)
+            finally:
+                est.close()
+        torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(scratch, ignore_errors=True)
+    cand = Candidate(OFFLOAD_PRESET, proposed, {"offload": "disk"}, peak=peak)
+    cost = (
+        f"weights offloaded to disk ({proposed.estimator.offload_dir}): measured peak "
+        f"{format_bytes(peak)}; each step reads and writes {format_bytes(moved)} "
+        f"(every trainable byte once each way); step {seconds['disk']:.3g} s against "
+        f"{seconds['memory']:.3g} s in memory ({seconds['disk'] / seconds['memory']:.2f}x, "
+        "one thread each, the file in the page cache)"
+    )
+    return cand, cost
+
+
+def _offload_plan(model, recipe, batch, loss_fn, seed, budget_bytes, candidates, err) -> Plan:
+    """Nothing fits in memory: propose ``recipe`` with its weights on disk if its
+    measured peak fits, else raise ``err`` with what offloading would need."""
+    try:
+        cand, cost = offload_candidate(model, recipe, batch, loss_fn, seed)
+    except (ConfigError, NotImplementedError) as why:
+        raise NoRecipeFitsError(f"{err}; offloading the weights cannot run here: {why}") from None
+    if cand.peak > budget_bytes:
+        raise NoRecipeFitsError(
+            f"{err}; even with its weights offloaded to disk {cand.describe()} needs "
+            f"{format_bytes(cand.peak)}"
+        ) from None
+    _rank([cand], budget_bytes, {})
+    return Plan(
+        budget=budget_bytes,
+        fits=[cand],
+        rejected=candidates,
+        source="nothing fits in memory: the weights offloaded to disk",
+        notes=[cost],
+    )
 
 
 _NO_MEMORY_LIMIT = 2**63 - 1
@@ -447,7 +553,17 @@ def plan_model(
             cand.peak = measure(model, cand.recipe, batches[size], loss_fn, seed=seed).peak
         except Exception as err:  # noqa: BLE001 - a candidate that fails is rejected, named
             cand.error = f"{type(err).__name__}: {err}"
-    fits, rejected = _rank(candidates, budget_bytes, {})
+    try:
+        fits, rejected = _rank(candidates, budget_bytes, {})
+    except NoRecipeFitsError as err:
+        if not any(c.peak is not None for c in candidates):
+            raise
+        size = min(c.recipe.batch_size for c in candidates)
+        recipe = presets.get(OFFLOAD_PRESET).replace(batch_size=size)
+        sampler = BatchSampler(dataset, recipe.batch_size, seed, collate_fn=collate_fn)
+        return _offload_plan(
+            model, recipe, sampler.batch(0), loss_fn, seed, budget_bytes, candidates, err
+        )
     return Plan(
         budget=budget_bytes,
         fits=fits,

@@ -202,6 +202,15 @@ class Estimator:
     """Largest temporary z (elements) while perturbing; bounds transient memory."""
     train_mode_evals: bool = False
     """ZO evaluations run in eval() mode (no dropout, BN uses running stats) unless True."""
+    offload: str = "none"
+    """Zeroth-order weight offloading (ZO2, Wang et al. 2025; edgetrain.estimators.offload):
+    ``none`` (every weight in memory); ``cpu`` (the trainable blocks' master weights in CPU
+    memory, streamed one block at a time to the compute device; on a CPU-only machine the
+    same schedule without a copy); ``disk`` (the trainable weights in a safetensors file
+    under ``offload_dir``, read one block at a time into a reused buffer and written back).
+    Same weights as in memory, bit for bit."""
+    offload_dir: str | None = None
+    """``offload='disk'``: the directory of the run's weights file (required there)."""
     mf_readout: str = _for("mono_forward", default="pool")
     """Mono-Forward: what a block's local projection reads, ``pool`` (a (B, N) output as
     it is, a (B, C, H, W) one averaged over H and W, a (B, T, D) one its first token) or
@@ -290,6 +299,17 @@ class Estimator:
         if self.block_steps < 1:
             raise ConfigError(f"Invalid block_steps: {self.block_steps} (must be >= 1)")
         _choice(self.compile, ("none", "inductor", "aot_eager"), "compile")
+        _choice(self.offload, ("none", "cpu", "disk"), "offload")
+        if self.offload == "disk" and not self.offload_dir:
+            raise ConfigError(
+                "estimator.offload='disk' needs estimator.offload_dir (the directory of the "
+                "run's weights file)"
+            )
+        if self.offload != "disk" and self.offload_dir is not None:
+            raise ConfigError(
+                f"estimator.offload_dir={self.offload_dir!r} is read with offload='disk' "
+                f"only, not {self.offload!r}; leave it None"
+            )
         _check_owners(self)
 
 

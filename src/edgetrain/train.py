@@ -478,6 +478,9 @@ def _stalled(history: list[dict[str, float]], window: int) -> bool:
 
 
 def _save(path: Path, model: nn.Module, est, result: FitResult, step: int) -> None:
+    # The estimator's state first: an offloaded ZO run gives the model its trained
+    # weights back there (edgetrain.estimators.offload), before they are read.
+    estimator_state = est.state_dict()
     atomic_torch_save(
         {
             "format": _CHECKPOINT_FORMAT,
@@ -486,7 +489,7 @@ def _save(path: Path, model: nn.Module, est, result: FitResult, step: int) -> No
             "identity": json.dumps(result.recipe.identity(), sort_keys=True),
             "seed": est.seed,
             "model": model.state_dict(),
-            "estimator": est.state_dict(),
+            "estimator": estimator_state,
             "history": result.history,
             "evals": result.evals,
             "wall_seconds": result.wall_seconds,

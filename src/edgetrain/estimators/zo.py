@@ -71,9 +71,11 @@ from torch import nn
 
 from edgetrain import scope as scope_mod
 from edgetrain._registry import preset
+from edgetrain.errors import ConfigError
 from edgetrain.estimators import register
 from edgetrain.estimators._modes import evaluation_mode, forked_rng
 from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
+from edgetrain.estimators.offload import Streamer
 from edgetrain.journal import JournalWriter, read_journal
 from edgetrain.optim import decay_param_groups
 from edgetrain.optim.perturb import check_perturbation_resolves
@@ -169,8 +171,18 @@ class ZO(Estimator):
     (``ZOSGD.estimate``'s ``evaluates``; edgetrain.distributed sets it); None: all."""
 
     def __init__(
-        self, model: nn.Module, recipe: Recipe, loss_fn: LossFn | None = None, *, seed: int = 0
+        self,
+        model: nn.Module,
+        recipe: Recipe,
+        loss_fn: LossFn | None = None,
+        *,
+        seed: int = 0,
+        offload_from_file: bool = False,
     ) -> None:
+        """``offload_from_file`` (``offload='disk'``): the trainable weights come from the
+        committed weights file in ``offload_dir`` (an earlier run's), not from the model,
+        whose trainable tensors are never read (they may be uninitialised
+        ``torch.empty`` storage, never touched: a model larger than memory)."""
         super().__init__(model, recipe, loss_fn, seed=seed)
         est, opt = recipe.estimator, recipe.optimizer
         if recipe.numerics.kind != "float32":  # a valid pair that another class runs
@@ -179,7 +191,15 @@ class ZO(Estimator):
                 "(edgetrain.estimators.build runs it)"
             )
         named = self.selection.named
-        check_perturbation_resolves([p for _, p in named], est.eps, est.direction)
+        if offload_from_file:
+            if est.sparsity > 0 or est.grad_sparsity_group == "global":
+                raise ConfigError(
+                    "offload_from_file: Sparse MeZO thresholds and global gradient-pruning "
+                    "ratios are set from the weights at construction; build the run from "
+                    "the model instead"
+                )
+        else:  # (from the file: the weights are not here to check)
+            check_perturbation_resolves([p for _, p in named], est.eps, est.direction)
         if est.block_zo == "none":
             runs = [named]
         else:
@@ -215,6 +235,19 @@ class ZO(Estimator):
         names = {id(p): n for n, p in named}
         self._description = self.optimizer.describe(names)  # at the base weights
         self._journal: JournalWriter | None = None
+        self.offload: Streamer | None = None
+        """``estimator.offload`` 'cpu' / 'disk': the layer streamer (ZO2's schedule,
+        edgetrain.estimators.offload). The model keeps its weights until the first step
+        (a checkpoint or a journal replay lands in them), then they live in its store."""
+        if est.offload != "none":
+            self.offload = Streamer(
+                model,
+                self.optimizer,
+                named,
+                est.offload,
+                est.offload_dir,
+                from_file=offload_from_file,
+            )
 
     # -- the step ----------------------------------------------------------------------
     @property
@@ -239,15 +272,19 @@ class ZO(Estimator):
                     return self.mean_loss(batch)
 
             try:
-                record = self.optimizer.estimate(
-                    closure,
-                    seed=step_seed,
-                    reduce_scalars=self.reduce_scalars,
-                    evaluates=self.evaluates,
-                )
+                if self.offload is not None:
+                    record = self.offload.step(closure, step_seed)  # applied (deferred)
+                else:
+                    record = self.optimizer.estimate(
+                        closure,
+                        seed=step_seed,
+                        reduce_scalars=self.reduce_scalars,
+                        evaluates=self.evaluates,
+                    )
             except NonFiniteLoss as err:
                 raise NonFiniteLossError(self.step_count, err.value) from err
-        self.optimizer.apply_record(record)
+        if self.offload is None:
+            self.optimizer.apply_record(record)
         if self._journal is not None:
             self._journal.append(record)
         return record.loss, self.optimizer.local_evaluations, 0
@@ -316,6 +353,8 @@ class ZO(Estimator):
     def replay_records(self, records: list, result: Any = None) -> None:
         """Apply journal ``records`` (the steps after the current one, in order); each
         becomes an entry of ``result.history`` if given. The caller sets ``step_count``."""
+        if self.offload is not None:
+            self.offload.materialize()  # replay runs on the model's own tensors
         with torch.no_grad():
             for record in records:
                 self.optimizer.apply_record(record)
@@ -364,7 +403,16 @@ class ZO(Estimator):
         return self.optimizer.state_tensors()
 
     def state_dict(self) -> dict[str, Any]:
+        if self.offload is not None:
+            # the checkpoint holds trained weights: every pending update applied and the
+            # weights back in the model (the next step streams them out again)
+            self.offload.materialize()
         return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def predictor(self) -> nn.Module:
+        if self.offload is not None:
+            self.offload.materialize()
+        return self.model
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -374,6 +422,9 @@ class ZO(Estimator):
         if self._journal is not None:
             self._journal.close()
             self._journal = None
+        if self.offload is not None:
+            self.offload.close()  # the model gets its trained weights back
+            self.offload = None
         super().close()
 
 

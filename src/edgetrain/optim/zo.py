@@ -136,6 +136,7 @@ from edgetrain.optim.perturb import (
     DIRECTIONS,
     Chunk,
     Perturber,
+    Segment,
     flat_view,
     pack_mask,
     plan_chunks,
@@ -410,6 +411,11 @@ class ZOSGD(torch.optim.Optimizer):
             for group in self.param_groups
         ]
         self._blocks = self._find_blocks()
+        self.resident: set[int] | None = None
+        """Layer streaming (edgetrain.estimators.offload): the ``id`` of the parameters
+        whose weights are in memory now; the step's arithmetic touches only their pieces
+        of each chunk (every operation is elementwise, so a tensor gets the same float
+        operations as when every tensor is resident). None: all of them."""
         self._step_count = 0
         self._pending: tuple[_Context, Iterator[Point]] | None = None
         self.last_record: ZORecord | None = None
@@ -826,20 +832,29 @@ class ZOSGD(torch.optim.Optimizer):
             self._move(ctx, groups, ctx.seeds[query], self.eps)
         self._flush(ctx)  # with the moves still deferred (points another process ran)
 
-    def _segments(self, gi: int, chunk: Chunk) -> list[torch.Tensor]:
+    def _live(self, gi: int, chunk: Chunk) -> tuple[Segment, ...]:
+        """The segments of ``chunk`` whose parameter is resident (all unless streaming)."""
+        if self.resident is None:
+            return chunk.segments
         params = self.param_groups[gi]["params"]
-        return [flat_view(params[seg.index])[seg.start : seg.end] for seg in chunk.segments]
+        return tuple(seg for seg in chunk.segments if id(params[seg.index]) in self.resident)
+
+    def _segments(self, gi: int, segs: tuple[Segment, ...]) -> list[torch.Tensor]:
+        params = self.param_groups[gi]["params"]
+        return [flat_view(params[seg.index])[seg.start : seg.end] for seg in segs]
 
     @staticmethod
-    def _pieces(buffer: torch.Tensor, chunk: Chunk) -> list[torch.Tensor]:
-        return [buffer[seg.offset : seg.offset + seg.end - seg.start] for seg in chunk.segments]
+    def _pieces(buffer: torch.Tensor, segs: tuple[Segment, ...]) -> list[torch.Tensor]:
+        return [buffer[seg.offset : seg.offset + seg.end - seg.start] for seg in segs]
 
     def _direction(
-        self, ctx: _Context, seed: int, chunk: Chunk, gi: int, slot: int = 0
+        self, ctx: _Context, seed: int, chunk: Chunk, gi: int, slot: int = 0, segs=None
     ) -> torch.Tensor:
         """Chunk ``chunk`` of group ``gi``'s z for ``seed``, pruned to the step's support
-        if the group prunes (ZO-Bench gradient pruning)."""
-        device = self.param_groups[gi]["params"][chunk.segments[0].index].device
+        if the group prunes (ZO-Bench gradient pruning). The whole chunk is drawn even when
+        only ``segs`` (its resident segments) are used: z is a function of the chunk."""
+        first = (segs or chunk.segments)[0]
+        device = self.param_groups[gi]["params"][first.index].device
         z = self.perturber.direction(seed, chunk.key, chunk.number, chunk.numel, device, slot=slot)
         if ctx.support is not None and self.param_groups[gi]["grad_sparsity"] > 0:
             ratios = [self._ratio(gi, seg.index) for seg in chunk.segments]
@@ -857,11 +872,15 @@ class ZOSGD(torch.optim.Optimizer):
                     continue
                 params, packed = group["params"], []
                 for chunk in self._plans[gi]:
-                    device = params[chunk.segments[0].index].device
+                    segs = self._live(gi, chunk)
+                    if not segs:  # streaming: not resident; never read
+                        packed.append(torch.empty(0, dtype=torch.uint8))
+                        continue
+                    device = params[segs[0].index].device
                     bits = self.perturber.scratch(device, "mask", chunk.numel, torch.bool)
                     # z's own buffer holds |theta| until z is drawn: no extra chunk.
                     stat = self.perturber.z_buffer(device, chunk.numel)
-                    for seg, values in zip(chunk.segments, self._segments(gi, chunk), strict=True):
+                    for seg, values in zip(segs, self._segments(gi, segs), strict=True):
                         out = stat[seg.offset : seg.offset + seg.end - seg.start]
                         if group["mask_on"] == "abs":
                             torch.abs(values, out=out)
@@ -903,14 +922,18 @@ class ZOSGD(torch.optim.Optimizer):
 
     def _add_direction(
         self, ctx: _Context, gi: int, c: int, chunk: Chunk, seed: int, alphas: list[float]
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """Chunk ``c`` of group ``gi``: theta += a (m * z(seed)) for each a of ``alphas``
-        in turn; returns that m * z (valid until the next direction is drawn)."""
-        z = self._direction(ctx, seed, chunk, gi)
+        in turn, on the chunk's resident segments; returns that m * z (valid until the
+        next direction is drawn), None when no segment of the chunk is resident."""
+        segs = self._live(gi, chunk)
+        if not segs:
+            return None
+        z = self._direction(ctx, seed, chunk, gi, segs=segs)
         masks = ctx.masks.get(gi)
         if masks is not None:
             _apply_mask_(z, unpack_mask(masks[c], chunk.numel))
-        targets, pieces = self._segments(gi, chunk), self._pieces(z, chunk)
+        targets, pieces = self._segments(gi, segs), self._pieces(z, segs)
         for alpha in alphas:
             torch._foreach_add_(targets, pieces, alpha=alpha)
         return z
@@ -948,23 +971,27 @@ class ZOSGD(torch.optim.Optimizer):
                 step = 0
                 if rule in ("momentum", "adam", "adamw"):
                     for p in group["params"]:
-                        step = self._advance_state(p, self.state[p])
+                        if self.resident is None or id(p) in self.resident:
+                            step = self._advance_state(p, self.state[p])
                 fused = rule == "sgd" and q == 1 and masks is None
                 for c, chunk in enumerate(self._plans[gi]):
+                    segs = self._live(gi, chunk)
+                    if not segs:
+                        continue
                     for _, run_seed, alphas in runs:
                         self._add_direction(ctx, gi, c, chunk, run_seed, alphas)
-                    targets = self._segments(gi, chunk)
+                    targets = self._segments(gi, segs)
                     if fused:
                         # (theta + r z)(1 - k lr wd) - k lr g z: the restore and
                         # functional.sgd on g z + wd theta in one pass (two with decay)
-                        z = self._direction(ctx, seeds[0], chunk, gi)
+                        z = self._direction(ctx, seeds[0], chunk, gi, segs=segs)
                         for alpha in tail:
-                            torch._foreach_add_(targets, self._pieces(z, chunk), alpha=alpha)
+                            torch._foreach_add_(targets, self._pieces(z, segs), alpha=alpha)
                         decay = 1.0 - step_coef * lr * wd
                         if wd:
                             torch._foreach_mul_(targets, decay)
                         alpha = restore * decay - step_coef * lr * grads[0]
-                        torch._foreach_add_(targets, self._pieces(z, chunk), alpha=alpha)
+                        torch._foreach_add_(targets, self._pieces(z, segs), alpha=alpha)
                         continue
                     device = targets[0].device
                     m = None if masks is None else unpack_mask(masks[c], chunk.numel)
@@ -973,42 +1000,42 @@ class ZOSGD(torch.optim.Optimizer):
                     if in_place:
                         # One direction, no decay: g_hat = g z is z scaled in place, so the
                         # step needs no buffer beyond z's own.
-                        d = self._direction(ctx, seeds[0], chunk, gi)
+                        d = self._direction(ctx, seeds[0], chunk, gi, segs=segs)
                         if m is not None:
                             _apply_mask_(d, m)
                         for alpha in tail:
-                            torch._foreach_add_(targets, self._pieces(d, chunk), alpha=alpha)
+                            torch._foreach_add_(targets, self._pieces(d, segs), alpha=alpha)
                         if restore:
-                            torch._foreach_add_(targets, self._pieces(d, chunk), alpha=restore)
+                            torch._foreach_add_(targets, self._pieces(d, segs), alpha=restore)
                         d.mul_(grads[0])
                     else:
                         d = self.perturber.scratch(device, "ghat", chunk.numel)
                     for i in range(0 if in_place else q):
-                        z = self._direction(ctx, seeds[i], chunk, gi)
+                        z = self._direction(ctx, seeds[i], chunk, gi, segs=segs)
                         if m is not None:
                             _apply_mask_(z, m)
                         if i == q - 1:
                             for alpha in tail + ([restore] if restore else []):
-                                torch._foreach_add_(targets, self._pieces(z, chunk), alpha=alpha)
+                                torch._foreach_add_(targets, self._pieces(z, segs), alpha=alpha)
                         if i == 0:
                             torch.mul(z, grads[0] / q, out=d)
                         else:
                             d.add_(z, alpha=grads[i] / q)
-                    pieces = self._pieces(d, chunk)
+                    pieces = self._pieces(d, segs)
                     if l2:
                         # L2 decay belongs to the estimate (masked with it): the core
                         # runs with weight_decay=0.
                         torch._foreach_add_(pieces, targets, alpha=l2)
                         if m is not None:
                             _apply_mask_(d, m)
-                    mask = None if m is None else self._pieces(m, chunk)
-                    self._apply_rule(rule, gi, chunk, targets, pieces, lr, step_coef, step, mask)
+                    mask = None if m is None else self._pieces(m, segs)
+                    self._apply_rule(rule, gi, segs, targets, pieces, lr, step_coef, step, mask)
 
     def _apply_rule(
         self,
         rule: str,
         gi: int,
-        chunk: Chunk,
+        segs: tuple[Segment, ...],
         targets: list[torch.Tensor],
         pieces: list[torch.Tensor],
         lr: float,
@@ -1027,7 +1054,7 @@ class ZOSGD(torch.optim.Optimizer):
         elif rule == "sign":
             functional.sign_sgd(targets, pieces, lr=step_coef * lr)  # pieces <- sign
         elif rule == "momentum":
-            buffers = self._state_pieces(gi, chunk, "momentum_buffer")
+            buffers = self._state_pieces(gi, segs, "momentum_buffer")
             functional.momentum_sgd(targets, pieces, buffers, lr=lr, momentum=group["momentum"])
         else:  # adam, adamw (stateful: ZO-Cons never gets here, step_coef is 1)
             wd = group["weight_decay"] if rule == "adamw" else 0.0
@@ -1044,8 +1071,8 @@ class ZOSGD(torch.optim.Optimizer):
             update(
                 targets,
                 pieces,
-                self._state_pieces(gi, chunk, "exp_avg"),
-                self._state_pieces(gi, chunk, "exp_avg_sq"),
+                self._state_pieces(gi, segs, "exp_avg"),
+                self._state_pieces(gi, segs, "exp_avg_sq"),
                 step,
                 lr=lr,
                 beta1=beta1,
@@ -1054,12 +1081,9 @@ class ZOSGD(torch.optim.Optimizer):
                 weight_decay=wd,
             )
 
-    def _state_pieces(self, gi: int, chunk: Chunk, key: str) -> list[torch.Tensor]:
+    def _state_pieces(self, gi: int, segs: tuple[Segment, ...], key: str) -> list[torch.Tensor]:
         params = self.param_groups[gi]["params"]
-        return [
-            self.state[params[seg.index]][key].view(-1)[seg.start : seg.end]
-            for seg in chunk.segments
-        ]
+        return [self.state[params[seg.index]][key].view(-1)[seg.start : seg.end] for seg in segs]
 
     def _create_state(self) -> None:
         """Momentum buffers / Adam moments for every parameter, as the first step makes
