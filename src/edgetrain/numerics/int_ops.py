@@ -86,6 +86,11 @@ __all__ = [
     "i_gelu",
     "i_exp",
     "i_softmax",
+    "exp_constants",
+    "i_exp_int",
+    "softmax_int",
+    "gelu_constants",
+    "gelu_int",
     "isqrt",
     "i_layernorm",
     "int_matmul",
@@ -160,12 +165,49 @@ def i_erf(x: QTensor) -> QTensor:
     return QTensor(sgn * poly.q, poly.scale)
 
 
-def i_gelu(x: QTensor) -> QTensor:
+def gelu_constants(scale: float, erf_bits: int | None = None) -> dict[str, int | float]:
+    """The integers of i-GELU at input scale ``scale``: the erf polynomial on
+    ``x / sqrt 2`` (``S = scale / sqrt 2``): ``q_clip = floor(-b / S)``, ``q_b =
+    floor(b / S)``, ``q_c = floor(1 / (a S^2))``; the right shift ``erf_shift`` of the erf
+    integers that keeps ``floor(1 / S_erf)`` below ``2^erf_bits`` (I-BERT's reference code
+    shifts by a fixed 14; ``None``: no shift), ``q_one = floor(1 / S_erf)``, and the real
+    output scale ``out_scale = scale S_erf / 2`` (bookkeeping)."""
+    s = scale / math.sqrt(2.0)
+    s_erf = -GELU_A * s * s
+    shift = 0
+    if erf_bits is not None:
+        shift = max(0, math.floor(1.0 / s_erf).bit_length() - erf_bits)
+    s_erf *= 2.0**shift
+    return {
+        "q_clip": math.floor(-GELU_B / s),
+        "q_b": math.floor(GELU_B / s),
+        "q_c": math.floor(1.0 / (GELU_A * s * s)),
+        "erf_shift": shift,
+        "q_one": math.floor(1.0 / s_erf),
+        "out_scale": scale * s_erf / 2.0,
+    }
+
+
+def gelu_int(q: torch.Tensor, c: dict[str, int | float]) -> torch.Tensor:
+    """i-GELU on integers with the constants of ``gelu_constants``:
+    ``q (sgn(q) [-((min(|q|, q_clip) + q_b)^2 + q_c)] >> erf_shift + q_one)``."""
+    t = q.abs().clamp_(max=int(c["q_clip"]))
+    t += int(c["q_b"])
+    t = t * t
+    t += int(c["q_c"])  # a (.)^2 + 1 at scale a S^2 with a < 0: negated below
+    t.neg_()
+    t *= torch.sign(q)
+    t >>= int(c["erf_shift"])  # floor, as I-BERT's floor_ste
+    t += int(c["q_one"])
+    return t * q
+
+
+def i_gelu(x: QTensor, erf_bits: int | None = None) -> QTensor:
     """Algorithm 2: ``GELU(x) = x/2 [1 + erf(x / sqrt 2)]`` at scale ``S S_erf / 2``
-    (not requantized: the caller's next op requantizes)."""
-    erf = i_erf(QTensor(x.q, x.scale / math.sqrt(2.0)))
-    q_one = math.floor(1.0 / erf.scale)
-    return QTensor(x.q * (erf.q + q_one), x.scale * erf.scale / 2.0)
+    (not requantized: the caller's next op requantizes). ``erf_bits``: shift the erf
+    integers right to keep them below ``2^erf_bits`` (I-BERT's ``>> 14``)."""
+    c = gelu_constants(x.scale, erf_bits)
+    return QTensor(gelu_int(x.q, c), float(c["out_scale"]))
 
 
 def i_exp(x: QTensor) -> QTensor:
@@ -182,21 +224,85 @@ def i_exp(x: QTensor) -> QTensor:
     return QTensor(out, poly.scale)
 
 
+SOFTMAX_FRAC = 45
+"""Extra fraction bits of the softmax normalizer ``floor(2^(bits + 45) / sum)``."""
+
+
+def exp_constants(scale: float) -> dict[str, int]:
+    """The integers of i-exp at input scale ``scale`` (construction-time bookkeeping):
+    ``q_ln2 = floor(ln2 / S)``, the polynomial's ``q_b = floor(b / S)`` and
+    ``q_c = floor(c / (a S^2))``."""
+    q_ln2 = math.floor(math.log(2.0) / scale)
+    if q_ln2 < 1:
+        raise ValueError(f"i_exp needs scale < ln 2, got {scale}")
+    return {
+        "q_ln2": q_ln2,
+        "q_b": math.floor(EXP_B / scale),
+        "q_c": math.floor(EXP_C / (EXP_A * scale**2)),
+    }
+
+
+def i_exp_int(q: torch.Tensor, c: dict[str, int]) -> torch.Tensor:
+    """i-exp on integers ``q <= 0`` with the constants of ``exp_constants`` (output scale
+    ``EXP_A S^2``): ``z = floor(-q / q_ln2)``, ``p = q + z q_ln2``,
+    ``((p + q_b)^2 + q_c) >> z``; 0 beyond ``z > 30``."""
+    q_ln2 = c["q_ln2"]
+    if q_ln2 < 1 << 20 and bool(q.numel()) and int(q.min()) > -(1 << 31):
+        # floor(-q / q_ln2) by a float64 division: exact for integers below 2^52 (the
+        # quotient is at least 1 / q_ln2 from the next integer, far above the rounding)
+        z = torch.floor((-q).to(torch.float64) / q_ln2).to(torch.int64)
+    else:
+        z = torch.div(-q, q_ln2, rounding_mode="floor")  # (...,) >= 0
+    beyond = z > _EXP_MAX_SHIFT
+    z = z.clamp_(max=_EXP_MAX_SHIFT)
+    t = z * q_ln2
+    t += q  # p in (-ln2, 0]
+    t += c["q_b"]
+    t = t * t
+    t += c["q_c"]
+    t >>= z
+    return t.masked_fill_(beyond, 0)
+
+
+def softmax_int(
+    x: torch.Tensor, c: dict[str, int], bits: int, stats: OverflowStats
+) -> torch.Tensor:
+    """i-Softmax over the last dimension on integers: i-exp of ``x - max(x)``, then each
+    exp times ``floor(2^(bits + F) / sum)`` (one division per row, ``F = 45``), rounded
+    and shifted right by ``F``: an unsigned ``bits``-bit probability at scale ``2^-bits``.
+    ``e <= sum`` keeps the product below ``2^(bits + F) <= 2^61``."""
+    shifted = x - x.amax(dim=-1, keepdim=True)  # <= 0
+    e = i_exp_int(shifted, c)
+    total = e.sum(dim=-1, keepdim=True).clamp_(min=1)  # (..., 1)
+    if int(total.max()) >= 1 << (bits + SOFTMAX_FRAC):
+        raise ValueError("softmax_int: the exp sum exceeds the normalizer's range")
+    factor = torch.div(
+        torch.full_like(total, 1 << (bits + SOFTMAX_FRAC)), total, rounding_mode="floor"
+    )
+    e *= factor
+    e += 1 << (SOFTMAX_FRAC - 1)
+    e >>= SOFTMAX_FRAC
+    return _saturate(e, 0, (1 << bits) - 1, stats, "activation_clips")
+
+
 def i_softmax(x: QTensor, bits: int, stats: OverflowStats, dim: int = -1) -> QTensor:
-    """i-Softmax: i-exp of ``x - max(x)`` normalized to unsigned ``bits`` at ``2^-bits``."""
-    shifted = QTensor(x.q - x.q.amax(dim=dim, keepdim=True), x.scale)
-    e = i_exp(shifted).q
-    total = e.sum(dim=dim, keepdim=True)  # >= 1: the maximum's exp is about 2^-... > 0
-    factor = torch.div(torch.full_like(total, 1 << 32), total, rounding_mode="floor")
-    out = torch.bitwise_right_shift(e * factor, 32 - bits)
-    return QTensor(_saturate(out, 0, (1 << bits) - 1, stats, "activation_clips"), 2.0**-bits)
+    """i-Softmax: i-exp of ``x - max(x)`` normalized to unsigned ``bits`` at ``2^-bits``
+    (see ``softmax_int``)."""
+    q = x.q.movedim(dim, -1)
+    out = softmax_int(q, exp_constants(x.scale), bits, stats)
+    return QTensor(out.movedim(-1, dim), 2.0**-bits)
 
 
 def _bit_length(n: torch.Tensor) -> torch.Tensor:
+    """Bits of each non-negative int64 (a count-leading-zeros): binary search by shifts
+    of 32, 16, ..., 1."""
     bl = torch.zeros_like(n)
-    for k in range(63):
-        bl += (torch.bitwise_right_shift(n, k) > 0).to(torch.int64)
-    return bl
+    v = n.clone()
+    for s in (32, 16, 8, 4, 2, 1):
+        big = v >= (1 << s)
+        bl += big * s
+        v = torch.where(big, v >> s, v)
+    return bl + (v > 0)
 
 
 def isqrt(n: torch.Tensor, max_iter: int = 64) -> torch.Tensor:
