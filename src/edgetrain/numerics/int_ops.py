@@ -87,6 +87,7 @@ __all__ = [
     "i_exp",
     "i_softmax",
     "exp_constants",
+    "softmax_constants",
     "i_exp_int",
     "softmax_int",
     "gelu_constants",
@@ -190,16 +191,21 @@ def gelu_constants(scale: float, erf_bits: int | None = None) -> dict[str, int |
 
 def gelu_int(q: torch.Tensor, c: dict[str, int | float]) -> torch.Tensor:
     """i-GELU on integers with the constants of ``gelu_constants``:
-    ``q (sgn(q) [-((min(|q|, q_clip) + q_b)^2 + q_c)] >> erf_shift + q_one)``."""
-    t = q.abs().clamp_(max=int(c["q_clip"]))
+    ``q (sgn(q) [-((min(|q|, q_clip) + q_b)^2 + q_c)] >> erf_shift + q_one)``. Computed on
+    float64 integers (returned as int64): exact while ``|q| (2^erf_bits + q_one) < 2^52``,
+    which ``gelu_constants`` with ``erf_bits`` and a 16-bit input guarantee (checked)."""
+    qf = q.to(torch.float64)
+    t = qf.abs().clamp_(max=float(c["q_clip"]))
     t += int(c["q_b"])
-    t = t * t
+    t.mul_(t)
     t += int(c["q_c"])  # a (.)^2 + 1 at scale a S^2 with a < 0: negated below
-    t.neg_()
-    t *= torch.sign(q)
-    t >>= int(c["erf_shift"])  # floor, as I-BERT's floor_ste
+    t.mul_(-torch.sign(qf))
+    t = _floor_shift(t, int(c["erf_shift"]))  # floor, as I-BERT's floor_ste
     t += int(c["q_one"])
-    return t * q
+    t *= qf
+    if bool(t.numel()) and float(t.abs().max()) >= _F64_EXACT:
+        raise ValueError("gelu_int: the product left the exact float64 range")
+    return t.to(torch.int64)
 
 
 def i_gelu(x: QTensor, erf_bits: int | None = None) -> QTensor:
@@ -224,8 +230,18 @@ def i_exp(x: QTensor) -> QTensor:
     return QTensor(out, poly.scale)
 
 
-SOFTMAX_FRAC = 45
-"""Extra fraction bits of the softmax normalizer ``floor(2^(bits + 45) / sum)``."""
+SOFTMAX_FRAC = 36
+"""Fraction bits of the softmax normalizer ``floor(2^(bits + 36) / sum)``: with ``e <=
+sum`` every product ``e * factor`` is below ``2^(bits + 36) <= 2^52``."""
+_F64_EXACT = 1 << 52  # a float64 holds every integer up to here, with room for one add
+_POW2_NEG = torch.tensor([2.0**-k for k in range(63)], dtype=torch.float64)  # exact 2^-k
+
+
+def _floor_shift(t: torch.Tensor, z: torch.Tensor | int) -> torch.Tensor:
+    """``t >> z`` (floor) of integer-valued float64 ``t``: ``floor(t 2^-z)``, exact."""
+    if isinstance(z, int):
+        return torch.floor_(t * 2.0**-z)
+    return torch.floor_(t * _POW2_NEG[z])  # a 63-entry table of exact powers 2^-z
 
 
 def exp_constants(scale: float) -> dict[str, int]:
@@ -235,61 +251,79 @@ def exp_constants(scale: float) -> dict[str, int]:
     q_ln2 = math.floor(math.log(2.0) / scale)
     if q_ln2 < 1:
         raise ValueError(f"i_exp needs scale < ln 2, got {scale}")
-    return {
-        "q_ln2": q_ln2,
-        "q_b": math.floor(EXP_B / scale),
-        "q_c": math.floor(EXP_C / (EXP_A * scale**2)),
-    }
+    q_b = math.floor(EXP_B / scale)
+    q_c = math.floor(EXP_C / (EXP_A * scale**2))
+    if (abs(q_b) + q_ln2) ** 2 + abs(q_c) >= 1 << 40:
+        raise ValueError(f"i_exp: scale {scale} is too fine (the polynomial passes 2^40)")
+    return {"q_ln2": q_ln2, "q_b": q_b, "q_c": q_c}
+
+
+SOFTMAX_LN2_BITS = 11
+"""i-Softmax shifts its input right until ``q_ln2 = floor(ln2 / S)`` is below ``2^12``."""
+
+
+def softmax_constants(scale: float) -> dict[str, int]:
+    """``exp_constants`` for i-Softmax on an input at ``scale``, with ``pre_shift``: the
+    input is shifted right by that many bits first (scale ``S 2^pre_shift``), so that
+    ``q_ln2`` lies in ``[2^11, 2^12)`` whatever the scale of the int32 ``Q K^T``
+    accumulator (I-BERT's reference code requantizes the softmax input to 16 bits,
+    ``QuantAct(16)``, for the same reason; a shift needs no multiplier)."""
+    k = max(0, math.floor(math.log2(math.log(2.0) / scale)) - SOFTMAX_LN2_BITS)
+    return {**exp_constants(scale * 2.0**k), "pre_shift": k}
 
 
 def i_exp_int(q: torch.Tensor, c: dict[str, int]) -> torch.Tensor:
-    """i-exp on integers ``q <= 0`` with the constants of ``exp_constants`` (output scale
-    ``EXP_A S^2``): ``z = floor(-q / q_ln2)``, ``p = q + z q_ln2``,
-    ``((p + q_b)^2 + q_c) >> z``; 0 beyond ``z > 30``."""
+    """i-exp on integers ``-2^31 < q <= 0`` with the constants of ``exp_constants`` (output
+    scale ``EXP_A S^2``): ``z = floor(-q / q_ln2)``, ``p = q + z q_ln2``,
+    ``((p + q_b)^2 + q_c) >> z``; 0 beyond ``z > 30``. Computed on float64 tensors holding
+    the integers: every intermediate is an integer below 2^41 (``exp_constants`` checks),
+    so each step is exact (the quotient ``-q / q_ln2`` is at least ``1 / q_ln2`` from the
+    next integer, far above the rounding error); returns float64 integers."""
     q_ln2 = c["q_ln2"]
-    if q_ln2 < 1 << 20 and bool(q.numel()) and int(q.min()) > -(1 << 31):
-        # floor(-q / q_ln2) by a float64 division: exact for integers below 2^52 (the
-        # quotient is at least 1 / q_ln2 from the next integer, far above the rounding)
-        z = torch.floor((-q).to(torch.float64) / q_ln2).to(torch.int64)
-    else:
-        z = torch.div(-q, q_ln2, rounding_mode="floor")  # (...,) >= 0
+    qf = q.to(torch.float64)
+    z = torch.floor_(qf / -q_ln2)  # (...,) >= 0
     beyond = z > _EXP_MAX_SHIFT
-    z = z.clamp_(max=_EXP_MAX_SHIFT)
-    t = z * q_ln2
-    t += q  # p in (-ln2, 0]
+    z.clamp_(max=_EXP_MAX_SHIFT)
+    t = torch.addcmul(qf, z, torch.tensor(float(q_ln2), dtype=torch.float64))  # p
     t += c["q_b"]
-    t = t * t
+    t.mul_(t)
     t += c["q_c"]
-    t >>= z
-    return t.masked_fill_(beyond, 0)
+    t = _floor_shift(t, z.to(torch.int64))
+    return t.masked_fill_(beyond, 0.0)
 
 
 def softmax_int(
     x: torch.Tensor, c: dict[str, int], bits: int, stats: OverflowStats
 ) -> torch.Tensor:
     """i-Softmax over the last dimension on integers: i-exp of ``x - max(x)``, then each
-    exp times ``floor(2^(bits + F) / sum)`` (one division per row, ``F = 45``), rounded
-    and shifted right by ``F``: an unsigned ``bits``-bit probability at scale ``2^-bits``.
-    ``e <= sum`` keeps the product below ``2^(bits + F) <= 2^61``."""
+    exp times ``floor(2^(bits + F) / sum)`` (one division per row, ``F = 36``), plus
+    ``2^(F-1)``, shifted right by ``F``: an unsigned ``bits``-bit probability at scale
+    ``2^-bits``. Exact in float64 (``e <= sum``: the products stay below ``2^52``)."""
+    if bits + SOFTMAX_FRAC > 52:
+        raise ValueError(f"softmax_int: {bits} output bits leave no room for the normalizer")
     shifted = x - x.amax(dim=-1, keepdim=True)  # <= 0
-    e = i_exp_int(shifted, c)
-    total = e.sum(dim=-1, keepdim=True).clamp_(min=1)  # (..., 1)
-    if int(total.max()) >= 1 << (bits + SOFTMAX_FRAC):
+    if c.get("pre_shift"):
+        shifted = _floor_shift(shifted.to(torch.float64), int(c["pre_shift"]))
+    e = i_exp_int(shifted, c)  # float64 integers
+    total = e.sum(dim=-1, keepdim=True).clamp_(min=1.0)  # (..., 1), exact (< 2^52)
+    if float(total.max()) >= 2.0 ** (bits + SOFTMAX_FRAC):
         raise ValueError("softmax_int: the exp sum exceeds the normalizer's range")
     factor = torch.div(
-        torch.full_like(total, 1 << (bits + SOFTMAX_FRAC)), total, rounding_mode="floor"
-    )
+        torch.full_like(total, 1 << (bits + SOFTMAX_FRAC), dtype=torch.int64),
+        total.to(torch.int64),
+        rounding_mode="floor",
+    ).to(torch.float64)
     e *= factor
-    e += 1 << (SOFTMAX_FRAC - 1)
-    e >>= SOFTMAX_FRAC
-    return _saturate(e, 0, (1 << bits) - 1, stats, "activation_clips")
+    e += 2.0 ** (SOFTMAX_FRAC - 1)
+    out = _floor_shift(e, SOFTMAX_FRAC)
+    return _saturate(out, 0, (1 << bits) - 1, stats, "activation_clips").to(torch.int64)
 
 
 def i_softmax(x: QTensor, bits: int, stats: OverflowStats, dim: int = -1) -> QTensor:
     """i-Softmax: i-exp of ``x - max(x)`` normalized to unsigned ``bits`` at ``2^-bits``
     (see ``softmax_int``)."""
     q = x.q.movedim(dim, -1)
-    out = softmax_int(q, exp_constants(x.scale), bits, stats)
+    out = softmax_int(q, softmax_constants(x.scale), bits, stats)
     return QTensor(out.movedim(-1, dim), 2.0**-bits)
 
 

@@ -21,11 +21,11 @@ import numpy as np
 from edgetrain.numerics.export import (
     INT32_MAX,
     INT32_MIN,
-    SOFTMAX_FRAC,
     _np_requantize,
     _np_saturate,
     np_affine,
 )
+from edgetrain.numerics.int_ops import SOFTMAX_FRAC
 
 __all__ = ["run_composite"]
 
@@ -65,7 +65,7 @@ def _exp(q: np.ndarray, c: dict) -> np.ndarray:
 
 
 def _softmax(x: np.ndarray, c: dict, bits: int) -> np.ndarray:
-    e = _exp(x - x.max(axis=-1, keepdims=True), c)
+    e = _exp((x - x.max(axis=-1, keepdims=True)) >> c.get("pre_shift", 0), c)
     total = np.maximum(e.sum(axis=-1, keepdims=True), 1)
     factor = (np.int64(1) << (bits + SOFTMAX_FRAC)) // total
     out = (e * factor + (np.int64(1) << (SOFTMAX_FRAC - 1))) >> SOFTMAX_FRAC

@@ -92,10 +92,10 @@ from edgetrain.numerics.fixed_point import (
     quantize_multiplier,
 )
 from edgetrain.numerics.int_ops import (
-    exp_constants,
     gelu_constants,
     gelu_int,
     isqrt,
+    softmax_constants,
     softmax_int,
 )
 from edgetrain.numerics.quant import compute_scale, qrange, quantize
@@ -153,6 +153,14 @@ class Requant:
         self._k = int(self._k) if scalar else self._k
         self._r = right + 31
         self._r = int(self._r) if scalar else self._r
+        # float64 form of the one-shift form (right shifts <= 21): M0 = m_hi 2^22 + m_lo
+        self._float = self._merged and bool((right <= 21).all())
+        f64 = torch.float64
+        self._m_lo = (m0 & ((1 << 22) - 1)).to(f64)
+        self._m_hi = (m0 >> 22).to(f64)
+        self._k_pos = ((1 << 30) + (half << 31)).to(f64)
+        self._k_neg = self._k_pos - 2.0**31
+        self._inv = torch.ldexp(torch.ones_like(right, dtype=f64), -(right + 9))
 
     @classmethod
     def make(cls, real: torch.Tensor | float, lo: int, hi: int) -> Requant:
@@ -167,6 +175,10 @@ class Requant:
         [1, 30] and ``M0 > 2^30`` it runs as one shift: ``floor((floor(a / 2^31) + c) /
         2^r) = floor((a + c 2^31) / 2^(31 + r))`` for integers, with ``a = acc M0 + 2^30``
         and ``c = 2^(r-1) - [acc < 0]`` (gemmlowp's rounding of a negative ``high``)."""
+        if self._float and acc.numel():
+            mn, mx = torch.aminmax(acc)
+            if -(1 << 29) < int(mn) and int(mx) < 1 << 29:
+                return self._float_call(acc, stats)
         if self._merged:
             x = _saturate(acc, INT32_MIN, INT32_MAX, stats, "requantize")
             t = x * self._mul  # |t| < 2^62
@@ -192,6 +204,20 @@ class Requant:
         high = torch.bitwise_right_shift(high, self._right)
         return _saturate(high, self.lo, self.hi, stats, "activation_clips")
 
+    def _float_call(self, acc: torch.Tensor, stats: OverflowStats) -> torch.Tensor:
+        """The one-shift form on float64 integers, for ``|acc| < 2^29`` (int64 arithmetic
+        is not vectorized on x86 before AVX-512; float64 is): with ``M0 = m_hi 2^22 +
+        m_lo``, ``floor((acc M0 + K) / 2^(31+r)) = floor((acc m_hi + floor((acc m_lo + K)
+        / 2^22)) / 2^(9+r))``; ``|acc m_lo| < 2^51`` and ``K < 2^52`` keep every step an
+        exact integer."""
+        x = acc.to(torch.float64)
+        k = torch.where(x < 0, self._k_neg, self._k_pos)
+        t = torch.addcmul(k, x, self._m_lo)
+        t.mul_(2.0**-22).floor_()
+        t.addcmul_(x, self._m_hi)
+        t.mul_(self._inv).floor_()
+        return _saturate(t, self.lo, self.hi, stats, "activation_clips").to(torch.int64)
+
     def config(self) -> dict[str, int]:
         return {"lo": self.lo, "hi": self.hi}
 
@@ -210,6 +236,7 @@ class IntLayerNorm:
 
     def __init__(self, g: torch.Tensor, b: torch.Tensor, rq: Requant, frac_bits: int) -> None:
         self.g, self.b, self.rq, self.frac_bits = g, b, rq, int(frac_bits)
+        self._g, self._b = g.to(torch.float64), b.to(torch.float64)
 
     @classmethod
     def make(
@@ -229,19 +256,24 @@ class IntLayerNorm:
         return cls(g, b, Requant.make(s_hat * s_g / out_scale, lo, hi), LN_FRAC_BITS)
 
     def __call__(self, x: torch.Tensor, stats: OverflowStats) -> torch.Tensor:
+        """On float64 integers where the values allow (16-bit inputs: ``|y| < 2^17``,
+        ``sum y^2 < 2^46``, ``|y floor(2^31 / std)| < 2^34`` since ``|y| <= std``), the
+        per-row mean and square root in int64."""
         n = x.shape[-1]
-        total = x.sum(dim=-1, keepdim=True)  # (..., 1)
+        total = x.sum(dim=-1, keepdim=True)  # (..., 1) int64
         mean = torch.div(total + n // 2, n, rounding_mode="floor")
-        y = x - mean  # (..., C)
-        var = (y * y).sum(dim=-1, keepdim=True)  # < 2^62: checked at conversion
-        std = isqrt(var).clamp_(min=1)
+        y = (x - mean).to(torch.float64)  # (..., C)
+        var = (y * y).sum(dim=-1, keepdim=True)  # exact: checked below
+        if float(var.max()) >= 2.0**52:
+            raise ValueError("IntLayerNorm: the variance left the exact float64 range")
+        std = isqrt(var.to(torch.int64)).clamp_(min=1)
         factor = torch.div(torch.full_like(std, 1 << 31), std, rounding_mode="floor")
-        y *= factor
-        y >>= 31 - self.frac_bits  # |y_hat| <= 2^frac_bits
-        y *= self.g
-        y += self.b
+        y *= factor.to(torch.float64)
+        y.mul_(2.0 ** -(31 - self.frac_bits)).floor_()  # |y_hat| <= 2^frac_bits
+        y *= self._g
+        y += self._b
         acc = _saturate(y, INT32_MIN, INT32_MAX, stats, "accumulator")
-        return self.rq(acc, stats)
+        return self.rq(acc.to(torch.int64), stats)
 
     def config(self) -> dict[str, Any]:
         return {"frac_bits": self.frac_bits, **self.rq.config()}
@@ -613,7 +645,7 @@ def convert_transformer(
         _amax_check(f"blocks.{i} Q K^T", D, a_hi, a_hi)
         _amax_check(f"blocks.{i} P V", T, (1 << PROB_BITS) - 1, a_hi)
         g_lo, g_hi = qrange(GELU_IN_BITS, True)
-        exp_c = exp_constants(s_scores)
+        exp_c = softmax_constants(s_scores)
         ops.append(
             IntBlock(
                 children={"qkv": qkv_op, "proj": proj_op, "fc1": fc1_op, "fc2": fc2_op},
