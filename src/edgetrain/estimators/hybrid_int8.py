@@ -115,13 +115,8 @@ from edgetrain.seeding import make_generator
 
 __all__ = ["ElasticZOInt8", "ERROR_QMAX"]
 
-_TAIL_ROUND_PATH = 3
-_CHAIN_OPS = (
-    _IntAffine,
-    IntReLU,
-    IntFlatten,
-    IntAvgPool,
-)  # seed sub-path of the tail update's stochastic rounding
+_TAIL_ROUND_PATH = 3  # seed sub-path of the tail update's stochastic rounding
+_CHAIN_OPS = (_IntAffine, IntReLU, IntFlatten, IntAvgPool)  # the ops of the integer backward
 
 
 @dataclass
