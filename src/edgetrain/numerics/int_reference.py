@@ -29,7 +29,6 @@ from edgetrain.numerics.int_ops import SOFTMAX_FRAC
 
 __all__ = ["run_composite"]
 
-_PROB_BITS = 16
 _EXP_MAX_SHIFT = 30
 
 
@@ -114,7 +113,7 @@ def run_composite(
         qkv = qkv.reshape(B, N, 3, H, D).transpose(2, 0, 3, 1, 4)  # (3, B, H, N, D)
         q, k, v = qkv[0], qkv[1], qkv[2]
         scores = _np_saturate(q @ k.transpose(0, 1, 3, 2), INT32_MIN, INT32_MAX, count)
-        prob = _softmax(scores, consts["exp"], _PROB_BITS)
+        prob = _softmax(scores, consts["exp"], consts["prob_bits"])
         o = _np_saturate(prob @ v, INT32_MIN, INT32_MAX, count)
         o = rq("attn_out", o).transpose(0, 2, 1, 3).reshape(B * N, C)
         a = _child(cfg, "proj", arrays, prefix, o, count)

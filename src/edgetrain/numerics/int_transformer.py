@@ -391,7 +391,7 @@ class IntBlock(_Composite):
         q, k, v = qkv[0], qkv[1], qkv[2]
         scores = _matmul_exact(q, k.transpose(-2, -1))  # (B, H, N, N) at S_q S_k
         scores = _saturate(scores, INT32_MIN, INT32_MAX, stats, "accumulator")
-        prob = softmax_int(scores, c["exp"], PROB_BITS, stats)  # (B, H, N, N) at 2^-16
+        prob = softmax_int(scores, c["exp"], c["prob_bits"], stats)  # (B, H, N, N) at 2^-16
         o = _matmul_exact(prob, v)  # (B, H, N, D) at 2^-16 S_v
         o = _saturate(o, INT32_MIN, INT32_MAX, stats, "accumulator")
         o = rq["attn_out"](o, stats).transpose(1, 2).reshape(B * N, C)  # (B N, C)
@@ -567,10 +567,12 @@ def convert_transformer(
     activation_bits: int = 8,
     per_channel: bool = True,
     weight_headroom: float = 1.0,
+    prob_bits: int = PROB_BITS,
 ) -> IntModel:
     """The IntModel of a model that declares ``integer_layout`` (module doc). Activation
     scales come from a float64 forward over ``calibration`` that follows the integer
-    model's structure step by step."""
+    model's structure step by step. ``prob_bits``: the softmax output (16; 8 to measure
+    what the coarser probabilities cost)."""
     layout = layout_of(model)
     if layout is None:
         raise ValueError(f"{type(model).__name__} declares no integer_layout")
@@ -643,7 +645,7 @@ def convert_transformer(
         s_x2 = bld.scale(x2, RESIDUAL_BITS)
         s_scores = s_q * s_k
         _amax_check(f"blocks.{i} Q K^T", D, a_hi, a_hi)
-        _amax_check(f"blocks.{i} P V", T, (1 << PROB_BITS) - 1, a_hi)
+        _amax_check(f"blocks.{i} P V", T, (1 << prob_bits) - 1, a_hi)
         g_lo, g_hi = qrange(GELU_IN_BITS, True)
         exp_c = softmax_constants(s_scores)
         ops.append(
@@ -651,7 +653,7 @@ def convert_transformer(
                 children={"qkv": qkv_op, "proj": proj_op, "fc1": fc1_op, "fc2": fc2_op},
                 requants={
                     "qkv": Requant.make(qkv_real, a_lo, a_hi),
-                    "attn_out": Requant.make(2.0**-PROB_BITS * s_v / s_o, a_lo, a_hi),
+                    "attn_out": Requant.make(2.0**-prob_bits * s_v / s_o, a_lo, a_hi),
                     "res1_x": Requant.make(s_x / s_x1, INT32_MIN, INT32_MAX),
                     "res1_a": Requant.make(bld.acc_scale(proj_op) / s_x1, INT32_MIN, INT32_MAX),
                     "fc1": Requant.make(bld.acc_scale(fc1_op) / s_u, g_lo, g_hi),
@@ -663,6 +665,7 @@ def convert_transformer(
                 tables={},
                 consts={
                     "bits": RESIDUAL_BITS,
+                    "prob_bits": prob_bits,
                     "num_heads": H,
                     "head_dim": D,
                     "exp": exp_c,
