@@ -189,7 +189,7 @@ def gelu_constants(scale: float, erf_bits: int | None = None) -> dict[str, int |
     }
 
 
-def gelu_int(q: torch.Tensor, c: dict[str, int | float]) -> torch.Tensor:
+def gelu_int(q: torch.Tensor, c: dict[str, int | float], as_float: bool = False) -> torch.Tensor:
     """i-GELU on integers with the constants of ``gelu_constants``:
     ``q (sgn(q) [-((min(|q|, q_clip) + q_b)^2 + q_c)] >> erf_shift + q_one)``. Computed on
     float64 integers (returned as int64): exact while ``|q| (2^erf_bits + q_one) < 2^52``,
@@ -205,7 +205,7 @@ def gelu_int(q: torch.Tensor, c: dict[str, int | float]) -> torch.Tensor:
     t *= qf
     if bool(t.numel()) and float(t.abs().max()) >= _F64_EXACT:
         raise ValueError("gelu_int: the product left the exact float64 range")
-    return t.to(torch.int64)
+    return t if as_float else t.to(torch.int64)
 
 
 def i_gelu(x: QTensor, erf_bits: int | None = None) -> QTensor:
@@ -293,7 +293,7 @@ def i_exp_int(q: torch.Tensor, c: dict[str, int]) -> torch.Tensor:
 
 
 def softmax_int(
-    x: torch.Tensor, c: dict[str, int], bits: int, stats: OverflowStats
+    x: torch.Tensor, c: dict[str, int], bits: int, stats: OverflowStats, as_float: bool = False
 ) -> torch.Tensor:
     """i-Softmax over the last dimension on integers: i-exp of ``x - max(x)``, then each
     exp times ``floor(2^(bits + F) / sum)`` (one division per row, ``F = 36``), plus
@@ -316,7 +316,8 @@ def softmax_int(
     e *= factor
     e += 2.0 ** (SOFTMAX_FRAC - 1)
     out = _floor_shift(e, SOFTMAX_FRAC)
-    return _saturate(out, 0, (1 << bits) - 1, stats, "activation_clips").to(torch.int64)
+    out = _saturate(out, 0, (1 << bits) - 1, stats, "activation_clips")
+    return out if as_float else out.to(torch.int64)
 
 
 def i_softmax(x: QTensor, bits: int, stats: OverflowStats, dim: int = -1) -> QTensor:

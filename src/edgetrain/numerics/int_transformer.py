@@ -153,13 +153,18 @@ class Requant:
         self._k = int(self._k) if scalar else self._k
         self._r = right + 31
         self._r = int(self._r) if scalar else self._r
-        # float64 form of the one-shift form (right shifts <= 21): M0 = m_hi 2^22 + m_lo
-        self._float = self._merged and bool((right <= 21).all())
+        # float64 form of the one-shift form (right shifts <= 21): M0 = m_hi 2^22 + m_lo;
+        # a right shift of 0 is the doubling high multiply alone (no [acc < 0] term)
+        self._float = (
+            not self._left
+            and bool((right <= 21).all())
+            and bool(((m0 > 1 << 30) | (right == 0)).all())
+        )
         f64 = torch.float64
         self._m_lo = (m0 & ((1 << 22) - 1)).to(f64)
         self._m_hi = (m0 >> 22).to(f64)
         self._k_pos = ((1 << 30) + (half << 31)).to(f64)
-        self._k_neg = self._k_pos - 2.0**31
+        self._k_neg = self._k_pos - 2.0**31 * (right > 0).to(f64)
         self._inv = torch.ldexp(torch.ones_like(right, dtype=f64), -(right + 9))
 
     @classmethod
@@ -170,15 +175,26 @@ class Requant:
         shift = torch.tensor([n for _, n in pairs], dtype=torch.int64).reshape(reals.shape)
         return cls(m0, shift, lo, hi)
 
-    def __call__(self, acc: torch.Tensor, stats: OverflowStats) -> torch.Tensor:
-        """``multiply_by_quantized_multiplier`` bit for bit. With right shifts ``r`` in
-        [1, 30] and ``M0 > 2^30`` it runs as one shift: ``floor((floor(a / 2^31) + c) /
-        2^r) = floor((a + c 2^31) / 2^(31 + r))`` for integers, with ``a = acc M0 + 2^30``
-        and ``c = 2^(r-1) - [acc < 0]`` (gemmlowp's rounding of a negative ``high``)."""
+    def __call__(
+        self, acc: torch.Tensor, stats: OverflowStats, as_float: bool = False
+    ) -> torch.Tensor:
+        """``multiply_by_quantized_multiplier`` bit for bit, then the saturation. ``acc``:
+        int64, or float64 holding integers; ``as_float``: return float64 integers (the
+        next op computes in float64) instead of int64. With right shifts ``r`` in [1, 30]
+        and ``M0 > 2^30`` it runs as one shift: ``floor((floor(a / 2^31) + c) / 2^r) =
+        floor((a + c 2^31) / 2^(31 + r))`` for integers, with ``a = acc M0 + 2^30`` and
+        ``c = 2^(r-1) - [acc < 0]`` (gemmlowp's rounding of a negative ``high``)."""
         if self._float and acc.numel():
             mn, mx = torch.aminmax(acc)
             if -(1 << 29) < int(mn) and int(mx) < 1 << 29:
-                return self._float_call(acc, stats)
+                out = self._float_call(acc, stats)
+                return out if as_float else out.to(torch.int64)
+        if acc.dtype != torch.int64:
+            acc = acc.to(torch.int64)
+        out = self._int_call(acc, stats)
+        return out.to(torch.float64) if as_float else out
+
+    def _int_call(self, acc: torch.Tensor, stats: OverflowStats) -> torch.Tensor:
         if self._merged:
             x = _saturate(acc, INT32_MIN, INT32_MAX, stats, "requantize")
             t = x * self._mul  # |t| < 2^62
@@ -216,7 +232,7 @@ class Requant:
         t.mul_(2.0**-22).floor_()
         t.addcmul_(x, self._m_hi)
         t.mul_(self._inv).floor_()
-        return _saturate(t, self.lo, self.hi, stats, "activation_clips").to(torch.int64)
+        return _saturate(t, self.lo, self.hi, stats, "activation_clips")
 
     def config(self) -> dict[str, int]:
         return {"lo": self.lo, "hi": self.hi}
@@ -255,14 +271,18 @@ class IntLayerNorm:
         lo, hi = qrange(bits, True)
         return cls(g, b, Requant.make(s_hat * s_g / out_scale, lo, hi), LN_FRAC_BITS)
 
-    def __call__(self, x: torch.Tensor, stats: OverflowStats) -> torch.Tensor:
-        """On float64 integers where the values allow (16-bit inputs: ``|y| < 2^17``,
-        ``sum y^2 < 2^46``, ``|y floor(2^31 / std)| < 2^34`` since ``|y| <= std``), the
-        per-row mean and square root in int64."""
+    def __call__(
+        self, x: torch.Tensor, stats: OverflowStats, as_float: bool = False
+    ) -> torch.Tensor:
+        """On float64 integers (16-bit inputs: ``|y| < 2^17``, ``sum y^2 < 2^46``, ``|y
+        floor(2^31 / std)| < 2^34`` since ``|y| <= std``; the row sum and the floor of its
+        quotient by ``C`` are exact below 2^52), the square root in int64. ``x``: int64
+        or float64 integers; ``as_float``: see ``Requant``."""
         n = x.shape[-1]
-        total = x.sum(dim=-1, keepdim=True)  # (..., 1) int64
-        mean = torch.div(total + n // 2, n, rounding_mode="floor")
-        y = (x - mean).to(torch.float64)  # (..., C)
+        y = x.to(torch.float64)
+        total = y.sum(dim=-1, keepdim=True)  # (..., 1), exact
+        mean = torch.floor_((total + n // 2) / n)
+        y = y - mean  # (..., C)
         var = (y * y).sum(dim=-1, keepdim=True)  # exact: checked below
         if float(var.max()) >= 2.0**52:
             raise ValueError("IntLayerNorm: the variance left the exact float64 range")
@@ -273,7 +293,7 @@ class IntLayerNorm:
         y *= self._g
         y += self._b
         acc = _saturate(y, INT32_MIN, INT32_MAX, stats, "accumulator")
-        return self.rq(acc.to(torch.int64), stats)
+        return self.rq(acc, stats, as_float)
 
     def config(self) -> dict[str, Any]:
         return {"frac_bits": self.frac_bits, **self.rq.config()}
@@ -380,33 +400,47 @@ class IntBlock(_Composite):
     kind = "vit_block"
 
     def forward(self, x: torch.Tensor, stats: OverflowStats) -> torch.Tensor:
+        """Int64 in and out; inside, float64 tensors holding the integers (every value and
+        partial sum an integer below 2^53, checked at conversion), so that no op converts
+        back and forth."""
         c = self.consts
         B, N, C = x.shape
         H, D = c["num_heads"], c["head_dim"]
-        rq, ln, ch = self.requants, self.norms, self.children
-        flat = x.reshape(B * N, C)
-        h = ln["norm1"](flat, stats)  # (B N, C) activation_bits
-        qkv = rq["qkv"](ch["qkv"].forward(h, stats), stats)  # (B N, 3C)
+        rq, ln = self.requants, self.norms
+        flat = x.reshape(B * N, C).to(torch.float64)
+        h = ln["norm1"](flat, stats, True)  # (B N, C) activation_bits
+        qkv = rq["qkv"](self._affine("qkv", h, stats), stats, True)  # (B N, 3C)
         qkv = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = _matmul_exact(q, k.transpose(-2, -1))  # (B, H, N, N) at S_q S_k
+        scores = torch.matmul(q, k.transpose(-2, -1))  # (B, H, N, N) at S_q S_k, exact
         scores = _saturate(scores, INT32_MIN, INT32_MAX, stats, "accumulator")
-        prob = softmax_int(scores, c["exp"], c["prob_bits"], stats)  # (B, H, N, N) at 2^-16
-        o = _matmul_exact(prob, v)  # (B, H, N, D) at 2^-16 S_v
+        prob = softmax_int(scores, c["exp"], c["prob_bits"], stats, as_float=True)  # 2^-16
+        o = torch.matmul(prob, v)  # (B, H, N, D) at 2^-16 S_v, exact
         o = _saturate(o, INT32_MIN, INT32_MAX, stats, "accumulator")
-        o = rq["attn_out"](o, stats).transpose(1, 2).reshape(B * N, C)  # (B N, C)
-        a = ch["proj"].forward(o, stats)  # (B N, C) int32
-        flat = self._add(flat, a, "res1", stats)
-        h = ln["norm2"](flat, stats)
-        u = rq["fc1"](ch["fc1"].forward(h, stats), stats)  # (B N, hidden) 16-bit
-        g = rq["gelu"](gelu_int(u, c["gelu"]), stats)  # activation_bits
-        m = ch["fc2"].forward(g, stats)  # (B N, C) int32
-        flat = self._add(flat, m, "res2", stats)
-        return flat.reshape(B, N, C)
+        o = rq["attn_out"](o, stats, True).transpose(1, 2).reshape(B * N, C)  # (B N, C)
+        flat = self._add(flat, self._affine("proj", o, stats), "res1", stats)
+        h = ln["norm2"](flat, stats, True)
+        u = rq["fc1"](self._affine("fc1", h, stats), stats, True)  # (B N, hidden) 16-bit
+        g = rq["gelu"](gelu_int(u, c["gelu"], as_float=True), stats, True)  # activation_bits
+        flat = self._add(flat, self._affine("fc2", g, stats), "res2", stats)
+        return flat.to(torch.int64).reshape(B, N, C)
+
+    def _affine(self, name: str, x: torch.Tensor, stats: OverflowStats) -> torch.Tensor:
+        """``IntLinear.forward`` of child ``name`` (int32 accumulator, no requantization) on
+        float64 integers: the weights read with saturation, ``x w^T + b`` exact below
+        2^53 (checked at conversion), the accumulator saturated to int32."""
+        op = self.children[name]
+        w, b = op._read_params(stats)
+        acc = x @ w.to(torch.float64).T  # (B N, C_out)
+        if b is not None:
+            acc += b.to(torch.float64)
+        return _saturate(acc, INT32_MIN, INT32_MAX, stats, "accumulator")
 
     def _add(self, x: torch.Tensor, acc: torch.Tensor, name: str, stats: OverflowStats):
         """Residual add with rescaling: both to the output scale, sum, saturate."""
-        s = self.requants[f"{name}_x"](x, stats) + self.requants[f"{name}_a"](acc, stats)
+        s = self.requants[f"{name}_x"](x, stats, True) + self.requants[f"{name}_a"](
+            acc, stats, True
+        )
         lo, hi = qrange(self.consts["bits"], True)
         return _saturate(s, lo, hi, stats, "activation_clips")
 
@@ -542,6 +576,9 @@ class _Builder:
         else:
             op = IntLinear(**common)
         op.check_exact(in_qmax, w_q[0].numel())
+        _, wmax = qrange(self.weight_bits)
+        if wmax * in_qmax * w_q[0].numel() + (1 << 31) >= _EXACT_LIMIT:
+            raise ValueError(f"{type(mod).__name__}: the accumulator plus bias can pass 2^53")
         return op
 
     @staticmethod
