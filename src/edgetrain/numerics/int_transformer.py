@@ -310,12 +310,6 @@ class IntLayerNorm:
         return cls(arrays["g"], arrays["b"], rq, cfg["frac_bits"])
 
 
-def _matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of integer tensors as a float64 matmul; exact because the caller checked
-    ``K max|a| max|b| < 2^53`` at conversion."""
-    return torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int64)
-
-
 class _Composite(IntOp):
     """An integer op made of named parts: affine children (trainable ``IntLinear`` /
     ``IntConv2d``), requantizers, LayerNorms, integer tables and JSON constants. Export
@@ -357,9 +351,6 @@ class _Composite(IntOp):
         for k, n in self.norms.items():
             out.update({f"ln.{k}.{a}": t for a, t in n.arrays().items()})
         return out
-
-    def array_names(self) -> list[str]:
-        return list(self.arrays())
 
     @classmethod
     def from_parts(
