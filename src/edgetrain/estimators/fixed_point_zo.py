@@ -603,7 +603,9 @@ def fixed_point_zo() -> Recipe:
     grid of twice the largest weight (one bit of headroom); both ours. Runs on chain
     models (MLP, CNN with BN folded) and on the ViT (its integer-only transformer ops,
     edgetrain.numerics.int_transformer; the Linear/Conv weights and biases train, the
-    LayerNorm affine, CLS token and position table stay at their converted values)."""
+    LayerNorm affine, CLS token and position table stay at their converted values; on
+    mnist-to-digits, 300 steps, seed 0: 40.9% -> 77.4% for the integer ViT, float MeZO
+    66.2%, benchmarks/intvit.py)."""
     return Recipe(
         name="fixed_point_zo",
         estimator=EstimatorSpec(kind="zo", eps=1e-3, queries=4, direction="gaussian"),
