@@ -58,10 +58,19 @@ Bit widths, and what we chose where the paper is silent or does otherwise
   integer std is clamped at 1.
 * Activation scales come from ``max |a|`` over the calibration batch on the float model.
 
-Every op runs on int64 tensors with integer ``+ - * // >> <<``; dot products of integer
-tensors run as float64 matmuls where every partial sum is an integer below 2^53 (checked
-at conversion), so they are exact and order-independent. Python floats appear only at
-conversion (scales, multipliers, the integer constants of i-exp / i-GELU).
+* The softmax input, the int32 ``Q K^T`` accumulator, is shifted right until ``floor(ln2 /
+  S)`` lies in [2^11, 2^12) (I-BERT's reference code requantizes it to 16 bits first).
+
+Every op is integer ``+ - * // >> <<`` arithmetic. The simulator carries the integers in
+float64 tensors wherever every value and intermediate is an integer below 2^53 (checked
+at conversion or at run time), where that arithmetic is exact and, unlike int64 multiply
+and arithmetic shift on x86 before AVX-512, vectorized: the dot products (exact whatever
+the summation order), i-exp / i-Softmax / i-GELU / i-LayerNorm, and the gemmlowp
+requantization (``Requant``: the multiplier split in two, bit for bit against the
+literal int64 form, which runs where ``|acc| >= 2^29``). Shifts are floors of products
+with exact powers of two. Python floats appear only at conversion (scales, multipliers,
+the integer constants of i-exp / i-GELU). ``edgetrain.numerics.int_reference`` runs the
+same ops in numpy int64 only and agrees bit for bit.
 
 The model declares its layout (the core never imports ``edgetrain.models``):
 ``integer_layout = {"kind": "pre_norm_vit", "pool": "cls"}`` on the model class says it
