@@ -54,15 +54,19 @@ def test_requant_fast_paths_are_gemmlowp_bit_for_bit():
     per channel, equal gemmlowp's MultiplyByQuantizedMultiplier (a literal Python
     transcription), for small and large accumulators, shifts 0 and left shifts included."""
     g = _gen(0)
-    reals = torch.tensor([3e-7, 1.7e-4, 0.0123, 0.25, 0.3, 0.5, 0.75, 1.9, 2.0**-9])
+    reals = torch.tensor(
+        [1e-8, 3e-7, 2.2e-7, 1.7e-4, 0.0123, 0.25, 0.3, 0.5, 0.75, 1.9, 3.0, 2.0**-9],
+        dtype=torch.float64,
+    )
+    n = len(reals)
     acc = torch.cat(
         [
-            torch.randint(-3000, 3000, (64, 9), generator=g),
-            torch.randint(-(1 << 29) + 1, 1 << 29, (64, 9), generator=g),
-            torch.randint(INT32_MIN, INT32_MAX, (64, 9), generator=g),
-            torch.tensor([[0] * 9, [-1] * 9, [1] * 9, [INT32_MAX] * 9, [INT32_MIN] * 9]),
+            torch.randint(-3000, 3000, (64, n), generator=g),
+            torch.randint(-(1 << 27) + 1, 1 << 27, (64, n), generator=g),
+            torch.randint(INT32_MIN, INT32_MAX, (64, n), generator=g),
+            torch.tensor([[0] * n, [-1] * n, [1] * n, [INT32_MAX] * n, [INT32_MIN] * n]),
         ]
-    )  # (197, 9): column c at multiplier reals[c]
+    )  # (197, n): column c at multiplier reals[c]
     per_channel = Requant.make(reals, INT32_MIN, INT32_MAX)
     out = per_channel(acc, OverflowStats())
     for c, real in enumerate(reals.tolist()):
@@ -71,9 +75,14 @@ def test_requant_fast_paths_are_gemmlowp_bit_for_bit():
         assert out[:, c].tolist() == expected, real
         scalar = Requant.make(real, INT32_MIN, INT32_MAX)(acc[:, c], OverflowStats())
         assert scalar.tolist() == expected, real
-        small = acc[:128, c]  # |acc| < 2^29: the float64 form where the shift allows
-        assert Requant.make(real, INT32_MIN, INT32_MAX)(small, OverflowStats()).tolist() == [
+        fast = Requant.make(real, INT32_MIN, INT32_MAX)
+        assert fast._float == (m0 > 1 << 30 or shift >= 0)  # all but M0 = 2^30 take it
+        small = acc[:128, c]  # |acc| < 2^27: the float64 form
+        assert fast(small, OverflowStats()).tolist() == [
             _ref_requantize(int(a), m0, shift) for a in small
+        ]
+        assert fast(small.double(), OverflowStats(), as_float=True).tolist() == [
+            float(_ref_requantize(int(a), m0, shift)) for a in small
         ]
     m0, shift = per_channel.m0, per_channel.shift
     assert torch.equal(multiply_by_quantized_multiplier(acc, m0, shift, OverflowStats()), out)

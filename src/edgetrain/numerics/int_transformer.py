@@ -165,18 +165,23 @@ class Requant:
         self._k = int(self._k) if scalar else self._k
         self._r = right + 31
         self._r = int(self._r) if scalar else self._r
-        # float64 form of the one-shift form (right shifts <= 21): M0 = m_hi 2^22 + m_lo;
-        # a right shift of 0 is the doubling high multiply alone (no [acc < 0] term)
+        # The float64 form (``_float_call``): any right shift up to 30 with M0 > 2^30 (or
+        # no right shift), left shifts up to 20 on correspondingly smaller accumulators.
+        left = shift.clamp(min=0)
+        max_left = int(left.max()) if left.numel() else 0
         self._float = (
-            not self._left
-            and bool((right <= 21).all())
+            max_left <= 20
+            and bool((right <= 30).all())
             and bool(((m0 > 1 << 30) | (right == 0)).all())
         )
+        self._bound = 1 << (29 - max(max_left, 0))
         f64 = torch.float64
+        self._pre = torch.ldexp(torch.ones_like(left, dtype=f64), left) if max_left else None
         self._m_lo = (m0 & ((1 << 22) - 1)).to(f64)
         self._m_hi = (m0 >> 22).to(f64)
-        self._k_pos = ((1 << 30) + (half << 31)).to(f64)
+        self._k_pos = torch.full_like(m0, 1 << 30, dtype=f64)
         self._k_neg = self._k_pos - 2.0**31 * (right > 0).to(f64)
+        self._k2 = (half << 9).to(f64)
         self._inv = torch.ldexp(torch.ones_like(right, dtype=f64), -(right + 9))
 
     @classmethod
@@ -198,7 +203,7 @@ class Requant:
         ``c = 2^(r-1) - [acc < 0]`` (gemmlowp's rounding of a negative ``high``)."""
         if self._float and acc.numel():
             mn, mx = torch.aminmax(acc)
-            if -(1 << 29) < int(mn) and int(mx) < 1 << 29:
+            if -self._bound < int(mn) and int(mx) < self._bound:
                 out = self._float_call(acc, stats)
                 return out if as_float else out.to(torch.int64)
         if acc.dtype != torch.int64:
@@ -233,16 +238,20 @@ class Requant:
         return _saturate(high, self.lo, self.hi, stats, "activation_clips")
 
     def _float_call(self, acc: torch.Tensor, stats: OverflowStats) -> torch.Tensor:
-        """The one-shift form on float64 integers, for ``|acc| < 2^29`` (int64 arithmetic
-        is not vectorized on x86 before AVX-512; float64 is): with ``M0 = m_hi 2^22 +
-        m_lo``, ``floor((acc M0 + K) / 2^(31+r)) = floor((acc m_hi + floor((acc m_lo + K)
-        / 2^22)) / 2^(9+r))``; ``|acc m_lo| < 2^51`` and ``K < 2^52`` keep every step an
-        exact integer."""
+        """The one-shift form on float64 integers, for ``|acc 2^left| < 2^29`` (int64
+        arithmetic is not vectorized on x86 before AVX-512; float64 is). With ``M0 = m_hi
+        2^22 + m_lo`` and ``x = acc 2^left`` (no int32 saturation possible there):
+        ``floor((x M0 + 2^30 + (h - n) 2^31) / 2^(31+r)) = floor((x m_hi + h 2^9 +
+        floor((x m_lo + 2^30 - n 2^31) / 2^22)) / 2^(9+r))`` (``h = 2^(r-1)``, ``n = [x <
+        0]``, both 0 when ``r = 0``): ``|x m_lo| < 2^51``, every step an exact integer."""
         x = acc.to(torch.float64)
+        if self._pre is not None:
+            x = x * self._pre
         k = torch.where(x < 0, self._k_neg, self._k_pos)
         t = torch.addcmul(k, x, self._m_lo)
         t.mul_(2.0**-22).floor_()
         t.addcmul_(x, self._m_hi)
+        t += self._k2
         t.mul_(self._inv).floor_()
         return _saturate(t, self.lo, self.hi, stats, "activation_clips")
 
