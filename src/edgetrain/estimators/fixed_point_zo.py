@@ -565,13 +565,18 @@ class FixedPointZO(Estimator):
 
 def chain_model_reason(model: nn.Module) -> str | None:
     """Why fixed-point numerics cannot convert ``model`` (a copy is converted on zeros of
-    its ``input_shape``), or None: they take chains of Linear/Conv/ReLU/pool layers."""
+    its ``input_shape``), or None: they take chains of Linear/Conv/ReLU/pool layers and
+    models that declare ``integer_layout`` (edgetrain's ViT,
+    ``edgetrain.numerics.int_transformer``)."""
     if getattr(model, "input_shape", None) is None:
-        return "fixed-point numerics convert chain models of a fixed input_shape"
+        return "fixed-point numerics convert models of a fixed input_shape"
     try:
         convert(copy.deepcopy(model).eval(), torch.zeros(2, *model.input_shape))
     except (TypeError, ValueError, NotImplementedError) as err:
-        return f"fixed-point numerics need a chain of Linear/Conv/ReLU/pool layers: {err}"
+        return (
+            "fixed-point numerics need a chain of Linear/Conv/ReLU/pool layers or a model "
+            f"that declares integer_layout (edgetrain's ViT): {err}"
+        )
     return None
 
 
@@ -596,7 +601,11 @@ def fixed_point_zo() -> Recipe:
     reached 86.3%, Rademacher 85.3%. The update is sign(l+ - l-) z averaged over the
     directions (``sign_rule="projected"``). Weight scales per output channel, a weight
     grid of twice the largest weight (one bit of headroom); both ours. Runs on chain
-    models (MLP, CNN with BN folded), not the ViT."""
+    models (MLP, CNN with BN folded) and on the ViT (its integer-only transformer ops,
+    edgetrain.numerics.int_transformer; the Linear/Conv weights and biases train, the
+    LayerNorm affine, CLS token and position table stay at their converted values; on
+    mnist-to-digits, 300 steps, seed 0: 40.9% -> 77.4% for the integer ViT, float MeZO
+    66.2%, benchmarks/intvit.py)."""
     return Recipe(
         name="fixed_point_zo",
         estimator=EstimatorSpec(kind="zo", eps=1e-3, queries=4, direction="gaussian"),

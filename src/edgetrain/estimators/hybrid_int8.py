@@ -116,6 +116,7 @@ from edgetrain.seeding import make_generator
 __all__ = ["ElasticZOInt8", "ERROR_QMAX"]
 
 _TAIL_ROUND_PATH = 3  # seed sub-path of the tail update's stochastic rounding
+_CHAIN_OPS = (_IntAffine, IntReLU, IntFlatten, IntAvgPool)  # the ops of the integer backward
 
 
 @dataclass
@@ -205,6 +206,8 @@ class ElasticZOInt8(FixedPointZO):
     def _set_int_model(self, int_model: IntModel) -> None:
         """Cut the integer ops: the front's trainables go to FixedPointZO's machinery,
         the tail's to the integer backprop."""
+        if any(not isinstance(op, _CHAIN_OPS) for op in int_model.ops):
+            raise ValueError(TRANSFORMER_REASON)
         blocks = scope_mod.find_blocks(self.model)
         block_of = {id(m): i for i, b in enumerate(blocks) for m in b.modules()}
         ops = int_model.ops
@@ -569,10 +572,23 @@ class ElasticZOInt8(FixedPointZO):
 # --- the axis hooks -----------------------------------------------------------------------
 
 
+TRANSFORMER_REASON = (
+    "ElasticZO-INT8's fixed-point integer backward runs through chain ops only (Linear, "
+    "Conv2d, ReLU, pooling, flatten); this model converts to integer transformer ops "
+    "(edgetrain.numerics.int_transformer: IntBlock's i-LayerNorm, i-Softmax and i-GELU, "
+    "IntPoolNorm's i-LayerNorm) that have no integer backward here. fixed_point_zo trains "
+    "it with integer forwards only"
+)
+
+
 def applicable(recipe: Recipe, model: nn.Module) -> str | None:
     """Why ``model`` cannot run ElasticZO-INT8 as an integer chain, or None (the cut is
-    the hybrid module's check)."""
-    return chain_model_reason(model)
+    the hybrid module's check). A model that converts to transformer ops (the ViT) is
+    refused: the tail's integer backward has no rule for i-LayerNorm."""
+    reason = chain_model_reason(model)
+    if reason is None and getattr(model, "integer_layout", None) is not None:
+        return TRANSFORMER_REASON
+    return reason
 
 
 # --- presets ------------------------------------------------------------------------------
@@ -584,7 +600,8 @@ def elastic_zo_int8() -> Recipe:
     8-bit weights (one scale per tensor) and 8-bit activations; the first block trains by
     integer ZO (Rademacher perturbations, stochastically rounded integer ZO-SGD update),
     the rest and the head by an 8-bit integer backward with integer SGD. Runs on chain
-    models (MLP, CNN with BN folded), not the ViT. Tuned on mnist-to-digits (MLP, 1000
+    models (MLP, CNN with BN folded), not the ViT (its integer transformer ops have no
+    integer backward: ``applicable`` says so). Tuned on mnist-to-digits (MLP, 1000
     steps, batch 32, from 65.7%): 95.9% test accuracy (float elastic_zo with the same cut:
     96.7%, mezo: 84.1%); zo_lr 1e-4 (SGD) or sign at 1e-3 also trained; zo_lr above
     ~1e-4 saturates the 8-bit front weights. Its integer footprint

@@ -19,6 +19,11 @@ that edgetrain.backward reads by duck typing (the core never imports this module
   channel groups.
 * ``token_linears`` (on :class:`Attention` and :class:`MLPBlock`): the names of the Linear
   children applied token by token on the patch grid; LBP-WHT swaps them.
+* ``integer_layout = {"kind": "pre_norm_vit", "pool": "cls"}`` (on :class:`ViT`): the
+  fixed-point converter (``edgetrain.numerics.convert``, which dispatches to
+  ``edgetrain.numerics.int_transformer``) builds the integer-only model from
+  ``patch_embed``, ``cls_token``, ``pos_embed``, the blocks' ``norm1``/``attn``/``norm2``/
+  ``mlp``, ``norm`` and ``head``.
 """
 
 from __future__ import annotations
@@ -99,6 +104,10 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
+    # The integer converter (edgetrain.numerics.int_transformer) reads this: patch_embed,
+    # cls_token, pos_embed, pre-norm blocks, norm, head on the CLS token (module doc).
+    integer_layout = {"kind": "pre_norm_vit", "pool": "cls"}
+
     def __init__(
         self,
         image_size: int = 28,

@@ -49,6 +49,7 @@ from edgetrain.numerics.fixed_point import (
     IntReLU,
     _IntAffine,
 )
+from edgetrain.numerics.int_transformer import COMPOSITE_TYPES
 from edgetrain.numerics.quant import qrange
 
 __all__ = [
@@ -94,25 +95,47 @@ def int_model_arrays(model: IntModel) -> tuple[dict[str, Any], dict[str, np.ndar
     w_dtype = np.int8 if model.weight_bits <= 8 else np.int16
     for i, op in enumerate(model.ops):
         manifest["ops"].append({"kind": op.kind, "config": op.config()})
-        if not isinstance(op, _IntAffine):
-            continue
-        qmin, qmax = qrange(op.weight_bits)
-        w = op.weight
-        if bool((w < qmin).any() or (w > qmax).any()):
-            raise ValueError(
-                f"op {i}: weights outside the {op.weight_bits}-bit range (export called while "
-                "a perturbation was applied?)"
-            )
-        arrays[f"op{i}.weight"] = w.numpy().astype(w_dtype)
-        if op.bias is not None:
-            b = op.bias.clamp(INT32_MIN, INT32_MAX)
-            arrays[f"op{i}.bias"] = b.numpy().astype(np.int32)
-        arrays[f"op{i}.w_scale"] = op.w_scale.numpy().astype(np.float64)
-        arrays[f"op{i}.multiplier"] = op.multiplier.numpy().astype(np.int32)
-        arrays[f"op{i}.shift"] = op.shift.numpy().astype(np.int32)
-        arrays[f"op{i}.input_zero_point"] = np.zeros((), dtype=np.int32)
-        arrays[f"op{i}.output_zero_point"] = np.zeros((), dtype=np.int32)
+        if isinstance(op, _IntAffine):
+            arrays.update(_affine_arrays(op, f"op{i}.", w_dtype, f"op {i}"))
+        elif op.kind in _composites():
+            for name, child in op.children.items():
+                arrays.update(_affine_arrays(child, f"op{i}.{name}.", w_dtype, f"op {i}.{name}"))
+            for name, t in op.arrays().items():
+                arrays[f"op{i}.{name}"] = _int_array(t)
     return manifest, arrays
+
+
+def _composites() -> dict[str, Any]:
+    """The transformer ops (edgetrain.numerics.int_transformer)."""
+    return COMPOSITE_TYPES
+
+
+def _int_array(t: torch.Tensor) -> np.ndarray:
+    """An integer tensor as the narrowest of int32 / int64 that holds it."""
+    a = t.numpy()
+    if a.size and (a.min() < INT32_MIN or a.max() > INT32_MAX):
+        return a.astype(np.int64)
+    return a.astype(np.int32)
+
+
+def _affine_arrays(op: _IntAffine, prefix: str, w_dtype: Any, where: str) -> dict[str, np.ndarray]:
+    qmin, qmax = qrange(op.weight_bits)
+    w = op.weight
+    if bool((w < qmin).any() or (w > qmax).any()):
+        raise ValueError(
+            f"{where}: weights outside the {op.weight_bits}-bit range (export called while "
+            "a perturbation was applied?)"
+        )
+    arrays = {f"{prefix}weight": w.numpy().astype(w_dtype)}
+    if op.bias is not None:
+        b = op.bias.clamp(INT32_MIN, INT32_MAX)
+        arrays[f"{prefix}bias"] = b.numpy().astype(np.int32)
+    arrays[f"{prefix}w_scale"] = op.w_scale.numpy().astype(np.float64)
+    arrays[f"{prefix}multiplier"] = op.multiplier.numpy().astype(np.int32)
+    arrays[f"{prefix}shift"] = op.shift.numpy().astype(np.int32)
+    arrays[f"{prefix}input_zero_point"] = np.zeros((), dtype=np.int32)
+    arrays[f"{prefix}output_zero_point"] = np.zeros((), dtype=np.int32)
+    return arrays
 
 
 def export_int(model: IntModel, path: str | os.PathLike[str]) -> None:
@@ -177,13 +200,24 @@ def _missing_arrays(manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
         if kind not in OP_TYPES:
             missing.append(f"op{i} (unknown kind {kind!r})")
             continue
-        if kind not in ("linear", "conv2d"):
-            continue
-        names = ["weight", "w_scale", "multiplier", "shift"]
-        if spec.get("config", {}).get("has_bias"):
-            names.append("bias")
-        missing += [f"op{i}.{n}" for n in names if f"op{i}.{n}" not in arrays]
+        if kind in ("linear", "conv2d"):
+            missing += _missing_affine(spec.get("config", {}), f"op{i}.", arrays)
+        elif kind in _composites():
+            cfg = spec.get("config", {})
+            for name, child in cfg.get("children", {}).items():
+                missing += _missing_affine(child.get("config", {}), f"op{i}.{name}.", arrays)
+            own = [f"table.{t}" for t in cfg.get("tables", [])]
+            own += [f"rq.{r}.{a}" for r in cfg.get("requants", {}) for a in ("m0", "shift")]
+            own += [f"ln.{n}.{a}" for n in cfg.get("norms", {}) for a in ("g", "b", "m0", "shift")]
+            missing += [f"op{i}.{n}" for n in own if f"op{i}.{n}" not in arrays]
     return missing
+
+
+def _missing_affine(cfg: dict[str, Any], prefix: str, arrays: dict[str, np.ndarray]) -> list[str]:
+    names = ["weight", "w_scale", "multiplier", "shift"]
+    if cfg.get("has_bias"):
+        names.append("bias")
+    return [f"{prefix}{n}" for n in names if f"{prefix}{n}" not in arrays]
 
 
 def load_int(path: str | os.PathLike[str]) -> IntModel:
@@ -206,33 +240,20 @@ def int_model_from_arrays(manifest: dict[str, Any], arrays: dict[str, np.ndarray
         if kind not in OP_TYPES:
             raise ValueError(f"Unknown op kind {kind!r} in an {FORMAT} manifest")
         if kind in ("linear", "conv2d"):
-            has_bias = cfg.pop("has_bias")
-            common = dict(
-                weight=torch.from_numpy(arrays[f"op{i}.weight"].astype(np.int32)),
-                bias=(
-                    torch.from_numpy(arrays[f"op{i}.bias"].astype(np.int64)) if has_bias else None
-                ),
-                w_scale=torch.from_numpy(arrays[f"op{i}.w_scale"].astype(np.float64)),
-                multiplier=torch.from_numpy(arrays[f"op{i}.multiplier"].astype(np.int64)),
-                shift=torch.from_numpy(arrays[f"op{i}.shift"].astype(np.int64)),
-                in_scale=cfg["in_scale"],
-                out_scale=cfg["out_scale"],
-                weight_bits=cfg["weight_bits"],
-                relu=cfg["relu"],
-                out_qmin=cfg["out_qmin"],
-                out_qmax=cfg["out_qmax"],
-            )
-            if kind == "linear":
-                ops.append(IntLinear(**common))
-            else:
-                ops.append(
-                    IntConv2d(
-                        **common,
-                        stride=tuple(cfg["stride"]),
-                        padding=tuple(cfg["padding"]),
-                        dilation=tuple(cfg["dilation"]),
-                    )
-                )
+            ops.append(_affine_from_arrays(kind, cfg, arrays, f"op{i}."))
+        elif kind in _composites():
+            prefix = f"op{i}."
+            children = {
+                name: _affine_from_arrays(c["kind"], dict(c["config"]), arrays, f"{prefix}{name}.")
+                for name, c in cfg["children"].items()
+            }
+            child_prefixes = tuple(f"{prefix}{name}." for name in children)
+            own = {
+                k[len(prefix) :]: torch.from_numpy(v.astype(np.int64))
+                for k, v in arrays.items()
+                if k.startswith(prefix) and not k.startswith(child_prefixes)
+            }
+            ops.append(_composites()[kind].from_parts(cfg, own, children))
         elif kind == "avgpool":
             k = cfg["kernel"]
             ops.append(IntAvgPool(kernel=None if k is None else (int(k[0]), int(k[1]))))
@@ -247,6 +268,34 @@ def int_model_from_arrays(manifest: dict[str, Any], arrays: dict[str, np.ndarray
         weight_bits=manifest["weight_bits"],
         activation_bits=manifest["activation_bits"],
         per_channel=manifest["per_channel"],
+    )
+
+
+def _affine_from_arrays(
+    kind: str, cfg: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str
+) -> _IntAffine:
+    cfg = dict(cfg)
+    has_bias = cfg.pop("has_bias")
+    common = dict(
+        weight=torch.from_numpy(arrays[f"{prefix}weight"].astype(np.int32)),
+        bias=(torch.from_numpy(arrays[f"{prefix}bias"].astype(np.int64)) if has_bias else None),
+        w_scale=torch.from_numpy(arrays[f"{prefix}w_scale"].astype(np.float64)),
+        multiplier=torch.from_numpy(arrays[f"{prefix}multiplier"].astype(np.int64)),
+        shift=torch.from_numpy(arrays[f"{prefix}shift"].astype(np.int64)),
+        in_scale=cfg["in_scale"],
+        out_scale=cfg["out_scale"],
+        weight_bits=cfg["weight_bits"],
+        relu=cfg["relu"],
+        out_qmin=cfg["out_qmin"],
+        out_qmax=cfg["out_qmax"],
+    )
+    if kind == "linear":
+        return IntLinear(**common)
+    return IntConv2d(
+        **common,
+        stride=tuple(cfg["stride"]),
+        padding=tuple(cfg["padding"]),
+        dilation=tuple(cfg["dilation"]),
     )
 
 
@@ -284,6 +333,30 @@ def _np_conv(x: np.ndarray, w: np.ndarray, stride, padding, dilation) -> np.ndar
     return np.einsum("bchwij,ocij->bohw", win, w, dtype=np.int64)  # (B, C_out, H', W')
 
 
+def np_affine(
+    kind: str, cfg: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str, x: np.ndarray, count
+) -> np.ndarray:
+    """A Linear (on the last dimension) or Conv2d op of an exported file, numpy int64."""
+    w = arrays[f"{prefix}weight"].astype(np.int64)
+    if kind == "linear":
+        acc = x @ w.T  # (..., C_out), exact int64
+        view = (-1,)
+    else:
+        acc = _np_conv(x, w, cfg["stride"], cfg["padding"], cfg["dilation"])
+        view = (1, -1, 1, 1)
+    if cfg["has_bias"]:
+        acc = acc + arrays[f"{prefix}bias"].astype(np.int64).reshape(view)
+    acc = _np_saturate(acc, INT32_MIN, INT32_MAX, count)
+    if cfg["out_scale"] is None:
+        return np.maximum(acc, 0) if cfg["relu"] else acc
+    m0 = arrays[f"{prefix}multiplier"].astype(np.int64).reshape(view)
+    shift = arrays[f"{prefix}shift"].astype(np.int64).reshape(view)
+    y = _np_requantize(acc, m0, shift, count)
+    if cfg["relu"]:
+        y = np.maximum(y, 0)
+    return np.clip(y, cfg["out_qmin"], cfg["out_qmax"])
+
+
 def run_integer_reference(path: str | os.PathLike[str], x_q: np.ndarray) -> tuple[np.ndarray, int]:
     """Run an exported model on integer input ``x_q`` using numpy int64 arithmetic only.
     Returns the integer output and the number of int32 saturations on the way."""
@@ -293,25 +366,11 @@ def run_integer_reference(path: str | os.PathLike[str], x_q: np.ndarray) -> tupl
     for i, spec in enumerate(manifest["ops"]):
         kind, cfg = spec["kind"], spec["config"]
         if kind in ("linear", "conv2d"):
-            w = arrays[f"op{i}.weight"].astype(np.int64)
-            if kind == "linear":
-                acc = x @ w.T  # (B, C_out), exact int64
-                view = (1, -1)
-            else:
-                acc = _np_conv(x, w, cfg["stride"], cfg["padding"], cfg["dilation"])
-                view = (1, -1, 1, 1)
-            if cfg["has_bias"]:
-                acc = acc + arrays[f"op{i}.bias"].astype(np.int64).reshape(view)
-            acc = _np_saturate(acc, INT32_MIN, INT32_MAX, count)
-            if cfg["out_scale"] is None:
-                x = np.maximum(acc, 0) if cfg["relu"] else acc
-                continue
-            m0 = arrays[f"op{i}.multiplier"].astype(np.int64).reshape(view)
-            shift = arrays[f"op{i}.shift"].astype(np.int64).reshape(view)
-            y = _np_requantize(acc, m0, shift, count)
-            if cfg["relu"]:
-                y = np.maximum(y, 0)
-            x = np.clip(y, cfg["out_qmin"], cfg["out_qmax"])
+            x = np_affine(kind, cfg, arrays, f"op{i}.", x, count)
+        elif kind in COMPOSITE_TYPES:
+            from edgetrain.numerics.int_reference import run_composite
+
+            x = run_composite(kind, cfg, arrays, f"op{i}.", x, count)
         elif kind == "avgpool":
             B, C, H, W = x.shape
             kh, kw = (H, W) if cfg["kernel"] is None else cfg["kernel"]

@@ -113,12 +113,16 @@ class OverflowStats:
 
 
 def _saturate(x: torch.Tensor, lo: int, hi: int, stats: OverflowStats, what: str) -> torch.Tensor:
-    """Clamp ``x`` to ``[lo, hi]`` and add the number of clamped elements to ``stats``."""
+    """Clamp ``x`` to ``[lo, hi]`` and add the number of clamped elements to ``stats``.
+    One min/max pass when nothing is out of range (the common case)."""
+    if not x.numel():
+        return x
+    mn, mx = torch.aminmax(x)
+    if int(mn) >= lo and int(mx) <= hi:
+        return x
     outside = int(((x < lo) | (x > hi)).sum())
-    if outside:
-        setattr(stats, what, getattr(stats, what) + outside)
-        x = x.clamp(lo, hi)
-    return x
+    setattr(stats, what, getattr(stats, what) + outside)
+    return x.clamp(lo, hi)
 
 
 def quantize_multiplier(real: float) -> tuple[int, int]:
@@ -145,21 +149,31 @@ def multiply_by_quantized_multiplier(
 ) -> torch.Tensor:
     """gemmlowp's ``RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(acc << left,
     M0), right)`` on int64 tensors holding int32 values; ``m0`` and ``shift`` broadcast
-    against ``acc`` (one per output channel)."""
+    against ``acc`` (one per output channel).
+
+    Written with fewer passes than gemmlowp's scalar code, and equal to it bit for bit
+    (tests/test_fixed_point.py checks it against the literal transcription):
+    SaturatingRoundingDoublingHighMul is ``(x M0 + 2^30) >> 31`` (gemmlowp's nudge
+    ``1 - 2^30`` for a negative product followed by a truncating division is the same
+    floor; M0 is positive and < 2^31, so the int32-min * int32-min corner cannot occur),
+    and RoundingDivideByPOT (round half away from zero) is
+    ``(h + 2^(r-1) - [h < 0]) >> r`` for ``r >= 1``."""
     left = shift.clamp(min=0)
     right = (-shift).clamp(min=0, max=62)
-    x = torch.bitwise_left_shift(acc, left)
+    x = acc if not bool(left.any()) else torch.bitwise_left_shift(acc, left)
     x = _saturate(x, INT32_MIN, INT32_MAX, stats, "requantize")
-    # SaturatingRoundingDoublingHighMul: round(x * M0 / 2^31), ties away from zero. M0 is
-    # positive and < 2^31, so the int32-min * int32-min corner case cannot occur.
-    ab = x * m0  # |ab| < 2^62: exact in int64
-    nudge = torch.where(ab >= 0, 1 << 30, 1 - (1 << 30))
-    high = torch.div(ab + nudge, 1 << 31, rounding_mode="trunc")
-    # RoundingDivideByPOT: arithmetic shift right by `right`, rounding half away from zero.
-    mask = torch.bitwise_left_shift(torch.ones_like(right), right) - 1
-    remainder = torch.bitwise_and(high, mask)
-    threshold = torch.bitwise_right_shift(mask, 1) + (high < 0).to(torch.int64)
-    return torch.bitwise_right_shift(high, right) + (remainder > threshold).to(torch.int64)
+    high = x * m0  # |x M0| < 2^62: exact in int64
+    high += 1 << 30
+    high >>= 31
+    half = torch.bitwise_right_shift(torch.bitwise_left_shift(torch.ones_like(right), right), 1)
+    if bool((right > 0).all()):
+        neg = high < 0
+        high += half
+        high -= neg.to(torch.int64)
+    else:
+        neg = (high < 0) & (right > 0)
+        high = high + half - neg.to(torch.int64)
+    return torch.bitwise_right_shift(high, right)
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -182,6 +196,11 @@ class IntOp:
     def arrays(self) -> dict[str, torch.Tensor]:
         """Integer and scale tensors (for export and state dicts)."""
         return {}
+
+    def affine_ops(self) -> list[_IntAffine]:
+        """The trainable Linear / Conv2d ops inside a composite op (a transformer block of
+        ``edgetrain.numerics.int_transformer``), in forward order; none for a plain op."""
+        return []
 
 
 @dataclass(eq=False)
@@ -403,7 +422,11 @@ class IntModel:
         return scale
 
     def affine_ops(self) -> list[_IntAffine]:
-        return [op for op in self.ops if isinstance(op, _IntAffine)]
+        """Every Linear / Conv2d op in forward order, those inside composite ops too."""
+        out: list[_IntAffine] = []
+        for op in self.ops:
+            out += [op] if isinstance(op, _IntAffine) else op.affine_ops()
+        return out
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = qrange(self.activation_bits, self.input_signed)
@@ -527,7 +550,13 @@ def _trace_steps(model: nn.Module) -> list[_Step]:
         ):
             step = _Step("relu")
         else:
-            raise ValueError(f"Operation {node.op} {node.target} has no integer implementation")
+            where = node.stack_trace.strip().splitlines()[-1].strip() if node.stack_trace else ""
+            raise ValueError(
+                f"Operation {node.op} {getattr(node.target, '__name__', node.target)!r} (fx node "
+                f"{node.name!r}{', ' + where if where else ''}) has no integer implementation: "
+                "the integer converter takes chains of Linear/Conv2d/BatchNorm/ReLU/pooling/"
+                "flatten layers, or a model that declares integer_layout (edgetrain's ViT)"
+            )
         if step is not None:
             steps.append(step)
         prev = node
@@ -603,7 +632,9 @@ def convert(
     weight_headroom: float = 1.0,
 ) -> IntModel:
     """Build the IntModel of a float ``model`` (a chain of Linear / Conv2d [+ BatchNorm]
-    [+ ReLU], pooling and flatten layers: edgetrain's MLP and CNN, or an nn.Sequential).
+    [+ ReLU], pooling and flatten layers: edgetrain's MLP and CNN, or an nn.Sequential;
+    or a transformer that declares ``integer_layout``, edgetrain's ViT: see
+    ``edgetrain.numerics.int_transformer``).
 
     Activation scales come from ``max|a|`` over the ``calibration`` batch, observed on the
     float model with BatchNorm in inference form (running statistics; the model's
@@ -615,6 +646,17 @@ def convert(
     """
     if not weight_headroom >= 1.0:
         raise ValueError(f"Invalid weight_headroom: {weight_headroom} (must be >= 1)")
+    if getattr(model, "integer_layout", None) is not None:
+        from edgetrain.numerics.int_transformer import convert_transformer
+
+        return convert_transformer(
+            model,
+            calibration,
+            weight_bits=weight_bits,
+            activation_bits=activation_bits,
+            per_channel=per_channel,
+            weight_headroom=weight_headroom,
+        )
     steps = _trace_steps(model)
     groups = _group(steps)
     x = calibration.detach().to(torch.float64)
@@ -713,7 +755,12 @@ def attach_sources(int_model: IntModel, model: nn.Module) -> None:
     """Link each affine op of ``int_model`` (e.g. one read by ``load_int``) to the Linear /
     Conv2d (and folded BatchNorm) of the float ``model`` it corresponds to, in forward
     order, so that ``write_back`` can update the float model."""
-    groups = [g for g in _group(_trace_steps(model)) if g.step.kind in ("linear", "conv2d")]
+    if getattr(model, "integer_layout", None) is not None:
+        from edgetrain.numerics.int_transformer import affine_modules
+
+        groups = [_Group(_Step("linear", m)) for m in affine_modules(model)]
+    else:
+        groups = [g for g in _group(_trace_steps(model)) if g.step.kind in ("linear", "conv2d")]
     ops = int_model.affine_ops()
     if len(groups) != len(ops):
         raise ValueError(

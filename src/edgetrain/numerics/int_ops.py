@@ -86,6 +86,12 @@ __all__ = [
     "i_gelu",
     "i_exp",
     "i_softmax",
+    "exp_constants",
+    "softmax_constants",
+    "i_exp_int",
+    "softmax_int",
+    "gelu_constants",
+    "gelu_int",
     "isqrt",
     "i_layernorm",
     "int_matmul",
@@ -160,12 +166,54 @@ def i_erf(x: QTensor) -> QTensor:
     return QTensor(sgn * poly.q, poly.scale)
 
 
-def i_gelu(x: QTensor) -> QTensor:
+def gelu_constants(scale: float, erf_bits: int | None = None) -> dict[str, int | float]:
+    """The integers of i-GELU at input scale ``scale``: the erf polynomial on
+    ``x / sqrt 2`` (``S = scale / sqrt 2``): ``q_clip = floor(-b / S)``, ``q_b =
+    floor(b / S)``, ``q_c = floor(1 / (a S^2))``; the right shift ``erf_shift`` of the erf
+    integers that keeps ``floor(1 / S_erf)`` below ``2^erf_bits`` (I-BERT's reference code
+    shifts by a fixed 14; ``None``: no shift), ``q_one = floor(1 / S_erf)``, and the real
+    output scale ``out_scale = scale S_erf / 2`` (bookkeeping)."""
+    s = scale / math.sqrt(2.0)
+    s_erf = -GELU_A * s * s
+    shift = 0
+    if erf_bits is not None:
+        shift = max(0, math.floor(1.0 / s_erf).bit_length() - erf_bits)
+    s_erf *= 2.0**shift
+    return {
+        "q_clip": math.floor(-GELU_B / s),
+        "q_b": math.floor(GELU_B / s),
+        "q_c": math.floor(1.0 / (GELU_A * s * s)),
+        "erf_shift": shift,
+        "q_one": math.floor(1.0 / s_erf),
+        "out_scale": scale * s_erf / 2.0,
+    }
+
+
+def gelu_int(q: torch.Tensor, c: dict[str, int | float], as_float: bool = False) -> torch.Tensor:
+    """i-GELU on integers with the constants of ``gelu_constants``:
+    ``q (sgn(q) [-((min(|q|, q_clip) + q_b)^2 + q_c)] >> erf_shift + q_one)``. Computed on
+    float64 integers (returned as int64): exact while ``|q| (2^erf_bits + q_one) < 2^52``,
+    which ``gelu_constants`` with ``erf_bits`` and a 16-bit input guarantee (checked)."""
+    qf = q.to(torch.float64)
+    t = qf.abs().clamp_(max=float(c["q_clip"]))
+    t += int(c["q_b"])
+    t.mul_(t)
+    t += int(c["q_c"])  # a (.)^2 + 1 at scale a S^2 with a < 0: negated below
+    t.mul_(-torch.sign(qf))
+    t = _floor_shift(t, int(c["erf_shift"]))  # floor, as I-BERT's floor_ste
+    t += int(c["q_one"])
+    t *= qf
+    if bool(t.numel()) and float(t.abs().max()) >= _F64_EXACT:
+        raise ValueError("gelu_int: the product left the exact float64 range")
+    return t if as_float else t.to(torch.int64)
+
+
+def i_gelu(x: QTensor, erf_bits: int | None = None) -> QTensor:
     """Algorithm 2: ``GELU(x) = x/2 [1 + erf(x / sqrt 2)]`` at scale ``S S_erf / 2``
-    (not requantized: the caller's next op requantizes)."""
-    erf = i_erf(QTensor(x.q, x.scale / math.sqrt(2.0)))
-    q_one = math.floor(1.0 / erf.scale)
-    return QTensor(x.q * (erf.q + q_one), x.scale * erf.scale / 2.0)
+    (not requantized: the caller's next op requantizes). ``erf_bits``: shift the erf
+    integers right to keep them below ``2^erf_bits`` (I-BERT's ``>> 14``)."""
+    c = gelu_constants(x.scale, erf_bits)
+    return QTensor(gelu_int(x.q, c), float(c["out_scale"]))
 
 
 def i_exp(x: QTensor) -> QTensor:
@@ -182,21 +230,117 @@ def i_exp(x: QTensor) -> QTensor:
     return QTensor(out, poly.scale)
 
 
+SOFTMAX_FRAC = 36
+"""Fraction bits of the softmax normalizer ``floor(2^(bits + 36) / sum)``: with ``e <=
+sum`` every product ``e * factor`` is below ``2^(bits + 36) <= 2^52``."""
+_F64_EXACT = 1 << 52  # a float64 holds every integer up to here, with room for one add
+
+
+def _floor_shift(t: torch.Tensor, z: torch.Tensor | int) -> torch.Tensor:
+    """``t >> z`` (floor) of integer-valued float64 ``t``: ``floor(t 2^-z)``, exact."""
+    if isinstance(z, int):
+        return torch.floor_(t * 2.0**-z)
+    # 2^-z exactly (0 <= z <= 126), built from the bits of a float32: exponent field
+    # 127 - z, mantissa 0 (int32 lanes: vectorized, unlike int64), widened exactly
+    z32 = z.to(torch.int32)
+    pow2 = torch.bitwise_left_shift(127 - z32, 23).view(torch.float32).to(torch.float64)
+    return torch.floor_(t.mul_(pow2))
+
+
+def exp_constants(scale: float) -> dict[str, int]:
+    """The integers of i-exp at input scale ``scale`` (construction-time bookkeeping):
+    ``q_ln2 = floor(ln2 / S)``, the polynomial's ``q_b = floor(b / S)`` and
+    ``q_c = floor(c / (a S^2))``."""
+    q_ln2 = math.floor(math.log(2.0) / scale)
+    if q_ln2 < 1:
+        raise ValueError(f"i_exp needs scale < ln 2, got {scale}")
+    q_b = math.floor(EXP_B / scale)
+    q_c = math.floor(EXP_C / (EXP_A * scale**2))
+    if (abs(q_b) + q_ln2) ** 2 + abs(q_c) >= 1 << 40:
+        raise ValueError(f"i_exp: scale {scale} is too fine (the polynomial passes 2^40)")
+    return {"q_ln2": q_ln2, "q_b": q_b, "q_c": q_c}
+
+
+SOFTMAX_LN2_BITS = 11
+"""i-Softmax shifts its input right until ``q_ln2 = floor(ln2 / S)`` is below ``2^12``."""
+
+
+def softmax_constants(scale: float) -> dict[str, int]:
+    """``exp_constants`` for i-Softmax on an input at ``scale``, with ``pre_shift``: the
+    input is shifted right by that many bits first (scale ``S 2^pre_shift``), so that
+    ``q_ln2`` lies in ``[2^11, 2^12)`` whatever the scale of the int32 ``Q K^T``
+    accumulator (I-BERT's reference code requantizes the softmax input to 16 bits,
+    ``QuantAct(16)``, for the same reason; a shift needs no multiplier)."""
+    k = max(0, math.floor(math.log2(math.log(2.0) / scale)) - SOFTMAX_LN2_BITS)
+    return {**exp_constants(scale * 2.0**k), "pre_shift": k}
+
+
+def i_exp_int(q: torch.Tensor, c: dict[str, int]) -> torch.Tensor:
+    """i-exp on integers ``-2^31 < q <= 0`` with the constants of ``exp_constants`` (output
+    scale ``EXP_A S^2``): ``z = floor(-q / q_ln2)``, ``p = q + z q_ln2``,
+    ``((p + q_b)^2 + q_c) >> z``; 0 beyond ``z > 30``. Computed on float64 tensors holding
+    the integers: every intermediate is an integer below 2^41 (``exp_constants`` checks),
+    so each step is exact (the quotient ``-q / q_ln2`` is at least ``1 / q_ln2`` from the
+    next integer, far above the rounding error); returns float64 integers."""
+    q_ln2 = c["q_ln2"]
+    qf = q.to(torch.float64)
+    z = torch.floor_(qf / -q_ln2)  # (...,) >= 0
+    beyond = z > _EXP_MAX_SHIFT
+    z.clamp_(max=_EXP_MAX_SHIFT)
+    t = torch.addcmul(qf, z, torch.tensor(float(q_ln2), dtype=torch.float64))  # p
+    t += c["q_b"]
+    t.mul_(t)
+    t += c["q_c"]
+    t = _floor_shift(t, z)
+    return t.masked_fill_(beyond, 0.0)
+
+
+def softmax_int(
+    x: torch.Tensor, c: dict[str, int], bits: int, stats: OverflowStats, as_float: bool = False
+) -> torch.Tensor:
+    """i-Softmax over the last dimension on integers: i-exp of ``x - max(x)``, then each
+    exp times ``floor(2^(bits + F) / sum)`` (one division per row, ``F = 36``), plus
+    ``2^(F-1)``, shifted right by ``F``: an unsigned ``bits``-bit probability at scale
+    ``2^-bits``. Exact in float64 (``e <= sum``: the products stay below ``2^52``)."""
+    if bits + SOFTMAX_FRAC > 52:
+        raise ValueError(f"softmax_int: {bits} output bits leave no room for the normalizer")
+    shifted = x - x.amax(dim=-1, keepdim=True)  # <= 0
+    if c.get("pre_shift"):
+        shifted = _floor_shift(shifted.to(torch.float64), int(c["pre_shift"]))
+    e = i_exp_int(shifted, c)  # float64 integers
+    total = e.sum(dim=-1, keepdim=True).clamp_(min=1.0)  # (..., 1), exact (< 2^52)
+    if float(total.max()) >= 2.0 ** (bits + SOFTMAX_FRAC):
+        raise ValueError("softmax_int: the exp sum exceeds the normalizer's range")
+    factor = torch.div(
+        torch.full_like(total, 1 << (bits + SOFTMAX_FRAC), dtype=torch.int64),
+        total.to(torch.int64),
+        rounding_mode="floor",
+    ).to(torch.float64)
+    e *= factor
+    e += 2.0 ** (SOFTMAX_FRAC - 1)
+    out = _floor_shift(e, SOFTMAX_FRAC)
+    out = _saturate(out, 0, (1 << bits) - 1, stats, "activation_clips")
+    return out if as_float else out.to(torch.int64)
+
+
 def i_softmax(x: QTensor, bits: int, stats: OverflowStats, dim: int = -1) -> QTensor:
-    """i-Softmax: i-exp of ``x - max(x)`` normalized to unsigned ``bits`` at ``2^-bits``."""
-    shifted = QTensor(x.q - x.q.amax(dim=dim, keepdim=True), x.scale)
-    e = i_exp(shifted).q
-    total = e.sum(dim=dim, keepdim=True)  # >= 1: the maximum's exp is about 2^-... > 0
-    factor = torch.div(torch.full_like(total, 1 << 32), total, rounding_mode="floor")
-    out = torch.bitwise_right_shift(e * factor, 32 - bits)
-    return QTensor(_saturate(out, 0, (1 << bits) - 1, stats, "activation_clips"), 2.0**-bits)
+    """i-Softmax: i-exp of ``x - max(x)`` normalized to unsigned ``bits`` at ``2^-bits``
+    (see ``softmax_int``)."""
+    q = x.q.movedim(dim, -1)
+    out = softmax_int(q, softmax_constants(x.scale), bits, stats)
+    return QTensor(out.movedim(-1, dim), 2.0**-bits)
 
 
 def _bit_length(n: torch.Tensor) -> torch.Tensor:
+    """Bits of each non-negative int64 (a count-leading-zeros): binary search by shifts
+    of 32, 16, ..., 1."""
     bl = torch.zeros_like(n)
-    for k in range(63):
-        bl += (torch.bitwise_right_shift(n, k) > 0).to(torch.int64)
-    return bl
+    v = n.clone()
+    for s in (32, 16, 8, 4, 2, 1):
+        big = v >= (1 << s)
+        bl += big * s
+        v = torch.where(big, v >> s, v)
+    return bl + (v > 0)
 
 
 def isqrt(n: torch.Tensor, max_iter: int = 64) -> torch.Tensor:
