@@ -297,6 +297,21 @@ REFUSED = [
         dict(scope=dict(kind="flops"), est=dict(compile="inductor")),
         ("'flops'", "'inductor'"),
     ),
+    (
+        "streambp_backprop",
+        dict(est=dict(kind="hybrid", cut=1), back=dict(kind="streambp")),
+        ("'streambp'", "'hybrid'"),
+    ),
+    (
+        "streambp_backprop",
+        dict(est=dict(compile="inductor"), back=dict(kind="streambp")),
+        ("'streambp'", "'inductor'"),
+    ),
+    (
+        "streambp_backprop",
+        dict(scope=SPARSE_CHANNELS, back=dict(kind="streambp")),
+        ("'streambp'", "channel-sparse"),
+    ),
 ]
 
 

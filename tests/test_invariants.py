@@ -1,7 +1,9 @@
 """The shared invariants, over EVERY registered preset on every reference model it applies
 to (as peft's TEST_CASES): the MLP, the CNN, the ViT, a tiny HuggingFace BERT with
-edgetrain's head (HFClassifier), a tiny ``BertForSequenceClassification`` as it comes
-and NoProp's chain of denoising blocks (``noprop_mlp``, T = 3),
+edgetrain's head (HFClassifier), a tiny ``BertForSequenceClassification`` as it comes,
+NoProp's chain of denoising blocks (``noprop_mlp``, T = 3) and a small causal LM
+(``causal_lm``, with full_bp, checkpointed and streambp only: dict batches of
+``input_ids`` and next-token ``labels``),
 both built from a config (random weights, no download) and trained on dict batches
 (``input_ids``, ``attention_mask``, ``labels``). A case is skipped only with the reason
 ``bench.compare.applicable`` gives (e.g. "fixed-point numerics need a chain ...").
@@ -33,7 +35,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import Dataset, StackDataset, TensorDataset, default_collate
 
 from edgetrain import estimators, models, presets
 from edgetrain.backward import prompt_learning
@@ -52,7 +54,12 @@ KEPT_SCOPES = ("prefix", "prompt")
 ``Scope.keep_virtual_tokens``; LoRA's are merged into the weights): the model comes back
 as it came once they are taken out."""
 MODEL_NAMES = ["mlp", "cnn", "vit", "tiny_bert", "hf_seq_cls", "noprop_mlp"]
+CAUSAL_LM_PRESETS = ("full_bp", "checkpointed", "streambp")
+"""The presets run on the causal LM (``causal_lm``, dict batches of ``input_ids`` and
+pre-shifted ``labels``): StreamBP, whose model it is, and the two it is measured against."""
 STEPS, BATCH = 4, 8
+LM_LENGTH, LM_CHUNK = 24, 10
+"""The causal LM's sequences, and StreamBP's chunk on them (three chunks, the last short)."""
 
 
 def _build(name: str) -> nn.Module:
@@ -63,6 +70,8 @@ def _build(name: str) -> nn.Module:
             return tiny_bert(num_hidden_layers=4, hidden_dropout_prob=0.1, own_head=True)
         if name == "noprop_mlp":  # NoProp's own family (noprop and backprop only); T = 3
             return models.build(name, num_steps=3)
+        if name == "causal_lm":
+            return models.build(name, vocab_size=64, dim=16, depth=2, max_len=LM_LENGTH)
         return models.build(name)
 
 
@@ -70,6 +79,10 @@ def _data(name: str, n: int = 32) -> Dataset:
     gen = make_generator(99)
     if name in ("tiny_bert", "hf_seq_cls"):  # dict batches, half the sentences padded
         return text_data(n)
+    if name == "causal_lm":  # next-token windows of a random token stream
+        stream = torch.randint(0, 64, (n * LM_LENGTH + 1,), generator=gen)
+        ids, labels = stream[:-1].reshape(n, LM_LENGTH), stream[1:].reshape(n, LM_LENGTH)
+        return StackDataset(input_ids=ids, labels=labels)
     return TensorDataset(torch.randn(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,)))
 
 
@@ -83,10 +96,13 @@ def _base(name: str) -> nn.Module:
 
 
 CASES = [pytest.param(p, m, id=f"{p}-{m}") for p in presets.names() for m in MODEL_NAMES]
+CASES += [pytest.param(p, "causal_lm", id=f"{p}-causal_lm") for p in CAUSAL_LM_PRESETS]
 
 
 def _case(preset: str, model_name: str):
     recipe = presets.get(preset)
+    if model_name == "causal_lm" and recipe.backward.kind == "streambp":
+        recipe = recipe.replace(**{"backward.chunk_size": LM_CHUNK})  # several chunks
     net = _base(model_name)
     reason = applicable(recipe, net)
     if reason is not None:

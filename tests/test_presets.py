@@ -51,6 +51,15 @@ def test_every_preset_lowers_the_loss_on_the_built_in_task(task, name):
 
         with seeded_global_rng(0):
             model_name, net = "noprop_mlp", models.build("noprop_mlp")
+    if applicable(recipe, net) is not None:  # a causal LM's method (StreamBP): next bytes
+        from edgetrain.seeding import seeded_global_rng
+        from edgetrain.tasks.lm import byte_windows, polarity_bytes
+
+        with seeded_global_rng(0):
+            lm = models.build("causal_lm", dim=32, depth=2, max_len=64)
+        if applicable(recipe, lm) is None:
+            model_name, net = "a causal LM", lm
+            data = byte_windows(polarity_bytes()[:300_000], 64)  # the polarity corpus
     if applicable(recipe, net) is not None:  # a transformers-only scope (prefix, prompt)
         from tests.conftest import text_data, tiny_bert
 

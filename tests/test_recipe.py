@@ -60,6 +60,7 @@ _OWNED_VALUES = {
     "fuse_dropped": False,
     "drop_at_inference": True,
     "stochastic_rounding": True,
+    "chunk_size": 64,
     "momentum": 0.5,
     "betas": (0.8, 0.9),
     "adam_eps": 1e-6,
@@ -89,7 +90,7 @@ def _owned_fields():
                 "flops",
             ),
         ),
-        (Backward, ("exact", "wht", "mesa", "token_drop", "checkpoint")),
+        (Backward, ("exact", "wht", "mesa", "token_drop", "checkpoint", "streambp")),
         (Optimizer, ("sgd", "momentum", "adam", "adamw", "sign", "galore", "lowrank")),
     ):
         for f in dataclasses.fields(cls):

@@ -14,7 +14,9 @@ only. A batch is any nest of tensors:
 ``loss_fn(model, batch) -> Tensor`` is the one thing an estimator calls.
 :func:`default_loss` takes ``output.loss`` when the model's output has one, else the
 cross-entropy of the output's logits (``.logits``, the first element of a tuple, or the
-tensor itself) against the labels. Nothing here keeps state between calls.
+tensor itself) against the labels (a sequence model's (B, T, V) logits against (B, T)
+labels: the mean over the positions whose label is not -100). Nothing here keeps state
+between calls.
 """
 
 from __future__ import annotations
@@ -155,4 +157,9 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
             "The batch has no labels and the model's output no .loss: give (x, y) or a "
             "dict with 'labels', or pass loss_fn(model, batch)"
         )
-    return nn.functional.cross_entropy(model_output_logits(output), labels)
+    logits = model_output_logits(output)
+    if logits.dim() == 3 and labels.dim() == 2:  # a sequence model: one label a position
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
+    return nn.functional.cross_entropy(logits, labels)

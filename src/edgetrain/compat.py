@@ -58,7 +58,7 @@ _TORCH_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 """Gradient optimizers built by ``optim.build`` (torch's own)."""
 _LOW_RANK_OPTIMIZERS = ("galore", "lowrank")
 """Optimizers that project a full gradient (``optim.build``): they need one."""
-_EVERY_BACKWARD = ("exact", "wht", "mesa", "token_drop", "checkpoint")
+_EVERY_BACKWARD = ("exact", "wht", "mesa", "token_drop", "checkpoint", "streambp")
 """``recipe.BACKWARD_KINDS`` (tests/test_compat.py keeps the two equal)."""
 
 
@@ -453,6 +453,30 @@ def _prompt_learning_backward(r: Recipe) -> str | None:
     return None
 
 
+def _streambp(r: Recipe) -> str | None:
+    """StreamBP runs the whole backward of a causal LM itself (edgetrain.backward.streambp):
+    a backprop step of the full model, eager, with the model's own layers."""
+    if r.backward.kind != "streambp":
+        return None
+    if r.estimator.kind != "backprop":
+        return (
+            f"backward 'streambp' runs with estimator 'backprop', not {r.estimator.kind!r}: "
+            "it streams the backward of the whole causal LM (a hybrid's tail or a "
+            "gradient-free estimator has no such backward)"
+        )
+    if r.estimator.compile != "none":
+        return (
+            f"backward 'streambp' does not run with estimator.compile={r.estimator.compile!r}: "
+            "its backward loops over sequence chunks in Python; set compile='none'"
+        )
+    if _channel_sparse(r.scope):
+        return (
+            "backward 'streambp' does not run with a channel-sparse scope: the sparse update "
+            "swaps the blocks' Linear layers that StreamBP recomputes chunk by chunk"
+        )
+    return None
+
+
 _FLOPS_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 """Optimizers GreenTrainer's importance probe can step and rewind exactly (a torch
 optimizer's ``state_dict``); GaLore's and the low-rank projections keep more than that."""
@@ -620,6 +644,11 @@ RULES: tuple[Rule, ...] = (
         "scope 'flops' runs with estimator backprop (not compiled), backward exact and "
         "optimizer sgd, momentum, adam or adamw",
         _flops_scope,
+    ),
+    Rule(
+        "streambp_backprop",
+        "backward 'streambp' runs with estimator backprop (not compiled) and a dense scope",
+        _streambp,
     ),
 )
 """The field-level rules, each refusing with a message that names both values."""

@@ -25,22 +25,31 @@ def evaluate(
     collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> dict[str, float]:
     """{'accuracy', 'loss'} of ``model`` on ``data``: the argmax of the logits against the
-    labels, and their mean cross-entropy."""
+    labels, and their mean cross-entropy. A sequence model (logits (B, T, V), labels
+    (B, T): a causal LM's next tokens) is scored position by position: next-token
+    accuracy and the mean cross-entropy per labelled token (labels -100 left out)."""
     if len(data) == 0:
         raise ValueError("Cannot evaluate on an empty dataset")
     was_training = model.training
     model.eval()
     try:
-        correct = 0
+        correct = count = 0
         loss_sum = 0.0
         for batch in DataLoader(data, batch_size=batch_size, collate_fn=collate_fn):
             labels = labels_of(batch)
             if labels is None:
                 raise ValueError("Cannot evaluate a dataset without labels")
             logits = model_output_logits(model_output(model, batch))
+            if logits.dim() == labels.dim() + 1 and labels.dim() > 1:  # one label a position
+                logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+                keep = labels != -100
+                logits, labels = logits[keep], labels[keep]
             loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(-1) == labels).sum())
-        return {"accuracy": correct / len(data), "loss": loss_sum / len(data)}
+            count += int(labels.numel())
+        if count == 0:
+            raise ValueError("Cannot evaluate a dataset whose labels are all -100")
+        return {"accuracy": correct / count, "loss": loss_sum / count}
     finally:
         model.train(was_training)
 

@@ -65,6 +65,7 @@ _ORDER = (
     "noprop",
     # training-engine savings (issue 18)
     "green_trainer",
+    "streambp",
 )
 """The order of ``names()`` (and so of ``compare``'s table): the built-in presets by
 family, as they were listed before they moved next to their methods (module load order
@@ -104,6 +105,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "mezo_prompt",
     ),
     "local": ("full_bp", "mono_forward", "cascaded_forward", "forward_forward", "noprop"),
+    "long_sequence": ("full_bp", "checkpointed", "streambp"),
 }
 """Named sets of presets, usable wherever a list of presets is (``select``; ``edgetrain
 compare --presets core``). ``core``: the baseline and one or two presets of every family
@@ -111,7 +113,9 @@ compare --presets core``). ``core``: the baseline and one or two presets of ever
 a newcomer's single-seed comparison runs in about ten minutes on two cores; it leaves out
 the slowest variants of a family (``sparse_mezo``, ``zo_cons``, ``forward_grad``: 1.5 to 2.4
 times mezo's step) and what the built-in ViT skips. ``zo``: MeZO's family beside full_bp.
-``local``: the local-learning methods beside full_bp (for ``--task mnist-scratch``)."""
+``local``: the local-learning methods beside full_bp (for ``--task mnist-scratch``).
+``long_sequence``: StreamBP beside plain backprop and checkpointing, for a causal LM
+(``--task polarity_lm``)."""
 
 
 def select(names: list[str] | tuple[str, ...]) -> list[str]:

@@ -71,7 +71,7 @@ INSTALLING_SCOPE_KINDS = ("lora", "prefix", "prompt")
 (edgetrain.scope.register_installer; the module is edgetrain.backward.load_scope's)."""
 LORA_TARGET_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding")
 """Module types LoRA adapts (``Scope.lora_targets``), as peft's LoRA layers support them."""
-BACKWARD_KINDS = ("exact", "wht", "mesa", "token_drop", "checkpoint")
+BACKWARD_KINDS = ("exact", "wht", "mesa", "token_drop", "checkpoint", "streambp")
 OPTIMIZER_KINDS = ("sgd", "momentum", "adam", "adamw", "sign", "galore", "lowrank")
 NUMERICS_KINDS = ("float32", "fixed_point")
 
@@ -438,7 +438,9 @@ class Backward:
 
     ``exact``; ``wht`` (LBP-WHT low-rank backprop, ``wht_k`` low-pass bases); ``mesa``
     (``bits``-bit saved activations); ``token_drop`` (BSR: frozen blocks keep a ratio
-    ``keep_ratio`` of tokens); ``checkpoint`` (recompute each block in backward).
+    ``keep_ratio`` of tokens); ``checkpoint`` (recompute each block in backward);
+    ``streambp`` (StreamBP: a causal LM's exact backward, recomputed ``chunk_size`` tokens
+    at a time; edgetrain.backward.streambp).
     """
 
     kind: str = "exact"
@@ -459,6 +461,9 @@ class Backward:
     """BSR: drop tokens in no-grad forwards too (inference speed-up, as EViT)."""
     stochastic_rounding: bool = _for("mesa", default=False)
     """Mesa: stochastic instead of nearest rounding when quantizing saved activations."""
+    chunk_size: int = _for("streambp", default=256)
+    """StreamBP: tokens of a sequence chunk (the logits and the recomputed activations of
+    one chunk are alive at a time); the last chunk is shorter when it does not divide T."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -470,6 +475,8 @@ class Backward:
         if not 2 <= self.bits <= 16:
             raise ConfigError(f"Invalid bits: {self.bits} (2..16)")
         _in_unit(self.keep_ratio, "keep_ratio", closed_low=False)
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ConfigError(f"Invalid chunk_size: {self.chunk_size} (tokens, >= 1)")
         _check_owners(self)
 
 

@@ -2,7 +2,7 @@
 
 ``apply(model, spec) -> Swap`` installs what ``spec.kind`` needs (``exact``: nothing);
 ``Swap.restore()`` puts the original modules back. Each kind lives in its own module
-(wht.py, mesa.py, token_drop.py, checkpoint.py) and registers itself here with
+(wht.py, mesa.py, token_drop.py, checkpoint.py, streambp.py) and registers itself here with
 ``register(kind)``; sparse_update.py is the backward of the channel-sparse scope.
 
 One method, one place: a kind's module holds its swap, its presets (``@preset``), and
@@ -77,6 +77,7 @@ _MODULES = {
     "mesa": "edgetrain.backward.mesa",
     "token_drop": "edgetrain.backward.token_drop",
     "checkpoint": "edgetrain.backward.checkpoint",
+    "streambp": "edgetrain.backward.streambp",
 }
 """Backward kind -> the module of that method: one line per method."""
 _SCOPE_MODULES = {

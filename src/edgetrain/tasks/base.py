@@ -87,6 +87,9 @@ class Task:
     ``baseline_accuracy(model)`` its accuracy."""
     model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Keyword arguments of ``models.build`` per model name (the scratch MLP's widths)."""
+    eval_batch_size: int = 512
+    """Examples per batch when the task scores a model itself (``initial_accuracy``, a
+    pretrained model's "before"): a causal LM's windows of 1,024 bytes take a few."""
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def recipe(self, preset: str, **overrides: Any) -> Recipe:
@@ -166,7 +169,7 @@ class Task:
             net = self.initial_model(model, seed=seed)
             # A DataLoader draws its base seed from the global CPU generator: keep ours.
             with torch.random.fork_rng(devices=[]):
-                self._memo[key] = accuracy(net, self.test)
+                self._memo[key] = accuracy(net, self.test, self.eval_batch_size)
         return float(self._memo[key])
 
     def pretrained(self, model: str | None = None, *, progress: bool = False) -> nn.Module:
@@ -187,7 +190,7 @@ class Task:
             meta = state["meta"]
         else:
             meta = self._pretrain(net, _PRETRAIN[model], progress=progress)
-            meta["target_accuracy_before"] = accuracy(net, self.test)
+            meta["target_accuracy_before"] = accuracy(net, self.test, self.eval_batch_size)
             atomic_torch_save({"model": net.state_dict(), "meta": meta}, path)
         net.eval()
         self._memo[model] = net
