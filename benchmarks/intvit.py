@@ -8,7 +8,7 @@ on it beside float MeZO.
 
 ``speed`` times ``IntModel.forward_int`` on a batch of 64 and one ``fixed_point_zo``
 step; run it with ``PYTHONPATH`` at another checkout's ``src`` to compare versions on the
-same machine (the numbers in benchmarks/results_intvit.md were taken so). One thread
+same machine (the numbers in docs/results.md, "The integer ViT", were taken so). One thread
 (``torch.set_num_threads(1)``), warm-up first, median of ``--reps``.
 """
 
