@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgetrain.models.vit import MLPBlock
+
 __all__ = ["CausalLM", "CausalLMOutput", "Block", "CausalSelfAttention", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
@@ -122,17 +124,6 @@ class CausalSelfAttention(nn.Module):
         return self.out_proj(out)
 
 
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
     """Pre-norm causal transformer block (see the module docstring for its stream API)."""
 
@@ -141,7 +132,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(dim)
         self.attn = CausalSelfAttention(dim, num_heads)
         self.ln2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio))  # the ViT's: fc1, GELU, fc2
 
     def keys_values(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the block input ``h`` (B, T, C): (B, H, T, D) each."""
