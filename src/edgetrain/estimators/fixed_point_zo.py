@@ -511,6 +511,58 @@ class FixedPointZO(Estimator):
                     new = new.clamp(tr.lo, tr.hi)
                 flat[start:end] = new.to(flat.dtype)
 
+    # -------------------------------------------------------------- footprint
+
+    def footprint(self, batch: Any, *, chunk: int | None = None) -> dict[str, Any]:
+        """Bytes an integer-only device would hold for one step on ``batch``: a model of
+        the deployed memory computed from the integer graph (edgetrain.numerics.footprint,
+        which checks every tensor it claims against the simulator's); the simulator's own
+        int64/float64 tensors are what ``memory.measure`` sees, not this.
+
+        Persistent: ``weights`` (weights, biases, LayerNorm parameters), ``tables``,
+        ``requant`` (multipliers and shifts), ``masks`` (1 bit per trainable element
+        with a magnitude mask). Then the largest of three phases: ``activations`` (the
+        forward's largest live stage), ``perturbation`` (one chunk of int8 directions,
+        1 bit each for Rademacher, applied in place), ``update`` (per chunk: the ``m``
+        directions, an int64 numerator and an int32 rounding offset per element), plus
+        ``coefficients`` (the int32 ``K_i`` per channel and direction) and ``loss`` (int32
+        per example and pass). ``peak_phase`` names the largest phase; ``activation_peak_at``
+        where in the forward it is. ``chunk``: the elements a device perturbs and updates
+        at a time (None: the simulator's ``estimator.chunk_elements``; any chunk gives the
+        same arithmetic, as the directions are drawn per element from the seed)."""
+        from edgetrain.numerics import footprint as fp
+
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if self.int_model is None:
+            self.calibrate(x)
+        x_q = self.int_model.quantize_input(x)
+        persistent = fp.weight_bytes(self.int_model)
+        activations, where = fp.activation_peak(self.int_model, x_q)
+        est = self.recipe.estimator
+        m = est.queries
+        largest = max(tr.tensor.numel() for tr in self._trainables)
+        chunk = min(chunk or self._perturber.chunk_elements, largest)
+        direction_bits = 1 if est.direction == "rademacher" else 8
+        perturbation = -(-chunk * direction_bits // 8)
+        update = m * perturbation + chunk * (8 + 4)
+        sparse = est.sparsity and est.mask_on != "random"
+        masks = sum(-(-tr.tensor.numel() // 8) for tr in self._trainables) if sparse else 0
+        coefficients = 4 * m * sum(int(tr.eps_q.numel()) for tr in self._trainables)
+        loss = 4 * len(x_q) * 2 * m
+        phases = {"activations": activations, "perturbation": perturbation, "update": update}
+        phase = max(phases, key=phases.get)
+        total = sum(persistent.values()) + masks + coefficients + loss + phases[phase]
+        return {
+            **persistent,
+            "masks": masks,
+            **phases,
+            "coefficients": coefficients,
+            "loss": loss,
+            "total": total,
+            "peak_phase": phase,
+            "activation_peak_at": where,
+        }
+
     # ------------------------------------------------------------------ state
 
     def state_tensors(self) -> Iterator[torch.Tensor]:

@@ -44,7 +44,7 @@ activation to its 8-bit range is ordinary quantization, counted apart in
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +94,11 @@ class OverflowStats:
     requantize: int = 0
     weight: int = 0
     activation_clips: int = 0
+    observer: Callable[[torch.Tensor, int, int, str], None] | None = field(
+        default=None, repr=False, compare=False
+    )
+    """Called on every saturation with ``(tensor, lo, hi, what)`` when set: how
+    ``edgetrain.numerics.footprint`` checks its device model against the simulator."""
 
     @property
     def overflows(self) -> int:
@@ -117,6 +122,8 @@ def _saturate(x: torch.Tensor, lo: int, hi: int, stats: OverflowStats, what: str
     One min/max pass when nothing is out of range (the common case)."""
     if not x.numel():
         return x
+    if stats.observer is not None:
+        stats.observer(x, lo, hi, what)
     mn, mx = torch.aminmax(x)
     if int(mn) >= lo and int(mx) <= hi:
         return x
