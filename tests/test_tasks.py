@@ -117,3 +117,36 @@ def test_compare_on_mnist_scratch_starts_each_seed_from_its_own_init(scratch):
     ]
     assert all(r.steps == 125 for r in rows)  # quick: a tenth of 1,250
     assert all(r.accuracy_after > r.accuracy_before + 0.3 for r in rows)
+
+
+def test_pretraining_runs_at_its_pinned_thread_count(monkeypatch, tmp_path):
+    """The pretraining loop runs at PretrainConfig.threads whatever the caller's count
+    (float reductions depend on it: unpinned, 1 and 2 threads gave different ViTs), the
+    caller's count is restored, and the count is part of the cache key."""
+    from dataclasses import replace
+
+    from edgetrain.tasks import base
+
+    monkeypatch.setenv("EDGETRAIN_CACHE", str(tmp_path))
+    task = tasks.get("mnist-to-digits")
+    monkeypatch.setitem(base._PRETRAIN, "mlp", replace(base._PRETRAIN["mlp"], epochs=1))
+    seen = []
+    original = torch.nn.functional.cross_entropy
+
+    def spy(*args, **kwargs):
+        if torch.is_grad_enabled():  # a training step (evaluation runs without grad)
+            seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        key = task._cache_key("mlp")
+        task.pretrained("mlp")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {base._PRETRAIN["mlp"].threads} == {1}
+    monkeypatch.setitem(base._PRETRAIN, "mlp", replace(base._PRETRAIN["mlp"], threads=2))
+    assert task._cache_key("mlp") != key
