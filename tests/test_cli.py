@@ -202,3 +202,31 @@ def test_micro_batch_size_runs_a_batch_in_micro_batches(capsys):
 
     assert saved() == "49.25 KiB"
     assert saved("--micro-batch-size", "8") == "12.32 KiB"
+
+
+def test_malloc_modes(monkeypatch, capsys):
+    """EDGETRAIN_MALLOC picks glibc's policy: compare keeps freed memory for reuse unless
+    told otherwise, other commands leave glibc alone, a wrong value is one line."""
+    from edgetrain import cli
+    from edgetrain.memory import rss
+
+    calls = []
+    monkeypatch.setattr(rss, "keep_freed_memory", lambda: calls.append("fast"))
+    monkeypatch.setattr(rss, "fix_mmap_threshold", lambda: calls.append("lean"))
+    cli._set_malloc(None, "compare")
+    cli._set_malloc(None, "finetune")
+    cli._set_malloc("default", "compare")
+    cli._set_malloc("lean", "compare")
+    cli._set_malloc("fast", "finetune")
+    assert calls == ["fast", "lean", "fast"]
+    monkeypatch.setenv("EDGETRAIN_MALLOC", "quick")
+    assert main(["presets"]) == 2
+    assert "EDGETRAIN_MALLOC='quick'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_keep_freed_memory_is_taken_by_glibc():
+    """In a child process (the policy is process-wide): glibc accepts both settings."""
+    code = "from edgetrain.memory import rss; print(rss.keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

@@ -406,6 +406,25 @@ _COMMANDS = {
 }
 
 
+_MALLOC_MODES = ("lean", "fast", "default")
+
+
+def _set_malloc(mode: str | None, command: str) -> None:
+    """``EDGETRAIN_MALLOC``: ``lean`` gives freed activations back (slower), ``fast`` keeps
+    them for reuse (the fixed-point simulator's temporaries), ``default`` leaves glibc as
+    it is; unset, ``compare`` runs fast and every other command default
+    (edgetrain.memory.rss)."""
+    if mode is not None and mode not in _MALLOC_MODES:
+        raise CLIError(f"EDGETRAIN_MALLOC={mode!r}: choose one of {', '.join(_MALLOC_MODES)}")
+    if mode is None:
+        mode = "fast" if command == "compare" else "default"
+    if mode == "default":
+        return
+    from edgetrain.memory import rss
+
+    (rss.fix_mmap_threshold if mode == "lean" else rss.keep_freed_memory)()
+
+
 def main(argv: list[str] | None = None) -> int:
     from edgetrain._registry import UnknownNameError
     from edgetrain.distributed import DistributedError
@@ -413,11 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     from edgetrain.train import TrainingDivergedError
 
     args = build_parser().parse_args(argv)
-    if os.environ.get("EDGETRAIN_MALLOC") == "lean":
-        from edgetrain.memory.rss import fix_mmap_threshold
-
-        fix_mmap_threshold()  # freed activations leave the process, slower (memory/rss.py)
     try:
+        _set_malloc(os.environ.get("EDGETRAIN_MALLOC"), args.command)
         return _COMMANDS[args.command](args)
     except TrainingDivergedError as err:
         print(f"edgetrain: training stopped: {err}", file=sys.stderr)
