@@ -180,7 +180,7 @@ class Requant:
         self._m_lo = (m0 & ((1 << 22) - 1)).to(f64)
         self._m_hi = (m0 >> 22).to(f64)
         self._k_pos = torch.full_like(m0, 1 << 30, dtype=f64)
-        self._k_neg = self._k_pos - 2.0**31 * (right > 0).to(f64)
+        self._n_term = 2.0**9 * (right > 0).to(f64)  # n 2^31 / 2^22, subtracted after the floor
         self._k2 = (half << 9).to(f64)
         self._inv = torch.ldexp(torch.ones_like(right, dtype=f64), -(right + 9))
 
@@ -242,14 +242,17 @@ class Requant:
         arithmetic is not vectorized on x86 before AVX-512; float64 is). With ``M0 = m_hi
         2^22 + m_lo`` and ``x = acc 2^left`` (no int32 saturation possible there):
         ``floor((x M0 + 2^30 + (h - n) 2^31) / 2^(31+r)) = floor((x m_hi + h 2^9 +
-        floor((x m_lo + 2^30 - n 2^31) / 2^22)) / 2^(9+r))`` (``h = 2^(r-1)``, ``n = [x <
+        floor((x m_lo + 2^30) / 2^22) - n 2^9) / 2^(9+r))`` (``h = 2^(r-1)``, ``n = [x <
         0]``, both 0 when ``r = 0``): ``|x m_lo| < 2^51``, every step an exact integer."""
         x = acc.to(torch.float64)
         if self._pre is not None:
             x = x * self._pre
-        k = torch.where(x < 0, self._k_neg, self._k_pos)
-        t = torch.addcmul(k, x, self._m_lo)
+        t = torch.addcmul(self._k_pos, x, self._m_lo)
         t.mul_(2.0**-22).floor_()
+        # - n 2^31 commutes with the floor (a multiple of 2^22): subtract n 2^9 after it,
+        # n = [x < 0] = -floor(x 2^-60) for integers |x| < 2^53 (exact: a power of two);
+        # three elementwise passes, where torch.where on a bool mask was 10x slower.
+        t.addcmul_((x * 2.0**-60).floor_(), self._n_term)
         t.addcmul_(x, self._m_hi)
         t += self._k2
         t.mul_(self._inv).floor_()
