@@ -119,3 +119,25 @@ def test_fixed_point_zo_footprint(direction):
     assert f["perturbation"] == (chunk // 8 if direction == "rademacher" else chunk)
     report = memory.measure(model, recipe, batch)
     assert f["total"] < report.peak
+
+
+def test_compare_reports_the_device_footprint_beside_the_simulation_peak():
+    """A fixed-point preset's row carries the modelled device bytes (below the float
+    simulation's measured peak), a float preset's none; the table labels them."""
+    from edgetrain.bench.compare import compare
+    from edgetrain.bench.report import INTEGER_NOTE, markdown_table
+
+    result = compare(
+        model="mlp",
+        preset_names=["fixed_point_zo", "mezo"],
+        quick=True,
+        steps=2,
+        progress=False,
+        eval_points=1,
+    )
+    fixed, float_row = result.rows
+    assert fixed.status == "ok" and float_row.status == "ok"
+    assert 0 < fixed.device_bytes < fixed.memory["peak"]
+    assert float_row.device_bytes is None
+    table = markdown_table(result)
+    assert "int device" in table.splitlines()[2] and INTEGER_NOTE in table

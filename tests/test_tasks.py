@@ -129,6 +129,7 @@ def test_pretraining_runs_at_its_pinned_thread_count(monkeypatch, tmp_path):
 
     monkeypatch.setenv("EDGETRAIN_CACHE", str(tmp_path))
     task = tasks.get("mnist-to-digits")
+    monkeypatch.setattr(task, "_memo", {})  # not the model an earlier test pretrained
     monkeypatch.setitem(base._PRETRAIN, "mlp", replace(base._PRETRAIN["mlp"], epochs=1))
     seen = []
     original = torch.nn.functional.cross_entropy

@@ -61,6 +61,7 @@ class Row:
     memory: dict[str, Any] | None = None
     evals: list[dict[str, float]] = field(default_factory=list)
     final_loss: float | None = None
+    device_bytes: int | None = None  # a fixed-point recipe: the integer device's footprint
 
 
 @dataclass
@@ -173,6 +174,19 @@ def count_step_flops(model: torch.nn.Module, recipe: Recipe, batch: Any, seed: i
         est.close()
 
 
+def device_footprint(model: torch.nn.Module, recipe: Recipe, batch: Any, seed: int) -> int | None:
+    """Bytes an integer-only device would hold for one step of a fixed-point ``recipe``
+    (the estimator's ``footprint``, from the converted graph: edgetrain.numerics.footprint),
+    on a copy; None for other recipes. Their measured ``peak`` is the float simulation's."""
+    if recipe.numerics.kind != "fixed_point":
+        return None
+    est = estimators.build(copy.deepcopy(model), recipe, seed=seed)
+    try:
+        return int(est.footprint(batch)["total"]) if hasattr(est, "footprint") else None
+    finally:
+        est.close()
+
+
 def applicable(recipe: Recipe, model: torch.nn.Module) -> str | None:
     """Why ``recipe`` cannot run on ``model``, or None if it can. Which axis values combine
     is ``edgetrain.compat``'s table (``Recipe(...)`` refuses the rest): this adds only what
@@ -229,6 +243,9 @@ def _finetune_row(
         sampler = BatchSampler(task_obj.train, recipe.batch_size, seed)
         run["flops"][recipe.name] = count_step_flops(net, recipe, sampler.batch(0), seed)
     row.flops_per_step = run["flops"][recipe.name]
+    if recipe.numerics.kind == "fixed_point":
+        sampler = BatchSampler(task_obj.train, recipe.batch_size, seed)
+        row.device_bytes = device_footprint(net, recipe, sampler.batch(0), seed)
     every = max(1, steps // run["eval_points"]) if budget is None else max(1, recipe.steps // 8)
     fit = finetune(
         net,

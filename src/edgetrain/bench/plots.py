@@ -2,7 +2,9 @@
 
 * ``memory_vs_accuracy``: peak memory of a step (log axis) against final accuracy, one
   labelled point per preset, the Pareto front (less memory and more accuracy) drawn; with
-  several seeds the point is the mean and its error bar one standard deviation.
+  several seeds the point is the mean and its error bar one standard deviation. A
+  fixed-point preset's measured peak is its float simulation's; a hollow point beside it
+  shows what an integer device would hold (``Row.device_bytes``, modelled).
 * ``accuracy_vs_time``: accuracy on the target test set against training wall time, one
   line per preset; with several seeds the line is the mean at each evaluation point (at
   the seeds' mean wall time) and the band one standard deviation.
@@ -100,6 +102,23 @@ def memory_vs_accuracy(result: CompareResult, path: str | Path) -> Path:
             label="Pareto front",
             zorder=2,
         )
+        integer = [
+            (s.row.device_bytes, s.row.memory["peak"], 100 * s.mean)
+            for s in summaries
+            if getattr(s.row, "device_bytes", None)
+        ]
+        for device, simulated, acc in integer:  # a fixed-point preset: both figures, joined
+            ax.plot([device / 2**20, simulated / 2**20], [acc, acc], ":", color="tab:green", lw=1)
+        if integer:
+            ax.scatter(
+                [d / 2**20 for d, _, _ in integer],
+                [a for _, _, a in integer],
+                s=36,
+                facecolors="none",
+                edgecolors="tab:green",
+                zorder=3,
+                label="integer device, modelled (fixed-point presets; filled: float simulation)",
+            )
         if before is not None:
             ax.axhline(100 * before, color="grey", lw=0.8, ls=":", label="before fine-tuning")
         ax.legend(loc="lower right", fontsize=8)

@@ -90,6 +90,17 @@ COLUMNS = (
 )
 
 
+def _device(row: Row) -> str:
+    return "-" if row.device_bytes is None else format_bytes(row.device_bytes)
+
+
+INTEGER_NOTE = (
+    "- `int device`: what an integer-only device would hold for one step of a fixed-point "
+    "preset, modelled from its integer graph (edgetrain.numerics.footprint); the memory "
+    "columns of those presets are the float simulation's (every integer in an 8-byte tensor)"
+)
+
+
 def _seeds_text(meta: dict) -> str:
     seeds = meta.get("seeds") or [meta.get("seed")]
     return f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds))
@@ -118,6 +129,9 @@ def markdown_table(result: CompareResult) -> str:
     seeded = any(s.n >= 2 for s in summaries)
     base = baseline_of(summaries)
     columns = list(COLUMNS)
+    integer = any(s.status == "ok" and s.row.device_bytes is not None for s in summaries)
+    if integer:
+        columns.append(("int device", _ok(_device)))
     if seeded:
         columns[3:3] = [
             ("per seed", _per_seed),
@@ -145,6 +159,8 @@ def markdown_table(result: CompareResult) -> str:
             "difference of the means in points, `*` where it exceeds the two seed spreads "
             "(the mean +- sd intervals do not overlap), `~` where it does not.",
         )
+    if integer:
+        notes.append(INTEGER_NOTE)
     if notes:
         lines += ["", *notes]
     return "\n".join(lines)
