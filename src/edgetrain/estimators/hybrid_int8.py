@@ -106,7 +106,9 @@ from edgetrain.numerics.fixed_point import (
     quantize_multiplier,
     write_back,
 )
+from edgetrain.numerics import int_backward
 from edgetrain.numerics.int_loss import ERROR_QMAX, int_cross_entropy
+from edgetrain.numerics.int_transformer import IntBlock, IntPoolNorm
 from edgetrain.numerics.quant import qrange
 from edgetrain.recipe import Estimator as EstimatorSpec
 from edgetrain.recipe import Numerics, Optimizer, Recipe, Scope
@@ -116,17 +118,20 @@ from edgetrain.seeding import make_generator
 __all__ = ["ElasticZOInt8", "ERROR_QMAX"]
 
 _TAIL_ROUND_PATH = 3  # seed sub-path of the tail update's stochastic rounding
-_CHAIN_OPS = (_IntAffine, IntReLU, IntFlatten, IntAvgPool)  # the ops of the integer backward
+# the ops with an integer backward: chains here, transformer composites in int_backward
+_CHAIN_OPS = (_IntAffine, IntReLU, IntFlatten, IntAvgPool)
+_TAIL_OPS = (*_CHAIN_OPS, IntBlock, IntPoolNorm)
 
 
 @dataclass
 class _TailParam:
     """A tail affine op and which of its integer tensors train."""
 
-    index: int  # position in int_model.ops
+    index: int  # position in int_model.ops (of the composite that holds it, if any)
     op: _IntAffine
     weight: bool
     bias: bool
+    key: int | str = -1  # grads / error_scales key: index, or "index.child" in a block
 
 
 @dataclass
@@ -138,6 +143,7 @@ class _Saved:
     inputs: torch.Tensor | None = None  # int8 / uint8 (affine ops)
     mask: torch.Tensor | None = None  # bool, ReLU derivative
     shape: tuple[int, ...] = ()
+    saved: dict[str, Any] | None = None  # a composite's compacted intermediates
 
 
 def _compact(x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +195,7 @@ class ElasticZOInt8(FixedPointZO):
                 "it takes no loss_fn"
             )
         self.cut = int(est.cut)
-        self.error_scales: dict[int, float] = {}
+        self.error_scales: dict[int | str, float] = {}
         self.error_clips = 0
         self.gradient_saturations = 0
         self._tail_start = 0
@@ -206,8 +212,6 @@ class ElasticZOInt8(FixedPointZO):
     def _set_int_model(self, int_model: IntModel) -> None:
         """Cut the integer ops: the front's trainables go to FixedPointZO's machinery,
         the tail's to the integer backprop."""
-        if any(not isinstance(op, _CHAIN_OPS) for op in int_model.ops):
-            raise ValueError(TRANSFORMER_REASON)
         blocks = scope_mod.find_blocks(self.model)
         block_of = {id(m): i for i, b in enumerate(blocks) for m in b.modules()}
         ops = int_model.ops
@@ -215,20 +219,41 @@ class ElasticZOInt8(FixedPointZO):
         last_front = -1
         first_tail = None
         for i, op in enumerate(ops):
-            if not isinstance(op, _IntAffine):
-                continue
-            b = block_of.get(id(op.source[0]))
-            seen_block = seen_block or b is not None
-            front = (b is not None and b < self.cut) or (b is None and not seen_block)
-            if front:
-                if first_tail is not None:
-                    raise ValueError("ElasticZO-INT8 needs the front's layers before the tail's")
-                last_front = i
-            elif first_tail is None:
-                first_tail = i
+            affines = [op] if isinstance(op, _IntAffine) else op.affine_ops()
+            for a in affines:  # a composite's children (a transformer block's) lie together
+                b = block_of.get(id(a.source[0]))
+                seen_block = seen_block or b is not None
+                front = (b is not None and b < self.cut) or (b is None and not seen_block)
+                if front:
+                    if first_tail is not None:
+                        raise ValueError(
+                            "ElasticZO-INT8 needs the front's layers before the tail's"
+                        )
+                    last_front = i
+                elif first_tail is None:
+                    first_tail = i
         self._tail_start = last_front + 1
+        for i, op in enumerate(ops[self._tail_start :], start=self._tail_start):
+            if not isinstance(op, _TAIL_OPS):
+                raise ValueError(
+                    f"ElasticZO-INT8: op {i} ({type(op).__name__}) lies in the backprop tail "
+                    f"(cut={self.cut}) and has no integer backward; integer backwards exist "
+                    "for Linear/Conv2d, ReLU, pooling, flatten, the ViT's blocks and its "
+                    "final norm (a larger cut puts it in the ZO front)"
+                )
+            if isinstance(op, IntBlock):
+                for name, child in op.children.items():
+                    if child.w_scale.dim() > 0 and child.w_scale.numel() > 1:
+                        raise ValueError(
+                            f"ElasticZO-INT8: blocks' {name} has per-channel weight scales; "
+                            "the integer backward needs one per tensor (per_channel=False)"
+                        )
         selected = {id(p) for p in self.params}
-        front_ops = [op for op in ops[: self._tail_start] if isinstance(op, _IntAffine)]
+        front_ops = [
+            a
+            for op in ops[: self._tail_start]
+            for a in ([op] if isinstance(op, _IntAffine) else op.affine_ops())
+        ]
         front_ids = {
             id(p) for op in front_ops for m in op.source if m is not None for p in m.parameters()
         }
@@ -246,16 +271,21 @@ class ElasticZOInt8(FixedPointZO):
             self._trainables = []
         self._tail_params = []
         for i, op in enumerate(ops[self._tail_start :], start=self._tail_start):
-            if not isinstance(op, _IntAffine):
+            if isinstance(op, _IntAffine):
+                members: list[tuple[int | str, _IntAffine]] = [(i, op)]
+            elif isinstance(op, IntBlock):
+                members = [(f"{i}.{name}", child) for name, child in op.children.items()]
+            else:
                 continue
-            affine, bn = op.source
-            weight = id(affine.weight) in selected
-            bias = op.bias is not None and (
-                (affine.bias is not None and id(affine.bias) in selected)
-                or (bn is not None and bn.bias is not None and id(bn.bias) in selected)
-            )
-            if weight or bias:
-                self._tail_params.append(_TailParam(i, op, weight, bias))
+            for key, a in members:
+                affine, bn = a.source
+                weight = id(affine.weight) in selected
+                bias = a.bias is not None and (
+                    (affine.bias is not None and id(affine.bias) in selected)
+                    or (bn is not None and bn.bias is not None and id(bn.bias) in selected)
+                )
+                if weight or bias:
+                    self._tail_params.append(_TailParam(i, a, weight, bias, key))
         if not self._tail_params:
             raise ValueError(
                 f"No integer tensor trains after cut={self.cut}: the backprop tail is empty"
@@ -283,7 +313,12 @@ class ElasticZOInt8(FixedPointZO):
                 h = op.forward(h, stats)
                 continue
             record = _Saved(i, op, shape=tuple(h.shape))
-            out = op.forward(h, stats)
+            if isinstance(op, (IntBlock, IntPoolNorm)):
+                store: dict[str, Any] = {}
+                out = op.forward(h, stats, save=store)
+                record.saved = int_backward.compact_saved(store)
+            else:
+                out = op.forward(h, stats)
             if isinstance(op, _IntAffine):
                 record.inputs = _compact(h)
                 if op.relu:
@@ -319,8 +354,48 @@ class ElasticZOInt8(FixedPointZO):
         headroom = self.recipe.numerics.error_headroom
         trainable = {tp.index for tp in self._tail_params}
         earliest = min(trainable)
+        requantizer = int_backward.ErrorRequantizer(self.error_scales, headroom, stats, observe)
+        try:
+            self._backward_ops(saved, e, e_scale, grads, observe, requantizer, earliest)
+        finally:
+            self.error_clips += requantizer.clips
+
+    def _backward_ops(self, saved, e, e_scale, grads, observe, requantizer, earliest) -> None:
+        stats = self.int_model.stats
+        headroom = self.recipe.numerics.error_headroom
         for record in reversed(saved):
             op = record.op
+            if isinstance(op, IntBlock):
+                e, e_scale = int_backward.block_backward(
+                    op,
+                    record.saved,
+                    e,
+                    e_scale,
+                    requantizer,
+                    grads,
+                    str(record.index),
+                    need_input=record.index > earliest,
+                )
+                if record.index <= earliest:
+                    return
+                continue
+            if isinstance(op, IntPoolNorm):
+                before = self.int_model.ops[record.index - 1]
+                if not isinstance(before, IntBlock):
+                    raise TypeError("IntPoolNorm's integer backward needs an IntBlock before it")
+                head = self.int_model.ops[record.index + 1]
+                e, e_scale = int_backward.pool_norm_backward(
+                    op,
+                    record.saved,
+                    e,
+                    e_scale,
+                    record.shape,
+                    float(head.in_scale),
+                    int_backward.block_scales(before)["out"],
+                    requantizer,
+                    str(record.index),
+                )
+                continue
             if isinstance(op, _IntAffine):
                 if record.mask is not None:
                     e = e * record.mask
@@ -379,7 +454,7 @@ class ElasticZOInt8(FixedPointZO):
 
     def _new_grads(self) -> dict[int, list[torch.Tensor | None]]:
         return {
-            tp.index: [
+            tp.key: [
                 torch.zeros(tp.op.weight.shape, dtype=torch.int64) if tp.weight else None,
                 torch.zeros(tp.op.bias.shape, dtype=torch.int64) if tp.bias else None,
             ]
@@ -460,9 +535,9 @@ class ElasticZOInt8(FixedPointZO):
         plan = []
         for t, tp in enumerate(self._tail_params):
             op = tp.op
-            s_e = self.error_scales[tp.index]
+            s_e = self.error_scales[tp.key]
             s_w = float(op.w_scale)
-            g_w, g_b = grads[tp.index]
+            g_w, g_b = grads[tp.key]
             parts = []
             if g_w is not None:
                 lo, hi = qrange(op.weight_bits)
@@ -564,7 +639,9 @@ class ElasticZOInt8(FixedPointZO):
         if int(state["cut"]) != self.cut:
             raise ValueError(f"State saved with cut={state['cut']}, this estimator has {self.cut}")
         super().load_state_dict(state)
-        self.error_scales = {int(k): float(v) for k, v in state["error_scales"].items()}
+        self.error_scales = {
+            int(k) if k.isdigit() else k: float(v) for k, v in state["error_scales"].items()
+        }  # chain ops by index, transformer points by "index.point"
         self.error_clips = int(state["error_clips"])
         self.gradient_saturations = int(state["gradient_saturations"])
 
@@ -572,23 +649,12 @@ class ElasticZOInt8(FixedPointZO):
 # --- the axis hooks -----------------------------------------------------------------------
 
 
-TRANSFORMER_REASON = (
-    "ElasticZO-INT8's fixed-point integer backward runs through chain ops only (Linear, "
-    "Conv2d, ReLU, pooling, flatten); this model converts to integer transformer ops "
-    "(edgetrain.numerics.int_transformer: IntBlock's i-LayerNorm, i-Softmax and i-GELU, "
-    "IntPoolNorm's i-LayerNorm) that have no integer backward here. fixed_point_zo trains "
-    "it with integer forwards only"
-)
-
-
 def applicable(recipe: Recipe, model: nn.Module) -> str | None:
-    """Why ``model`` cannot run ElasticZO-INT8 as an integer chain, or None (the cut is
-    the hybrid module's check). A model that converts to transformer ops (the ViT) is
-    refused: the tail's integer backward has no rule for i-LayerNorm."""
-    reason = chain_model_reason(model)
-    if reason is None and getattr(model, "integer_layout", None) is not None:
-        return TRANSFORMER_REASON
-    return reason
+    """Why ``model`` cannot run ElasticZO-INT8, or None (the cut is the hybrid module's
+    check): the fixed-point converter must take it (a chain of Linear/Conv/ReLU/pool
+    layers, or a model that declares ``integer_layout``: edgetrain's ViT, whose blocks and
+    final norm have the integer backward of ``edgetrain.numerics.int_backward``)."""
+    return chain_model_reason(model)
 
 
 # --- presets ------------------------------------------------------------------------------
