@@ -77,7 +77,11 @@ def _images(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _int_model(pool: str = "cls"):
     return convert(
-        _vit(pool), _images(16)[0], weight_bits=8, activation_bits=8, per_channel=False,
+        _vit(pool),
+        _images(16)[0],
+        weight_bits=8,
+        activation_bits=8,
+        per_channel=False,
         weight_headroom=2.0,
     )
 
@@ -174,9 +178,7 @@ def test_gelu_derivative_is_the_derivative_of_igelu():
     erf = torch.sign(v) * (GELU_A * (torch.clamp(v.abs(), max=-GELU_B) + GELU_B) ** 2 + 1)
     (x / 2 * (1 + erf)).sum().backward()
     assert float((real - x.grad).abs().max()) < 2e-3  # measured 1.6e-4: the 2^-14 grid
-    exact = torch.autograd.functional.jacobian(
-        lambda t: F.gelu(t).sum(), u.double() * s_u
-    )
+    exact = torch.autograd.functional.jacobian(lambda t: F.gelu(t).sum(), u.double() * s_u)
     assert float((real - exact).abs().max()) < 0.05  # i-GELU's own error (measured 0.02)
 
 
@@ -231,9 +233,13 @@ def test_block_backward_matches_float_autograd():
     assert saved["q"].dtype == torch.int8 and saved["prob"].dtype == torch.uint16
     e = torch.randint(-127, 128, out_int.shape, generator=_gen(3), dtype=torch.int64)
     s_e = 1e-3
-    grads = {f"2.{n}": [torch.zeros(c.weight.shape, dtype=torch.int64),
-                        torch.zeros(c.bias.shape, dtype=torch.int64)]
-             for n, c in block.children.items()}
+    grads = {
+        f"2.{n}": [
+            torch.zeros(c.weight.shape, dtype=torch.int64),
+            torch.zeros(c.bias.shape, dtype=torch.int64),
+        ]
+        for n, c in block.children.items()
+    }
     rq = ErrorRequantizer({}, 2.0, stats, observe=True)
     dx, s_dx = block_backward(block, saved, e, s_e, rq, grads, "2")
     assert rq.clips == 0
@@ -256,13 +262,15 @@ def test_block_backward_matches_float_autograd():
         assert _cos(gb, b_ref.grad) > 0.99, name
     # a second pass at the calibrated scales gives the same integers
     again = {k: [torch.zeros_like(a), torch.zeros_like(b)] for k, (a, b) in grads.items()}
-    dx2, _ = block_backward(block, saved, e, s_e, ErrorRequantizer(rq.scales, 2.0, stats),
-                            again, "2")
+    dx2, _ = block_backward(
+        block, saved, e, s_e, ErrorRequantizer(rq.scales, 2.0, stats), again, "2"
+    )
     assert torch.equal(dx2, dx) and torch.equal(again["2.qkv"][0], grads["2.qkv"][0])
     # need_input=False: the weight gradients without the input error
     last = {k: [torch.zeros_like(a), torch.zeros_like(b)] for k, (a, b) in grads.items()}
-    none, _ = block_backward(block, saved, e, s_e, ErrorRequantizer(rq.scales, 2.0, stats),
-                             last, "2", need_input=False)
+    none, _ = block_backward(
+        block, saved, e, s_e, ErrorRequantizer(rq.scales, 2.0, stats), last, "2", need_input=False
+    )
     assert none is None and torch.equal(last["2.qkv"][0], grads["2.qkv"][0])
 
 

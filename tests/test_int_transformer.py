@@ -326,8 +326,9 @@ def test_elastic_zo_int8_trains_the_vit_with_its_integer_tail(trained_vit, digit
     tested op by op in tests/test_int_backward.py): a step runs without overflow."""
     assert int8_applicable(presets.get("elastic_zo_int8"), trained_vit) is None
     x, y = digits
-    est = ElasticZOInt8(copy.deepcopy(trained_vit), presets.get("elastic_zo_int8"),
-                        calibration=x[:32])
+    est = ElasticZOInt8(
+        copy.deepcopy(trained_vit), presets.get("elastic_zo_int8"), calibration=x[:32]
+    )
     stats = est.step((x[:32], y[:32]))
     assert math.isfinite(stats.loss) and est.overflow_count == 0
 

@@ -9,11 +9,18 @@ rules below are ours, built from edgetrain.numerics (the same fixed-point model 
 arithmetic and what is simulated is listed at the end.
 
 The float model is converted to an integer model (``numerics.convert``: a chain of
-Linear / Conv2d [+ folded BatchNorm] [+ ReLU], pooling and flatten ops; edgetrain's MLP
-and CNN, not the ViT) with ``numerics.weight_bits`` weights (8 in the preset) under one
-scale per tensor, 8-bit activations and int32 biases. The ops are cut at block
-``C = recipe.estimator.cut``: affine ops of ``blocks[:C]`` (and of any stem) are the
-front, every op after the last front op is the tail.
+Linear / Conv2d [+ folded BatchNorm] [+ ReLU], pooling and flatten ops, edgetrain's MLP
+and CNN; or the integer pre-norm ViT of ``numerics.int_transformer``, edgetrain's ViT)
+with ``numerics.weight_bits`` weights (8 in the preset) under one scale per tensor, 8-bit
+activations and int32 biases. The ops are cut at block ``C = recipe.estimator.cut``:
+affine ops of ``blocks[:C]`` (and of any stem: the ViT's patch embedding, CLS token and
+positions) are the front, every op after the last front op is the tail. On the ViT the
+tail is transformer blocks ``C..``, the final norm with its pooling, and the head; their
+integer backward is ``edgetrain.numerics.int_backward`` (residual adds, i-LayerNorm,
+i-GELU, i-Softmax and the attention matmuls, with int8 errors at calibrated scales and
+16-bit residual-stream errors; the Linear weights and biases of the tail blocks and the
+head train, the LayerNorm gamma/beta, CLS token and positions stay as converted: see
+that module).
 
 One step with ``m = queries`` directions:
 
@@ -73,7 +80,11 @@ coefficients are all computed and checked before the first weight changes.
 
 Not supported: one-sided differences, blockwise/ZO-Cons fronts, per-channel weight scales
 (the error propagation needs one weight scale per tensor): refused at ``Recipe(...)``
-(edgetrain.compat); and custom loss functions.
+(edgetrain.compat); custom loss functions; a tail that holds an op without an integer
+backward (refused at conversion, naming the op: the ViT's patch embedding always lies in
+the front). On the ViT the int8 errors cost gradient accuracy away from the head: with
+CLS pooling token 0's error dominates each per-tensor int8 grid (cosine to the float
+gradient 0.999 in the last block, 0.92-0.98 in the block before; tests/test_int_backward.py).
 """
 
 from __future__ import annotations
@@ -92,6 +103,7 @@ from edgetrain._registry import preset
 from edgetrain.batches import LossFn
 from edgetrain.estimators import register
 from edgetrain.estimators.fixed_point_zo import FixedPointZO, chain_model_reason
+from edgetrain.numerics import int_backward
 from edgetrain.numerics.fixed_point import (
     INT32_MAX,
     INT32_MIN,
@@ -106,7 +118,6 @@ from edgetrain.numerics.fixed_point import (
     quantize_multiplier,
     write_back,
 )
-from edgetrain.numerics import int_backward
 from edgetrain.numerics.int_loss import ERROR_QMAX, int_cross_entropy
 from edgetrain.numerics.int_transformer import IntBlock, IntPoolNorm
 from edgetrain.numerics.quant import qrange
@@ -574,7 +585,11 @@ class ElasticZOInt8(FixedPointZO):
         of this estimator is not that figure). ``weights``: ``weight_bits`` per weight
         (bytes, rounded up) and int32 biases; ``grads``: an int32 accumulator per
         trainable tail element; ``saved``: the tail's saved int8 inputs and 1-bit ReLU
-        masks; ``buffers``: the largest live input + int32 accumulator of one op (forward)
+        masks, and for a transformer block or final norm the intermediates its integer
+        backward keeps, each in the smallest integer dtype that holds it
+        (``int_backward.compact``: int8 LayerNorm outputs, q, k, v, attention output and
+        GELU output, uint16 probabilities, int16 GELU inputs, int16/int32 ``y_hat``);
+        ``buffers``: the largest live input + int32 accumulator of one op (forward)
         or int8 error + int32 accumulator (backward). ``as_float=True`` counts the same
         step in float32 (4 bytes for every weight, activation, error and gradient): the
         float ElasticZO step with the same cut, for the INT8-vs-float ratio.
@@ -597,7 +612,12 @@ class ElasticZOInt8(FixedPointZO):
         stats_before = self.int_model.stats.as_dict()
         h = self.int_model.quantize_input(batch[0])
         for i, op in enumerate(self.int_model.ops):
-            out = op.forward(h, self.int_model.stats)
+            if i >= self._tail_start and isinstance(op, (IntBlock, IntPoolNorm)):
+                store: dict[str, Any] = {}
+                out = op.forward(h, self.int_model.stats, save=store)
+                saved += int_backward.saved_bytes(int_backward.compact_saved(store), as_float)
+            else:
+                out = op.forward(h, self.int_model.stats)
             buffers = max(buffers, h.numel() * a + out.numel() * acc)
             if i >= self._tail_start and isinstance(op, (_IntAffine, IntReLU)):
                 if isinstance(op, _IntAffine):
@@ -666,8 +686,9 @@ def elastic_zo_int8() -> Recipe:
     8-bit weights (one scale per tensor) and 8-bit activations; the first block trains by
     integer ZO (Rademacher perturbations, stochastically rounded integer ZO-SGD update),
     the rest and the head by an 8-bit integer backward with integer SGD. Runs on chain
-    models (MLP, CNN with BN folded), not the ViT (its integer transformer ops have no
-    integer backward: ``applicable`` says so). Tuned on mnist-to-digits (MLP, 1000
+    models (MLP, CNN with BN folded) and on the ViT (the integer backward of its blocks
+    and final norm: ``edgetrain.numerics.int_backward``; measured in
+    benchmarks/results_intbwd.md). Tuned on mnist-to-digits (MLP, 1000
     steps, batch 32, from 65.7%): 95.9% test accuracy (float elastic_zo with the same cut:
     96.7%, mezo: 84.1%); zo_lr 1e-4 (SGD) or sign at 1e-3 also trained; zo_lr above
     ~1e-4 saturates the 8-bit front weights. Its integer footprint
