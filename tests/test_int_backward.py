@@ -402,3 +402,24 @@ def test_vit_tail_refusals_name_the_problem():
     with pytest.raises(ValueError, match="per-channel|per_channel"):
         est = build(_vit(), recipe.replace(**{"numerics.per_channel": True}))
         est.calibrate(_images(8)[0])
+
+
+@pytest.mark.parametrize("cut", [0, 3])
+def test_vit_cuts_at_either_end(cut):
+    """cut 0: every block in the integer tail (the patch embedding stays the ZO front);
+    cut 3 (= depth): the tail is the final norm and the head only. The tail's integer
+    weights move."""
+    recipe = presets.get("elastic_zo_int8").replace(**{"estimator.cut": cut})
+    est = build(_vit(), recipe, seed=0)
+    batch = _images(8)
+    est.calibrate(batch[0])
+    assert {tp.index for tp in est._tail_params} == ({1, 2, 3, 5} if cut == 0 else {5})
+    ops = est.int_model.affine_ops()  # patch conv, 4 per block, head
+    before = [op.weight.clone() for op in ops]
+    for _ in range(2):
+        assert math.isfinite(est.step(batch).loss)
+    moved = [not torch.equal(op.weight, w) for op, w in zip(ops, before, strict=True)]
+    if cut == 0:
+        assert all(moved[1:])  # every block's Linears and the head: the integer backward
+    else:
+        assert moved[-1]  # the head
