@@ -296,12 +296,17 @@ class IntLayerNorm:
         return cls(g, b, Requant.make(s_hat * s_g / out_scale, lo, hi), LN_FRAC_BITS)
 
     def __call__(
-        self, x: torch.Tensor, stats: OverflowStats, as_float: bool = False
+        self,
+        x: torch.Tensor,
+        stats: OverflowStats,
+        as_float: bool = False,
+        save: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """On float64 integers (16-bit inputs: ``|y| < 2^17``, ``sum y^2 < 2^46``, ``|y
         floor(2^31 / std)| < 2^34`` since ``|y| <= std``; the row sum and the floor of its
         quotient by ``C`` are exact below 2^52), the square root in int64. ``x``: int64
-        or float64 integers; ``as_float``: see ``Requant``."""
+        or float64 integers; ``as_float``: see ``Requant``. ``save``: a dict that receives
+        ``y_hat`` and ``std`` (the integer backward's, ``numerics.int_backward``)."""
         n = x.shape[-1]
         y = x.to(torch.float64)
         total = y.sum(dim=-1, keepdim=True)  # (..., 1), exact
@@ -314,6 +319,8 @@ class IntLayerNorm:
         factor = torch.div(torch.full_like(std, 1 << 31), std, rounding_mode="floor")
         y *= factor.to(torch.float64)
         y.mul_(2.0 ** -(31 - self.frac_bits)).floor_()  # |y_hat| <= 2^frac_bits
+        if save is not None:
+            save.update(y_hat=y.clone(), std=std)
         y *= self._g
         y += self._b
         acc = _saturate(y, INT32_MIN, INT32_MAX, stats, "accumulator")
@@ -414,16 +421,20 @@ class IntBlock(_Composite):
 
     kind = "vit_block"
 
-    def forward(self, x: torch.Tensor, stats: OverflowStats) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, stats: OverflowStats, save: dict[str, Any] | None = None
+    ) -> torch.Tensor:
         """Int64 in and out; inside, float64 tensors holding the integers (every value and
         partial sum an integer below 2^53, checked at conversion), so that no op converts
-        back and forth."""
+        back and forth. ``save``: a dict that receives the intermediates the integer
+        backward needs (``numerics.int_backward.block_backward``)."""
         c = self.consts
         B, N, C = x.shape
         H, D = c["num_heads"], c["head_dim"]
         rq, ln = self.requants, self.norms
         flat = x.reshape(B * N, C).to(torch.float64)
-        h = ln["norm1"](flat, stats, True)  # (B N, C) activation_bits
+        n1: dict[str, torch.Tensor] | None = None if save is None else {}
+        h = ln["norm1"](flat, stats, True, n1)  # (B N, C) activation_bits
         qkv = rq["qkv"](self._affine("qkv", h, stats), stats, True)  # (B N, 3C)
         qkv = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
         q, k, v = qkv[0], qkv[1], qkv[2]
@@ -434,9 +445,12 @@ class IntBlock(_Composite):
         o = _saturate(o, INT32_MIN, INT32_MAX, stats, "accumulator")
         o = rq["attn_out"](o, stats, True).transpose(1, 2).reshape(B * N, C)  # (B N, C)
         flat = self._add(flat, self._affine("proj", o, stats), "res1", stats)
-        h = ln["norm2"](flat, stats, True)
-        u = rq["fc1"](self._affine("fc1", h, stats), stats, True)  # (B N, hidden) 16-bit
+        n2: dict[str, torch.Tensor] | None = None if save is None else {}
+        h2 = ln["norm2"](flat, stats, True, n2)
+        u = rq["fc1"](self._affine("fc1", h2, stats), stats, True)  # (B N, hidden) 16-bit
         g = rq["gelu"](gelu_int(u, c["gelu"], as_float=True), stats, True)  # activation_bits
+        if save is not None:
+            save.update(norm1=n1, h=h, q=q, k=k, v=v, prob=prob, o=o, norm2=n2, h2=h2, u=u, g=g)
         flat = self._add(flat, self._affine("fc2", g, stats), "res2", stats)
         return flat.to(torch.int64).reshape(B, N, C)
 
@@ -466,9 +480,16 @@ class IntPoolNorm(_Composite):
 
     kind = "pool_norm"
 
-    def forward(self, x: torch.Tensor, stats: OverflowStats) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, stats: OverflowStats, save: dict[str, Any] | None = None
+    ) -> torch.Tensor:
+        """``save``: a dict that receives the LayerNorm's ``y_hat`` and ``std`` (under
+        ``norm``), for ``numerics.int_backward.pool_norm_backward``."""
         B, N, C = x.shape
-        h = self.norms["norm"](x.reshape(B * N, C), stats).reshape(B, N, C)
+        n: dict[str, torch.Tensor] | None = None if save is None else {}
+        h = self.norms["norm"](x.reshape(B * N, C), stats, False, n).reshape(B, N, C)
+        if save is not None:
+            save["norm"] = n
         if self.consts["pool"] == "cls":
             return h[:, 0]
         total = _saturate(h.sum(dim=1), INT32_MIN, INT32_MAX, stats, "accumulator")  # (B, C)
@@ -722,6 +743,9 @@ def convert_transformer(
                     "head_dim": D,
                     "exp": exp_c,
                     "gelu": {k: int(v) for k, v in gelu_c.items() if k != "out_scale"},
+                    # real scales for the integer backward (numerics.int_backward)
+                    "attn_scale": float(attn.scale),
+                    "gelu_in_scale": s_u,
                 },
             )
         )
