@@ -26,6 +26,7 @@ CASES = [
     ("fixed_point_zo", "vit"),
     ("elastic_zo_int8", "mlp"),
     ("elastic_zo_int8", "cnn"),
+    ("elastic_zo_int8", "vit"),
 ]
 
 
