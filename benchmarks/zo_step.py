@@ -19,7 +19,7 @@ parameters and buffers are registered first, then every tensor an operator retur
 when its storage is), tracked by a ``TorchDispatchMode``; the peak over a step is
 compared with the peak of an inference forward. Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/zo_step.py [--steps 5] [--threads 1]
+    OMP_NUM_THREADS=1 python benchmarks/zo_step.py [--steps 5] [--threads 1] [--zo-threads 1 2]
 """
 
 from __future__ import annotations
@@ -157,7 +157,13 @@ def peak_bytes(model: nn.Module, batch, fn: Callable[[int], object], steps: int 
     return tracker.peak
 
 
-def bench_model(name: str, make_model: Callable[[], nn.Module], batch, steps: int) -> list[dict]:
+def bench_model(
+    name: str,
+    make_model: Callable[[], nn.Module],
+    batch,
+    steps: int,
+    zo_threads: tuple[int, ...] = (1,),
+) -> list[dict]:
     model = make_model().eval()
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -168,23 +174,30 @@ def bench_model(name: str, make_model: Callable[[], nn.Module], batch, steps: in
     def naive(i: int) -> None:
         naive_mezo_step(model, batch, params, seed=i, lr=1e-6, eps=1e-3)
 
-    def recipe(direction: str) -> Recipe:
+    def recipe(direction: str, threads: int) -> Recipe:
         return Recipe(
-            estimator=Estimator(kind="zo", eps=1e-3, direction=direction),
+            estimator=Estimator(kind="zo", eps=1e-3, direction=direction, zo_threads=threads),
             optimizer=Optimizer(kind="sgd", lr=1e-6),
         )
 
+    variants = [
+        (direction, threads) for direction in ("gaussian", "rademacher") for threads in zo_threads
+    ]
+
+    def label(direction: str, threads: int) -> str:
+        return f"edgetrain ZO ({direction})" + (f" z threads {threads}" if threads > 1 else "")
+
     methods: dict[str, Callable[[int], object]] = {"inference forward": forward}
-    for direction in ("gaussian", "rademacher"):
-        estimator = build_estimator(model, recipe(direction), seed=0)
-        methods[f"edgetrain ZO ({direction})"] = lambda _, e=estimator: e.step(batch)
+    for direction, threads in variants:
+        estimator = build_estimator(model, recipe(direction, threads), seed=0)
+        methods[label(direction, threads)] = lambda _, e=estimator: e.step(batch)
     methods["naive MeZO (gaussian)"] = naive
     medians = interleaved_medians(methods, steps)
 
     peaks = {"inference forward": peak_bytes(model, batch, forward, steps=1)}
-    for direction in ("gaussian", "rademacher"):
-        fresh = build_estimator(model, recipe(direction), seed=1)  # its buffers count
-        peaks[f"edgetrain ZO ({direction})"] = peak_bytes(
+    for direction, threads in variants:
+        fresh = build_estimator(model, recipe(direction, threads), seed=1)  # its buffers count
+        peaks[label(direction, threads)] = peak_bytes(
             model, batch, lambda _, e=fresh: e.step(batch)
         )
     peaks["naive MeZO (gaussian)"] = peak_bytes(model, batch, naive)
@@ -207,7 +220,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--zo-threads",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="estimator.zo_threads values to time side by side (1: draw z on the caller)",
+    )
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--skip-vit", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -215,12 +236,19 @@ def main() -> None:
         torch.randn(32, 1, 28, 28, generator=gen),
         torch.randint(0, 10, (32,), generator=gen),
     )
-    rows = bench_model("vit (batch 32)", lambda: models.build("vit"), vit_batch, args.steps)
+    zo_threads = tuple(args.zo_threads)
+    rows = []
+    if not args.skip_vit:
+        rows += bench_model(
+            "vit (batch 32)", lambda: models.build("vit"), vit_batch, args.steps, zo_threads
+        )
     if not args.skip_minilm:
         ids = torch.randint(0, 30522, (16, 128), generator=gen)
         labels = torch.randint(0, 2, (16,), generator=gen)
         torch.manual_seed(0)  # nn.Module init of the benchmark model only
-        rows += bench_model("MiniLM-shaped (16x128)", MiniLMShaped, (ids, labels), args.steps)
+        rows += bench_model(
+            "MiniLM-shaped (16x128)", MiniLMShaped, (ids, labels), args.steps, zo_threads
+        )
 
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.steps} steps")
     header = (

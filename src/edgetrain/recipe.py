@@ -200,6 +200,11 @@ class Estimator:
     """Hybrid: learning rate of the ZO front's update (None: ``optimizer.lr``)."""
     chunk_elements: int = 1 << 16
     """Largest temporary z (elements) while perturbing; bounds transient memory."""
+    zo_threads: int = _for("zo", default=1)
+    """ZO: worker threads that draw z ahead of the in-place weight arithmetic (the
+    chunks are independently seeded: the same weights bit for bit for any value; 1 draws
+    on the calling thread). Helps where drawing z is serial and cores are idle between
+    forwards, e.g. Gaussian z on CPU (benchmarks/results_zospeed.md)."""
     train_mode_evals: bool = False
     """ZO evaluations run in eval() mode (no dropout, BN uses running stats) unless True."""
     offload: str = "none"
@@ -276,6 +281,8 @@ class Estimator:
             raise ConfigError("A hybrid estimator needs cut= (the first backprop block index)")
         if self.chunk_elements < 1:
             raise ConfigError(f"Invalid chunk_elements: {self.chunk_elements} (must be >= 1)")
+        if not isinstance(self.zo_threads, int) or self.zo_threads < 1:
+            raise ConfigError(f"Invalid zo_threads: {self.zo_threads!r} (an integer >= 1)")
         _choice(self.mf_readout, ("pool", "flatten"), "mf_readout")
         _choice(self.cafo_loss, ("ce", "mse", "sparsemax"), "cafo_loss")
         _choice(self.cafo_blocks, ("random", "dfa"), "cafo_blocks")

@@ -38,14 +38,29 @@ regenerates them), the low-rank optimizer's random factor (``direction_range``).
 ``direction_range(seed, numel, start, end)`` is the entry point for any estimator that
 needs the float N(0, 1) / Rademacher values of a flat range of one tensor from a seed,
 e.g. to quantize them into integer directions.
+
+Drawing ahead on worker threads (``Perturber.prefetch``, ZOSGD's ``threads``): the chunks
+are independently seeded, so they can be drawn in any order and on any thread, and each
+is the same floats as when drawn alone. ``torch.randn`` on CPU is one serial loop (the
+mt19937 generator, ~2 ns a number, most of a Gaussian step's perturbation cost), while
+torch ops release the GIL: ``prefetch`` draws the chunks of a pass on a small thread pool,
+each worker into a buffer slot and generator of its own, up to ``2 * threads`` chunks ahead
+of the caller, which consumes them in plan order. The slots are allocated on the calling
+thread before any worker runs, so a ``TorchDispatchMode`` memory meter (thread-local: it
+does not see the workers' ops, which allocate nothing) still counts every byte; a worker
+writes only into its slot and never touches the parameters, so every addition happens on
+the calling thread in the order of a serial pass (bit for bit the same weights).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +189,7 @@ class Perturber:
         self._support_generators: dict[torch.device, torch.Generator] = {}
         self._buffers: dict[tuple[torch.device, str, int], torch.Tensor] = {}
         self._shifts: dict[torch.device, torch.Tensor] = {}
+        self._slot_generators: dict[tuple[torch.device, int], torch.Generator] = {}
 
     # -- plumbing -------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
@@ -239,13 +255,89 @@ class Perturber:
         if n > self.chunk_elements:
             raise ValueError(f"chunk of {n} elements exceeds chunk_elements={self.chunk_elements}")
         device = torch.device(device)
-        gen = self.generator(device)
+        return self._draw(self.generator(device), seed, param_id, chunk_index, n, device, slot)
+
+    def _draw(
+        self,
+        gen: torch.Generator,
+        seed: int,
+        param_id: int,
+        chunk_index: int,
+        n: int,
+        device: torch.device,
+        slot: int,
+    ) -> torch.Tensor:
         gen.manual_seed(derive_seed(seed, param_id, chunk_index))
         if self.direction_kind == "gaussian":
             out = self._buffer(device, "z", slot, n, torch.float32)[:n]
             torch.randn(n, generator=gen, out=out)
             return out
         return self._rademacher(gen, n, device, slot)
+
+    def prefetch(
+        self, jobs: Sequence[tuple[int, int, int, int, torch.device]], threads: int
+    ) -> Iterator[torch.Tensor]:
+        """z of each job ``(seed, param_id, chunk_index, n, device)``, in order, drawn on
+        ``threads`` worker threads up to ``2 * threads`` chunks ahead of the caller.
+
+        Each value equals ``direction(*job)`` bit for bit. A yielded z is valid until the
+        caller asks for the next one (its slot is then handed to a worker again). The
+        slots' buffers (``2 * threads`` chunks at most) are allocated here, on the calling
+        thread, before any worker starts."""
+        if threads < 1:
+            raise ValueError(f"Invalid threads: {threads} (must be >= 1)")
+        jobs = list(jobs)
+        if not jobs:
+            return
+        slots = min(2 * threads, len(jobs))
+        largest: dict[torch.device, int] = {}
+        for _, _, _, n, device in jobs:
+            if n > self.chunk_elements:
+                raise ValueError(
+                    f"chunk of {n} elements exceeds chunk_elements={self.chunk_elements}"
+                )
+            largest[torch.device(device)] = max(largest.get(torch.device(device), 0), n)
+        for device, n in largest.items():  # every buffer a worker writes, made here
+            for s in range(1, slots + 1):
+                if self.direction_kind == "gaussian":
+                    self._buffer(device, "z", s, n, torch.float32)
+                else:
+                    words = -(-n // 32)
+                    self._buffer(device, "words", s, words, torch.int64)
+                    self._buffer(device, "signs", s, words * 32, torch.int32)
+                key = (device, s)
+                if key not in self._slot_generators:
+                    self._slot_generators[key] = torch.Generator(device=device)
+            if self.direction_kind == "rademacher" and device not in self._shifts:
+                self._shifts[device] = torch.arange(32, dtype=torch.int32, device=device)
+        pool = _pool(threads)
+        # The caller's own ops (the additions) run on one core meanwhile: an OpenMP team
+        # of its would spin on the cores the workers draw on. Elementwise results do not
+        # depend on the intra-op thread count (tests/test_zo_threads.py).
+        intra_op = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+        def submit(j: int) -> concurrent.futures.Future:
+            seed, key, number, n, device = jobs[j]
+            device = torch.device(device)
+            slot = 1 + j % slots
+            gen = self._slot_generators[(device, slot)]
+            return pool.submit(self._draw, gen, seed, key, number, n, device, slot)
+
+        pending = deque(submit(j) for j in range(slots))
+        try:
+            for j in range(len(jobs)):
+                z = pending.popleft().result()
+                yield z
+                if j + slots < len(jobs):
+                    pending.append(submit(j + slots))
+        finally:
+            # Abandoned early (an exception in the caller): no worker may still be
+            # writing into a slot when the buffers are reused.
+            for future in pending:
+                future.cancel()
+            concurrent.futures.wait(pending)
+            torch.set_num_threads(intra_op)
 
     def _rademacher(self, gen: torch.Generator, n: int, device: torch.device, slot: int):
         words_needed = -(-n // 32)
@@ -266,6 +358,20 @@ class Perturber:
 
 
 _LOW_WORD = 0 if sys.byteorder == "little" else 1
+
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The process's worker pool of ``threads`` threads (made once, shared by every
+    Perturber: it holds no state of theirs)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(threads)
+        if pool is None:
+            pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="edgetrain-z")
+            _POOLS[threads] = pool
+        return pool
 
 
 def pruned_count(ratio: float, n: int) -> int:
