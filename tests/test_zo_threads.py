@@ -184,3 +184,14 @@ def test_estimator_zo_threads_reaches_the_optimizer_and_is_validated():
         Estimator(kind="backprop", zo_threads=2)
     with pytest.raises(ValueError, match="threads"):
         ZOSGD([nn.Parameter(torch.zeros(3))], threads=0)
+
+
+def test_zo_threads_is_no_part_of_a_runs_identity():
+    """A checkpoint or journal written with one thread count resumes with another: the
+    trajectory is the same, so the recipe identity leaves the knob out."""
+    one = Recipe(estimator=Estimator(kind="zo"), optimizer=Optimizer(kind="sgd"))
+    two = Recipe(estimator=Estimator(kind="zo", zo_threads=2), optimizer=Optimizer(kind="sgd"))
+    assert one.identity() == two.identity()
+    assert two.identity_differences(one.identity()) == []
+    other = Recipe(estimator=Estimator(kind="zo", eps=2e-3), optimizer=Optimizer(kind="sgd"))
+    assert other.identity_differences(one.identity()) == ["estimator.eps: 0.001 -> 0.002"]

@@ -613,6 +613,10 @@ class Numerics:
 RUN_LENGTH_FIELDS = ("steps", "description")
 """Recipe fields that do not change the trajectory of the steps already taken."""
 
+SPEED_ONLY_FIELDS = (("estimator", "zo_threads"),)
+"""(axis, field) pairs that change how fast a step runs, never its floats: left out of
+``Recipe.identity`` so a run may resume with another value."""
+
 _AXES: dict[str, type] = {
     "estimator": Estimator,
     "scope": Scope,
@@ -729,13 +733,16 @@ class Recipe:
 
     def identity(self) -> dict[str, Any]:
         """The recipe as it decides the trajectory of the steps taken: everything except
-        the run length and the description (``RUN_LENGTH_FIELDS``). A checkpoint or a
+        the run length and the description (``RUN_LENGTH_FIELDS``), and the speed-only
+        knobs (``SPEED_ONLY_FIELDS``). A checkpoint or a
         journal records this, so a finished run can be extended (20 steps, then asked
         for 30) while a real change of recipe is refused. A field added since a saved
         identity was written reads as its default (:meth:`identity_differences`)."""
         out = self.to_dict()
         for name in RUN_LENGTH_FIELDS:
             out.pop(name)
+        for axis, name in SPEED_ONLY_FIELDS:
+            out[axis].pop(name, None)
         return out
 
     def identity_differences(self, saved: dict[str, Any]) -> list[str]:
