@@ -190,6 +190,8 @@ class Perturber:
         self._buffers: dict[tuple[torch.device, str, int], torch.Tensor] = {}
         self._shifts: dict[torch.device, torch.Tensor] = {}
         self._slot_generators: dict[tuple[torch.device, int], torch.Generator] = {}
+        self._sign_cache: dict[tuple[torch.device, int, int], tuple] = {}
+        self._ones: dict[torch.device, torch.Tensor] = {}
 
     # -- plumbing -------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
@@ -308,8 +310,11 @@ class Perturber:
                 key = (device, s)
                 if key not in self._slot_generators:
                     self._slot_generators[key] = torch.Generator(device=device)
-            if self.direction_kind == "rademacher" and device not in self._shifts:
-                self._shifts[device] = torch.arange(32, dtype=torch.int32, device=device)
+            if self.direction_kind == "rademacher":
+                for s in range(1, slots + 1):
+                    for n in {job[3] for job in jobs if torch.device(job[4]) == device}:
+                        self._sign_views(device, s, n)
+                self._one(device)
         pool = _pool(threads)
         # The caller's own ops (the additions) run on one core meanwhile: an OpenMP team
         # of its would spin on the cores the workers draw on. Elementwise results do not
@@ -340,21 +345,53 @@ class Perturber:
             torch.set_num_threads(intra_op)
 
     def _rademacher(self, gen: torch.Generator, n: int, device: torch.device, slot: int):
+        words, left, signs, out = self._sign_views(device, slot, n)
+        words.random_(generator=gen)  # uniform on [0, 2**63): the low 32 bits are uniform
+        # Bit k of each word's low half moved to the sign bit of element k ((W, 32); the
+        # bits below it are left over), then copysign(1.0, .): +-1.0 as float32, the same
+        # floats as isolating the bit ((w >> k) << 31) and OR-ing in 1.0's bit pattern.
+        torch.bitwise_left_shift(words.view(torch.int32)[_LOW_WORD::2].unsqueeze(1), left, out=signs)
+        torch.copysign(self._one(device), out, out=out)  # out: the float32 view of signs
+        return out[:n]
+
+    def _sign_views(self, device: torch.device, slot: int, n: int):
+        """(words (W,), left shifts (32,), signs (W, 32) int32, float32 out (32 W,)) for a
+        Rademacher chunk of ``n`` elements in ``slot``, cached: building these views costs
+        more than drawing a small chunk."""
+        key = (device, slot, n)
+        cached = self._sign_cache.get(key)
+        if (
+            cached is not None
+            and cached[0] is self._buffers.get((device, "words", slot))
+            and cached[1] is self._buffers.get((device, "signs", slot))
+        ):
+            return cached[2]
         words_needed = -(-n // 32)
         padded = words_needed * 32
-        words = self._buffer(device, "words", slot, words_needed, torch.int64)[:words_needed]
-        words.random_(generator=gen)  # uniform on [0, 2**63): the low 32 bits are uniform
-        low = words.view(torch.int32)[_LOW_WORD::2]  # (W,) the low 32 bits of each word
-        bits = self._buffer(device, "signs", slot, padded, torch.int32)[:padded]
-        bits2d = bits.view(words_needed, 32)  # (W, 32)
-        shifts = self._shifts.get(device)
-        if shifts is None:
-            shifts = torch.arange(32, dtype=torch.int32, device=device)
-            self._shifts[device] = shifts
-        torch.bitwise_right_shift(low.unsqueeze(1), shifts, out=bits2d)  # (W, 32)
-        bits.bitwise_left_shift_(31)  # keep only bit k, moved to the sign bit
-        bits.bitwise_or_(_ONE_F32_BITS)  # -> +-1.0 as float32 bits
-        return bits.view(torch.float32)[:n]
+        words_buf = self._buffer(device, "words", slot, words_needed, torch.int64)
+        signs_buf = self._buffer(device, "signs", slot, padded, torch.int32)
+        left = self._shifts.get(device)
+        if left is None:
+            left = 31 - torch.arange(32, dtype=torch.int32, device=device)  # (32,) 31 - k
+            self._shifts[device] = left
+        bits = signs_buf[:padded]
+        views = (
+            words_buf[:words_needed],
+            left,
+            bits.view(words_needed, 32),  # (W, 32)
+            bits.view(torch.float32),
+        )
+        if len(self._sign_cache) > 256:
+            self._sign_cache.clear()
+        self._sign_cache[key] = (words_buf, signs_buf, views)
+        return views
+
+    def _one(self, device: torch.device) -> torch.Tensor:
+        one = self._ones.get(device)
+        if one is None:
+            one = torch.ones((), dtype=torch.float32, device=device)
+            self._ones[device] = one
+        return one
 
 
 _LOW_WORD = 0 if sys.byteorder == "little" else 1
