@@ -25,6 +25,7 @@ compared with the peak of an inference forward. Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 import weakref
@@ -216,6 +217,80 @@ def bench_model(
     return rows
 
 
+def _fmix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int32 (wrapping multiplies; the right shifts
+    made logical with a mask): 11 dispatched ops."""
+    for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, None)):
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        tmp.bitwise_and_((1 << (32 - shift)) - 1)
+        x.bitwise_xor_(tmp)
+        if mult is not None:
+            x.mul_(mult - (1 << 32))  # the constant as a signed int32
+    return x
+
+
+def counter_gaussian_(out: torch.Tensor, key: int, counter: torch.Tensor, work) -> None:
+    """A counter-based N(0, 1) written in torch ops (a prototype, measured for the
+    record): two fmix32 hashes of (key, pair index) -> two 24-bit uniforms -> Box-Muller,
+    ``out`` of 2 m values from ``counter`` = arange(m) (int32)."""
+    x, y, tmp, u1, u2 = work
+    torch.add(counter, key & 0x7FFFFFFF, out=x)
+    _fmix32_(x, tmp)
+    torch.bitwise_xor(x, 0x68E31DA4, out=y)
+    _fmix32_(y, tmp)
+    x.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF)
+    y.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF)
+    u1.copy_(x).add_(1.0).mul_(2.0**-24)  # (0, 1]
+    u2.copy_(y).mul_(2.0 * math.pi * 2.0**-24)
+    u1.log_().mul_(-2.0).sqrt_()  # the radius
+    m = counter.numel()
+    torch.cos(u2, out=out[:m]).mul_(u1)
+    torch.sin(u2, out=out[m:]).mul_(u1)
+
+
+def generator_costs(chunk: int = 1 << 16, repeats: int = 200) -> list[tuple[str, float]]:
+    """Nanoseconds per number of each way of drawing one chunk of z (median of repeats)."""
+    from edgetrain.optim.perturb import Perturber
+
+    gauss, rad = Perturber("gaussian", chunk), Perturber("rademacher", chunk)
+    m = chunk // 2
+    counter = torch.arange(m, dtype=torch.int32)
+    work = (
+        *(torch.empty(m, dtype=torch.int32) for _ in range(3)),
+        torch.empty(m),
+        torch.empty(m),
+    )
+    out = torch.empty(chunk)
+    jobs = [(1, 0, c, chunk, torch.device("cpu")) for c in range(64)]
+
+    def prefetched(perturber: Perturber, threads: int) -> Callable[[], None]:
+        def run() -> None:
+            for _ in perturber.prefetch(jobs, threads):
+                pass
+
+        return run
+
+    cases = {
+        "torch.randn (mt19937), calling thread": (lambda: gauss.direction(1, 0, 0, chunk), 1),
+        "torch.randn, prefetch on 2 workers": (prefetched(gauss, 2), len(jobs)),
+        "rademacher (random_ + shift + copysign)": (lambda: rad.direction(1, 0, 0, chunk), 1),
+        "counter-based hash + Box-Muller (torch ops)": (
+            lambda: counter_gaussian_(out, 12345, counter, work),
+            1,
+        ),
+    }
+    rows = []
+    for name, (fn, chunks) in cases.items():
+        fn()
+        times = []
+        for _ in range(max(3, repeats // chunks)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        rows.append((name, statistics.median(times) / (chunks * chunk) * 1e9))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method")
@@ -229,6 +304,9 @@ def main() -> None:
     )
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-vit", action="store_true")
+    parser.add_argument(
+        "--generators", action="store_true", help="also time the z generators per number"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -262,6 +340,11 @@ def main() -> None:
             f"| {r['model']:<24} | {r['method']:<28} | {r['time'] * 1e3:>9.1f} | "
             f"{r['time_ratio']:>9.2f} | {r['peak'] / 2**20:>9.1f} | {r['peak_ratio']:>16.3f} |"
         )
+    if args.generators:
+        print(f"\nz generators, one chunk of {1 << 16} numbers, {args.threads} thread(s):")
+        print("| generator | ns per number |\n|---|---|")
+        for name, ns in generator_costs():
+            print(f"| {name} | {ns:.2f} |")
 
 
 if __name__ == "__main__":

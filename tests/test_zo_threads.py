@@ -112,7 +112,12 @@ def test_records_replay_across_thread_counts(name, train_threads, replay_threads
     groups = _model_params()
     params = [p for g in groups for p in g["params"]]
     replayer = ZOSGD(
-        groups, lr=1e-3, eps=1e-3, chunk_elements=1024, seed=7, threads=replay_threads,
+        groups,
+        lr=1e-3,
+        eps=1e-3,
+        chunk_elements=1024,
+        seed=7,
+        threads=replay_threads,
         **CASES[name],
     )
     assert "threads" not in replayer.config()
@@ -195,3 +200,22 @@ def test_zo_threads_is_no_part_of_a_runs_identity():
     assert two.identity_differences(one.identity()) == []
     other = Recipe(estimator=Estimator(kind="zo", eps=2e-3), optimizer=Optimizer(kind="sgd"))
     assert other.identity_differences(one.identity()) == ["estimator.eps: 0.001 -> 0.002"]
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 4096])
+def test_rademacher_chunk_is_bit_k_of_each_words_low_half(n):
+    """The sign expansion (one shift and a copysign) gives the floats of the original
+    formula, so journals of earlier runs replay: element 32 w + k of a chunk is -1 where
+    bit k of the low 32 bits of word w (``random_`` on int64, seeded from the chunk) is
+    set, else +1."""
+    from edgetrain.seeding import derive_seed
+
+    perturber = Perturber("rademacher", 4096)
+    for seed, key, number in [(0, 0, 0), (123, 4, 7), (2**40 + 5, 17, 2)]:
+        z = perturber.direction(seed, key, number, n)
+        gen = torch.Generator().manual_seed(derive_seed(seed, key, number))
+        words = torch.empty(-(-n // 32), dtype=torch.int64).random_(generator=gen)
+        bits = (words.unsqueeze(1) >> torch.arange(32)) & 1  # (W, 32)
+        expected = (1 - 2 * bits).reshape(-1)[:n].float()
+        assert torch.equal(z, expected)
+        assert torch.equal(z.view(torch.int32), expected.view(torch.int32))  # +1.0, not -0
