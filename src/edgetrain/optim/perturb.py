@@ -91,7 +91,6 @@ __all__ = [
 DIRECTIONS = ("gaussian", "rademacher")
 
 
-
 @dataclass(frozen=True)
 class Segment:
     """Elements ``[start, end)`` of parameter ``index`` (its position in the planned list)
