@@ -200,6 +200,11 @@ class Estimator:
     """Hybrid: learning rate of the ZO front's update (None: ``optimizer.lr``)."""
     chunk_elements: int = 1 << 16
     """Largest temporary z (elements) while perturbing; bounds transient memory."""
+    zo_threads: int = _for("zo", default=1)
+    """ZO: worker threads that draw z ahead of the in-place weight arithmetic (the
+    chunks are independently seeded: the same weights bit for bit for any value; 1 draws
+    on the calling thread). Helps where drawing z is serial and cores are idle between
+    forwards, e.g. Gaussian z on CPU (benchmarks/results_zospeed.md)."""
     train_mode_evals: bool = False
     """ZO evaluations run in eval() mode (no dropout, BN uses running stats) unless True."""
     offload: str = "none"
@@ -276,6 +281,8 @@ class Estimator:
             raise ConfigError("A hybrid estimator needs cut= (the first backprop block index)")
         if self.chunk_elements < 1:
             raise ConfigError(f"Invalid chunk_elements: {self.chunk_elements} (must be >= 1)")
+        if not isinstance(self.zo_threads, int) or self.zo_threads < 1:
+            raise ConfigError(f"Invalid zo_threads: {self.zo_threads!r} (an integer >= 1)")
         _choice(self.mf_readout, ("pool", "flatten"), "mf_readout")
         _choice(self.cafo_loss, ("ce", "mse", "sparsemax"), "cafo_loss")
         _choice(self.cafo_blocks, ("random", "dfa"), "cafo_blocks")
@@ -606,6 +613,10 @@ class Numerics:
 RUN_LENGTH_FIELDS = ("steps", "description")
 """Recipe fields that do not change the trajectory of the steps already taken."""
 
+SPEED_ONLY_FIELDS = (("estimator", "zo_threads"),)
+"""(axis, field) pairs that change how fast a step runs, never its floats: left out of
+``Recipe.identity`` so a run may resume with another value."""
+
 _AXES: dict[str, type] = {
     "estimator": Estimator,
     "scope": Scope,
@@ -722,13 +733,16 @@ class Recipe:
 
     def identity(self) -> dict[str, Any]:
         """The recipe as it decides the trajectory of the steps taken: everything except
-        the run length and the description (``RUN_LENGTH_FIELDS``). A checkpoint or a
+        the run length and the description (``RUN_LENGTH_FIELDS``), and the speed-only
+        knobs (``SPEED_ONLY_FIELDS``). A checkpoint or a
         journal records this, so a finished run can be extended (20 steps, then asked
         for 30) while a real change of recipe is refused. A field added since a saved
         identity was written reads as its default (:meth:`identity_differences`)."""
         out = self.to_dict()
         for name in RUN_LENGTH_FIELDS:
             out.pop(name)
+        for axis, name in SPEED_ONLY_FIELDS:
+            out[axis].pop(name, None)
         return out
 
     def identity_differences(self, saved: dict[str, Any]) -> list[str]:

@@ -231,6 +231,7 @@ class ZO(Estimator):
             grad_sparsity_group=est.grad_sparsity_group,
             chunk_elements=est.chunk_elements,
             seed=self.seed,
+            threads=est.zo_threads,
         )
         names = {id(p): n for n, p in named}
         self._description = self.optimizer.describe(names)  # at the base weights

@@ -17,8 +17,9 @@ step's seed. This module is that regeneration, made memory-bounded and fast:
   parameter's own storage, never ``p.data = p.data + ...`` (a hidden full-size copy).
 * Gaussian z uses ``torch.randn`` with the dedicated generator (on CPU the cost is the
   generator itself, ~5 ns per element). Rademacher z is built from packed random bits:
-  one 64-bit draw gives 32 signs, expanded with shifts into the sign bit of a float32
-  ``1.0`` (``(bit << 31) | 0x3F800000``), about 7x cheaper than ``randn`` on CPU.
+  one 64-bit draw gives 32 signs: element 32 w + k is -1.0 where bit k of the low half of
+  word w is set, else +1.0 (one shift moves bit k to the sign bit, ``copysign(1.0, .)``
+  keeps only it), about 6x cheaper than ``randn`` on CPU.
 * Sparse MeZO masks (Liu et al. 2024) are applied per chunk: ``pack_mask`` / ``unpack_mask``
   keep a step's mask at one bit per element while the step runs.
 * Gradient pruning (ZO-Bench, Zhang et al. 2024, its "sparsity-induced ZO gradient
@@ -38,14 +39,29 @@ regenerates them), the low-rank optimizer's random factor (``direction_range``).
 ``direction_range(seed, numel, start, end)`` is the entry point for any estimator that
 needs the float N(0, 1) / Rademacher values of a flat range of one tensor from a seed,
 e.g. to quantize them into integer directions.
+
+Drawing ahead on worker threads (``Perturber.prefetch``, ZOSGD's ``threads``): the chunks
+are independently seeded, so they can be drawn in any order and on any thread, and each
+is the same floats as when drawn alone. ``torch.randn`` on CPU is one serial loop (the
+mt19937 generator, ~2 ns a number, most of a Gaussian step's perturbation cost), while
+torch ops release the GIL: ``prefetch`` draws the chunks of a pass on a small thread pool,
+each worker into a buffer slot and generator of its own, up to ``2 * threads`` chunks ahead
+of the caller, which consumes them in plan order. The slots are allocated on the calling
+thread before any worker runs, so a ``TorchDispatchMode`` memory meter (thread-local: it
+does not see the workers' ops, which allocate nothing) still counts every byte; a worker
+writes only into its slot and never touches the parameters, so every addition happens on
+the calling thread in the order of a serial pass (bit for bit the same weights).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,8 +89,6 @@ __all__ = [
 ]
 
 DIRECTIONS = ("gaussian", "rademacher")
-
-_ONE_F32_BITS = 0x3F800000  # bit pattern of float32 1.0; OR-ing the sign bit gives -1.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +188,9 @@ class Perturber:
         self._support_generators: dict[torch.device, torch.Generator] = {}
         self._buffers: dict[tuple[torch.device, str, int], torch.Tensor] = {}
         self._shifts: dict[torch.device, torch.Tensor] = {}
+        self._slot_generators: dict[tuple[torch.device, int], torch.Generator] = {}
+        self._sign_cache: dict[tuple[torch.device, int, int], tuple] = {}
+        self._ones: dict[torch.device, torch.Tensor] = {}
 
     # -- plumbing -------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
@@ -239,7 +256,18 @@ class Perturber:
         if n > self.chunk_elements:
             raise ValueError(f"chunk of {n} elements exceeds chunk_elements={self.chunk_elements}")
         device = torch.device(device)
-        gen = self.generator(device)
+        return self._draw(self.generator(device), seed, param_id, chunk_index, n, device, slot)
+
+    def _draw(
+        self,
+        gen: torch.Generator,
+        seed: int,
+        param_id: int,
+        chunk_index: int,
+        n: int,
+        device: torch.device,
+        slot: int,
+    ) -> torch.Tensor:
         gen.manual_seed(derive_seed(seed, param_id, chunk_index))
         if self.direction_kind == "gaussian":
             out = self._buffer(device, "z", slot, n, torch.float32)[:n]
@@ -247,25 +275,141 @@ class Perturber:
             return out
         return self._rademacher(gen, n, device, slot)
 
+    def prefetch(
+        self, jobs: Sequence[tuple[int, int, int, int, torch.device]], threads: int
+    ) -> Iterator[torch.Tensor]:
+        """z of each job ``(seed, param_id, chunk_index, n, device)``, in order, drawn on
+        ``threads`` worker threads up to ``2 * threads`` chunks ahead of the caller.
+
+        Each value equals ``direction(*job)`` bit for bit. A yielded z is valid until the
+        caller asks for the next one (its slot is then handed to a worker again). The
+        slots' buffers (``2 * threads`` chunks at most) are allocated here, on the calling
+        thread, before any worker starts."""
+        if threads < 1:
+            raise ValueError(f"Invalid threads: {threads} (must be >= 1)")
+        jobs = list(jobs)
+        if not jobs:
+            return
+        slots = min(2 * threads, len(jobs))
+        largest: dict[torch.device, int] = {}
+        for _, _, _, n, device in jobs:
+            if n > self.chunk_elements:
+                raise ValueError(
+                    f"chunk of {n} elements exceeds chunk_elements={self.chunk_elements}"
+                )
+            largest[torch.device(device)] = max(largest.get(torch.device(device), 0), n)
+        for device, n in largest.items():  # every buffer a worker writes, made here
+            for s in range(1, slots + 1):
+                if self.direction_kind == "gaussian":
+                    self._buffer(device, "z", s, n, torch.float32)
+                else:
+                    words = -(-n // 32)
+                    self._buffer(device, "words", s, words, torch.int64)
+                    self._buffer(device, "signs", s, words * 32, torch.int32)
+                key = (device, s)
+                if key not in self._slot_generators:
+                    self._slot_generators[key] = torch.Generator(device=device)
+            if self.direction_kind == "rademacher":
+                for s in range(1, slots + 1):
+                    for n in {job[3] for job in jobs if torch.device(job[4]) == device}:
+                        self._sign_views(device, s, n)
+                self._one(device)
+        pool = _pool(threads)
+        # The caller's own ops (the additions) run on one core meanwhile: an OpenMP team
+        # of its would spin on the cores the workers draw on. Elementwise results do not
+        # depend on the intra-op thread count (tests/test_zo_threads.py).
+        intra_op = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+        def submit(j: int) -> concurrent.futures.Future:
+            seed, key, number, n, device = jobs[j]
+            device = torch.device(device)
+            slot = 1 + j % slots
+            gen = self._slot_generators[(device, slot)]
+            return pool.submit(self._draw, gen, seed, key, number, n, device, slot)
+
+        pending = deque(submit(j) for j in range(slots))
+        try:
+            for j in range(len(jobs)):
+                z = pending.popleft().result()
+                yield z
+                if j + slots < len(jobs):
+                    pending.append(submit(j + slots))
+        finally:
+            # Abandoned early (an exception in the caller): no worker may still be
+            # writing into a slot when the buffers are reused.
+            for future in pending:
+                future.cancel()
+            concurrent.futures.wait(pending)
+            torch.set_num_threads(intra_op)
+
     def _rademacher(self, gen: torch.Generator, n: int, device: torch.device, slot: int):
+        words, low, left, signs, out = self._sign_views(device, slot, n)
+        words.random_(generator=gen)  # uniform on [0, 2**63): the low 32 bits are uniform
+        # Bit k of each word's low half moved to the sign bit of element k ((W, 32); the
+        # bits below it are left over), then copysign(1.0, .): +-1.0 as float32, the same
+        # floats as isolating the bit ((w >> k) << 31) and OR-ing in 1.0's bit pattern.
+        torch.bitwise_left_shift(low, left, out=signs)
+        torch.copysign(self._one(device), out, out=out)  # out: the float32 view of signs
+        return out[:n]
+
+    def _sign_views(self, device: torch.device, slot: int, n: int):
+        """(words (W,), their low halves (W, 1) int32, left shifts (32,), signs (W, 32)
+        int32, float32 out (32 W,)) for a Rademacher chunk of ``n`` elements in ``slot``,
+        cached: building these views costs more than drawing a small chunk."""
+        key = (device, slot, n)
+        cached = self._sign_cache.get(key)
+        if (
+            cached is not None
+            and cached[0] is self._buffers.get((device, "words", slot))
+            and cached[1] is self._buffers.get((device, "signs", slot))
+        ):
+            return cached[2]
         words_needed = -(-n // 32)
         padded = words_needed * 32
-        words = self._buffer(device, "words", slot, words_needed, torch.int64)[:words_needed]
-        words.random_(generator=gen)  # uniform on [0, 2**63): the low 32 bits are uniform
-        low = words.view(torch.int32)[_LOW_WORD::2]  # (W,) the low 32 bits of each word
-        bits = self._buffer(device, "signs", slot, padded, torch.int32)[:padded]
-        bits2d = bits.view(words_needed, 32)  # (W, 32)
-        shifts = self._shifts.get(device)
-        if shifts is None:
-            shifts = torch.arange(32, dtype=torch.int32, device=device)
-            self._shifts[device] = shifts
-        torch.bitwise_right_shift(low.unsqueeze(1), shifts, out=bits2d)  # (W, 32)
-        bits.bitwise_left_shift_(31)  # keep only bit k, moved to the sign bit
-        bits.bitwise_or_(_ONE_F32_BITS)  # -> +-1.0 as float32 bits
-        return bits.view(torch.float32)[:n]
+        words_buf = self._buffer(device, "words", slot, words_needed, torch.int64)
+        signs_buf = self._buffer(device, "signs", slot, padded, torch.int32)
+        left = self._shifts.get(device)
+        if left is None:
+            left = 31 - torch.arange(32, dtype=torch.int32, device=device)  # (32,) 31 - k
+            self._shifts[device] = left
+        bits = signs_buf[:padded]
+        words = words_buf[:words_needed]
+        views = (
+            words,
+            words.view(torch.int32)[_LOW_WORD::2].unsqueeze(1),  # (W, 1) low 32 bits
+            left,
+            bits.view(words_needed, 32),  # (W, 32)
+            bits.view(torch.float32),
+        )
+        if len(self._sign_cache) > 256:
+            self._sign_cache.clear()
+        self._sign_cache[key] = (words_buf, signs_buf, views)
+        return views
+
+    def _one(self, device: torch.device) -> torch.Tensor:
+        one = self._ones.get(device)
+        if one is None:
+            one = torch.ones((), dtype=torch.float32, device=device)
+            self._ones[device] = one
+        return one
 
 
 _LOW_WORD = 0 if sys.byteorder == "little" else 1
+
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The process's worker pool of ``threads`` threads (made once, shared by every
+    Perturber: it holds no state of theirs)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(threads)
+        if pool is None:
+            pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="edgetrain-z")
+            _POOLS[threads] = pool
+        return pool
 
 
 def pruned_count(ratio: float, n: int) -> int:

@@ -332,7 +332,10 @@ class ZOSGD(torch.optim.Optimizer):
         grad_sparsity_group: str = "layer",
         chunk_elements: int = 1 << 16,
         seed: int = 0,
+        threads: int = 1,
     ) -> None:
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"Invalid threads: {threads!r} (an integer >= 1)")
         if not lr > 0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not eps > 0:
@@ -395,6 +398,10 @@ class ZOSGD(torch.optim.Optimizer):
         self.grad_sparsity_group = grad_sparsity_group
         self.chunk_elements = int(chunk_elements)
         self.seed = int(seed)
+        self.threads = threads
+        """Worker threads drawing z ahead of the weight arithmetic (``Perturber.prefetch``);
+        1 draws on the calling thread. Not part of ``config()``: any value gives the same
+        weights bit for bit, so a journal replays whatever its run used."""
         self.perturber = Perturber(direction, chunk_elements)
         self._pid: dict[int, int] = {}
         for group in self.param_groups:
@@ -411,6 +418,7 @@ class ZOSGD(torch.optim.Optimizer):
             for group in self.param_groups
         ]
         self._blocks = self._find_blocks()
+        self._flat_views: dict[int, torch.Tensor] = {}
         self.resident: set[int] | None = None
         """Layer streaming (edgetrain.estimators.offload): the ``id`` of the parameters
         whose weights are in memory now; the step's arithmetic touches only their pieces
@@ -841,7 +849,25 @@ class ZOSGD(torch.optim.Optimizer):
 
     def _segments(self, gi: int, segs: tuple[Segment, ...]) -> list[torch.Tensor]:
         params = self.param_groups[gi]["params"]
-        return [flat_view(params[seg.index])[seg.start : seg.end] for seg in segs]
+        if self.resident is not None:  # streaming swaps p.data: no cached view kept alive
+            return [flat_view(params[seg.index])[seg.start : seg.end] for seg in segs]
+        return [self._flat(params[seg.index])[seg.start : seg.end] for seg in segs]
+
+    def _flat(self, p: torch.Tensor) -> torch.Tensor:
+        """``flat_view(p)``, cached while ``p`` keeps its storage (checked at each call:
+        a ``p.data = ...`` elsewhere gets a fresh view). Two dispatched ops fewer per
+        segment per chunk, which adds up over the ~1000 chunk passes of a step."""
+        cached = self._flat_views.get(id(p))
+        if (
+            cached is not None
+            and cached.data_ptr() == p.data_ptr()
+            and cached.numel() == p.numel()
+            and cached.dtype == p.dtype
+        ):
+            return cached
+        view = flat_view(p)
+        self._flat_views[id(p)] = view
+        return view
 
     @staticmethod
     def _pieces(buffer: torch.Tensor, segs: tuple[Segment, ...]) -> list[torch.Tensor]:
@@ -916,9 +942,47 @@ class ZOSGD(torch.optim.Optimizer):
         runs, ctx.moves = self._runs(ctx.moves), []
         with torch.no_grad():
             for groups, seed, alphas in runs:
+                if self._prefetches(ctx, groups):
+                    for gi, _, segs, z in self._prefetched(groups, seed):
+                        targets, pieces = self._segments(gi, segs), self._pieces(z, segs)
+                        for alpha in alphas:
+                            torch._foreach_add_(targets, pieces, alpha=alpha)
+                    continue
                 for gi in groups:
                     for c, chunk in enumerate(self._plans[gi]):
                         self._add_direction(ctx, gi, c, chunk, seed, alphas)
+
+    def _prefetches(self, ctx: _Context, groups: list[int]) -> bool:
+        """Whether a pass over ``groups`` draws z on worker threads: ``threads > 1`` and
+        z is the plain draw (no Sparse MeZO mask, no gradient-pruning support: those
+        passes stay on the calling thread)."""
+        if self.threads == 1:
+            return False
+        for gi in groups:
+            if gi in ctx.masks:
+                return False
+            if ctx.support is not None and self.param_groups[gi]["grad_sparsity"] > 0:
+                return False
+        return True
+
+    def _prefetched(
+        self, groups: list[int], seed: int
+    ) -> Iterator[tuple[int, int, tuple[Segment, ...], torch.Tensor]]:
+        """``(gi, c, resident segments, z)`` for every resident chunk of ``groups`` in plan
+        order, z(seed) drawn ahead on ``threads`` workers (the same floats as
+        ``_direction``; valid until the next item)."""
+        items, jobs = [], []
+        for gi in groups:
+            params = self.param_groups[gi]["params"]
+            for c, chunk in enumerate(self._plans[gi]):
+                segs = self._live(gi, chunk)
+                if segs:
+                    items.append((gi, c, segs))
+                    device = params[segs[0].index].device
+                    jobs.append((seed, chunk.key, chunk.number, chunk.numel, device))
+        zs = self.perturber.prefetch(jobs, self.threads)
+        for (gi, c, segs), z in zip(items, zs, strict=True):
+            yield gi, c, segs, z
 
     def _add_direction(
         self, ctx: _Context, gi: int, c: int, chunk: Chunk, seed: int, alphas: list[float]
@@ -963,6 +1027,21 @@ class ZOSGD(torch.optim.Optimizer):
         tail: list[float] = []
         if runs and runs[-1][1] == seeds[-1]:
             tail = runs.pop()[2]
+        if rule == "sgd" and q == 1 and not runs and self._prefetches(ctx, groups):
+            # MeZO's fused pass with z drawn ahead on worker threads: per chunk the very
+            # operations of the serial branch below, in the same order.
+            with torch.no_grad():
+                for gi, _, segs, z in self._prefetched(groups, seeds[0]):
+                    lr, wd = ctx.record.lrs[gi], self.param_groups[gi]["weight_decay"]
+                    targets, pieces = self._segments(gi, segs), self._pieces(z, segs)
+                    for alpha in tail:
+                        torch._foreach_add_(targets, pieces, alpha=alpha)
+                    decay = 1.0 - step_coef * lr * wd
+                    if wd:
+                        torch._foreach_mul_(targets, decay)
+                    alpha = restore * decay - step_coef * lr * grads[0]
+                    torch._foreach_add_(targets, pieces, alpha=alpha)
+            return
         with torch.no_grad():
             for gi in groups:
                 group = self.param_groups[gi]
