@@ -92,6 +92,7 @@ from edgetrain._registry import preset
 from edgetrain.batches import LossFn
 from edgetrain.estimators import register
 from edgetrain.estimators.fixed_point_zo import FixedPointZO, chain_model_reason
+from edgetrain.numerics.int_bert import is_bert_like
 from edgetrain.numerics.fixed_point import (
     INT32_MAX,
     INT32_MIN,
@@ -575,7 +576,7 @@ class ElasticZOInt8(FixedPointZO):
 TRANSFORMER_REASON = (
     "ElasticZO-INT8's fixed-point integer backward runs through chain ops only (Linear, "
     "Conv2d, ReLU, pooling, flatten); this model converts to integer transformer ops "
-    "(edgetrain.numerics.int_transformer: IntBlock's i-LayerNorm, i-Softmax and i-GELU, "
+    "(edgetrain.numerics.int_transformer, int_bert: i-LayerNorm, i-Softmax and i-GELU, "
     "IntPoolNorm's i-LayerNorm) that have no integer backward here. fixed_point_zo trains "
     "it with integer forwards only"
 )
@@ -586,7 +587,9 @@ def applicable(recipe: Recipe, model: nn.Module) -> str | None:
     the hybrid module's check). A model that converts to transformer ops (the ViT) is
     refused: the tail's integer backward has no rule for i-LayerNorm."""
     reason = chain_model_reason(model)
-    if reason is None and getattr(model, "integer_layout", None) is not None:
+    if reason is None and (
+        getattr(model, "integer_layout", None) is not None or is_bert_like(model)
+    ):
         return TRANSFORMER_REASON
     return reason
 
