@@ -19,7 +19,7 @@ import time
 import torch
 
 from edgetrain import tasks
-from edgetrain.numerics import convert
+from edgetrain.numerics.int_bert import convert_bert
 
 
 def _columns(ds, index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -35,6 +35,12 @@ def main() -> None:
     parser.add_argument("--weight-bits", type=int, default=16)
     parser.add_argument("--activation-bits", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scale-rule", default="max", choices=("max", "mse"))
+    parser.add_argument("--input-channels", action="store_true")
+    parser.add_argument(
+        "--point", action="append", default=[], metavar="NAME=BITS",
+        help="int_bert.convert_bert point_bits override, e.g. hidden=12 (repeatable)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     task = tasks.get(args.task)
@@ -45,8 +51,15 @@ def main() -> None:
     cols = _columns(test, index)
     calib = _columns(train, torch.arange(args.calib))
     t0 = time.perf_counter()
-    im = convert(
-        net, calib, weight_bits=args.weight_bits, activation_bits=args.activation_bits
+    points = {k: int(v) for k, v in (p.split("=", 1) for p in args.point)}
+    im = convert_bert(
+        net,
+        calib,
+        weight_bits=args.weight_bits,
+        activation_bits=args.activation_bits,
+        point_bits=points,
+        scale_rule=args.scale_rule,
+        input_channels=args.input_channels,
     )
     t_convert = time.perf_counter() - t0
     correct_f = correct_i = agree = 0
@@ -74,6 +87,9 @@ def main() -> None:
         f"task {args.task}, {N} test sentences, batches of {args.batch}, "
         f"{args.weight_bits}-bit weights / {args.activation_bits}-bit activations, "
         f"calibrated on {args.calib} training sentences, {args.threads} threads"
+        + (f", point_bits {points}" if points else "")
+        + f", scale rule {args.scale_rule}"
+        + (", per-input-channel scales" if args.input_channels else "")
     )
     print(f"float accuracy   {correct_f / N:.4f} ({correct_f}/{N})")
     print(f"integer accuracy {correct_i / N:.4f} ({correct_i}/{N})")

@@ -138,6 +138,8 @@ def _affine_arrays(op: _IntAffine, prefix: str, w_dtype: Any, where: str) -> dic
     arrays[f"{prefix}shift"] = op.shift.numpy().astype(np.int32)
     arrays[f"{prefix}input_zero_point"] = np.zeros((), dtype=np.int32)
     arrays[f"{prefix}output_zero_point"] = np.zeros((), dtype=np.int32)
+    if op.in_factor is not None:  # host bookkeeping for write_back; not on the integer path
+        arrays[f"{prefix}in_factor"] = op.in_factor.numpy().astype(np.float64)
     return arrays
 
 
@@ -295,6 +297,8 @@ def _affine_from_arrays(
         out_qmin=cfg["out_qmin"],
         out_qmax=cfg["out_qmax"],
     )
+    if f"{prefix}in_factor" in arrays:
+        common["in_factor"] = torch.from_numpy(arrays[f"{prefix}in_factor"].astype(np.float64))
     if kind == "linear":
         return IntLinear(**common)
     return IntConv2d(

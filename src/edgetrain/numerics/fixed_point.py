@@ -220,6 +220,10 @@ class _IntAffine(IntOp):
     multiplier: torch.Tensor  # int64 (C_out,) M0
     shift: torch.Tensor  # int64 (C_out,)
     source: tuple[nn.Module, nn.Module | None] | None = field(default=None, repr=False)
+    # (C_in,) float64 per-input-channel activation scales folded into the weight columns
+    # (edgetrain.numerics.int_bert): the integer weight stands for W diag(in_factor) and
+    # the op's in_scale is 1; None for an ordinary op.
+    in_factor: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def requantize(self) -> bool:
@@ -815,6 +819,8 @@ def write_back(int_model: IntModel) -> None:
     for op, affine, bn in _param_sources(int_model):
         axis = 0 if op.w_scale.dim() == 1 else None
         w = dequantize(op.weight, op.w_scale, axis=axis).to(torch.float64)
+        if op.in_factor is not None:  # the columns absorbed the input scales: undo that
+            w = w / op.in_factor
         b = None if op.bias is None else op.bias.to(torch.float64) * op.bias_scale
         if bn is None:
             affine.weight.copy_(w.to(affine.weight.dtype))
