@@ -38,7 +38,10 @@ def main() -> None:
     parser.add_argument("--scale-rule", default="max", choices=("max", "mse"))
     parser.add_argument("--input-channels", action="store_true")
     parser.add_argument(
-        "--point", action="append", default=[], metavar="NAME=BITS",
+        "--point",
+        action="append",
+        default=[],
+        metavar="NAME=BITS",
         help="int_bert.convert_bert point_bits override, e.g. hidden=12 (repeatable)",
     )
     args = parser.parse_args()
@@ -93,7 +96,10 @@ def main() -> None:
     )
     print(f"float accuracy   {correct_f / N:.4f} ({correct_f}/{N})")
     print(f"integer accuracy {correct_i / N:.4f} ({correct_i}/{N})")
-    print(f"argmax agreement {agree / N:.4f}; max |logit diff| {max_diff:.4f} (max |logit| {max_logit:.3f})")
+    print(
+        f"argmax agreement {agree / N:.4f}; max |logit diff| {max_diff:.4f} "
+        f"(max |logit| {max_logit:.3f})"
+    )
     print(f"saturations {im.stats.as_dict()}")
     print(
         f"time per batch: integer {t_int / batches:.3f} s, float {t_float / batches:.3f} s "

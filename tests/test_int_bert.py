@@ -55,7 +55,11 @@ def _batch(n: int = 32, seed: int = 1) -> dict[str, torch.Tensor]:
     lens = torch.randint(4, T + 1, (n,), generator=g)
     mask = (torch.arange(T)[None] < lens[:, None]).long()  # (n, T)
     ids = torch.randint(1, VOCAB, (n, T), generator=g) * mask
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (n,), generator=g)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": torch.randint(0, 2, (n,), generator=g),
+    }
 
 
 def _float_logits(model, batch) -> torch.Tensor:
@@ -94,7 +98,8 @@ def test_per_input_channel_scales_beat_per_tensor_ones():
     model = _bert()
     with torch.no_grad():
         for ln in [model.backbone.embeddings.LayerNorm] + [
-            m for layer in model.backbone.encoder.layer
+            m
+            for layer in model.backbone.encoder.layer
             for m in (layer.attention.output.LayerNorm, layer.output.LayerNorm)
         ]:
             ln.weight[[3, 40]] *= 20.0
@@ -122,7 +127,9 @@ def test_padding_is_excluded_bit_for_bit():
     assert torch.equal(im.forward_int(other), out)
     for i in range(4):
         n = int(batch["attention_mask"][i].sum())
-        alone = im.forward_int(batch["input_ids"][i : i + 1, :n], batch["attention_mask"][i : i + 1, :n])
+        alone = im.forward_int(
+            batch["input_ids"][i : i + 1, :n], batch["attention_mask"][i : i + 1, :n]
+        )
         assert torch.equal(alone, out[i : i + 1]), i
     # padding in the middle of a row (not trimmable) is masked too
     mid = {k: v.clone() for k, v in batch.items()}
@@ -227,7 +234,9 @@ def test_applicability_and_refusals_name_the_module():
         tanh = HFClassifier(
             transformers.BertModel(_config(hidden_act="gelu_new"), add_pooling_layer=False), 2
         )
-    with pytest.raises(ValueError, match=r"backbone\.encoder\.layer\.0\.intermediate\.intermediate_act_fn"):
+    with pytest.raises(
+        ValueError, match=r"backbone\.encoder\.layer\.0\.intermediate\.intermediate_act_fn"
+    ):
         convert(tanh, _batch(4))
     with pytest.raises(ValueError, match="batch dict"):
         convert(model, _batch(4)["input_ids"])

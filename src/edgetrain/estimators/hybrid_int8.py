@@ -92,7 +92,6 @@ from edgetrain._registry import preset
 from edgetrain.batches import LossFn
 from edgetrain.estimators import register
 from edgetrain.estimators.fixed_point_zo import FixedPointZO, chain_model_reason
-from edgetrain.numerics.int_bert import is_bert_like
 from edgetrain.numerics.fixed_point import (
     INT32_MAX,
     INT32_MIN,
@@ -107,6 +106,7 @@ from edgetrain.numerics.fixed_point import (
     quantize_multiplier,
     write_back,
 )
+from edgetrain.numerics.int_bert import is_bert_like
 from edgetrain.numerics.int_loss import ERROR_QMAX, int_cross_entropy
 from edgetrain.numerics.quant import qrange
 from edgetrain.recipe import Estimator as EstimatorSpec

@@ -101,7 +101,13 @@ from edgetrain.numerics.fixed_point import (
     OverflowStats,
     _saturate,
 )
-from edgetrain.numerics.int_ops import gelu_constants, gelu_int, isqrt, softmax_constants, softmax_int
+from edgetrain.numerics.int_ops import (
+    gelu_constants,
+    gelu_int,
+    isqrt,
+    softmax_constants,
+    softmax_int,
+)
 from edgetrain.numerics.int_transformer import (
     COMPOSITE_TYPES,
     GELU_ERF_BITS,
@@ -424,7 +430,9 @@ def bert_reason(model: nn.Module) -> str | None:
 def _norms(bert: nn.Module) -> list[tuple[str, nn.LayerNorm]]:
     out = [("embeddings.LayerNorm", bert.embeddings.LayerNorm)]
     for i, layer in enumerate(bert.encoder.layer):
-        out.append((f"encoder.layer.{i}.attention.output.LayerNorm", layer.attention.output.LayerNorm))
+        out.append(
+            (f"encoder.layer.{i}.attention.output.LayerNorm", layer.attention.output.LayerNorm)
+        )
         out.append((f"encoder.layer.{i}.output.LayerNorm", layer.output.LayerNorm))
     return out
 
@@ -461,7 +469,6 @@ def _mse_scale(t: torch.Tensor, bits: int, grid: int = 40, sample: int = 1 << 20
         if err < best_err:
             best, best_err = s, err
     return best
-
 
 
 def _ln(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
@@ -556,6 +563,7 @@ def convert_bert(
         op.source = (mod, None)
         op.in_factor = s
         return op
+
     r_lo, r_hi = qrange(RESIDUAL_BITS, True)
     g_lo, g_hi = qrange(GELU_IN_BITS, True)
     ops: list[IntOp] = []
@@ -571,9 +579,10 @@ def convert_bert(
     C = e.shape[-1]
     if C * (r_hi * 2) ** 2 >= 1 << 52:
         raise ValueError(f"hidden size {C}: the LayerNorm variance would leave 2^52")
-    s_e = float(
-        max(word.abs().max(), pos.abs().max(), tt.abs().max(), sel(e).abs().max()) / r_hi
-    ) or 1.0
+    s_e = (
+        float(max(word.abs().max(), pos.abs().max(), tt.abs().max(), sel(e).abs().max()) / r_hi)
+        or 1.0
+    )
     tables = {
         name: torch.round(t / s_e).to(torch.int64).clamp(r_lo, r_hi)
         for name, t in (("word", word), ("pos", pos), ("type", tt))
@@ -593,7 +602,9 @@ def convert_bert(
     )
 
     # --- layers (post-LN)
-    neg = torch.zeros(B, 1, 1, T, dtype=torch.float64).masked_fill(~keys[:, None, None, :], -math.inf)
+    neg = torch.zeros(B, 1, 1, T, dtype=torch.float64).masked_fill(
+        ~keys[:, None, None, :], -math.inf
+    )
     for i, layer in enumerate(bert.encoder.layer):
         sa, so = layer.attention.self, layer.attention.output
         H = sa.num_attention_heads
@@ -603,11 +614,11 @@ def convert_bert(
         s_h = in_scale(sel(x), "hidden")  # the 8-bit matmul input: (C,) or a float
         ops_in = {n: in_affine(getattr(sa, n), s_h, h_hi) for n in ("query", "key", "value")}
 
-        def split(z: torch.Tensor) -> torch.Tensor:
-            return z.reshape(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-
-        q = split(_lin(x, sa.query)) * scaling
-        k, v = split(_lin(x, sa.key)), split(_lin(x, sa.value))
+        q, k, v = (
+            _lin(x, m).reshape(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            for m in (sa.query, sa.key, sa.value)
+        )
+        q = q * scaling
         s_q, s_k, s_v = (act_scale(sel(z.transpose(1, 2)), "qkv") for z in (q, k, v))
         q_lo, q_hi = rng["qkv"]
         prob = torch.softmax(q @ k.transpose(-2, -1) + neg, dim=-1)  # (B, H, T, T)
@@ -715,4 +726,3 @@ def convert_bert(
         activation_bits=activation_bits,
         per_channel=per_channel,
     )
-
