@@ -36,7 +36,11 @@ def main() -> None:
     parser.add_argument("--activation-bits", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scale-rule", default="max", choices=("max", "mse"))
-    parser.add_argument("--input-channels", action="store_true")
+    parser.add_argument(
+        "--per-tensor",
+        action="store_true",
+        help="one scale per tensor at the Linear inputs (default: per input channel)",
+    )
     parser.add_argument(
         "--point",
         action="append",
@@ -62,7 +66,7 @@ def main() -> None:
         activation_bits=args.activation_bits,
         point_bits=points,
         scale_rule=args.scale_rule,
-        input_channels=args.input_channels,
+        input_channels=not args.per_tensor,
     )
     t_convert = time.perf_counter() - t0
     correct_f = correct_i = agree = 0
@@ -92,7 +96,7 @@ def main() -> None:
         f"calibrated on {args.calib} training sentences, {args.threads} threads"
         + (f", point_bits {points}" if points else "")
         + f", scale rule {args.scale_rule}"
-        + (", per-input-channel scales" if args.input_channels else "")
+        + (", per-tensor scales" if args.per_tensor else ", per-input-channel scales")
     )
     print(f"float accuracy   {correct_f / N:.4f} ({correct_f}/{N})")
     print(f"integer accuracy {correct_i / N:.4f} ({correct_i}/{N})")
