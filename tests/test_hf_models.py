@@ -17,10 +17,11 @@ from edgetrain.bench.compare import applicable  # noqa: E402
 from edgetrain.seeding import seeded_global_rng  # noqa: E402
 from tests.conftest import text_data  # noqa: E402
 
-# Fixed-point numerics convert chains of Linear/Conv/ReLU layers only (issue 19 is the
-# integer transformer); Forward-Forward overlays its label on input entries, which token
-# ids do not have (docs/local_learning_design.md, section 1); every other preset must
-# apply to a BERT classifier as it comes.
+# Fixed-point numerics convert chains, edgetrain's ViT and a BERT inside HFClassifier
+# (numerics/int_bert.py), not this model's pooler (dense + tanh: no integer op);
+# Forward-Forward overlays its label on input entries, which token ids do not have
+# (docs/local_learning_design.md, section 1); every other preset must apply to a BERT
+# classifier as it comes.
 NOT_YET = {
     "fixed_point_zo",
     "elastic_zo_int8",

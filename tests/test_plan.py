@@ -203,7 +203,7 @@ def _hf_case():
     from tests.conftest import text_data, tiny_bert
 
     net = tiny_bert(own_head=True)  # BertForSequenceClassification, dict batches
-    # Fixed-point numerics convert Linear/ReLU chains of a fixed input_shape: BERT is not one.
+    # Fixed-point numerics convert a BERT in HFClassifier, not this one's pooler (tanh).
     names = ["full_bp", "last_layers", "mezo", "fixed_point_zo"]
     return net, text_data(32), names, 8, "fixed_point_zo", "fixed-point"
 

@@ -93,7 +93,15 @@ axis, weight decay and optimizers other than ``sgd`` / ``sign`` are refused at
 computed from dequantized logits on the host in float32; with ``"integer"`` it is integer
 arithmetic, and with sign-m-SPSA the step has no float quantity on its data path (with
 ``sgd`` the difference ``l^+ - l^-`` is dequantized, a host float, to form ``K_i``).
-The integer loss takes ``(x, y)`` batches and no custom ``loss_fn``.
+The integer loss takes ``(x, y)`` batches (or a BERT classifier's batch dicts) and no
+custom ``loss_fn``.
+
+A HuggingFace BERT classifier (``HFClassifier``, MiniLM of ``minilm-polarity``) trains on
+its dict batches (``edgetrain.batches``): the integer model is ``numerics.int_bert``'s,
+calibrated on the first batch dict (or ``calibration=`` a batch dict), and the loss is
+``loss_fn(int_module, batch)``, the integer model called with the batch's keyword
+arguments. Its Linear weights and biases train; the embedding tables and the LayerNorm
+affines stay at their converted values.
 """
 
 from __future__ import annotations
@@ -101,7 +109,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +118,7 @@ import torch
 from torch import nn
 
 from edgetrain._registry import preset
-from edgetrain.batches import LossFn
+from edgetrain.batches import LossFn, labels_of
 from edgetrain.estimators import register
 from edgetrain.estimators.base import Estimator
 from edgetrain.numerics.export import int_model_arrays, int_model_from_arrays
@@ -123,6 +131,7 @@ from edgetrain.numerics.fixed_point import (
     convert,
     write_back,
 )
+from edgetrain.numerics.int_bert import bert_reason, is_bert_like
 from edgetrain.numerics.int_loss import int_cross_entropy
 from edgetrain.numerics.quant import qrange
 from edgetrain.optim.perturb import Perturber, direction_range
@@ -253,8 +262,9 @@ class FixedPointZO(Estimator):
 
     # ------------------------------------------------------------------ setup
 
-    def calibrate(self, calibration: torch.Tensor) -> IntModel:
-        """Convert the float model to its integer model, calibrated on ``calibration``."""
+    def calibrate(self, calibration: torch.Tensor | dict[str, torch.Tensor]) -> IntModel:
+        """Convert the float model to its integer model, calibrated on ``calibration`` (an
+        input tensor; for a BERT classifier a batch dict, ``edgetrain.numerics.int_bert``)."""
         num = self.recipe.numerics
         self._set_int_model(
             convert(
@@ -382,11 +392,17 @@ class FixedPointZO(Estimator):
         batch's cross-entropies (``self._loss_unit`` nats each)."""
         if not self.integer_loss:
             return float(self.loss_fn(self.int_module, batch).detach())
-        if isinstance(batch, dict) or not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        if isinstance(batch, Mapping) and is_bert_like(self.model):  # a BERT classifier
+            y = labels_of(batch)
+            if y is None:
+                raise TypeError("numerics.loss='integer' needs batches with 'labels'")
+            acc = self.int_model.forward_int(batch)  # (B, C) int32
+        elif isinstance(batch, Mapping) or not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise TypeError("numerics.loss='integer' needs (x, y) batches of class labels")
-        x, y = batch[0], batch[1]
+        else:
+            x, y = batch[0], batch[1]
+            acc = self.int_model.forward_int(self.int_model.quantize_input(x))  # (B, C) int32
         stats = self.int_model.stats
-        acc = self.int_model.forward_int(self.int_model.quantize_input(x))  # (B, C) int32
         loss = int_cross_entropy(acc, self.int_model.output_scale, y, stats)
         self._loss_unit = loss.scale / len(y)
         return loss.total
@@ -427,9 +443,12 @@ class FixedPointZO(Estimator):
 
     def _step(self, batch: Any) -> tuple[float, int, int]:
         if self.int_model is None:
-            if isinstance(batch, dict):
-                raise ValueError("A dict batch needs FixedPointZO(..., calibration=x)")
-            self.calibrate(batch[0])
+            if isinstance(batch, Mapping):
+                if not is_bert_like(self.model):
+                    raise ValueError("A dict batch needs FixedPointZO(..., calibration=x)")
+                self.calibrate(batch)  # a BERT classifier calibrates on the batch dict
+            else:
+                self.calibrate(batch[0])
         est = self.recipe.estimator
         one_sided = est.difference == "one_sided"
         projected: list[float] = []
@@ -620,6 +639,9 @@ def chain_model_reason(model: nn.Module) -> str | None:
     its ``input_shape``), or None: they take chains of Linear/Conv/ReLU/pool layers and
     models that declare ``integer_layout`` (edgetrain's ViT,
     ``edgetrain.numerics.int_transformer``)."""
+    if is_bert_like(model):  # a HuggingFace BERT classifier: checked by its structure
+        reason = bert_reason(model)
+        return None if reason is None else f"fixed-point numerics: {reason}"
     if getattr(model, "input_shape", None) is None:
         return "fixed-point numerics convert models of a fixed input_shape"
     try:

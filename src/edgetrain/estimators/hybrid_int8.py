@@ -118,6 +118,7 @@ from edgetrain.numerics.fixed_point import (
     quantize_multiplier,
     write_back,
 )
+from edgetrain.numerics.int_bert import is_bert_like
 from edgetrain.numerics.int_loss import ERROR_QMAX, int_cross_entropy
 from edgetrain.numerics.int_transformer import IntBlock, IntPoolNorm
 from edgetrain.numerics.quant import qrange
@@ -669,11 +670,22 @@ class ElasticZOInt8(FixedPointZO):
 # --- the axis hooks -----------------------------------------------------------------------
 
 
+BERT_REASON = (
+    "ElasticZO-INT8's integer backward covers chain ops and edgetrain's pre-norm ViT "
+    "(edgetrain.numerics.int_backward); a BERT encoder converts to the post-LN ops of "
+    "edgetrain.numerics.int_bert, which have no integer backward yet. fixed_point_zo "
+    "trains it with integer forwards only"
+)
+
+
 def applicable(recipe: Recipe, model: nn.Module) -> str | None:
     """Why ``model`` cannot run ElasticZO-INT8, or None (the cut is the hybrid module's
     check): the fixed-point converter must take it (a chain of Linear/Conv/ReLU/pool
     layers, or a model that declares ``integer_layout``: edgetrain's ViT, whose blocks and
-    final norm have the integer backward of ``edgetrain.numerics.int_backward``)."""
+    final norm have the integer backward of ``edgetrain.numerics.int_backward``); a BERT
+    encoder (edgetrain.numerics.int_bert) is refused: its ops have no integer backward."""
+    if is_bert_like(model):
+        return BERT_REASON
     return chain_model_reason(model)
 
 

@@ -5,7 +5,9 @@ Forward on the Last Mile" (Feng et al., NeurIPS 2024, arXiv:2411.04036).
 ``quant``: quantize / dequantize, per-tensor and per-channel, 4 to 16 bits, nearest and
 stochastic rounding. ``fixed_point``: ``convert(model, calibration) -> IntModel``, whose
 forward is integer arithmetic with int32 accumulation and gemmlowp requantization, exact
-and deterministic, with saturation counted. ``export``: ``export_int`` / ``load_int``
+and deterministic, with saturation counted (``int_transformer``: edgetrain's ViT;
+``int_bert``: a HuggingFace BERT classifier such as MiniLM, calibrated on a batch
+dict). ``export``: ``export_int`` / ``load_int``
 (npz) and ``run_integer_reference``, a numpy integer-only runtime for exported files.
 
 The knobs of a fixed-point training run (bit widths, per-channel scales, weight and error

@@ -49,6 +49,7 @@ from edgetrain.numerics.fixed_point import (
     IntReLU,
     _IntAffine,
 )
+from edgetrain.numerics.int_bert import MODEL_TYPES  # registers the BERT composites too
 from edgetrain.numerics.int_transformer import COMPOSITE_TYPES
 from edgetrain.numerics.quant import qrange
 
@@ -91,6 +92,8 @@ def int_model_arrays(model: IntModel) -> tuple[dict[str, Any], dict[str, np.ndar
         "per_channel": model.per_channel,
         "ops": [],
     }
+    if hasattr(model, "model_config"):  # a model with its own forward (int_bert)
+        manifest["model"] = model.model_config()
     arrays: dict[str, np.ndarray] = {"input_zero_point": np.zeros((), dtype=np.int32)}
     w_dtype = np.int8 if model.weight_bits <= 8 else np.int16
     for i, op in enumerate(model.ops):
@@ -135,6 +138,8 @@ def _affine_arrays(op: _IntAffine, prefix: str, w_dtype: Any, where: str) -> dic
     arrays[f"{prefix}shift"] = op.shift.numpy().astype(np.int32)
     arrays[f"{prefix}input_zero_point"] = np.zeros((), dtype=np.int32)
     arrays[f"{prefix}output_zero_point"] = np.zeros((), dtype=np.int32)
+    if op.in_factor is not None:  # host bookkeeping for write_back; not on the integer path
+        arrays[f"{prefix}in_factor"] = op.in_factor.numpy().astype(np.float64)
     return arrays
 
 
@@ -261,8 +266,11 @@ def int_model_from_arrays(manifest: dict[str, Any], arrays: dict[str, np.ndarray
             ops.append(IntFlatten(start_dim=int(cfg["start_dim"])))
         else:
             ops.append(IntReLU())
-    return IntModel(
+    model_cfg = dict(manifest.get("model") or {})
+    cls = MODEL_TYPES[model_cfg.pop("kind")] if model_cfg else IntModel
+    return cls(
         ops,
+        **model_cfg,
         input_scale=manifest["input_scale"],
         input_signed=manifest["input_signed"],
         weight_bits=manifest["weight_bits"],
@@ -289,6 +297,8 @@ def _affine_from_arrays(
         out_qmin=cfg["out_qmin"],
         out_qmax=cfg["out_qmax"],
     )
+    if f"{prefix}in_factor" in arrays:
+        common["in_factor"] = torch.from_numpy(arrays[f"{prefix}in_factor"].astype(np.float64))
     if kind == "linear":
         return IntLinear(**common)
     return IntConv2d(
@@ -359,8 +369,14 @@ def np_affine(
 
 def run_integer_reference(path: str | os.PathLike[str], x_q: np.ndarray) -> tuple[np.ndarray, int]:
     """Run an exported model on integer input ``x_q`` using numpy int64 arithmetic only.
-    Returns the integer output and the number of int32 saturations on the way."""
+    Returns the integer output and the number of int32 saturations on the way. For an
+    integer BERT classifier (``edgetrain.numerics.int_bert``) ``x_q`` is a dict of int
+    arrays, ``input_ids`` and ``attention_mask`` (and optionally ``token_type_ids``)."""
     manifest, arrays = _read(path)
+    if manifest.get("model"):  # an integer BERT classifier: x_q holds its token inputs
+        from edgetrain.numerics.int_reference import run_bert
+
+        return run_bert(manifest, arrays, x_q)
     x = np.asarray(x_q, dtype=np.int64)
     count = [0]
     for i, spec in enumerate(manifest["ops"]):

@@ -227,6 +227,10 @@ class _IntAffine(IntOp):
     multiplier: torch.Tensor  # int64 (C_out,) M0
     shift: torch.Tensor  # int64 (C_out,)
     source: tuple[nn.Module, nn.Module | None] | None = field(default=None, repr=False)
+    # (C_in,) float64 per-input-channel activation scales folded into the weight columns
+    # (edgetrain.numerics.int_bert): the integer weight stands for W diag(in_factor) and
+    # the op's in_scale is 1; None for an ordinary op.
+    in_factor: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def requantize(self) -> bool:
@@ -465,8 +469,10 @@ class IntModule(nn.Module):
         super().__init__()
         self.int_model = int_model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.int_model(x)
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``int_model(x)``; an integer BERT classifier takes a batch's keyword arguments
+        (``input_ids``, ``attention_mask``; ``labels`` ignored)."""
+        return self.int_model(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -631,7 +637,7 @@ def _group(steps: list[_Step]) -> list[_Group]:
 @torch.no_grad()
 def convert(
     model: nn.Module,
-    calibration: torch.Tensor,
+    calibration: torch.Tensor | dict[str, torch.Tensor],
     *,
     weight_bits: int = 16,
     activation_bits: int = 8,
@@ -641,7 +647,8 @@ def convert(
     """Build the IntModel of a float ``model`` (a chain of Linear / Conv2d [+ BatchNorm]
     [+ ReLU], pooling and flatten layers: edgetrain's MLP and CNN, or an nn.Sequential;
     or a transformer that declares ``integer_layout``, edgetrain's ViT: see
-    ``edgetrain.numerics.int_transformer``).
+    ``edgetrain.numerics.int_transformer``; or a HuggingFace BERT encoder in an
+    ``HFClassifier``, calibrated on a batch dict: ``edgetrain.numerics.int_bert``).
 
     Activation scales come from ``max|a|`` over the ``calibration`` batch, observed on the
     float model with BatchNorm in inference form (running statistics; the model's
@@ -653,6 +660,22 @@ def convert(
     """
     if not weight_headroom >= 1.0:
         raise ValueError(f"Invalid weight_headroom: {weight_headroom} (must be >= 1)")
+    from edgetrain.numerics import int_bert
+
+    if int_bert.is_bert_like(model):  # a HuggingFace BERT classifier: int_bert
+        return int_bert.convert_bert(
+            model,
+            calibration,
+            weight_bits=weight_bits,
+            activation_bits=activation_bits,
+            per_channel=per_channel,
+            weight_headroom=weight_headroom,
+        )
+    if not isinstance(calibration, torch.Tensor):
+        raise ValueError(
+            f"convert calibrates {type(model).__name__} on an input tensor, got a "
+            f"{type(calibration).__name__} (batch dicts calibrate BERT classifiers)"
+        )
     if getattr(model, "integer_layout", None) is not None:
         from edgetrain.numerics.int_transformer import convert_transformer
 
@@ -762,7 +785,11 @@ def attach_sources(int_model: IntModel, model: nn.Module) -> None:
     """Link each affine op of ``int_model`` (e.g. one read by ``load_int``) to the Linear /
     Conv2d (and folded BatchNorm) of the float ``model`` it corresponds to, in forward
     order, so that ``write_back`` can update the float model."""
-    if getattr(model, "integer_layout", None) is not None:
+    from edgetrain.numerics import int_bert
+
+    if int_bert.is_bert_like(model):
+        groups = [_Group(_Step("linear", m)) for m in int_bert.affine_modules(model)]
+    elif getattr(model, "integer_layout", None) is not None:
         from edgetrain.numerics.int_transformer import affine_modules
 
         groups = [_Group(_Step("linear", m)) for m in affine_modules(model)]
@@ -799,6 +826,8 @@ def write_back(int_model: IntModel) -> None:
     for op, affine, bn in _param_sources(int_model):
         axis = 0 if op.w_scale.dim() == 1 else None
         w = dequantize(op.weight, op.w_scale, axis=axis).to(torch.float64)
+        if op.in_factor is not None:  # the columns absorbed the input scales: undo that
+            w = w / op.in_factor
         b = None if op.bias is None else op.bias.to(torch.float64) * op.bias_scale
         if bn is None:
             affine.weight.copy_(w.to(affine.weight.dtype))

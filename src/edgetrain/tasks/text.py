@@ -569,6 +569,10 @@ ZO_LR_MINILM = {
     # without the tokens: docs/results.md's dagger).
     "mezo_prefix": 1e-3,
     "mezo_prompt": 1e-3,
+    # The integer MiniLM (edgetrain.numerics.int_bert; sign-m-SPSA, per-coordinate like
+    # zo_sign): 20 steps of 16 from the probe's 74.3% (float model after write_back) kept
+    # 74.2% at 1e-5 and fell to 49.5% at the preset's 3e-3 (benchmarks/results_minilm.md).
+    "fixed_point_zo": 1e-5,
 }
 HYBRID_ZO_LR_MINILM = 3e-5  # ElasticZO's front: the ViT preset's 1e-4 / 3, as for mezo
 # Backprop LoRA (the `lora` preset, rank 8 on every block Linear, AdamW) trains 1.5% of the
