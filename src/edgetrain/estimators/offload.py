@@ -31,6 +31,19 @@ that embedding). Frozen parameters stay
 where they are. The model must use the prefix before its first block and the suffix
 after its last one; tied tensors (input and output embeddings) are refused at build.
 
+ElasticZO's front (estimator ``hybrid``, ``Streamer(..., n_blocks=cut)``). Only the
+zeroth-order front streams: the prefix and ``blocks[:cut]``, with their ZOSGD (rule
+``sgd``). The backprop tail (``blocks[cut:]``, what follows the blocks and the head) stays
+resident: its backward needs its weights and its saved activations at once (a graph from
+the loss back to the first tail parameter), so it cannot be cut into units that come and
+go, and its optimizer (Adam in the preset) updates it where it is. A lane stops before
+each streamed block and before ``blocks[cut]`` (after the last block at cut = n); from
+there each lane runs its tail forward and its backward in turn (the ``+eps`` pass's tail
+gradient accumulates first, then the ``-eps`` pass's, the in-memory order), so the tail's
+``.grad`` and then its update are in-memory ElasticZO's bit for bit, and only one tail
+graph is alive at a time, as in memory. The tail is the resident cost of an offloaded
+ElasticZO run: its weights, gradients, optimizer state and one pass's tail activations.
+
 How the evaluations are carried. Each of a step's evaluation points (theta + eps z and
 theta - eps z for two-sided SPSA, q pairs for q queries, theta and theta + eps z
 one-sided) is the caller's unchanged ``loss_fn(model, batch)``, run in a thread of its
@@ -131,16 +144,23 @@ class Unit:
 
 
 def stream_units(
-    model: nn.Module, named: list[tuple[str, nn.Parameter]]
+    model: nn.Module, named: list[tuple[str, nn.Parameter]], n_blocks: int | None = None
 ) -> tuple[list[Unit], nn.ModuleList]:
     """The units of ``named`` (trainable, in ``named_parameters`` order): prefix, one per
-    block, suffix; and the blocks. Refuses what it cannot stream, by name."""
+    block, suffix; and the model's blocks. ``n_blocks``: only the first ``n_blocks``
+    blocks stream (ElasticZO's front: ``named`` holds nothing of the later blocks, the
+    suffix is empty). Refuses what it cannot stream, by name."""
     try:
         blocks = scope_mod.find_blocks(model)
     except ValueError as err:
         raise ConfigError(f"estimator.offload streams a model by its blocks: {err}") from None
     if len(blocks) == 0:
         raise ConfigError("estimator.offload needs a model with blocks; this one has none")
+    streamed = len(blocks) if n_blocks is None else int(n_blocks)
+    if not 0 <= streamed <= len(blocks):
+        raise ConfigError(
+            f"estimator.offload: cannot stream {n_blocks} blocks of a model of {len(blocks)}"
+        )
     trainable = {id(p) for _, p in named}
     seen: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -165,6 +185,11 @@ def stream_units(
         if b is None:
             (prefix if last < 0 else suffix).append((name, p))
             continue
+        if b >= streamed:
+            raise ConfigError(
+                f"estimator.offload: parameter {name!r} is in block {b}, past the "
+                f"{streamed} streamed blocks (ElasticZO's backprop tail stays resident)"
+            )
         if suffix or b < last:
             raise ConfigError(
                 f"estimator.offload: parameter {name!r} of block {b} comes after parameters "
@@ -174,8 +199,8 @@ def stream_units(
         last = b
         per_block[b].append((name, p))
     units = [Unit(0, "prefix", prefix)]
-    units += [Unit(i + 1, f"block {i}", run) for i, run in enumerate(per_block)]
-    units.append(Unit(len(blocks) + 1, "suffix", suffix))
+    units += [Unit(i + 1, f"block {i}", run) for i, run in enumerate(per_block[:streamed])]
+    units.append(Unit(streamed + 1, "suffix", suffix))
     return units, blocks
 
 
@@ -673,12 +698,15 @@ class Streamer:
         *,
         fsync: bool = False,
         from_file: bool = False,
+        n_blocks: int | None = None,
     ) -> None:
         if mode not in ("cpu", "disk"):
             raise ConfigError(f"Invalid offload mode: {mode!r}; expected 'cpu' or 'disk'")
+        if not named:
+            raise ConfigError("estimator.offload: no trainable parameter to stream")
         self.model = model
         self.optimizer = optimizer
-        self.units, self.blocks = stream_units(model, named)
+        self.units, self.blocks = stream_units(model, named, n_blocks)
         devices = {p.device for _, p in named}
         if len(devices) != 1:
             raise ConfigError(
@@ -701,12 +729,17 @@ class Streamer:
         self.pending: dict[int, tuple[Any, Iterator]] = {}
         self.largest_unit = largest
         self._workers: list[_Worker] = []
-        n = len(self.blocks)
+        # A lane stops before each streamed block and once after the last one: after
+        # that block itself, or before the first block that does not stream (ElasticZO's
+        # tail: from there each lane runs to its end, its backward included, in turn).
+        n = len(self.units) - 2  # the streamed blocks
         self._hooks = [
-            block.register_forward_pre_hook(self._pre_hook(i))
-            for i, block in enumerate(self.blocks)
+            self.blocks[i].register_forward_pre_hook(self._pre_hook(i)) for i in range(n)
         ]
-        self._hooks.append(self.blocks[n - 1].register_forward_hook(self._post_hook(n)))
+        if n < len(self.blocks):
+            self._hooks.append(self.blocks[n].register_forward_pre_hook(self._pre_hook(n)))
+        else:
+            self._hooks.append(self.blocks[n - 1].register_forward_hook(self._post_hook(n)))
         if from_file:
             if not isinstance(self.store, DiskStore):
                 raise ConfigError("Weights from the offload file need offload='disk'")
