@@ -262,11 +262,6 @@ REFUSED = [
         ("offload='cpu'", "'fixed_point'"),
     ),
     (
-        "offload_stateless",
-        dict(est=dict(kind="zo", offload="cpu"), opt=dict(kind="adam")),
-        ("offload='cpu'", "'adam'"),
-    ),
-    (
         "offload_one_pass",
         dict(est=dict(kind="zo", offload="cpu", cons=True)),
         ("offload='cpu'", "cons=True"),

@@ -522,17 +522,6 @@ def _offload_float_zo(r: Recipe) -> str | None:
     return None
 
 
-def _offload_stateless(r: Recipe) -> str | None:
-    est, opt = r.estimator, r.optimizer.kind
-    if est.offload != "none" and est.kind == "zo" and opt not in ("sgd", "sign"):
-        return (
-            f"estimator.offload={est.offload!r} with optimizer {opt!r}: its model-size state "
-            "(momentum, Adam moments) would stay in memory and defeat the offload; use "
-            "optimizer 'sgd' or 'sign'"
-        )
-    return None
-
-
 def _offload_one_pass(r: Recipe) -> str | None:
     est = r.estimator
     if est.offload == "none" or est.kind not in ("zo", "hybrid"):
@@ -629,11 +618,6 @@ RULES: tuple[Rule, ...] = (
         "estimator.offload runs with estimator zo or hybrid (ElasticZO's front) and numerics "
         "float32",
         _offload_float_zo,
-    ),
-    Rule(
-        "offload_stateless",
-        "estimator.offload runs with optimizer sgd or sign (no model-size state)",
-        _offload_stateless,
     ),
     Rule(
         "offload_one_pass",
