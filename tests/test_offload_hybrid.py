@@ -177,6 +177,28 @@ def test_a_run_killed_mid_step_resumes_to_the_uninterrupted_weights(vit, tmp_pat
     assert _equal(resumed, reference)
 
 
+def test_the_front_from_an_existing_file_needs_no_front_weights(vit, tmp_path):
+    reference = copy.deepcopy(vit)
+    _train(reference, _recipe(cut=3), steps=2)
+    writer = copy.deepcopy(vit)
+    est = build(writer, _recipe("disk", tmp_path, cut=3), seed=3)
+    est.offload.stream()  # the file holds the front's base weights, nothing pending
+    est.offload.store.close()
+    hollow = copy.deepcopy(vit)
+    with torch.no_grad():
+        front = {n for n, _ in est.front_named}
+        for name, p in hollow.named_parameters():
+            if name in front:
+                p.fill_(float("nan"))  # never read
+    est = ElasticZO(hollow, _recipe("disk", tmp_path, cut=3), seed=3, offload_from_file=True)
+    for s in range(2):
+        est.step(_batch(s))
+    est.close()
+    assert _equal(hollow, reference)
+    with pytest.raises(ConfigError, match="needs estimator.offload='disk'"):
+        ElasticZO(copy.deepcopy(vit), _recipe(cut=3), offload_from_file=True)
+
+
 def test_compat_runs_the_float_front_and_refuses_what_cannot_stream(tmp_path):
     assert compat.reason(_recipe("disk", tmp_path)) is None
     with pytest.raises(ConfigError, match="micro_batch_size"):

@@ -158,8 +158,17 @@ class ElasticZO(Estimator):
     reduce_gradients: Callable[[list[torch.Tensor]], None] | None = None
 
     def __init__(
-        self, model: nn.Module, recipe: Recipe, loss_fn: LossFn | None = None, *, seed: int = 0
+        self,
+        model: nn.Module,
+        recipe: Recipe,
+        loss_fn: LossFn | None = None,
+        *,
+        seed: int = 0,
+        offload_from_file: bool = False,
     ) -> None:
+        """``offload_from_file`` (``offload='disk'``): the front's weights come from the
+        committed weights file in ``offload_dir`` (an earlier run's), not from the model,
+        whose front tensors are never read (the tail's are: it stays resident)."""
         super().__init__(model, recipe, loss_fn, seed=seed)
         est, opt = recipe.estimator, recipe.optimizer
         if recipe.numerics.kind != "float32":
@@ -185,8 +194,17 @@ class ElasticZO(Estimator):
                 "Use estimator kind 'zo' for pure zeroth-order training, or widen the scope"
             )
         self.zo: ZOSGD | None = None
+        if offload_from_file and (est.sparsity > 0 or est.grad_sparsity_group == "global"):
+            raise ConfigError(
+                "offload_from_file: Sparse MeZO thresholds and global gradient-pruning "
+                "ratios are set from the front's weights at construction; build the run "
+                "from the model instead"
+            )
         if self.front_named:
-            check_perturbation_resolves([p for _, p in self.front_named], est.eps, est.direction)
+            if not offload_from_file:  # (from the file: the weights are not here to check)
+                check_perturbation_resolves(
+                    [p for _, p in self.front_named], est.eps, est.direction
+                )
             front = optim_mod.decay_param_groups([p for _, p in self.front_named], opt)
             self.zo = ZOSGD(
                 front if front and isinstance(front[0], dict) else [{"params": front}],
@@ -221,8 +239,16 @@ class ElasticZO(Estimator):
                     "parameter; set offload='none'"
                 )
             self.offload = Streamer(
-                model, self.zo, self.front_named, est.offload, est.offload_dir, n_blocks=self.cut
+                model,
+                self.zo,
+                self.front_named,
+                est.offload,
+                est.offload_dir,
+                n_blocks=self.cut,
+                from_file=offload_from_file,
             )
+        elif offload_from_file:
+            raise ConfigError("offload_from_file needs estimator.offload='disk'")
 
     @property
     def front_params(self) -> list[nn.Parameter]:
