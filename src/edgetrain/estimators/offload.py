@@ -85,14 +85,14 @@ a reused device buffer and back (pinned memory, ``non_blocking`` copies on a sid
 stream); on a CPU-only machine the same schedule runs on the weights' own storage, with
 no copy (what the tests check bit for bit). ``disk``: one safetensors file per run
 (``offload_dir/zo_offload.safetensors``) holds two slots per unit, each one contiguous
-byte range (tensors ``"0/<name>"`` and ``"1/<name>"``, its state ``"<slot>/<key>/<name>"``);
-a unit is read with ``preadv``
-into the reused buffer (no memory-mapping: the page cache holds what the OS keeps, RSS
-does not) and written back to its *other* slot; ``zo_offload.json`` (replaced
-atomically, as edgetrain.files writes checkpoints) names each unit's current slot and the
-pending record, and is replaced only after every unit of the step is written. A crash
-mid-write leaves the committed slots untouched: the file always holds one consistent
-state. Resuming a killed run goes through the checkpoint and the journal, as in memory.
+byte range (tensors ``"0/<name>"`` and ``"1/<name>"``, optimizer state
+``"<slot>/<key>/<name>"``); a unit is read with ``preadv`` into the reused buffer (no
+memory-mapping: the page cache holds what the OS keeps, RSS does not) and written back
+to its *other* slot; ``zo_offload.json`` (replaced atomically, as edgetrain.files writes
+checkpoints) names each unit's current slot and the pending record, and is replaced
+only after every unit of the step is written. A crash mid-write leaves the committed
+slots untouched: the file always holds one consistent state. Resuming a killed run goes
+through the checkpoint and the journal, as in memory.
 
 I/O per step: every trainable byte (and its state) is read once and written once
 (``io_bytes``).
