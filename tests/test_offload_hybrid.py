@@ -19,7 +19,7 @@ from edgetrain.errors import ConfigError
 from edgetrain.estimators import build
 from edgetrain.estimators.hybrid import ElasticZO
 from edgetrain.estimators.offload import DiskStore, read_committed
-from edgetrain.recipe import Estimator, Numerics, Optimizer, Recipe
+from edgetrain.recipe import Backward, Estimator, Numerics, Optimizer, Recipe
 from edgetrain.train import finetune
 
 
@@ -28,8 +28,9 @@ def _batch(step: int, n: int = 8):
     return torch.randn(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen)
 
 
-def _recipe(offload="none", directory=None, cut=2, **estimator) -> Recipe:
+def _recipe(offload="none", directory=None, cut=2, backward="exact", **estimator) -> Recipe:
     return Recipe(
+        backward=Backward(kind=backward),
         estimator=Estimator(
             kind="hybrid",
             cut=cut,
@@ -65,8 +66,22 @@ def _equal(a, b, names=None) -> bool:
 @pytest.mark.parametrize("mode", ["cpu", "disk"])
 @pytest.mark.parametrize(
     "cut, extra",
-    [(2, {}), (0, {}), (4, {}), (3, dict(queries=2, sparsity=0.5))],
-    ids=["cut2", "cut0_prefix_only", "cut4_head_tail", "cut3_q2_sparse"],
+    [
+        (2, {}),
+        (0, {}),
+        (4, {}),
+        (3, dict(queries=2, sparsity=0.5)),
+        (2, dict(backward="wht")),
+        (3, dict(backward="checkpoint", difference="one_sided")),
+    ],
+    ids=[
+        "cut2",
+        "cut0_prefix_only",
+        "cut4_head_tail",
+        "cut3_q2_sparse",
+        "cut2_wht_tail",
+        "cut3_checkpointed_one_sided",
+    ],
 )
 def test_offloaded_front_equals_in_memory_elastic_zo_bit_for_bit(vit, tmp_path, mode, cut, extra):
     reference, offloaded = copy.deepcopy(vit), copy.deepcopy(vit)
