@@ -22,10 +22,19 @@ parameters) on 28 x 28 images, without a vocabulary embedding and without transf
 ``vit-xl``, the same with 48 layers (604M parameters): the peak of a disk run is the
 process's floor plus one unit, so the weights / peak ratio grows with depth.
 
+Estimators (``--estimators``): ``mezo`` (MeZO, SGD), ``zo_momentum`` (MeZO with heavy-ball
+momentum: the momentum buffer streams beside the weights, twice the I/O) and
+``elastic_zo`` (ElasticZO: the
+blocks before the last one and the embeddings by SPSA, the last block and the head by
+backprop with Adam, as the preset's cut 3 of 4; only the front streams, the tail stays
+resident, so its weights, gradients, Adam moments and activations add to the peak). The
+``disk`` ElasticZO process takes its front from the file and its tail's weights from a
+saved copy (``tail.pt``), never holding the front in memory.
+
 Usage::
 
     python benchmarks/offload.py [--models minilm,bert-large,vit-large] [--steps 3]
-        [--batch 2] [--seq 64] [--dir /tmp/edgetrain-offload]
+        [--batch 2] [--seq 64] [--dir /tmp/edgetrain-offload] [--estimators mezo,elastic_zo]
 """
 
 from __future__ import annotations
@@ -90,9 +99,31 @@ def make_batch(name: str, batch: int, seq: int):
     }
 
 
-def recipe(mode: str, directory: str):
+ESTIMATORS = ("mezo", "zo_momentum", "elastic_zo")
+
+
+def depth(name: str) -> int:
+    return VIT[name]["depth"] if name in VIT else BERT[name][0]
+
+
+def recipe(mode: str, directory: str, estimator: str = "mezo", name: str = "minilm"):
     from edgetrain.recipe import Estimator, Optimizer, Recipe
 
+    if estimator == "elastic_zo":
+        return Recipe(
+            estimator=Estimator(
+                kind="hybrid",
+                cut=depth(name) - 1,  # the last block and the head by backprop
+                eps=1e-3,
+                zo_lr=1e-6,
+                offload=mode,
+                offload_dir=directory if mode == "disk" else None,
+            ),
+            optimizer=Optimizer(kind="adam", lr=1e-5),
+        )
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"Unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+    optimizer = "momentum" if estimator == "zo_momentum" else "sgd"
     return Recipe(
         estimator=Estimator(
             kind="zo",
@@ -100,7 +131,7 @@ def recipe(mode: str, directory: str):
             offload=mode,
             offload_dir=directory if mode == "disk" else None,
         ),
-        optimizer=Optimizer(kind="sgd", lr=1e-6),
+        optimizer=Optimizer(kind=optimizer, lr=1e-6),
     )
 
 
@@ -113,35 +144,51 @@ def _status() -> dict[str, int]:
     return out
 
 
-def prepare(name: str, directory: Path) -> None:
-    """Write the offload file of ``name``'s seeded weights (and its buffers)."""
+def prepare(name: str, directory: Path, estimator: str = "mezo") -> None:
+    """Write the offload file of ``name``'s seeded weights (and its buffers; ElasticZO:
+    its resident tail's weights too)."""
     from edgetrain.estimators import build
 
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     model = build_model(name)
     torch.save(dict(model.named_buffers()), directory / "buffers.pt")
-    est = build(model, recipe("disk", str(directory)))
+    est = build(model, recipe("disk", str(directory), estimator, name))
+    if estimator == "elastic_zo":
+        torch.save({n: p.detach() for n, p in est.tail_named}, directory / "tail.pt")
     est.offload.stream()
     est.offload.store.close()
 
 
-def child(mode: str, name: str, directory: str, steps: int, batch: int, seq: int) -> None:
+def child(
+    mode: str, name: str, directory: str, steps: int, batch: int, seq: int, estimator: str
+) -> None:
     torch.set_num_threads(1)
     from edgetrain.estimators import build
+    from edgetrain.estimators.hybrid import ElasticZO
     from edgetrain.estimators.zo import ZO
 
+    run = recipe(mode, directory, estimator, name)
     if mode == "disk":
         model = build_model(name, meta=True).to_empty(device="cpu")  # untouched storage
         buffers = torch.load(Path(directory) / "buffers.pt", weights_only=True)
         for key, value in buffers.items():
             owner, _, leaf = key.rpartition(".")
             model.get_submodule(owner).register_buffer(leaf, value, persistent=False)
-        est = ZO(model, recipe(mode, directory), offload_from_file=True)
+        if estimator == "elastic_zo":
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for key, value in torch.load(Path(directory) / "tail.pt").items():
+                    params[key].copy_(value)  # the resident tail; the front is never read
+            est = ElasticZO(model, run, offload_from_file=True)
+        else:
+            est = ZO(model, run, offload_from_file=True)
     else:
         model = build_model(name)
-        est = build(model, recipe(mode, directory))
+        est = build(model, run)
     weight_bytes = sum(p.numel() * p.element_size() for p in est.params)
+    streamed = est.front_params if estimator == "elastic_zo" else est.params
+    streamed_bytes = sum(p.numel() * p.element_size() for p in streamed)
     data = make_batch(name, batch, seq)
     est.step(data)  # warm-up
     io0 = est.offload.io_bytes if est.offload is not None else (0, 0)
@@ -156,6 +203,7 @@ def child(mode: str, name: str, directory: str, steps: int, batch: int, seq: int
                 "read_per_step": (io1[0] - io0[0]) / steps,
                 "written_per_step": (io1[1] - io0[1]) / steps,
                 "weight_bytes": weight_bytes,
+                "streamed_bytes": streamed_bytes,
                 "params": sum(p.numel() for p in est.params),
                 "largest_unit_bytes": (
                     max(u.numel for u in est.offload.units) * 4 if est.offload else 0
@@ -203,27 +251,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--dir", default="/tmp/edgetrain-offload")
-    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--estimators", default="mezo")
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        mode, name, directory, steps, batch, seq = args.child
-        child(mode, name, directory, int(steps), int(batch), int(seq))
+        mode, name, directory, steps, batch, seq, estimator = args.child
+        child(mode, name, directory, int(steps), int(batch), int(seq), estimator)
         return
     script = os.path.abspath(__file__)
     for label, code in _FLOORS.items():
         floor = child_peak_rss([sys.executable, "-c", code]).peak_rss
         print(f"import floor ({label}): {floor / 2**20:.0f} MiB")
     rows = []
-    for name in args.models.split(","):
+    for name, estimator in [
+        (n, e) for n in args.models.split(",") for e in args.estimators.split(",")
+    ]:
         directory = Path(args.dir) / name
         results = {}
         for mode in args.modes.split(","):
             if mode == "disk":
                 start = time.perf_counter()
-                prepare(name, directory)
+                prepare(name, directory, estimator)
                 print(f"{name}: wrote the file in {time.perf_counter() - start:.1f} s")
             argv = [sys.executable, script, "--child", mode, name, str(directory)]
-            argv += [str(args.steps), str(args.batch), str(args.seq)]
+            argv += [str(args.steps), str(args.batch), str(args.seq), estimator]
             out = child_peak_rss(argv, timeout=3600)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             result["peak_rss"] = out.peak_rss
@@ -231,19 +282,20 @@ def main() -> None:
                 result["file_bytes"] = (directory / FILE_NAME).stat().st_size
                 result["page_cache"] = page_cache_bytes(directory / FILE_NAME)
             results[mode] = result
-            print(name, mode, json.dumps(result), file=sys.stderr, flush=True)
-        rows.append((name, results))
+            print(name, estimator, mode, json.dumps(result), file=sys.stderr, flush=True)
+        rows.append((name, estimator, results))
     print(
         f"\nbatch {args.batch}"
         + ("" if "vit-large" == args.models else f" x {args.seq} tokens (BERT)")
         + f", {args.steps} timed steps after one warm-up, 1 thread, medians\n"
     )
     print(
-        "| model | params | weight bytes | mode | peak RSS (VmHWM) | weights / peak RSS "
-        "| step | vs in-memory | I/O per step (read + written) | file in page cache |"
+        "| model | estimator | params | weight bytes (streamed) | mode | peak RSS (VmHWM) "
+        "| weights / peak RSS | step | vs in-memory | I/O per step (read + written) "
+        "| file in page cache |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, results in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, estimator, results in rows:
         base = results.get("none", {}).get("median_s")
         for mode, r in results.items():
             peak = r["VmHWM"]
@@ -252,7 +304,8 @@ def main() -> None:
             cache = r.get("page_cache")
             cache_text = "-" if cache is None else f"{cache / 2**20:.0f} MiB"
             print(
-                f"| {name} | {r['params'] / 1e6:.1f}M | {r['weight_bytes'] / 2**20:.0f} MiB "
+                f"| {name} | {estimator} | {r['params'] / 1e6:.1f}M "
+                f"| {r['weight_bytes'] / 2**20:.0f} MiB ({r['streamed_bytes'] / 2**20:.0f}) "
                 f"| {mode} | {peak / 2**20:.0f} MiB | {r['weight_bytes'] / peak:.2f}x "
                 f"| {r['median_s']:.2f} s | {ratio} | {io / 2**20:.0f} MiB | {cache_text} |"
             )

@@ -253,18 +253,13 @@ REFUSED = [
     ),
     (
         "offload_float_zo",
-        dict(est=dict(kind="hybrid", cut=1, offload="cpu")),
-        ("offload='cpu'", "'hybrid'"),
+        dict(est=dict(kind="hybrid", cut=1, offload="cpu"), opt=dict(kind="sgd"), num=FIXED),
+        ("offload='cpu'", "'hybrid'", "'fixed_point'"),
     ),
     (
         "offload_float_zo",
         dict(est=dict(kind="zo", offload="cpu"), num=FIXED),
         ("offload='cpu'", "'fixed_point'"),
-    ),
-    (
-        "offload_stateless",
-        dict(est=dict(kind="zo", offload="cpu"), opt=dict(kind="adam")),
-        ("offload='cpu'", "'adam'"),
     ),
     (
         "offload_one_pass",
@@ -280,6 +275,11 @@ REFUSED = [
         "offload_one_pass",
         dict(est=dict(kind="zo", offload="cpu"), top=dict(micro_batch_size=4)),
         ("offload='cpu'", "micro_batch_size=4"),
+    ),
+    (
+        "offload_one_pass",
+        dict(est=dict(kind="hybrid", cut=1, offload="cpu", train_mode_evals=True)),
+        ("offload='cpu'", "train_mode_evals=True"),
     ),
     ("flops_scope", dict(est=dict(kind="zo"), scope=dict(kind="flops")), ("'flops'", "'zo'")),
     (

@@ -63,6 +63,9 @@ VARIANTS = {
     "sparse_mezo": dict(sparsity=0.5),
     "q2_decay": dict(queries=2, opt=dict(weight_decay=0.1)),
     "one_sided_sign": dict(difference="one_sided", opt=dict(kind="sign", lr=1e-3)),
+    "momentum": dict(opt=dict(kind="momentum")),
+    "adam_q2": dict(queries=2, opt=dict(kind="adam", lr=1e-3)),
+    "adamw_decay_sparse": dict(sparsity=0.5, opt=dict(kind="adamw", lr=1e-3, weight_decay=0.1)),
 }
 
 
@@ -75,6 +78,56 @@ def test_offloaded_weights_equal_in_memory_bit_for_bit(vit, tmp_path, mode, vari
     assert not _equal(reference, vit)  # it trained
     assert losses == ref_losses
     assert _equal(offloaded, reference)
+
+
+def _state(est) -> dict:
+    names = {id(p): n for n, p in est.selection.named}
+    return {names[id(p)]: dict(s) for p, s in est.optimizer.state.items()}
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[n].keys() == b[n].keys()
+        and all(
+            torch.equal(v, b[n][k]) if isinstance(v, torch.Tensor) else v == b[n][k]
+            for k, v in a[n].items()
+        )
+        for n in a
+    )
+
+
+@pytest.mark.parametrize("kind, keys", [("momentum", 1), ("adam", 2)])
+@pytest.mark.parametrize("mode", ["cpu", "disk"])
+def test_optimizer_state_streams_beside_the_weights(vit, tmp_path, mode, kind, keys):
+    opt = dict(kind=kind, lr=1e-3)
+    reference = copy.deepcopy(vit)
+    ref = build(reference, _recipe(opt=opt), seed=3)
+    for s in range(3):
+        ref.step(_batch(s))
+    model = copy.deepcopy(vit)
+    est = build(model, _recipe(mode, tmp_path, opt=opt), seed=3)
+    est.step(_batch(0))
+    est.step(_batch(1))
+    for p in est.params:  # the state is out of memory too: placeholders, like the weights
+        for key, value in est.optimizer.state[p].items():
+            if isinstance(value, torch.Tensor):
+                assert key != "step" and not value.is_contiguous() and torch.isnan(value).all()
+    if mode == "disk":
+        trainable = sum(p.numel() * p.element_size() for p in est.params)
+        read, written = est.offload.io_bytes
+        est.step(_batch(2))
+        read2, written2 = est.offload.io_bytes
+        moved = (1 + keys) * trainable  # each unit's weights and state, once each way
+        assert (read2 - read, written2 - written) == (moved, moved)
+        committed = read_committed(tmp_path)["state"]
+        assert len(committed) == len(est.params) and all(len(v) == keys for v in committed.values())
+    else:
+        est.step(_batch(2))
+    est.close()  # the weights and the state come back as ordinary tensors
+    assert _equal(model, reference)
+    assert _same_state(_state(est), _state(ref))
+    assert any(torch.count_nonzero(s[k]) for s in _state(ref).values() for k in s if k != "step")
+    ref.close()
 
 
 def test_hf_bert_encoder_streams_bit_for_bit(tmp_path):
@@ -126,9 +179,10 @@ def test_weights_are_out_of_the_model_and_each_byte_moves_once_a_step(vit, tmp_p
     assert all(p.is_contiguous() and torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_write_that_fails_half_way_leaves_the_committed_file(vit, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["sgd", "momentum"])
+def test_a_write_that_fails_half_way_leaves_the_committed_file(vit, tmp_path, monkeypatch, kind):
     model = copy.deepcopy(vit)
-    est = build(model, _recipe("disk", tmp_path), seed=3)
+    est = build(model, _recipe("disk", tmp_path, opt=dict(kind=kind)), seed=3)
     est.step(_batch(0))
     before = read_committed(tmp_path)
     assert before["manifest"]["step"] == 0 and before["manifest"]["pending"]["step"] == 0
@@ -149,6 +203,10 @@ def test_a_write_that_fails_half_way_leaves_the_committed_file(vit, tmp_path, mo
     assert after["manifest"] == before["manifest"]
     assert after["weights"].keys() == before["weights"].keys()
     assert all(torch.equal(after["weights"][k], v) for k, v in before["weights"].items())
+    assert after["state"].keys() == before["state"].keys()
+    assert (len(after["state"]) > 0) == (kind == "momentum")
+    for name, state in before["state"].items():
+        assert all(torch.equal(after["state"][name][k], v) for k, v in state.items())
     with pytest.raises(RuntimeError, match="failed mid-step"):
         est.step(_batch(1))
     est.close()
@@ -176,10 +234,13 @@ def _fit(model, recipe, steps, directory=None):
     )
 
 
-def test_a_run_killed_mid_step_resumes_to_the_uninterrupted_weights(vit, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam"])
+def test_a_run_killed_mid_step_resumes_to_the_uninterrupted_weights(
+    vit, tmp_path, monkeypatch, kind
+):
     reference = copy.deepcopy(vit)
-    _fit(reference, _recipe(opt=dict(lr=1e-3)), 5)
-    recipe = _recipe("disk", tmp_path / "offload", opt=dict(lr=1e-3))
+    _fit(reference, _recipe(opt=dict(kind=kind, lr=1e-3)), 5)
+    recipe = _recipe("disk", tmp_path / "offload", opt=dict(kind=kind, lr=1e-3))
     killed = copy.deepcopy(vit)
     real = DiskStore.save
     calls = {"n": 0}
@@ -236,6 +297,35 @@ def test_weights_from_an_existing_file_need_no_model_weights(vit, tmp_path):
         est.step(_batch(s))
     est.close()
     assert _equal(hollow, reference)
+
+
+def test_adam_from_an_existing_file_takes_its_moments_and_step_count(vit, tmp_path):
+    opt = dict(kind="adam", lr=1e-3)
+    reference = copy.deepcopy(vit)
+    _train(reference, _recipe(opt=opt), steps=4)
+    writer = copy.deepcopy(vit)
+    est = build(writer, _recipe("disk", tmp_path, opt=opt), seed=3)
+    est.step(_batch(0))
+    est.step(_batch(1))
+    est.offload.flush()  # committed, nothing pending: moments and step counts in the file
+    est.offload.store.close()
+    assert {u["state_step"] for u in read_committed(tmp_path)["manifest"]["units"].values()} == {2}
+    hollow = copy.deepcopy(vit)
+    with torch.no_grad():
+        for p in hollow.parameters():
+            p.fill_(float("nan"))  # never read
+    est = ZO(hollow, _recipe("disk", tmp_path, opt=opt), seed=3, offload_from_file=True)
+    est.step_count = est.optimizer._step_count = 2  # the run continues at step 2
+    for s in (2, 3):
+        est.step(_batch(s))
+    est.close()
+    assert _equal(hollow, reference)
+    with pytest.raises(ConfigError, match="optimizer state"):
+        ZO(
+            copy.deepcopy(vit),
+            _recipe("disk", tmp_path, opt=dict(kind="momentum")),
+            offload_from_file=True,
+        )
 
 
 def test_what_cannot_stream_is_refused(tmp_path):

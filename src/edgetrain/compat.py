@@ -512,30 +512,19 @@ def _flops_scope(r: Recipe) -> str | None:
 
 def _offload_float_zo(r: Recipe) -> str | None:
     est = r.estimator
-    if est.offload != "none" and (est.kind != "zo" or r.numerics.kind != "float32"):
+    if est.offload != "none" and (est.kind not in ("zo", "hybrid") or r.numerics.kind != "float32"):
         return (
             f"estimator.offload={est.offload!r} streams the blocks of the float zeroth-order "
-            f"estimator (kind 'zo', numerics 'float32'), not kind {est.kind!r} with numerics "
-            f"{r.numerics.kind!r} (ElasticZO's front and fixed point are not streamed yet); "
-            "set offload='none'"
-        )
-    return None
-
-
-def _offload_stateless(r: Recipe) -> str | None:
-    est, opt = r.estimator, r.optimizer.kind
-    if est.offload != "none" and est.kind == "zo" and opt not in ("sgd", "sign"):
-        return (
-            f"estimator.offload={est.offload!r} with optimizer {opt!r}: its model-size state "
-            "(momentum, Adam moments) would stay in memory and defeat the offload; use "
-            "optimizer 'sgd' or 'sign'"
+            f"estimators (kind 'zo', or 'hybrid': ElasticZO's front; numerics 'float32'), "
+            f"not kind {est.kind!r} with numerics {r.numerics.kind!r} (fixed point is not "
+            "streamed yet); set offload='none'"
         )
     return None
 
 
 def _offload_one_pass(r: Recipe) -> str | None:
     est = r.estimator
-    if est.offload == "none" or est.kind != "zo":
+    if est.offload == "none" or est.kind not in ("zo", "hybrid"):
         return None
     knobs = []
     if est.cons:
@@ -626,13 +615,9 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "offload_float_zo",
-        "estimator.offload runs with estimator zo and numerics float32",
+        "estimator.offload runs with estimator zo or hybrid (ElasticZO's front) and numerics "
+        "float32",
         _offload_float_zo,
-    ),
-    Rule(
-        "offload_stateless",
-        "estimator.offload runs with optimizer sgd or sign (no model-size state)",
-        _offload_stateless,
     ),
     Rule(
         "offload_one_pass",

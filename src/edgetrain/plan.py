@@ -409,9 +409,12 @@ def offload_candidate(
             est = estimators.build(copy.deepcopy(model), r, loss_fn, seed=seed)
             try:
                 est.step(batch)  # warm-up (the disk run writes its file here)
+                offload = getattr(est, "offload", None)
+                read = 0 if offload is None else offload.io_bytes[0]
                 times = sorted(est.step(batch).seconds for _ in range(timed_steps))
                 seconds[label] = times[len(times) // 2]
-                moved = sum(p.numel() * p.element_size() for p in est.params)
+                if offload is not None:  # the streamed weights, and their optimizer state
+                    moved = (offload.io_bytes[0] - read) // timed_steps
             finally:
                 est.close()
         torch.set_num_threads(threads)
@@ -422,7 +425,7 @@ def offload_candidate(
     cost = (
         f"weights offloaded to disk ({proposed.estimator.offload_dir}): measured peak "
         f"{format_bytes(peak)}; each step reads and writes {format_bytes(moved)} "
-        f"(every trainable byte once each way); step {seconds['disk']:.3g} s against "
+        f"(every streamed byte once each way); step {seconds['disk']:.3g} s against "
         f"{seconds['memory']:.3g} s in memory ({seconds['disk'] / seconds['memory']:.2f}x, "
         "one thread each, the file in the page cache)"
     )

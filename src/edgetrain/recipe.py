@@ -213,7 +213,9 @@ class Estimator:
     memory, streamed one block at a time to the compute device; on a CPU-only machine the
     same schedule without a copy); ``disk`` (the trainable weights in a safetensors file
     under ``offload_dir``, read one block at a time into a reused buffer and written back).
-    Same weights as in memory, bit for bit."""
+    Estimator ``zo`` (any ZOSGD rule: momentum buffers and Adam moments stream beside their
+    weights) and ``hybrid`` (ElasticZO: the ZO front streams, the backprop tail stays
+    resident). Same weights as in memory, bit for bit."""
     offload_dir: str | None = None
     """``offload='disk'``: the directory of the run's weights file (required there)."""
     mf_readout: str = _for("mono_forward", default="pool")

@@ -81,6 +81,17 @@ passes, by their all-rank mean before the tail optimizer steps (what DDP does fo
 backprop step, on the tail's parameters only: the front has no gradient to send). Bytes
 per step: 16 q + the tail's gradient bytes.
 
+Offloaded front (``estimator.offload`` 'cpu' / 'disk', issue 22): the front's weights
+live in a store (CPU memory, or a safetensors file under ``offload_dir``) and stream unit
+by unit (the prefix, then each block before the cut) on ZO2's schedule
+(edgetrain.estimators.offload: both perturbed passes carried through a unit while it is
+resident, its update deferred to its next load). The tail stays resident: its backward
+needs its weights and saved activations together, and its optimizer updates it in place.
+The weights after N steps are in-memory ElasticZO's bit for bit
+(tests/test_offload_hybrid.py); a checkpoint, ``predictor()`` and ``close()`` apply the
+front's pending updates first. Not with ``train_mode_evals`` or ``micro_batch_size``
+(compat ``offload_one_pass``: a unit is loaded once per step, one forward per lane).
+
 ``edgetrain.plan.choose_cut(model, recipe, batch, budget_bytes)`` picks the smallest cut
 (the largest backprop tail) whose measured step fits a budget.
 """
@@ -96,9 +107,11 @@ from torch import nn
 from edgetrain import backward as backward_mod
 from edgetrain import optim as optim_mod
 from edgetrain._registry import preset
+from edgetrain.errors import ConfigError
 from edgetrain.estimators import register
 from edgetrain.estimators._modes import evaluation_mode, forked_rng
 from edgetrain.estimators.base import Estimator, LossFn, NonFiniteLossError
+from edgetrain.estimators.offload import Streamer
 from edgetrain.optim.perturb import check_perturbation_resolves
 from edgetrain.optim.zo import ZOSGD, NonFiniteLoss
 from edgetrain.recipe import Estimator as EstimatorSpec
@@ -145,8 +158,17 @@ class ElasticZO(Estimator):
     reduce_gradients: Callable[[list[torch.Tensor]], None] | None = None
 
     def __init__(
-        self, model: nn.Module, recipe: Recipe, loss_fn: LossFn | None = None, *, seed: int = 0
+        self,
+        model: nn.Module,
+        recipe: Recipe,
+        loss_fn: LossFn | None = None,
+        *,
+        seed: int = 0,
+        offload_from_file: bool = False,
     ) -> None:
+        """``offload_from_file`` (``offload='disk'``): the front's weights come from the
+        committed weights file in ``offload_dir`` (an earlier run's), not from the model,
+        whose front tensors are never read (the tail's are: it stays resident)."""
         super().__init__(model, recipe, loss_fn, seed=seed)
         est, opt = recipe.estimator, recipe.optimizer
         if recipe.numerics.kind != "float32":
@@ -172,8 +194,17 @@ class ElasticZO(Estimator):
                 "Use estimator kind 'zo' for pure zeroth-order training, or widen the scope"
             )
         self.zo: ZOSGD | None = None
+        if offload_from_file and (est.sparsity > 0 or est.grad_sparsity_group == "global"):
+            raise ConfigError(
+                "offload_from_file: Sparse MeZO thresholds and global gradient-pruning "
+                "ratios are set from the front's weights at construction; build the run "
+                "from the model instead"
+            )
         if self.front_named:
-            check_perturbation_resolves([p for _, p in self.front_named], est.eps, est.direction)
+            if not offload_from_file:  # (from the file: the weights are not here to check)
+                check_perturbation_resolves(
+                    [p for _, p in self.front_named], est.eps, est.direction
+                )
             front = optim_mod.decay_param_groups([p for _, p in self.front_named], opt)
             self.zo = ZOSGD(
                 front if front and isinstance(front[0], dict) else [{"params": front}],
@@ -197,6 +228,27 @@ class ElasticZO(Estimator):
         self._swap = backward_mod.apply(model, recipe.backward, seed=derive_seed(self.seed, 0xBAC))
         for _, p in self.front_named:
             p.requires_grad_(False)  # the front trains by ZO: autograd records no graph there
+        self.offload: Streamer | None = None
+        """``estimator.offload`` 'cpu' / 'disk': the front's layer streamer (module
+        docstring, "Offloaded front"); built after the swaps, whose hooks it must see."""
+        if est.offload != "none":
+            if self.zo is None:
+                raise ConfigError(
+                    f"estimator.offload={est.offload!r} streams ElasticZO's zeroth-order "
+                    f"front, and at cut={self.cut} with this scope the front has no trainable "
+                    "parameter; set offload='none'"
+                )
+            self.offload = Streamer(
+                model,
+                self.zo,
+                self.front_named,
+                est.offload,
+                est.offload_dir,
+                n_blocks=self.cut,
+                from_file=offload_from_file,
+            )
+        elif offload_from_file:
+            raise ConfigError("offload_from_file needs estimator.offload='disk'")
 
     @property
     def front_params(self) -> list[nn.Parameter]:
@@ -257,9 +309,12 @@ class ElasticZO(Estimator):
                 record = None
             else:
                 try:
-                    record = self.zo.estimate(
-                        closure, seed=step_seed, reduce_scalars=self.reduce_scalars
-                    )
+                    if self.offload is not None:  # applied, its updates deferred per unit
+                        record = self.offload.step(closure, step_seed)
+                    else:
+                        record = self.zo.estimate(
+                            closure, seed=step_seed, reduce_scalars=self.reduce_scalars
+                        )
                 except NonFiniteLoss as err:
                     self.optimizer.zero_grad(set_to_none=True)
                     raise NonFiniteLossError(self.step_count, err.value) from err
@@ -270,7 +325,7 @@ class ElasticZO(Estimator):
                     p.grad.div_(passes)  # the average over the 2q passes
         if self.reduce_gradients is not None:
             self.reduce_gradients([p.grad for p in self.tail_params if p.grad is not None])
-        if record is not None:
+        if record is not None and self.offload is None:
             self.zo.apply_record(record)
         self.optimizer.step()
         return value, passes, passes
@@ -288,6 +343,10 @@ class ElasticZO(Estimator):
             yield from self.zo.state_tensors()
 
     def state_dict(self) -> dict[str, Any]:
+        if self.offload is not None:
+            # a checkpoint holds trained weights: the front's pending updates applied and
+            # its weights back in the model (the next step streams them out again)
+            self.offload.materialize()
         return {
             **super().state_dict(),
             "cut": self.cut,
@@ -305,8 +364,16 @@ class ElasticZO(Estimator):
         self.optimizer.load_state_dict(state["optimizer"])
         self._swap.load_state_dict(state.get("backward", {}))
 
+    def predictor(self) -> nn.Module:
+        if self.offload is not None:
+            self.offload.materialize()
+        return self.model
+
     def close(self) -> None:
         try:
+            if self.offload is not None:
+                self.offload.close()  # the model gets its front's trained weights back
+                self.offload = None
             self._swap.restore()
         finally:
             super().close()

@@ -31,6 +31,19 @@ that embedding). Frozen parameters stay
 where they are. The model must use the prefix before its first block and the suffix
 after its last one; tied tensors (input and output embeddings) are refused at build.
 
+ElasticZO's front (estimator ``hybrid``, ``Streamer(..., n_blocks=cut)``). Only the
+zeroth-order front streams: the prefix and ``blocks[:cut]``, with their ZOSGD (rule
+``sgd``). The backprop tail (``blocks[cut:]``, what follows the blocks and the head) stays
+resident: its backward needs its weights and its saved activations at once (a graph from
+the loss back to the first tail parameter), so it cannot be cut into units that come and
+go, and its optimizer (Adam in the preset) updates it where it is. A lane stops before
+each streamed block and before ``blocks[cut]`` (after the last block at cut = n); from
+there each lane runs its tail forward and its backward in turn (the ``+eps`` pass's tail
+gradient accumulates first, then the ``-eps`` pass's, the in-memory order), so the tail's
+``.grad`` and then its update are in-memory ElasticZO's bit for bit, and only one tail
+graph is alive at a time, as in memory. The tail is the resident cost of an offloaded
+ElasticZO run: its weights, gradients, optimizer state and one pass's tail activations.
+
 How the evaluations are carried. Each of a step's evaluation points (theta + eps z and
 theta - eps z for two-sided SPSA, q pairs for q queries, theta and theta + eps z
 one-sided) is the caller's unchanged ``loss_fn(model, batch)``, run in a thread of its
@@ -52,20 +65,37 @@ update (now that the projected gradient is known) runs first, then the new pertu
 ``flush()`` runs the pending updates (checkpoint, ``predictor()``, ``close()``), and
 ``materialize()`` gives the model its weights back as ordinary tensors.
 
+Optimizer state (rules ``momentum``, ``adam``, ``adamw``; ``STATE_KEYS``). ZO2 runs
+MeZO-SGD only; a momentum buffer or Adam's two moments are model-size, so left in memory
+they would cost one or two models' worth of RAM and defeat the offload. Here each
+parameter's state tensors stream with its weights: a unit's slot holds its weights, then
+each state key's tensors, parameter by parameter (``_Store.fields``), loaded into the same
+reused buffer (one slot: 2x or 3x a unit's weights) and written back together, and
+``ZOSGD.state[p][key]`` points at the buffer while the unit is resident (a placeholder
+otherwise, as the weights). The update reads and writes the state only through those
+views, where ZOSGD's in-memory update would, so weights and state are in-memory's bit
+for bit. State the optimizer has not made yet is written as zeros at attach, what
+``ZOSGD._new_state`` makes at the first update. Adam's per-parameter step count is a
+Python int: it stays in ``ZOSGD.state`` (a checkpoint saves it), and the disk manifest
+records each unit's count with its committed moments (``state_step``) for a run started
+from the file. I/O per step grows to (1 + number of state tensors) x the weight bytes.
+
 Modes. ``cpu``: master weights in CPU memory. With a CUDA model each unit is copied into
 a reused device buffer and back (pinned memory, ``non_blocking`` copies on a side
 stream); on a CPU-only machine the same schedule runs on the weights' own storage, with
 no copy (what the tests check bit for bit). ``disk``: one safetensors file per run
 (``offload_dir/zo_offload.safetensors``) holds two slots per unit, each one contiguous
-byte range (tensors ``"0/<name>"`` and ``"1/<name>"``); a unit is read with ``preadv``
-into the reused buffer (no memory-mapping: the page cache holds what the OS keeps, RSS
-does not) and written back to its *other* slot; ``zo_offload.json`` (replaced
-atomically, as edgetrain.files writes checkpoints) names each unit's current slot and the
-pending record, and is replaced only after every unit of the step is written. A crash
-mid-write leaves the committed slots untouched: the file always holds one consistent
-state. Resuming a killed run goes through the checkpoint and the journal, as in memory.
+byte range (tensors ``"0/<name>"`` and ``"1/<name>"``, optimizer state
+``"<slot>/<key>/<name>"``); a unit is read with ``preadv`` into the reused buffer (no
+memory-mapping: the page cache holds what the OS keeps, RSS does not) and written back
+to its *other* slot; ``zo_offload.json`` (replaced atomically, as edgetrain.files writes
+checkpoints) names each unit's current slot and the pending record, and is replaced
+only after every unit of the step is written. A crash mid-write leaves the committed
+slots untouched: the file always holds one consistent state. Resuming a killed run goes
+through the checkpoint and the journal, as in memory.
 
-I/O per step: every trainable byte is read once and written once (``io_bytes``).
+I/O per step: every trainable byte (and its state) is read once and written once
+(``io_bytes``).
 """
 
 from __future__ import annotations
@@ -90,6 +120,7 @@ from edgetrain.optim.zo import _ESTIMATED, ZOSGD, NonFiniteLoss, ZORecord
 
 __all__ = [
     "MODES",
+    "STATE_KEYS",
     "FILE_NAME",
     "MANIFEST_NAME",
     "Unit",
@@ -100,6 +131,15 @@ __all__ = [
 ]
 
 MODES = ("none", "cpu", "disk")
+STATE_KEYS: dict[str, tuple[str, ...]] = {
+    "sgd": (),
+    "sign": (),
+    "momentum": ("momentum_buffer",),
+    "adam": ("exp_avg", "exp_avg_sq"),
+    "adamw": ("exp_avg", "exp_avg_sq"),
+}
+"""ZOSGD rule -> the model-size state tensors of each parameter that stream beside its
+weights (``ZOSGD._new_state``'s keys)."""
 FILE_NAME = "zo_offload.safetensors"
 MANIFEST_NAME = "zo_offload.json"
 _FORMAT = "edgetrain-zo-offload-1"
@@ -131,16 +171,23 @@ class Unit:
 
 
 def stream_units(
-    model: nn.Module, named: list[tuple[str, nn.Parameter]]
+    model: nn.Module, named: list[tuple[str, nn.Parameter]], n_blocks: int | None = None
 ) -> tuple[list[Unit], nn.ModuleList]:
     """The units of ``named`` (trainable, in ``named_parameters`` order): prefix, one per
-    block, suffix; and the blocks. Refuses what it cannot stream, by name."""
+    block, suffix; and the model's blocks. ``n_blocks``: only the first ``n_blocks``
+    blocks stream (ElasticZO's front: ``named`` holds nothing of the later blocks, the
+    suffix is empty). Refuses what it cannot stream, by name."""
     try:
         blocks = scope_mod.find_blocks(model)
     except ValueError as err:
         raise ConfigError(f"estimator.offload streams a model by its blocks: {err}") from None
     if len(blocks) == 0:
         raise ConfigError("estimator.offload needs a model with blocks; this one has none")
+    streamed = len(blocks) if n_blocks is None else int(n_blocks)
+    if not 0 <= streamed <= len(blocks):
+        raise ConfigError(
+            f"estimator.offload: cannot stream {n_blocks} blocks of a model of {len(blocks)}"
+        )
     trainable = {id(p) for _, p in named}
     seen: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -165,6 +212,11 @@ def stream_units(
         if b is None:
             (prefix if last < 0 else suffix).append((name, p))
             continue
+        if b >= streamed:
+            raise ConfigError(
+                f"estimator.offload: parameter {name!r} is in block {b}, past the "
+                f"{streamed} streamed blocks (ElasticZO's backprop tail stays resident)"
+            )
         if suffix or b < last:
             raise ConfigError(
                 f"estimator.offload: parameter {name!r} of block {b} comes after parameters "
@@ -174,8 +226,8 @@ def stream_units(
         last = b
         per_block[b].append((name, p))
     units = [Unit(0, "prefix", prefix)]
-    units += [Unit(i + 1, f"block {i}", run) for i, run in enumerate(per_block)]
-    units.append(Unit(len(blocks) + 1, "suffix", suffix))
+    units += [Unit(i + 1, f"block {i}", run) for i, run in enumerate(per_block[:streamed])]
+    units.append(Unit(streamed + 1, "suffix", suffix))
     return units, blocks
 
 
@@ -197,9 +249,45 @@ def _placeholder(p: torch.Tensor) -> torch.Tensor:
 class _Store:
     """Where the units' master weights live between loads."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: dict | None = None, keys: tuple[str, ...] = ()) -> None:
         self.bytes_read = 0
         self.bytes_written = 0
+        self.state = state
+        """The optimizer's per-parameter state (``ZOSGD.state``), whose ``keys`` tensors
+        (momentum buffers, Adam moments) stream with their parameter's weights."""
+        self.keys = tuple(keys)
+        self.width = 1 + len(self.keys)
+        """Elements of a unit's slot per trainable element: its weight and its state."""
+
+    def fields(self, unit: Unit) -> list[tuple[str, str | None, nn.Parameter]]:
+        """A unit's tensors in slot order, as (parameter name, state key, parameter): the
+        weights (key None), then each state key's tensors, parameter by parameter."""
+        out = [(name, None, p) for name, p in unit.params]
+        return out + [(name, key, p) for key in self.keys for name, p in unit.params]
+
+    def span(self, unit: Unit) -> int:
+        """Elements of ``unit``'s slot."""
+        return unit.numel * self.width
+
+    def _get(self, key: str | None, p: nn.Parameter) -> torch.Tensor:
+        """The tensor of (``key``, ``p``) now: the weight, or the state tensor (zero if the
+        optimizer has not made it yet, as ``ZOSGD._new_state`` would; Adam's step count
+        starts at 0 then, and stays in memory)."""
+        if key is None:
+            return p.data
+        state = self.state[p]
+        if key == "exp_avg":
+            state.setdefault("step", 0)
+        value = state.get(key)
+        if value is None:
+            value = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return value
+
+    def _set(self, key: str | None, p: nn.Parameter, tensor: torch.Tensor) -> None:
+        if key is None:
+            p.data = tensor
+        else:
+            self.state[p][key] = tensor
 
     def attach(self, units: list[Unit]) -> None:  # model -> store (params become holes)
         raise NotImplementedError
@@ -219,52 +307,62 @@ class _Store:
     def close(self) -> None:
         pass
 
-    @staticmethod
-    def _unplace(unit: Unit) -> None:
-        for _, p in unit.params:
-            p.data = _placeholder(p.data)
+    def _unplace(self, unit: Unit) -> None:
+        for _, key, p in self.fields(unit):
+            self._set(key, p, _placeholder(p.data))
 
 
 class _NoCopyStore(_Store):
     """``cpu`` on a CPU-only machine: the master weights are the parameters' own
     tensors; loading points the parameter at them again (the schedule without a copy)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._master: dict[int, torch.Tensor] = {}
+    def __init__(self, state: dict | None = None, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(state, keys)
+        self._master: dict[tuple[int, str | None], torch.Tensor] = {}
 
     def attach(self, units: list[Unit]) -> None:
         for unit in units:
-            for _, p in unit.params:
-                self._master[id(p)] = p.data
+            for _, key, p in self.fields(unit):
+                self._master[id(p), key] = self._get(key, p)
             self._unplace(unit)
 
     def load(self, unit: Unit) -> None:
-        for _, p in unit.params:
-            p.data = self._master[id(p)]
+        for _, key, p in self.fields(unit):
+            self._set(key, p, self._master[id(p), key])
 
     def save(self, unit: Unit) -> None:
         self._unplace(unit)
 
     def materialize(self, unit: Unit) -> None:
         self.load(unit)
-        for _, p in unit.params:
-            del self._master[id(p)]
+        for _, key, p in self.fields(unit):
+            del self._master[id(p), key]
 
 
 class _BufferStore(_Store):
     """A store that loads each unit into one reused flat buffer on the compute device."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, numel: int) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        numel: int,
+        state: dict | None = None,
+        keys: tuple[str, ...] = (),
+    ) -> None:
+        """``numel``: the elements of the largest slot (the buffer's size)."""
+        super().__init__(state, keys)
         self.device, self.dtype = device, dtype
         self.buffer = torch.empty(max(numel, 1), dtype=dtype, device=device)
 
-    def _views(self, unit: Unit, flat: torch.Tensor) -> None:
+    def _views(self, unit: Unit, flat: torch.Tensor, *, clone: bool = False) -> None:
+        """Point the unit's weights and state at their ranges of ``flat`` (the slot's
+        layout), or at copies of them (``clone``: the model's own tensors again)."""
         offset = 0
-        for _, p in unit.params:
+        for _, key, p in self.fields(unit):
             n = p.numel()
-            p.data = flat[offset : offset + n].view(p.shape)
+            view = flat[offset : offset + n].view(p.shape)  # (the parameter's shape)
+            self._set(key, p, view.to(self.device, copy=True) if clone else view)
             offset += n
 
 
@@ -272,8 +370,15 @@ class _HostStore(_BufferStore):
     """``cpu`` with a CUDA model: each unit's master copy is one pinned flat CPU tensor,
     copied into the device buffer on a side stream and back after the step."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, numel: int) -> None:
-        super().__init__(device, dtype, numel)
+    def __init__(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        numel: int,
+        state: dict | None = None,
+        keys: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(device, dtype, numel, state, keys)
         self._master: dict[int, torch.Tensor] = {}
         self._stream = torch.cuda.Stream(device)
 
@@ -283,18 +388,18 @@ class _HostStore(_BufferStore):
                 continue
             master = self._master.get(unit.index)
             if master is None:
-                master = torch.empty(unit.numel, dtype=self.dtype, pin_memory=True)
+                master = torch.empty(self.span(unit), dtype=self.dtype, pin_memory=True)
                 self._master[unit.index] = master
             offset = 0
-            for _, p in unit.params:
+            for _, key, p in self.fields(unit):
                 n = p.numel()
-                master[offset : offset + n].copy_(p.data.reshape(-1))
+                master[offset : offset + n].copy_(self._get(key, p).reshape(-1))
                 offset += n
             self._unplace(unit)
 
     def load(self, unit: Unit) -> None:
         master = self._master[unit.index]
-        flat = self.buffer[: unit.numel]
+        flat = self.buffer[: self.span(unit)]
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             flat.copy_(master, non_blocking=True)
@@ -306,19 +411,20 @@ class _HostStore(_BufferStore):
         master = self._master[unit.index]
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            master.copy_(self.buffer[: unit.numel], non_blocking=True)
+            master.copy_(self.buffer[: self.span(unit)], non_blocking=True)
         # the buffer is reused by the next load: that load's copy is queued after this one
         self._stream.synchronize()
         self.bytes_written += master.numel() * master.element_size()
         self._unplace(unit)
 
     def materialize(self, unit: Unit) -> None:
-        master = self._master.pop(unit.index)
-        offset = 0
-        for _, p in unit.params:
-            n = p.numel()
-            p.data = master[offset : offset + n].view(p.shape).to(self.device, copy=True)
-            offset += n
+        self._views(unit, self._master.pop(unit.index), clone=True)
+
+
+def _tensor_name(slot: int, name: str, key: str | None) -> str:
+    """The safetensors name of a weight (``"<slot>/<name>"``) or of an optimizer state
+    tensor (``"<slot>/<key>/<name>"``; parameter names have no ``/``)."""
+    return f"{slot}/{name}" if key is None else f"{slot}/{key}/{name}"
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
@@ -351,14 +457,17 @@ class DiskStore(_BufferStore):
         numel: int,
         *,
         fsync: bool = False,
+        state: dict | None = None,
+        keys: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(device, dtype, numel)
+        super().__init__(device, dtype, numel, state, keys)
         self.directory = Path(directory)
         self.path = self.directory / FILE_NAME
         self.manifest_path = self.directory / MANIFEST_NAME
         self.fsync = fsync
         self._fd: int | None = None
         self._ranges: dict[int, tuple[int, int]] = {}  # unit -> (slot 0 byte, nbytes)
+        self._units: dict[int, Unit] = {}
         self._current: dict[int, int] = {}
         self._next: dict[int, int] = {}
         # CUDA: read into pinned host memory, then copy to the device buffer
@@ -379,19 +488,24 @@ class DiskStore(_BufferStore):
         for unit in units:
             if not unit.params:
                 continue
-            nbytes = unit.numel * esize
+            nbytes = self.span(unit) * esize
             start = offset
             for slot in (0, 1):
-                for name, p in unit.params:
+                for name, key, p in self.fields(unit):
                     size = p.numel() * esize
-                    tensors[f"{slot}/{name}"] = {
+                    tensors[_tensor_name(slot, name, key)] = {
                         "dtype": st_dtype,
                         "shape": list(p.shape),
                         "data_offsets": [offset, offset + size],
                     }
                     offset += size
             self._ranges[unit.index] = (start, nbytes)
-        meta = {"format": _FORMAT, "units": json.dumps([u.name for u in units if u.params])}
+            self._units[unit.index] = unit
+        meta = {
+            "format": _FORMAT,
+            "units": json.dumps([u.name for u in units if u.params]),
+            "state": json.dumps(list(self.keys)),
+        }
         header = json.dumps({"__metadata__": meta, **tensors}).encode()
         header += b" " * (-len(header) % 8)
         self._data_start = 8 + len(header)
@@ -414,6 +528,12 @@ class DiskStore(_BufferStore):
                 f"{self.manifest_path} is not a committed edgetrain offload state with "
                 "nothing pending (finish or flush the run that wrote it)"
             )
+        if manifest.get("state", []) != list(self.keys):
+            raise ConfigError(
+                f"{self.path} holds optimizer state {manifest.get('state', [])} beside the "
+                f"weights, this run's optimizer keeps {list(self.keys)}; start it from a "
+                "file written with the same optimizer"
+            )
         fd = os.open(self.path, os.O_RDWR)
         (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
         header = json.loads(os.pread(fd, size, 8))
@@ -427,13 +547,18 @@ class DiskStore(_BufferStore):
             if first is None or unit.index not in slots:
                 os.close(fd)
                 raise ConfigError(f"{self.path} has no weights for {unit.name}")
-            for name, p in unit.params:
-                info = header.get(f"0/{name}")
+            for name, key, p in self.fields(unit):
+                info = header.get(_tensor_name(0, name, key))
                 if info is None or info["shape"] != list(p.shape):
                     os.close(fd)
-                    raise ConfigError(f"{self.path}: {name!r} is missing or of another shape")
-            self._ranges[unit.index] = (first["data_offsets"][0], unit.numel * esize)
+                    what = name if key is None else f"{key} of {name}"
+                    raise ConfigError(f"{self.path}: {what!r} is missing or of another shape")
+            self._ranges[unit.index] = (first["data_offsets"][0], self.span(unit) * esize)
             self._current[unit.index] = slots[unit.index]["slot"]
+            self._units[unit.index] = unit
+            if "exp_avg" in self.keys:  # Adam's step count: in the manifest
+                for _, p in unit.params:
+                    self.state[p]["step"] = int(slots[unit.index]["state_step"])
             self._unplace(unit)
         self._fd = fd
 
@@ -452,8 +577,8 @@ class DiskStore(_BufferStore):
                 continue
             slot = 1 - self._current[unit.index]
             offset = self._offset(unit.index, slot)
-            for _, p in unit.params:
-                data = p.data.detach().contiguous().reshape(-1).cpu()
+            for _, key, p in self.fields(unit):
+                data = self._get(key, p).detach().contiguous().reshape(-1).cpu()
                 view = memoryview(data.view(torch.uint8).numpy())
                 self._write_range(view, offset)
                 offset += len(view)
@@ -467,10 +592,11 @@ class DiskStore(_BufferStore):
         offset = self._offset(unit.index, self._current[unit.index])
         _pread_into(self._fd, self._host_bytes[:nbytes], offset)
         self.bytes_read += nbytes
+        span = self.span(unit)
         if self._host is self.buffer:
-            return self.buffer[: unit.numel]
-        flat = self.buffer[: unit.numel]
-        flat.copy_(self._host[: unit.numel])
+            return self.buffer[:span]
+        flat = self.buffer[:span]
+        flat.copy_(self._host[:span])
         return flat
 
     def load(self, unit: Unit) -> None:
@@ -479,7 +605,7 @@ class DiskStore(_BufferStore):
     def save(self, unit: Unit) -> None:
         _, nbytes = self._ranges[unit.index]
         if self._host is not self.buffer:
-            self._host[: unit.numel].copy_(self.buffer[: unit.numel])
+            self._host[: self.span(unit)].copy_(self.buffer[: self.span(unit)])
         slot = 1 - self._current[unit.index]
         self._write_range(self._host_bytes[:nbytes], self._offset(unit.index, slot))
         self.bytes_written += nbytes
@@ -487,12 +613,7 @@ class DiskStore(_BufferStore):
         self._unplace(unit)
 
     def materialize(self, unit: Unit) -> None:
-        flat = self._read(unit)
-        offset = 0
-        for _, p in unit.params:
-            n = p.numel()
-            p.data = flat[offset : offset + n].view(p.shape).clone()
-            offset += n
+        self._views(unit, self._read(unit), clone=True)
 
     def commit(self, step: int, record: ZORecord | None) -> None:
         """Make the slots written since the last commit the current ones (atomically)."""
@@ -508,9 +629,8 @@ class DiskStore(_BufferStore):
             "data_start": self._data_start,
             "step": step,
             "pending": None if record is None else record.to_dict(),
-            "units": {
-                str(i): {"slot": self._current[i], "range": r} for i, r in self._ranges.items()
-            },
+            "state": list(self.keys),
+            "units": {str(i): self._unit_entry(i) for i in self._ranges},
         }
         tmp = self.manifest_path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
         with open(tmp, "w") as fh:
@@ -520,6 +640,15 @@ class DiskStore(_BufferStore):
                 os.fsync(fh.fileno())
         os.replace(tmp, self.manifest_path)
 
+    def _unit_entry(self, index: int) -> dict[str, Any]:
+        entry: dict[str, Any] = {"slot": self._current[index], "range": self._ranges[index]}
+        if "exp_avg" in self.keys:
+            # Adam's step count of the unit's committed moments (every parameter of a
+            # unit is updated at the same loads, so one count per unit)
+            p = self._units[index].params[0][1]
+            entry["state_step"] = int(self.state[p].get("step", 0))
+        return entry
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -528,8 +657,9 @@ class DiskStore(_BufferStore):
 
 def read_committed(directory: str | os.PathLike) -> dict[str, Any]:
     """The committed state of an offload directory: ``{"manifest": ..., "weights": {name:
-    tensor}}``, each unit read from its current slot (with safetensors; for tests and
-    inspection: it loads every unit)."""
+    tensor}, "state": {name: {key: tensor}}}`` (state: the optimizer's momentum buffers or
+    Adam moments, when they stream too), each unit read from its current slot (with
+    safetensors; for tests and inspection: it loads every unit)."""
     from safetensors import safe_open
 
     directory = Path(directory)
@@ -543,14 +673,19 @@ def read_committed(directory: str | os.PathLike) -> dict[str, Any]:
         (size,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(size))
     weights: dict[str, torch.Tensor] = {}
+    state: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(directory / FILE_NAME), framework="pt") as fh:
         for key, info in header.items():
             if key == "__metadata__":
                 continue
             begin = info["data_offsets"][0]
             if any(low <= begin < high for low, high in current):
-                weights[key.split("/", 1)[1]] = fh.get_tensor(key)
-    return {"manifest": manifest, "weights": weights}
+                parts = key.split("/")  # slot/name, or slot/state key/name
+                if len(parts) == 2:
+                    weights[parts[1]] = fh.get_tensor(key)
+                else:
+                    state.setdefault(parts[2], {})[parts[1]] = fh.get_tensor(key)
+    return {"manifest": manifest, "weights": weights, "state": state}
 
 
 # --- lanes ------------------------------------------------------------------------------
@@ -673,12 +808,15 @@ class Streamer:
         *,
         fsync: bool = False,
         from_file: bool = False,
+        n_blocks: int | None = None,
     ) -> None:
         if mode not in ("cpu", "disk"):
             raise ConfigError(f"Invalid offload mode: {mode!r}; expected 'cpu' or 'disk'")
+        if not named:
+            raise ConfigError("estimator.offload: no trainable parameter to stream")
         self.model = model
         self.optimizer = optimizer
-        self.units, self.blocks = stream_units(model, named)
+        self.units, self.blocks = stream_units(model, named, n_blocks)
         devices = {p.device for _, p in named}
         if len(devices) != 1:
             raise ConfigError(
@@ -687,26 +825,36 @@ class Streamer:
         (device,) = devices
         dtype = named[0][1].dtype
         largest = max(u.numel for u in self.units)
+        keys = STATE_KEYS[optimizer.rule]
+        slot = largest * (1 + len(keys))  # a unit's weights and its optimizer state
+        state = optimizer.state
         if mode == "disk":
             if directory is None:
                 raise ConfigError("estimator.offload='disk' needs estimator.offload_dir")
-            self.store: _Store = DiskStore(directory, device, dtype, largest, fsync=fsync)
+            self.store: _Store = DiskStore(
+                directory, device, dtype, slot, fsync=fsync, state=state, keys=keys
+            )
         elif device.type == "cuda":
-            self.store = _HostStore(device, dtype, largest)
+            self.store = _HostStore(device, dtype, slot, state, keys)
         else:
-            self.store = _NoCopyStore()
+            self.store = _NoCopyStore(state, keys)
         self.mode = mode
         self.streamed = False
         self.broken: BaseException | None = None
         self.pending: dict[int, tuple[Any, Iterator]] = {}
         self.largest_unit = largest
         self._workers: list[_Worker] = []
-        n = len(self.blocks)
+        # A lane stops before each streamed block and once after the last one: after
+        # that block itself, or before the first block that does not stream (ElasticZO's
+        # tail: from there each lane runs to its end, its backward included, in turn).
+        n = len(self.units) - 2  # the streamed blocks
         self._hooks = [
-            block.register_forward_pre_hook(self._pre_hook(i))
-            for i, block in enumerate(self.blocks)
+            self.blocks[i].register_forward_pre_hook(self._pre_hook(i)) for i in range(n)
         ]
-        self._hooks.append(self.blocks[n - 1].register_forward_hook(self._post_hook(n)))
+        if n < len(self.blocks):
+            self._hooks.append(self.blocks[n].register_forward_pre_hook(self._pre_hook(n)))
+        else:
+            self._hooks.append(self.blocks[n - 1].register_forward_hook(self._post_hook(n)))
         if from_file:
             if not isinstance(self.store, DiskStore):
                 raise ConfigError("Weights from the offload file need offload='disk'")
