@@ -15,7 +15,6 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from edgetrain import presets  # noqa: E402
-from edgetrain.estimators.base import NonFiniteLossError  # noqa: E402
 from edgetrain.estimators.hybrid_int8 import ElasticZOInt8  # noqa: E402
 from edgetrain.integrations.hf import HFClassifier  # noqa: E402
 from edgetrain.numerics import int_backward as ib  # noqa: E402
@@ -72,11 +71,13 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.reshape(1, -1).double(), b.reshape(1, -1).double()))
 
 
-def _layer_case(batch, which: int = 1, seed: int = 0):
+def _layer_case(batch, which: int = 1, seed: int = 0, input_channels: bool = True):
     """The integer backward of layer ``which`` (its output error from the masked pool of a
     random head error) and the float autograd of the float layer at the dequantized input."""
     model = _bert()
-    im = convert_bert(model, batch, weight_bits=16, per_channel=False)
+    im = convert_bert(
+        model, batch, weight_bits=16, per_channel=False, input_channels=input_channels
+    )
     ids, types, keys = im.prepare(batch)
     stats = OverflowStats()
     x = im.ops[0].forward(ids, stats, types)
@@ -131,11 +132,14 @@ def _layer_case(batch, which: int = 1, seed: int = 0):
     return ex, sx, xf.grad, pairs, keys
 
 
+@pytest.mark.parametrize("input_channels", [True, False], ids=["folded", "per_tensor"])
 @pytest.mark.parametrize("which", [0, 1])
-def test_bert_layer_backward_matches_float_autograd(which):
+def test_bert_layer_backward_matches_float_autograd(which, input_channels):
     """Input error and every weight gradient: cosine > 0.99 with float autograd of the
-    float layer at the dequantized input (8-bit errors, 16-bit weights)."""
-    ex, sx, ref_x, pairs, _ = _layer_case(_batch(), which)
+    float layer at the dequantized input (8-bit errors, 16-bit weights; per-channel input
+    scales folded into the weights, or one per tensor as ElasticZOInt8 converts).
+    Measured: 0.995-0.9998."""
+    ex, sx, ref_x, pairs, _ = _layer_case(_batch(), which, input_channels=input_channels)
     cos = {"x": _cos(ex.double() * sx, ref_x)}
     cos.update({n: _cos(a, b) for n, (a, b) in pairs.items()})
     assert min(cos.values()) > 0.99, cos
@@ -189,7 +193,7 @@ def test_normalize_pool_is_refused():
 
 
 def _recipe():
-    return presets.get("elastic_zo_int8").replace(**{"optimizer.lr": 3e-3})
+    return presets.get("elastic_zo_int8")
 
 
 def _run(steps: int, seed: int = 0):
@@ -205,7 +209,7 @@ def test_elastic_zo_int8_on_bert_lowers_the_loss_deterministically():
     batches: the loss on a fixed batch falls over 30 steps; a rerun is bit-identical."""
     est, losses, final = _run(30)
     assert est._tail_start == 2 and {tp.index for tp in est._tail_params} == {2, 4}
-    assert final < losses[0] - 0.05, (losses[0], final)
+    assert final < losses[0] - 0.05, (losses[0], final)  # 0.764 -> 0.654 measured
     est2, losses2, final2 = _run(30)
     assert losses2 == losses and final2 == final
     assert all(
@@ -214,35 +218,38 @@ def test_elastic_zo_int8_on_bert_lowers_the_loss_deterministically():
     )
 
 
-def test_a_failing_step_leaves_the_weights_and_the_state_round_trips():
+def test_a_failing_step_leaves_the_weights_and_the_state_round_trips(monkeypatch):
+    """An exception inside the tail backward of a perturbed pass (the second: the front at
+    -delta) leaves every integer weight bit for bit; a fresh estimator loaded from the
+    state_dict continues bit for bit."""
     est = ElasticZOInt8(_bert(), _recipe(), seed=0)
     batch = _batch(8, seed=6)
     est.step(batch)
     before = [(op.weight.clone(), op.bias.clone()) for op in est.int_model.affine_ops()]
-    original = ElasticZOInt8._tail_plan
+    original = ib.bert_pool_backward
+    calls = []
 
-    def boom(self, *args, **kw):
-        raise NonFiniteLossError("injected")
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return original(*args, **kw)
 
-    ElasticZOInt8._tail_plan = boom
-    try:
-        with pytest.raises(NonFiniteLossError):
-            est.step(batch)
-    finally:
-        ElasticZOInt8._tail_plan = original
-    after = est.int_model.affine_ops()
+    monkeypatch.setattr(ib, "bert_pool_backward", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        est.step(batch)
+    monkeypatch.setattr(ib, "bert_pool_backward", original)
     assert all(
         torch.equal(w, op.weight) and torch.equal(b, op.bias)
-        for (w, b), op in zip(before, after, strict=True)
+        for (w, b), op in zip(before, est.int_model.affine_ops(), strict=True)
     )
-    # state_dict round trip: a fresh estimator continues bit for bit
     state = est.state_dict()
     twin = ElasticZOInt8(_bert(), _recipe(), seed=0)
-    twin.step(batch)  # builds its integer model
+    twin.step(batch)  # builds its integer model, then moves away from est's weights
     twin.load_state_dict(state)
     a, b = est.step(batch).loss, twin.step(batch).loss
     assert a == b
     assert all(
-        torch.equal(x.weight, y.weight)
+        torch.equal(x.weight, y.weight) and torch.equal(x.bias, y.bias)
         for x, y in zip(est.int_model.affine_ops(), twin.int_model.affine_ops(), strict=True)
     )
