@@ -46,7 +46,11 @@ def _batch(n: int = 16, seed: int = 1) -> dict[str, torch.Tensor]:
     lens[0] = T  # one full row: no column is trimmed
     mask = (torch.arange(T)[None] < lens[:, None]).long()  # (n, T)
     ids = torch.randint(1, VOCAB, (n, T), generator=g) * mask
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (n,), generator=g)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": torch.randint(0, 2, (n,), generator=g),
+    }
 
 
 def _float_layer(layer, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

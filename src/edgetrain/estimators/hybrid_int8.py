@@ -139,7 +139,8 @@ __all__ = ["ElasticZOInt8", "ERROR_QMAX"]
 _TAIL_ROUND_PATH = 3  # seed sub-path of the tail update's stochastic rounding
 # the ops with an integer backward: chains here, transformer composites in int_backward
 _CHAIN_OPS = (_IntAffine, IntReLU, IntFlatten, IntAvgPool)
-_TAIL_OPS = (*_CHAIN_OPS, IntBlock, IntPoolNorm, IntBertLayer, IntBertPool)  # IntBertLayer: an IntBlock
+# IntBertLayer is an IntBlock subclass: dispatch on it first
+_TAIL_OPS = (*_CHAIN_OPS, IntBlock, IntPoolNorm, IntBertLayer, IntBertPool)
 
 
 @dataclass

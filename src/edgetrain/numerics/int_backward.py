@@ -228,9 +228,10 @@ class ErrorRequantizer:
         a: tuple[torch.Tensor, float],
         b: tuple[torch.Tensor, float],
     ) -> tuple[torch.Tensor, float]:
-        """The residual stream's error: the sum of two errors (each scale a float or one
-        per element of the last dimension), each rescaled to the point's scale, saturated to ``RESIDUAL_ERROR_QMAX`` (16 bits, as the forward's
-        residual stream: module doc)."""
+        """The residual stream's error: the sum of two errors (each scale a float or
+        one per element of the last dimension), each rescaled to the point's scale,
+        saturated to ``RESIDUAL_ERROR_QMAX`` (16 bits, as the forward's residual
+        stream: module doc)."""
         (ea, sa), (eb, sb) = a, b
         sa, sb = (torch.as_tensor(v, dtype=torch.float64) for v in (sa, sb))  # or (C,)
         qmax = RESIDUAL_ERROR_QMAX
