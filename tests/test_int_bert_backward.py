@@ -192,7 +192,7 @@ def test_normalize_pool_is_refused():
     im = convert_bert(model, batch, per_channel=False)
     with pytest.raises(ValueError, match="normalize"):
         ib.bert_pool_backward(im.ops[-2], {}, torch.zeros(2, 64), 1.0, (2, 3, 64))
-    with pytest.raises(ValueError, match="normalize"):
+    with pytest.raises(ValueError, match="normalize=True: the integer L2"):
         ElasticZOInt8(model, presets.get("elastic_zo_int8")).step(batch)
 
 
@@ -257,3 +257,12 @@ def test_a_failing_step_leaves_the_weights_and_the_state_round_trips(monkeypatch
         torch.equal(x.weight, y.weight) and torch.equal(x.bias, y.bias)
         for x, y in zip(est.int_model.affine_ops(), twin.int_model.affine_ops(), strict=True)
     )
+
+
+def test_footprint_counts_the_bert_tail():
+    """The integer footprint of a BERT step counts the tail layer's saved intermediates
+    and the pool's weights, and is smaller than the same step in float32."""
+    est = ElasticZOInt8(_bert(), _recipe(), seed=0)
+    batch = _batch(8, seed=6)
+    ints, floats = est.footprint(batch), est.footprint(batch, as_float=True)
+    assert ints["saved"] > 0 and ints["total"] < floats["total"], (ints, floats)

@@ -20,7 +20,12 @@ integer backward is ``edgetrain.numerics.int_backward`` (residual adds, i-LayerN
 i-GELU, i-Softmax and the attention matmuls, with int8 errors at calibrated scales and
 16-bit residual-stream errors; the Linear weights and biases of the tail blocks and the
 head train, the LayerNorm gamma/beta, CLS token and positions stay as converted: see
-that module).
+that module). A BERT classifier (``numerics.int_bert``, dict batches ``{input_ids,
+attention_mask, labels}``) is cut by its encoder layers: the embedding (frozen) and
+layers ``:C`` are the front, layers ``C..``, the masked mean / CLS pool and the head the
+tail (``int_backward.bert_layer_backward`` / ``bert_pool_backward``); it converts with
+one scale per tensor at the matmul inputs (``ElasticZOInt8.calibrate``), and a pool with
+``normalize=True`` is refused (``BERT_NORMALIZE_REASON``).
 
 One step with ``m = queries`` directions:
 
@@ -286,6 +291,8 @@ class ElasticZOInt8(FixedPointZO):
                     "for Linear/Conv2d, ReLU, pooling, flatten, the ViT's blocks and its "
                     "final norm, BERT's layers and pool (a larger cut puts it in the ZO front)"
                 )
+            if isinstance(op, IntBertPool) and op.consts["normalize"]:
+                raise ValueError(BERT_NORMALIZE_REASON)
             if isinstance(op, IntBlock):
                 for name, child in op.children.items():
                     if child.w_scale.dim() > 0 and child.w_scale.numel() > 1:
