@@ -805,8 +805,8 @@ def elastic_zo_int8() -> Recipe:
     minilm-polarity the 8-bit per-tensor conversion alone costs 74.3 -> 68.0% and 20
     steps move it by under a point; benchmarks/results_bertbwd.md). Tuned on
     mnist-to-digits (MLP, 1000 steps, batch 32, from 65.7%): 95.9% test accuracy (float
-    elastic_zo with the same cut: 96.7%, mezo: 84.1%); zo_lr 1e-4 (SGD) or sign at 1e-3 also trained; zo_lr above
-    ~1e-4 saturates the 8-bit front weights. Its integer footprint
+    elastic_zo with the same cut: 96.7%, mezo: 84.1%); zo_lr 1e-4 (SGD) or sign at 1e-3
+    also trained; zo_lr above ~1e-4 saturates the 8-bit front weights. Its integer footprint
     (``ElasticZOInt8.footprint``) is 2.6x smaller than the same step in float32. One
     weight scale per tensor (the integer backward needs it), weight and error grids of
     twice the largest value seen at calibration (ours). The loss values and the tail's
