@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from edgetrain import presets  # noqa: E402
 from edgetrain.estimators.fixed_point_zo import FixedPointZO, chain_model_reason  # noqa: E402
-from edgetrain.estimators.hybrid_int8 import BERT_REASON  # noqa: E402
+from edgetrain.estimators.hybrid_int8 import BERT_NORMALIZE_REASON  # noqa: E402
 from edgetrain.estimators.hybrid_int8 import applicable as int8_applicable  # noqa: E402
 from edgetrain.integrations.hf import HFClassifier  # noqa: E402
 from edgetrain.numerics import (  # noqa: E402
@@ -223,7 +223,9 @@ def test_fixed_point_zo_lowers_the_loss_on_dict_batches_deterministically():
 def test_applicability_and_refusals_name_the_module():
     model = _bert()
     assert chain_model_reason(model) is None
-    assert int8_applicable(presets.get("elastic_zo_int8"), model) == BERT_REASON
+    assert int8_applicable(presets.get("elastic_zo_int8"), model) is None
+    normalized = _bert(normalize=True)
+    assert int8_applicable(presets.get("elastic_zo_int8"), normalized) == BERT_NORMALIZE_REASON
     with seeded_global_rng(0):
         auto = transformers.BertForSequenceClassification(_config(num_labels=2))
     reason = chain_model_reason(auto)

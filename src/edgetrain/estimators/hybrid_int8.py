@@ -20,7 +20,12 @@ integer backward is ``edgetrain.numerics.int_backward`` (residual adds, i-LayerN
 i-GELU, i-Softmax and the attention matmuls, with int8 errors at calibrated scales and
 16-bit residual-stream errors; the Linear weights and biases of the tail blocks and the
 head train, the LayerNorm gamma/beta, CLS token and positions stay as converted: see
-that module).
+that module). A BERT classifier (``numerics.int_bert``, dict batches ``{input_ids,
+attention_mask, labels}``) is cut by its encoder layers: the embedding (frozen) and
+layers ``:C`` are the front, layers ``C..``, the masked mean / CLS pool and the head the
+tail (``int_backward.bert_layer_backward`` / ``bert_pool_backward``); it converts with
+one scale per tensor at the matmul inputs (``ElasticZOInt8.calibrate``), and a pool with
+``normalize=True`` is refused (``BERT_NORMALIZE_REASON``).
 
 One step with ``m = queries`` directions:
 
@@ -90,6 +95,7 @@ gradient 0.999 in the last block, 0.92-0.98 in the block before; tests/test_int_
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +106,7 @@ from torch import nn
 
 from edgetrain import scope as scope_mod
 from edgetrain._registry import preset
-from edgetrain.batches import LossFn
+from edgetrain.batches import LossFn, labels_of
 from edgetrain.estimators import register
 from edgetrain.estimators.fixed_point_zo import FixedPointZO, chain_model_reason
 from edgetrain.numerics import int_backward
@@ -118,7 +124,13 @@ from edgetrain.numerics.fixed_point import (
     quantize_multiplier,
     write_back,
 )
-from edgetrain.numerics.int_bert import is_bert_like
+from edgetrain.numerics.int_bert import (
+    IntBertEmbed,
+    IntBertLayer,
+    IntBertPool,
+    convert_bert,
+    is_bert_like,
+)
 from edgetrain.numerics.int_loss import ERROR_QMAX, int_cross_entropy
 from edgetrain.numerics.int_transformer import IntBlock, IntPoolNorm
 from edgetrain.numerics.quant import qrange
@@ -132,7 +144,8 @@ __all__ = ["ElasticZOInt8", "ERROR_QMAX"]
 _TAIL_ROUND_PATH = 3  # seed sub-path of the tail update's stochastic rounding
 # the ops with an integer backward: chains here, transformer composites in int_backward
 _CHAIN_OPS = (_IntAffine, IntReLU, IntFlatten, IntAvgPool)
-_TAIL_OPS = (*_CHAIN_OPS, IntBlock, IntPoolNorm)
+# IntBertLayer is an IntBlock subclass: dispatch on it first
+_TAIL_OPS = (*_CHAIN_OPS, IntBlock, IntPoolNorm, IntBertLayer, IntBertPool)
 
 
 @dataclass
@@ -221,6 +234,29 @@ class ElasticZOInt8(FixedPointZO):
 
     # ------------------------------------------------------------------ setup
 
+    def calibrate(self, calibration: Any) -> IntModel:
+        """FixedPointZO's conversion; a BERT classifier converts with one scale per tensor
+        at the matmul inputs (``convert_bert(input_channels=False)``): with the folded
+        per-channel input scales the tail's integer SGD would step the folded weights
+        ``W diag(s)``, which moves column ``j`` of ``W`` by ``1 / s_j^2`` times the
+        gradient step (on the small test BERT at lr 3e-4 the loss swung 0.75 -> 2.9 and
+        the 8-bit tail weights saturated; one scale per tensor trains: tests)."""
+        if not is_bert_like(self.model):
+            return super().calibrate(calibration)
+        num = self.recipe.numerics
+        self._set_int_model(
+            convert_bert(
+                self.model,
+                calibration,
+                weight_bits=num.weight_bits,
+                activation_bits=num.activation_bits,
+                per_channel=self.per_channel,
+                weight_headroom=num.weight_headroom,
+                input_channels=False,
+            )
+        )
+        return self.int_model
+
     def _set_int_model(self, int_model: IntModel) -> None:
         """Cut the integer ops: the front's trainables go to FixedPointZO's machinery,
         the tail's to the integer backprop."""
@@ -245,14 +281,18 @@ class ElasticZOInt8(FixedPointZO):
                 elif first_tail is None:
                     first_tail = i
         self._tail_start = last_front + 1
+        if ops and isinstance(ops[0], IntBertEmbed):  # the frozen embedding is always front
+            self._tail_start = max(self._tail_start, 1)
         for i, op in enumerate(ops[self._tail_start :], start=self._tail_start):
             if not isinstance(op, _TAIL_OPS):
                 raise ValueError(
                     f"ElasticZO-INT8: op {i} ({type(op).__name__}) lies in the backprop tail "
                     f"(cut={self.cut}) and has no integer backward; integer backwards exist "
                     "for Linear/Conv2d, ReLU, pooling, flatten, the ViT's blocks and its "
-                    "final norm (a larger cut puts it in the ZO front)"
+                    "final norm, BERT's layers and pool (a larger cut puts it in the ZO front)"
                 )
+            if isinstance(op, IntBertPool) and op.consts["normalize"]:
+                raise ValueError(BERT_NORMALIZE_REASON)
             if isinstance(op, IntBlock):
                 for name, child in op.children.items():
                     if child.w_scale.dim() > 0 and child.w_scale.numel() > 1:
@@ -318,27 +358,7 @@ class ElasticZOInt8(FixedPointZO):
         with the integer loss the batch's exact integer sum (``self._loss_unit`` nats
         each)."""
         stats = self.int_model.stats
-        h = x_q
-        saved: list[_Saved] = []
-        for i, op in enumerate(self.int_model.ops):
-            if i < self._tail_start:
-                h = op.forward(h, stats)
-                continue
-            record = _Saved(i, op, shape=tuple(h.shape))
-            if isinstance(op, (IntBlock, IntPoolNorm)):
-                store: dict[str, Any] = {}
-                out = op.forward(h, stats, save=store)
-                record.saved = int_backward.compact_saved(store)
-            else:
-                out = op.forward(h, stats)
-            if isinstance(op, _IntAffine):
-                record.inputs = _compact(h)
-                if op.relu:
-                    record.mask = out > 0
-            elif isinstance(op, IntReLU):
-                record.mask = out > 0
-            saved.append(record)
-            h = out
+        h, saved = self._forward_saved(x_q)
         if self.integer_loss:
             loss = int_cross_entropy(h, self.int_model.output_scale, y, stats, with_error=True)
             self._loss_unit = loss.scale / len(y)
@@ -353,6 +373,43 @@ class ElasticZOInt8(FixedPointZO):
         e_q = torch.round(error * ERROR_QMAX).to(torch.int64)
         self._backward(saved, e_q, 1.0 / ERROR_QMAX, grads, observe)
         return value
+
+    def _forward_saved(self, x_q: Any) -> tuple[torch.Tensor, list[_Saved]]:
+        """The integer forward of ``x_q`` (an integer input, or a BERT classifier's batch
+        dict), keeping what each tail op's backward needs: ``(logits accumulator,
+        records)``."""
+        stats = self.int_model.stats
+        ops = self.int_model.ops
+        keys = types = None
+        h = x_q
+        if isinstance(x_q, Mapping):  # IntBertModel: ids, keys as forward_int runs them
+            h, types, keys = self.int_model.prepare(x_q)
+        saved: list[_Saved] = []
+        for i, op in enumerate(ops):
+            extra: tuple[Any, ...] = ()
+            if isinstance(op, IntBertEmbed):
+                extra = (types,)
+            elif isinstance(op, (IntBertLayer, IntBertPool)):
+                extra = (keys,)
+            if i < self._tail_start:
+                h = op.forward(h, stats, *extra)
+                continue
+            record = _Saved(i, op, shape=tuple(h.shape))
+            if isinstance(op, (IntBlock, IntPoolNorm, IntBertPool)):
+                store: dict[str, Any] = {}
+                out = op.forward(h, stats, *extra, save=store)
+                record.saved = int_backward.compact_saved(store)
+            else:
+                out = op.forward(h, stats, *extra)
+            if isinstance(op, _IntAffine):
+                record.inputs = _compact(h)
+                if op.relu:
+                    record.mask = out > 0
+            elif isinstance(op, IntReLU):
+                record.mask = out > 0
+            saved.append(record)
+            h = out
+        return h, saved
 
     def _backward(
         self,
@@ -377,6 +434,26 @@ class ElasticZOInt8(FixedPointZO):
         headroom = self.recipe.numerics.error_headroom
         for record in reversed(saved):
             op = record.op
+            if isinstance(op, IntBertLayer):
+                e, e_scale = int_backward.bert_layer_backward(
+                    op,
+                    record.saved,
+                    e,
+                    e_scale,
+                    int_backward.bert_output_scale(self.int_model.ops, record.index),
+                    requantizer,
+                    grads,
+                    str(record.index),
+                    need_input=record.index > earliest,
+                )
+                if record.index <= earliest:
+                    return
+                continue
+            if isinstance(op, IntBertPool):
+                e, e_scale = int_backward.bert_pool_backward(
+                    op, record.saved, e, e_scale, record.shape
+                )
+                continue
             if isinstance(op, IntBlock):
                 e, e_scale = int_backward.block_backward(
                     op,
@@ -474,12 +551,20 @@ class ElasticZOInt8(FixedPointZO):
         }
 
     def _step(self, batch: Any) -> tuple[float, int, int]:
-        if isinstance(batch, dict) or not isinstance(batch, (tuple, list)):
-            raise TypeError("ElasticZO-INT8 needs (x, y) batches")
-        x, y = batch[0], batch[1]
-        if self.int_model is None:
-            self.calibrate(x)
-        x_q = self.int_model.quantize_input(x)
+        if isinstance(batch, Mapping) and is_bert_like(self.model):  # a BERT classifier
+            y = labels_of(batch)
+            if y is None:
+                raise TypeError("ElasticZO-INT8 needs batch dicts with 'labels'")
+            if self.int_model is None:
+                self.calibrate(batch)
+            x_q: Any = batch
+        elif isinstance(batch, Mapping) or not isinstance(batch, (tuple, list)):
+            raise TypeError("ElasticZO-INT8 needs (x, y) batches (or a BERT's batch dicts)")
+        else:
+            x, y = batch[0], batch[1]
+            if self.int_model is None:
+                self.calibrate(x)
+            x_q = self.int_model.quantize_input(x)
         if not self.error_scales:  # calibrate the error scales, once
             try:
                 self.check_finite(self._pass(x_q, y, None, observe=True))
@@ -595,8 +680,9 @@ class ElasticZOInt8(FixedPointZO):
         step in float32 (4 bytes for every weight, activation, error and gradient): the
         float ElasticZO step with the same cut, for the INT8-vs-float ratio.
         """
+        bert = isinstance(batch, Mapping) and is_bert_like(self.model)
         if self.int_model is None:
-            self.calibrate(batch[0])
+            self.calibrate(batch if bert else batch[0])
         a = 4 if as_float else -(-self.int_model.activation_bits // 8)
         w_bytes = 4 if as_float else -(-self.int_model.weight_bits // 8)
         acc = 4
@@ -611,14 +697,23 @@ class ElasticZOInt8(FixedPointZO):
         saved = 0
         buffers = 0
         stats_before = self.int_model.stats.as_dict()
-        h = self.int_model.quantize_input(batch[0])
+        types = keys = None
+        if bert:
+            h, types, keys = self.int_model.prepare(batch)
+        else:
+            h = self.int_model.quantize_input(batch[0])
         for i, op in enumerate(self.int_model.ops):
-            if i >= self._tail_start and isinstance(op, (IntBlock, IntPoolNorm)):
+            extra: tuple[Any, ...] = ()
+            if isinstance(op, IntBertEmbed):
+                extra = (types,)
+            elif isinstance(op, (IntBertLayer, IntBertPool)):
+                extra = (keys,)
+            if i >= self._tail_start and isinstance(op, (IntBlock, IntPoolNorm, IntBertPool)):
                 store: dict[str, Any] = {}
-                out = op.forward(h, self.int_model.stats, save=store)
+                out = op.forward(h, self.int_model.stats, *extra, save=store)
                 saved += int_backward.saved_bytes(int_backward.compact_saved(store), as_float)
             else:
-                out = op.forward(h, self.int_model.stats)
+                out = op.forward(h, self.int_model.stats, *extra)
             buffers = max(buffers, h.numel() * a + out.numel() * acc)
             if i >= self._tail_start and isinstance(op, (_IntAffine, IntReLU)):
                 if isinstance(op, _IntAffine):
@@ -670,11 +765,10 @@ class ElasticZOInt8(FixedPointZO):
 # --- the axis hooks -----------------------------------------------------------------------
 
 
-BERT_REASON = (
-    "ElasticZO-INT8's integer backward covers chain ops and edgetrain's pre-norm ViT "
-    "(edgetrain.numerics.int_backward); a BERT encoder converts to the post-LN ops of "
-    "edgetrain.numerics.int_bert, which have no integer backward yet. fixed_point_zo "
-    "trains it with integer forwards only"
+BERT_NORMALIZE_REASON = (
+    "ElasticZO-INT8 on a BERT classifier with normalize=True: the integer L2 normalization "
+    "of edgetrain.numerics.int_bert's pool has no integer backward (normalize=False, or "
+    "fixed_point_zo, which needs none)"
 )
 
 
@@ -682,10 +776,14 @@ def applicable(recipe: Recipe, model: nn.Module) -> str | None:
     """Why ``model`` cannot run ElasticZO-INT8, or None (the cut is the hybrid module's
     check): the fixed-point converter must take it (a chain of Linear/Conv/ReLU/pool
     layers, or a model that declares ``integer_layout``: edgetrain's ViT, whose blocks and
-    final norm have the integer backward of ``edgetrain.numerics.int_backward``); a BERT
-    encoder (edgetrain.numerics.int_bert) is refused: its ops have no integer backward."""
+    final norm have the integer backward of ``edgetrain.numerics.int_backward``; or a BERT
+    classifier, ``edgetrain.numerics.int_bert``, whose post-LN layers and masked mean /
+    CLS pool have ``int_backward.bert_layer_backward`` / ``bert_pool_backward``). A BERT
+    pool with ``normalize=True`` is refused (BERT_NORMALIZE_REASON)."""
     if is_bert_like(model):
-        return BERT_REASON
+        if getattr(model, "normalize", False):
+            return BERT_NORMALIZE_REASON
+        return chain_model_reason(model)
     return chain_model_reason(model)
 
 
@@ -702,10 +800,13 @@ def elastic_zo_int8() -> Recipe:
     and final norm: ``edgetrain.numerics.int_backward``; on mnist-to-digits with the
     pretrained ViT, 1000 steps, seeds 0-2, from 45.7%: 95.8 +- 0.4%, the same recipe in
     float32 95.4 +- 0.2%, float elastic_zo 95.3 +- 0.6%, at 8x the float step time in
-    the simulator; benchmarks/results_intbwd.md). Tuned on mnist-to-digits (MLP, 1000
-    steps, batch 32, from 65.7%): 95.9% test accuracy (float elastic_zo with the same cut:
-    96.7%, mezo: 84.1%); zo_lr 1e-4 (SGD) or sign at 1e-3 also trained; zo_lr above
-    ~1e-4 saturates the 8-bit front weights. Its integer footprint
+    the simulator; benchmarks/results_intbwd.md), and on a BERT classifier (MiniLM:
+    post-LN layers and the masked mean pool, dict batches; not tuned there: on
+    minilm-polarity the 8-bit per-tensor conversion alone costs 74.3 -> 68.0% and 20
+    steps move it by under a point; benchmarks/results_bertbwd.md). Tuned on
+    mnist-to-digits (MLP, 1000 steps, batch 32, from 65.7%): 95.9% test accuracy (float
+    elastic_zo with the same cut: 96.7%, mezo: 84.1%); zo_lr 1e-4 (SGD) or sign at 1e-3
+    also trained; zo_lr above ~1e-4 saturates the 8-bit front weights. Its integer footprint
     (``ElasticZOInt8.footprint``) is 2.6x smaller than the same step in float32. One
     weight scale per tensor (the integer backward needs it), weight and error grids of
     twice the largest value seen at calibration (ours). The loss values and the tail's

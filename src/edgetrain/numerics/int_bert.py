@@ -203,11 +203,17 @@ class IntBertLayer(IntBlock):
     kind = "bert_layer"
 
     def forward(
-        self, x: torch.Tensor, stats: OverflowStats, keys: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        stats: OverflowStats,
+        keys: torch.Tensor | None = None,
+        save: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """``x`` ``(B, T, C)`` int64 at the residual scale; ``keys`` ``(B, T)`` bool, the
         valid keys (None: all). Inside, float64 tensors holding integers (exact, checked
-        at conversion), as in ``IntBlock``."""
+        at conversion), as in ``IntBlock``. ``save``: a dict that receives the
+        intermediates the integer backward needs
+        (``numerics.int_backward.bert_layer_backward``)."""
         c, rq, ln = self.consts, self.requants, self.norms
         B, T, C = x.shape
         H, D = c["num_heads"], c["head_dim"]
@@ -228,12 +234,17 @@ class IntBertLayer(IntBlock):
         o = _saturate(o, INT32_MIN, INT32_MAX, stats, "accumulator")
         o = rq["attn_out"](o, stats, True).transpose(1, 2).reshape(B * T, C)  # (B T, C)
         a = self._add(flat, self._affine("dense", o, stats), "res1", stats)
-        a = ln["norm1"](a, stats, True)  # (B T, C) 16-bit
+        n1: dict[str, torch.Tensor] | None = None if save is None else {}
+        a = ln["norm1"](a, stats, True, n1)  # (B T, C) 16-bit
         h2 = rq["ffn_in"](a, stats, True)  # activation_bits
         u = rq["fc1"](self._affine("fc1", h2, stats), stats, True)  # (B T, I) 16-bit
         g = rq["gelu"](gelu_int(u, c["gelu"], as_float=True), stats, True)  # activation_bits
         y = self._add(a, self._affine("fc2", g, stats), "res2", stats)
-        return ln["norm2"](y, stats).reshape(B, T, C)  # int64, 16-bit
+        n2: dict[str, torch.Tensor] | None = None if save is None else {}
+        out = ln["norm2"](y, stats, False, n2).reshape(B, T, C)  # int64, 16-bit
+        if save is not None:
+            save.update(h=h, q=q, k=k, v=v, prob=prob, o=o, norm1=n1, h2=h2, u=u, g=g, norm2=n2)
+        return out
 
 
 class IntBertPool(_Composite):
@@ -243,9 +254,17 @@ class IntBertPool(_Composite):
     kind = "bert_pool"
 
     def forward(
-        self, x: torch.Tensor, stats: OverflowStats, keys: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        stats: OverflowStats,
+        keys: torch.Tensor | None = None,
+        save: dict[str, Any] | None = None,
     ) -> torch.Tensor:
+        """``save``: a dict that receives the pooling weights ``w`` ``(B, T)`` (the valid
+        tokens; for ``numerics.int_backward.bert_pool_backward``)."""
         B, T, C = x.shape
+        if save is not None:
+            save["w"] = torch.ones(B, T, dtype=torch.int64) if keys is None else keys.long()
         if self.consts["pooling"] == "cls":
             p = x[:, 0]  # (B, C)
         else:
@@ -302,6 +321,28 @@ class IntBertModel(IntModel):
                 input_ids.get("attention_mask"),
                 input_ids.get("token_type_ids"),
             )
+        ids, types, keys = self.prepare(input_ids, attention_mask, token_type_ids)
+        embed, *layers, pool, head = self.ops
+        x = embed.forward(ids, self.stats, types)
+        for layer in layers:
+            x = layer.forward(x, self.stats, keys)
+        return head.forward(pool.forward(x, self.stats, keys), self.stats)
+
+    def prepare(
+        self,
+        input_ids: torch.Tensor | Mapping[str, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(ids, token_type_ids, keys)`` as ``forward_int`` runs them: int64, the
+        all-padding trailing columns cut (``trim_padding``), ``keys`` the valid tokens
+        ``(B, T)`` bool (``valid_tokens``)."""
+        if isinstance(input_ids, Mapping):
+            return self.prepare(
+                input_ids["input_ids"],
+                input_ids.get("attention_mask"),
+                input_ids.get("token_type_ids"),
+            )
         ids = input_ids.to(torch.int64)
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(torch.int64)
         types = None if token_type_ids is None else token_type_ids.to(torch.int64)
@@ -309,12 +350,7 @@ class IntBertModel(IntModel):
             ids, mask = trim_columns(ids, mask, mask=mask)
             if types is not None:
                 types = types[:, : ids.shape[1]]
-        keys = valid_tokens(mask)  # (B, T)
-        embed, *layers, pool, head = self.ops
-        x = embed.forward(ids, self.stats, types)
-        for layer in layers:
-            x = layer.forward(x, self.stats, keys)
-        return head.forward(pool.forward(x, self.stats, keys), self.stats)
+        return ids, types, valid_tokens(mask)
 
     def __call__(  # type: ignore[override]
         self,
