@@ -69,7 +69,7 @@ def test_vit_attention_stage_by_hand():
     """The ViT's largest stage holds the 16-bit residual, int8 v, the int32 Q K^T
     accumulator and the 16-bit probabilities (B x heads x N x N each)."""
     int_model, x_q = _converted("vit", batch=4)
-    stages = next(s for i, _, s in fp.forward_stages(int_model, x_q) if i == 1)
+    stages = next(s.stages for s in fp.forward_stages(int_model, x_q) if s.index == 1)
     tokens = int_model.ops[0].forward(x_q, int_model.stats)  # (B, N, C)
     B, N, C = tokens.shape
     heads = int_model.ops[1].consts["num_heads"]

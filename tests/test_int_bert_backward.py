@@ -16,27 +16,12 @@ transformers = pytest.importorskip("transformers")
 
 from edgetrain import presets  # noqa: E402
 from edgetrain.estimators.hybrid_int8 import ElasticZOInt8  # noqa: E402
-from edgetrain.integrations.hf import HFClassifier  # noqa: E402
 from edgetrain.numerics import int_backward as ib  # noqa: E402
 from edgetrain.numerics.fixed_point import OverflowStats  # noqa: E402
 from edgetrain.numerics.int_bert import IntBertLayer, convert_bert  # noqa: E402
-from edgetrain.seeding import seeded_global_rng  # noqa: E402
+from tests.test_int_bert import VOCAB, T, _bert  # noqa: E402 - the same small BERT
 
-VOCAB, T = 100, 24
 _NAMES = ("query", "key", "value", "dense", "fc1", "fc2")
-
-
-def _bert(seed: int = 0, **kw) -> HFClassifier:
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=32,
-    )
-    with seeded_global_rng(seed):
-        return HFClassifier(transformers.BertModel(config, add_pooling_layer=False), 2, **kw).eval()
 
 
 def _batch(n: int = 16, seed: int = 1) -> dict[str, torch.Tensor]:

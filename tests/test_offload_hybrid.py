@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 from edgetrain import compat, models
 from edgetrain.errors import ConfigError
@@ -20,12 +19,7 @@ from edgetrain.estimators import build
 from edgetrain.estimators.hybrid import ElasticZO
 from edgetrain.estimators.offload import DiskStore, read_committed
 from edgetrain.recipe import Backward, Estimator, Numerics, Optimizer, Recipe
-from edgetrain.train import finetune
-
-
-def _batch(step: int, n: int = 8):
-    gen = torch.Generator().manual_seed(100 + step)
-    return torch.randn(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+from tests.test_offload import _batch, _fit  # the same batches and checkpointed run
 
 
 def _recipe(offload="none", directory=None, cut=2, backward="exact", **estimator) -> Recipe:
@@ -142,28 +136,6 @@ def test_a_write_that_fails_half_way_leaves_the_committed_file(vit, tmp_path, mo
     with pytest.raises(RuntimeError, match="failed mid-step"):
         est.step(_batch(1))
     est.close()
-
-
-def _data(n=48):
-    gen = torch.Generator().manual_seed(7)
-    images = torch.randn(n, 1, 28, 28, generator=gen)
-    return TensorDataset(images, torch.randint(0, 10, (n,), generator=gen))
-
-
-def _fit(model, recipe, steps, directory=None):
-    return finetune(
-        model,
-        _data(),
-        recipe,
-        steps=steps,
-        batch_size=8,
-        seed=5,
-        checkpoint_dir=directory,
-        checkpoint_every=2,
-        progress=False,
-        evaluate=False,
-        measure=False,
-    )
 
 
 def test_a_run_killed_mid_step_resumes_to_the_uninterrupted_weights(vit, tmp_path, monkeypatch):

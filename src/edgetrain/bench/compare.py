@@ -243,9 +243,11 @@ def _finetune_row(
         sampler = BatchSampler(task_obj.train, recipe.batch_size, seed)
         run["flops"][recipe.name] = count_step_flops(net, recipe, sampler.batch(0), seed)
     row.flops_per_step = run["flops"][recipe.name]
-    if recipe.numerics.kind == "fixed_point":
+    device = run.setdefault("device", {})
+    if recipe.numerics.kind == "fixed_point" and recipe.name not in device:  # shapes, as FLOPs
         sampler = BatchSampler(task_obj.train, recipe.batch_size, seed)
-        row.device_bytes = device_footprint(net, recipe, sampler.batch(0), seed)
+        device[recipe.name] = device_footprint(net, recipe, sampler.batch(0), seed)
+    row.device_bytes = device.get(recipe.name)
     every = max(1, steps // run["eval_points"]) if budget is None else max(1, recipe.steps // 8)
     fit = finetune(
         net,

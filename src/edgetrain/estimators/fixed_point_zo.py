@@ -267,8 +267,7 @@ class FixedPointZO(Estimator):
         input tensor; for a BERT classifier a batch dict, ``edgetrain.numerics.int_bert``)."""
         num = self.recipe.numerics
         self._set_int_model(
-            convert(
-                self.model,
+            self._convert(
                 calibration,
                 weight_bits=num.weight_bits,
                 activation_bits=num.activation_bits,
@@ -277,6 +276,10 @@ class FixedPointZO(Estimator):
             )
         )
         return self.int_model
+
+    def _convert(self, calibration: Any, **options: Any) -> IntModel:
+        """``numerics.convert`` with the recipe's options (a subclass's hook)."""
+        return convert(self.model, calibration, **options)
 
     def _set_int_model(self, int_model: IntModel) -> None:
         self.int_model = int_model

@@ -234,7 +234,7 @@ class ElasticZOInt8(FixedPointZO):
 
     # ------------------------------------------------------------------ setup
 
-    def calibrate(self, calibration: Any) -> IntModel:
+    def _convert(self, calibration: Any, **options: Any) -> IntModel:
         """FixedPointZO's conversion; a BERT classifier converts with one scale per tensor
         at the matmul inputs (``convert_bert(input_channels=False)``): with the folded
         per-channel input scales the tail's integer SGD would step the folded weights
@@ -242,20 +242,8 @@ class ElasticZOInt8(FixedPointZO):
         gradient step (on the small test BERT at lr 3e-4 the loss swung 0.75 -> 2.9 and
         the 8-bit tail weights saturated; one scale per tensor trains: tests)."""
         if not is_bert_like(self.model):
-            return super().calibrate(calibration)
-        num = self.recipe.numerics
-        self._set_int_model(
-            convert_bert(
-                self.model,
-                calibration,
-                weight_bits=num.weight_bits,
-                activation_bits=num.activation_bits,
-                per_channel=self.per_channel,
-                weight_headroom=num.weight_headroom,
-                input_channels=False,
-            )
-        )
-        return self.int_model
+            return super()._convert(calibration, **options)
+        return convert_bert(self.model, calibration, input_channels=False, **options)
 
     def _set_int_model(self, int_model: IntModel) -> None:
         """Cut the integer ops: the front's trainables go to FixedPointZO's machinery,

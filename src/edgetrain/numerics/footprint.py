@@ -56,6 +56,7 @@ from edgetrain.numerics.quant import qrange
 
 __all__ = [
     "DeviceTensor",
+    "OpStages",
     "Observed",
     "op_stages",
     "forward_stages",
@@ -208,12 +209,26 @@ def _pool_norm_stages(op, x: DeviceTensor, in_shape, out_shape) -> list[list[Dev
     return [[x, h], [h, sums], [sums, pooled]]
 
 
-def forward_stages(
-    int_model: IntModel, x_q: torch.Tensor
-) -> Iterator[tuple[int, IntOp, list[list[DeviceTensor]]]]:
-    """``(index, op, stages)`` of every op of ``int_model`` on the integer input ``x_q``
-    (the shapes come from running the integer forward; its saturation counts are
-    restored afterwards: measuring is not training)."""
+@dataclass(frozen=True)
+class OpStages:
+    """One op of the forward: its index, the op, its stages, its simulator output and the
+    range that output is claimed to lie in."""
+
+    index: int
+    op: IntOp
+    stages: list[list[DeviceTensor]]
+    out: torch.Tensor
+    out_range: tuple[int, int]
+
+    @property
+    def name(self) -> str:
+        return f"op {self.index} ({getattr(self.op, 'kind', type(self.op).__name__)})"
+
+
+def forward_stages(int_model: IntModel, x_q: torch.Tensor) -> Iterator[OpStages]:
+    """Every op of ``int_model`` on the integer input ``x_q`` with its stages (the shapes
+    come from running the integer forward, one op per iteration; its saturation counts
+    are restored afterwards: measuring is not training)."""
     stats = int_model.stats
     before = stats.as_dict()
     lo, hi = qrange(int_model.activation_bits, int_model.input_signed)
@@ -221,8 +236,9 @@ def forward_stages(
     try:
         for i, op in enumerate(int_model.ops):
             out = op.forward(h, stats)
-            yield i, op, op_stages(op, tuple(h.shape), tuple(out.shape), (lo, hi))
+            stages = op_stages(op, tuple(h.shape), tuple(out.shape), (lo, hi))
             lo, hi = _out_range(op, (lo, hi))
+            yield OpStages(i, op, stages, out, (lo, hi))
             h = out
     finally:
         for key, value in before.items():
@@ -249,11 +265,11 @@ def activation_peak(int_model: IntModel, x_q: torch.Tensor) -> tuple[int, str]:
     """The largest stage of the forward, in bytes, and where it is (``"op 3 (vit_block)
     stage 4"``)."""
     best, where = 0, ""
-    for i, op, stages in forward_stages(int_model, x_q):
-        for s, stage in enumerate(stages):
+    for step in forward_stages(int_model, x_q):
+        for s, stage in enumerate(step.stages):
             total = sum(t.nbytes for t in stage)
             if total > best:
-                best, where = total, f"op {i} ({getattr(op, 'kind', type(op).__name__)}) stage {s}"
+                best, where = total, f"{step.name} stage {s}"
     return best, where
 
 
@@ -291,47 +307,40 @@ def check_against_simulator(int_model: IntModel, x_q: torch.Tensor) -> list[str]
     are checked to lie in its claimed range; the affine weights' element counts are
     compared with the simulator's weight reads."""
     problems: list[str] = []
-    stats = int_model.stats
-    before = stats.as_dict()
     seen: list[Observed] = []
 
     def observe(t: torch.Tensor, lo: int, hi: int, what: str) -> None:
         seen.append(Observed(t.numel(), int(lo), int(hi), what))
 
-    stats.observer = observe
-    lo, hi = qrange(int_model.activation_bits, int_model.input_signed)
-    h = x_q
+    int_model.stats.observer = observe
     try:
-        for i, op in enumerate(int_model.ops):
-            seen.clear()
-            out = op.forward(h, stats)
-            name = f"op {i} ({getattr(op, 'kind', type(op).__name__)})"
-            stages = op_stages(op, tuple(h.shape), tuple(out.shape), (lo, hi))
+        for step in forward_stages(int_model, x_q):  # each op's forward fills ``seen``
             produced = {(o.numel, o.lo, o.hi) for o in seen}
-            for t in {t for stage in stages for t in stage}:
+            for t in {t for stage in step.stages for t in stage}:
                 if t.name in ("input", "output") or (t.numel, t.lo, t.hi) in produced:
                     continue
                 if t.name == "v" and (3 * t.numel, t.lo, t.hi) in produced:
                     continue  # a third of the requantized qkv
                 problems.append(
-                    f"{name}: {t.name} ({t.numel} elements in [{t.lo}, {t.hi}]) is not a "
-                    "simulator tensor"
+                    f"{step.name}: {t.name} ({t.numel} elements in [{t.lo}, {t.hi}]) is not "
+                    "a simulator tensor"
                 )
+            op = step.op
             read = sum(o.numel for o in seen if o.what == "weight")
             claimed = sum(
                 a.weight.numel() + (0 if a.bias is None else a.bias.numel())
                 for a in ([op] if isinstance(op, _IntAffine) else op.affine_ops())
             )
             if read != claimed:
-                problems.append(f"{name}: {claimed} weights claimed, the simulator read {read}")
-            lo, hi = _out_range(op, (lo, hi))
-            if out.numel():
-                mn, mx = int(out.min()), int(out.max())
+                problems.append(
+                    f"{step.name}: {claimed} weights claimed, the simulator read {read}"
+                )
+            lo, hi = step.out_range
+            if step.out.numel():
+                mn, mx = int(step.out.min()), int(step.out.max())
                 if mn < lo or mx > hi:
-                    problems.append(f"{name}: output values [{mn}, {mx}] outside [{lo}, {hi}]")
-            h = out
+                    problems.append(f"{step.name}: output values [{mn}, {mx}] outside [{lo}, {hi}]")
+            seen.clear()
     finally:
-        stats.observer = None
-        for key, value in before.items():
-            setattr(stats, key, value)
+        int_model.stats.observer = None
     return problems

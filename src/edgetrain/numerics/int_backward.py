@@ -359,6 +359,39 @@ def _gamma_scale(norm: IntLayerNorm, out_scale: float) -> float:
     return _multiplier(norm.rq) * out_scale / s_hat
 
 
+def attention_backward(
+    prob: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    e_o: torch.Tensor,
+    s_o: float,
+    s_v: float,
+    rq: ErrorRequantizer,
+    prefix: str,
+    *,
+    zero_where_no_probability: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The integer backward of ``o = softmax(q k^T) v`` (``q`` already carrying the
+    attention scale), shared by the ViT block and the BERT layer: from the int8 error
+    ``e_o`` ``(B, H, N, D)`` at ``s_o``, the errors of ``q`` (at ``s_ds s_k``), ``k`` (at
+    ``s_ds s_q``) and ``v`` (at ``2^-16 s_o``) and ``s_ds``. ``dP = e_o v^T`` and ``dS`` are
+    requantized at ``<prefix>.dP`` / ``.dS``. ``zero_where_no_probability``: zero ``dP``
+    wherever ``P`` is 0 before its requantization (``dS = P (...)`` is 0 there anyway;
+    with padded keys, whose ``P`` is exactly 0, their ``v`` then does not enter ``dP``'s
+    calibrated scale)."""
+    d_p = _imatmul(e_o, v.transpose(-2, -1))  # (B, H, N, N) at s_o s_v
+    if zero_where_no_probability:
+        d_p = torch.where(prob.to(torch.int64) > 0, d_p, 0)
+    d_v = _imatmul(prob.transpose(-2, -1), e_o)  # (B, H, N, D) at 2^-16 s_o
+    d_p, s_dp = rq(f"{prefix}.dP", d_p, s_o * s_v)
+    d_s = softmax_backward(prob, d_p)  # (B, H, N, N) at 2^-32 s_dp
+    d_s, s_ds = rq(f"{prefix}.dS", d_s, s_dp * 2.0**-32)
+    d_q = _imatmul(d_s, k)  # (B, H, N, D) at s_ds s_k (the error of q * attn_scale)
+    d_k = _imatmul(d_s.transpose(-2, -1), q)  # (B, H, N, D) at s_ds s_q
+    return d_q, d_k, d_v, s_ds
+
+
 def block_backward(
     op: IntBlock,
     saved: dict[str, Any],
@@ -435,13 +468,7 @@ def block_backward(
     e_o = e_o.reshape(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
     prob, q, k, v = saved["prob"], saved["q"], saved["k"], saved["v"]  # (B, H, N, .)
     s_q, s_k, s_v = _qkv_scales(op, ch["qkv"])
-    d_p = _imatmul(e_o, v.transpose(-2, -1))  # (B, H, N, N) at s_o s_v
-    d_v = _imatmul(prob.transpose(-2, -1), e_o)  # (B, H, N, D) at 2^-16 s_o
-    d_p, s_dp = rq(f"{prefix}.dP", d_p, s_o * s_v)
-    d_s = softmax_backward(prob, d_p)  # (B, H, N, N) at 2^-32 s_dp
-    d_s, s_ds = rq(f"{prefix}.dS", d_s, s_dp * 2.0**-32)
-    d_q = _imatmul(d_s, k)  # (B, H, N, D) at s_ds s_k (the error of q * attn_scale)
-    d_k = _imatmul(d_s.transpose(-2, -1), q)  # (B, H, N, D) at s_ds s_q
+    d_q, d_k, d_v, s_ds = attention_backward(prob, q, k, v, e_o, s_o, s_v, rq, prefix)
     parts = torch.stack([d_q, d_k, d_v])  # (3, B, H, N, D)
     parts = parts.permute(1, 3, 0, 2, 4).reshape(B * N, 3 * C)  # (B N, 3C)
     attn_scale = float(c.get("attn_scale", D**-0.5))
@@ -665,16 +692,9 @@ def bert_layer_backward(
     s_q = _acc_scale(ch["query"]) * attn_scale / _multiplier(rqs["query"])  # q * attn_scale
     s_k = _acc_scale(ch["key"]) / _multiplier(rqs["key"])
     s_v = _acc_scale(ch["value"]) / _multiplier(rqs["value"])
-    d_p = _imatmul(e_o, v.transpose(-2, -1))  # (B, H, T, T) at s_o s_v
-    # dS = P (...) is 0 wherever P is 0 (every padded key): zero dP there first, so that
-    # the padded tokens' v (their ids) do not enter dP's calibrated scale either
-    d_p = torch.where(prob.to(torch.int64) > 0, d_p, 0)
-    d_v = _imatmul(prob.transpose(-2, -1), e_o)  # (B, H, T, D) at 2^-16 s_o
-    d_p, s_dp = rq(f"{prefix}.dP", d_p, s_o * s_v)
-    d_s = softmax_backward(prob, d_p)  # (B, H, T, T) at 2^-32 s_dp; 0 at padded keys
-    d_s, s_ds = rq(f"{prefix}.dS", d_s, s_dp * 2.0**-32)
-    d_q = _imatmul(d_s, k)  # (B, H, T, D) at s_ds s_k: the error of q * attn_scale
-    d_k = _imatmul(d_s.transpose(-2, -1), q)  # (B, H, T, D) at s_ds s_q
+    d_q, d_k, d_v, s_ds = attention_backward(
+        prob, q, k, v, e_o, s_o, s_v, rq, prefix, zero_where_no_probability=True
+    )
     errors = []
     for name, part, s_part in (
         ("query", d_q, s_ds * s_k * attn_scale),
